@@ -1,0 +1,1 @@
+"""Checkpoint loaders: GGUF, Hugging Face safetensors, orbax; and the named-model registry."""

@@ -1,0 +1,107 @@
+"""compile_model: checkpoint or Flax model -> traced graph -> passes -> CompiledModel (exportable)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from lowering.ir import Graph
+from lowering.models.config import ModelConfig
+from lowering.params import finalize_params
+from lowering.pipeline import CompileOptions, OptionsError, PassRecord, run_pipeline
+
+
+@dataclasses.dataclass
+class CompiledModel:
+    """A compiled graph with its params, ready to build a Program or to export as an artifact."""
+
+    graph: Graph
+    params: dict[str, np.ndarray]
+    options: CompileOptions
+    config: ModelConfig | None = None
+    tokenizer: Any = None
+    pass_records: list[PassRecord] = dataclasses.field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return self.options.target
+
+    @property
+    def block_size(self) -> int:
+        return int(self.graph.meta["block_size"])
+
+    @property
+    def max_model_len(self) -> int:
+        if self.options.max_model_len:
+            return self.options.max_model_len
+        return self.config.max_position_embeddings if self.config else 2048
+
+    def make_program(self, *, num_blocks: int | None = None, max_num_seqs: int = 64,
+                     max_model_len: int | None = None, **kwargs):
+        from lowering.backends import build_program
+
+        return build_program(self.target, self.graph, self.params, num_blocks=num_blocks,
+                             max_num_seqs=max_num_seqs, max_model_len=max_model_len or self.max_model_len, **kwargs)
+
+    def export(self, path: str | os.PathLike) -> Path:
+        """Write manifest.json, graph.json, params/ (orbax) and tokenizer/ to `path`."""
+        from lowering.export import export_artifact
+
+        return export_artifact(self, Path(path))
+
+
+def compile_model(source: Any, *, target: str = "cpu", block_size: int = 16, dtype: str | None = None,
+                  kv_cache_dtype: str | None = None, fuse_projections: bool = True,
+                  max_model_len: int | None = None, tokenizer: Any = None, config: ModelConfig | None = None,
+                  verbose: bool = False, progress: bool = True, dump_ir: str | None = None) -> CompiledModel:
+    """Compile a registry name, checkpoint path (GGUF file, HF or orbax dir) or Flax NNX model.
+
+    A Flax model must be called as model(token_ids i32[T], positions i32[T], query_start i32[S+1],
+    logit_rows i32[L]) -> f32[L, V] and use lowering.ops.causal_attention for attention.
+    """
+    if dtype is None:
+        dtype = "float32" if target == "cpu" else "bfloat16"
+    options = CompileOptions(target=target, block_size=block_size, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+                             fuse_projections=fuse_projections, max_model_len=max_model_len).validate()
+    from flax import nnx
+
+    from lowering import frontend
+    from lowering.models import llama
+
+    start = time.perf_counter()
+    if isinstance(source, nnx.Module):
+        model = source
+        cfg = config if config is not None else getattr(source, "config", None)
+        if not isinstance(cfg, ModelConfig):
+            cfg = None
+    elif isinstance(source, (str, os.PathLike)):
+        from lowering.checkpoints import load_checkpoint
+
+        ckpt = load_checkpoint(source, progress=progress)
+        cfg = ckpt.config
+        tokenizer = tokenizer if tokenizer is not None else ckpt.tokenizer
+        model = llama.build_model(cfg, ckpt.weights, dtype=jnp.dtype(dtype))
+    else:
+        raise OptionsError(f"cannot compile a {type(source).__name__}: pass a registry name, a checkpoint path "
+                           "or a Flax NNX model")
+    if options.max_model_len and cfg and options.max_model_len > cfg.max_position_embeddings:
+        raise OptionsError(f"max_model_len {options.max_model_len} exceeds the model's "
+                           f"max_position_embeddings {cfg.max_position_embeddings}")
+    if verbose:
+        print(f"llmc: loaded model in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+    fn, weights = llama.forward_fn(model)
+    trace_start = time.perf_counter()
+    graph, values = frontend.trace(fn, weights)
+    if verbose:
+        print(f"llmc: traced {len(graph.nodes)} nodes in {(time.perf_counter() - trace_start) * 1e3:.0f} ms",
+              file=sys.stderr)
+    graph, records = run_pipeline(graph, options, verbose=verbose, dump_dir=dump_ir)
+    graph, params = finalize_params(graph, {k: np.asarray(v) for k, v in values.items()})
+    return CompiledModel(graph, params, options, cfg, tokenizer, records)

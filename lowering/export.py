@@ -1,0 +1,77 @@
+"""Export a CompiledModel as an artifact directory: manifest.json, graph.json, params/, tokenizer/."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+ARTIFACT_FORMAT = "llmc.artifact"
+ARTIFACT_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_tree(root: Path) -> dict[str, dict]:
+    """{relative path: {sha256, bytes}} for every file under root except manifest.json."""
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel != "manifest.json":
+            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return files
+
+
+def export_artifact(cm, path: Path) -> Path:
+    import jax
+
+    from lowering.checkpoints import save_params
+
+    path = Path(path).absolute()
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "manifest.json").exists())):
+        raise FileExistsError(f"{path} exists and is not an llmc artifact; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        (tmp / "graph.json").write_text(cm.graph.dumps())
+        save_params(tmp / "params", cm.params)
+        if cm.tokenizer is not None:
+            cm.tokenizer.save(tmp / "tokenizer")
+        manifest = {
+            "format": ARTIFACT_FORMAT,
+            "version": ARTIFACT_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"llmc": _llmc_version(), "jax": jax.__version__},
+            "target": cm.target,
+            "options": cm.options.to_json(),
+            "config": cm.config.to_json() if cm.config is not None else None,
+            "params": {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in cm.params.items()},
+            "has_tokenizer": cm.tokenizer is not None,
+            "files": hash_tree(tmp),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _llmc_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("llmc")
+    except Exception:  # noqa: BLE001 - running from a source tree without metadata
+        return "0+unknown"

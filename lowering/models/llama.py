@@ -1,0 +1,162 @@
+"""The Llama family (Llama 2/3/3.1, SmolLM2, Mistral, Qwen2) in Flax NNX, built from llmc's semantic ops."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lowering import ops
+from lowering.models.config import ConfigError, ModelConfig
+
+
+class Linear(nnx.Module):
+    """y = x @ weight.T (+ bias); weight is [out, in] as in Hugging Face checkpoints."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+        scale = 1.0 / np.sqrt(in_features)
+        self.weight = nnx.Param(jax.random.uniform(rngs.params(), (out_features, in_features), dtype, -scale, scale))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+    def __call__(self, x):  # x: [T, in] -> [T, out]
+        return ops.project(x, self.weight[...], None if self.bias is None else self.bias[...])
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):  # x: [T, D]
+        return ops.rms_normalize(x, self.weight[...], self.eps)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab_size: int, dim: int, *, dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (vocab_size, dim), dtype) * 0.02)
+
+    def __call__(self, token_ids):  # token_ids: i32[T] -> [T, D]
+        return ops.embed_tokens(token_ids, self.weight[...])
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, dh = cfg.hidden_size, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = Linear(d, cfg.num_heads * dh, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, cfg.num_kv_heads * dh, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, cfg.num_kv_heads * dh, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(cfg.num_heads * dh, d, bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, query_start):
+        # x: [T, D]  positions: i32[T]  query_start: i32[S+1]  ->  [T, D]
+        cfg = self.cfg
+        rope = dict(head_dim=cfg.head_dim, theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling)
+        q = ops.apply_rope(self.q_proj(x), positions, num_heads=cfg.num_heads, **rope)  # [T, Hq*Dh]
+        k = ops.apply_rope(self.k_proj(x), positions, num_heads=cfg.num_kv_heads, **rope)  # [T, Hkv*Dh]
+        v = self.v_proj(x)  # [T, Hkv*Dh]
+        o = ops.causal_attention(q, k, v, query_start, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                                 head_dim=cfg.head_dim)
+        return self.o_proj(o)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):  # x: [T, D] -> [T, D]
+        return self.down_proj(ops.silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = SelfAttention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, query_start):
+        x = x + self.self_attn(self.input_layernorm(x), positions, query_start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """forward(token_ids i32[T], positions i32[T], query_start i32[S+1], logit_rows i32[L]) -> f32[L, V]."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.model = LlamaBody(cfg, dtype=dtype, rngs=rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False,
+                                                                    dtype=dtype, rngs=rngs)
+
+    def __call__(self, token_ids, positions, query_start, logit_rows):
+        x = self.model.embed_tokens(token_ids)  # [T, D]
+        for layer in self.model.layers:
+            x = layer(x, positions, query_start)
+        x = self.model.norm(x)
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return ops.compute_logits(x, logit_rows, head[...])  # f32[L, V]
+
+
+def param_names(model: nnx.Module) -> list[str]:
+    return sorted(flat_params(model))
+
+
+def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
+    """Params keyed by dotted path, which for this module tree are exactly the Hugging Face names."""
+    return {".".join(str(k) for k in path): var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _dotted(path) -> str:
+    return ".".join(str(k) for k in path)
+
+
+def _with_params(model: nnx.Module, values: Mapping[str, jax.Array]):
+    """(graphdef, params state, other state) of `model` with its params replaced by `values`."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    flat = [(path, var.replace(values[_dotted(path)])) for path, var in nnx.to_flat_state(params)]
+    return graphdef, nnx.from_flat_state(flat), rest
+
+
+def build_model(cfg: ModelConfig, weights: Mapping[str, np.ndarray] | None = None, *, dtype=jnp.float32,
+                seed: int = 0) -> LlamaForCausalLM:
+    """A model with the given HF-named weights (cast to dtype), or random weights when weights is None."""
+    if weights is None:
+        return LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))
+    expected = {_dotted(path): var for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    extra = [e for e in sorted(set(weights) - set(expected) - ignorable) if not e.endswith("rotary_emb.inv_freq")]
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise ConfigError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+    if extra:
+        raise ConfigError(f"checkpoint has {len(extra)} tensors the {cfg.architecture} model does not use, e.g. {extra[:3]}")
+    values = {}
+    for name, var in expected.items():
+        value = np.asarray(weights[name])
+        if tuple(value.shape) != tuple(var.shape):
+            raise ConfigError(f"tensor {name} has shape {value.shape}, the config implies {tuple(var.shape)}")
+        values[name] = jnp.asarray(value, dtype=dtype)
+    return nnx.merge(*_with_params(abstract, values))
+
+
+def forward_fn(model: nnx.Module):
+    """(fn, params): fn(params_by_name, token_ids, positions, query_start, logit_rows) -> f32[L, V]."""
+
+    def fn(by_name, token_ids, positions, query_start, logit_rows):
+        m = nnx.merge(*_with_params(model, by_name))
+        return m(token_ids, positions, query_start, logit_rows)
+
+    return fn, flat_params(model)

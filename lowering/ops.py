@@ -1,0 +1,365 @@
+"""The op registry: semantic ops (JAX primitives with a jnp reference and a shape rule) and generic ops."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+# A dim is an int or a symbol expression such as "T" or "S + 1".
+Dim = int | str
+Shape = tuple[Dim, ...]
+
+
+class OpError(ValueError):
+    """An op was given inputs or attributes it does not accept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OpDef:
+    """One op: its reference, its shape/dtype rule, and the attributes it takes.
+
+    `ref(*arrays, **attrs)` returns one array or a tuple (num_outputs > 1).
+    `shape_rule(in_types, attrs)` maps [(shape, dtype)] to [(shape, dtype)] for the outputs.
+    `attrs` names each attribute and its Python type(s); an attribute listed in `optional_attrs`
+    may be absent or None.
+    """
+
+    name: str
+    ref: Callable[..., Any]
+    shape_rule: Callable[[list[tuple[Shape, str]], dict[str, Any]], list[tuple[Shape, str]]] | None
+    attrs: dict[str, tuple[type, ...]]
+    num_outputs: int = 1
+    optional_attrs: frozenset[str] = frozenset()
+    semantic: bool = True
+    primitive: Primitive | None = None
+
+    def check_attrs(self, attrs: dict[str, Any]) -> None:
+        missing = set(self.attrs) - set(attrs) - self.optional_attrs
+        if missing:
+            raise OpError(f"op {self.name!r} is missing attributes {sorted(missing)}")
+        unknown = set(attrs) - set(self.attrs)
+        if unknown:
+            raise OpError(f"op {self.name!r} got unknown attributes {sorted(unknown)}")
+        for key, value in attrs.items():
+            if value is None and key in self.optional_attrs:
+                continue
+            if not isinstance(value, self.attrs[key]):
+                raise OpError(f"op {self.name!r} attribute {key!r} must be {self.attrs[key]}, got {value!r}")
+
+
+REGISTRY: dict[str, OpDef] = {}
+
+
+def get_op(name: str) -> OpDef:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise OpError(f"unknown op {name!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: a semantic op is a JAX primitive, so `jax.make_jaxpr` keeps it as one equation.
+# ---------------------------------------------------------------------------------------------
+
+
+def _register(name, ref, shape_rule, attrs, *, num_outputs=1, optional_attrs=()):
+    # NOTE: num_outputs == 0 marks a variadic op (split): the output count comes from its attrs.
+    multi = num_outputs != 1
+    prim = Primitive(f"llmc.{name}")
+    prim.multiple_results = multi
+
+    def impl(*args, **kw):
+        return ref(*args, **kw)
+
+    def abstract_eval(*avals, **kw):
+        outs = shape_rule([(tuple(a.shape), jnp.dtype(a.dtype).name) for a in avals], kw)
+        shaped = [jax.core.ShapedArray(s, jnp.dtype(d)) for s, d in outs]
+        return shaped if multi else shaped[0]
+
+    prim.def_impl(impl)
+    prim.def_abstract_eval(abstract_eval)
+    mlir.register_lowering(prim, mlir.lower_fun(ref, multiple_results=multi))
+    op = OpDef(name, ref, shape_rule, attrs, num_outputs, frozenset(optional_attrs), True, prim)
+    REGISTRY[name] = op
+    return op
+
+
+def _clean_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """Primitive params must be hashable: dicts become sorted tuples of pairs."""
+    out = {}
+    for k, v in attrs.items():
+        if isinstance(v, dict):
+            v = tuple(sorted((kk, vv) for kk, vv in v.items()))
+        elif isinstance(v, list):
+            v = tuple(v)
+        out[k] = v
+    return out
+
+
+def _bind(op: OpDef, *args, **attrs):
+    attrs = {k: v for k, v in attrs.items() if not (v is None and k in op.optional_attrs)}
+    op.check_attrs({k: (dict(v) if isinstance(v, tuple) and k in _DICT_ATTRS else v) for k, v in attrs.items()})
+    return op.primitive.bind(*args, **_clean_attrs(attrs))
+
+
+# Attributes carried as dicts in the IR but as tuples of pairs inside JAX primitives.
+_DICT_ATTRS = {"rope_scaling"}
+
+
+def _as_dict(value) -> dict | None:
+    if value is None:
+        return None
+    return dict(value) if not isinstance(value, dict) else value
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic op references. Activations are 2-D [T, features]; heads are flattened into features.
+# ---------------------------------------------------------------------------------------------
+
+
+def ref_embed(token_ids, table):
+    # token_ids: i32[T]  table: [V, D]  ->  [T, D]
+    return jnp.take(table, token_ids, axis=0, mode="clip")
+
+
+def _embed_shape(ts, attrs):
+    (ids_shape, _), (tab_shape, tab_dtype) = ts
+    return [((ids_shape[0], tab_shape[1]), tab_dtype)]
+
+
+def ref_rms_norm(x, weight, *, eps):
+    # x: [T, D]  weight: [D]  ->  [T, D]; statistics in float32 as Hugging Face does
+    x32 = x.astype(jnp.float32)
+    variance = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    normed = (x32 * jax.lax.rsqrt(variance + eps)).astype(x.dtype)
+    return weight.astype(x.dtype) * normed
+
+
+def _same_as_first(ts, attrs):
+    return [ts[0]]
+
+
+def ref_linear(x, weight, bias=None):
+    # x: [T, K]  weight: [N, K]  bias: [N]  ->  [T, N]
+    y = jnp.einsum("tk,nk->tn", x, weight.astype(x.dtype), preferred_element_type=jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _linear_shape(ts, attrs):
+    (x_shape, x_dtype), (w_shape, _) = ts[0], ts[1]
+    if len(x_shape) != 2 or len(w_shape) != 2:
+        raise OpError(f"linear expects 2-D x and weight, got {x_shape} and {w_shape}")
+    if isinstance(x_shape[1], int) and isinstance(w_shape[1], int) and x_shape[1] != w_shape[1]:
+        raise OpError(f"linear: x has {x_shape[1]} features but weight expects {w_shape[1]}")
+    return [((x_shape[0], w_shape[0]), x_dtype)]
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
+    """f32[head_dim // 2] inverse frequencies, with Llama 3.1 or linear scaling applied."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    inv_freq = inv_freq.astype(np.float32)
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(is_medium, smoothed, scaled).astype(np.float32)
+    raise OpError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+def ref_rope(x, positions, *, num_heads, head_dim, theta, rope_scaling=None):
+    # x: [T, H * Dh]  positions: i32[T]  ->  [T, H * Dh]; rotate-half (Hugging Face) convention
+    inv_freq = jnp.asarray(rope_inv_freq(head_dim, theta, _as_dict(rope_scaling)))  # f32[Dh/2]
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # f32[T, Dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # f32[T, Dh]
+    cos = jnp.cos(emb).astype(x.dtype)[:, None, :]
+    sin = jnp.sin(emb).astype(x.dtype)[:, None, :]
+    xh = x.reshape(x.shape[0], num_heads, head_dim)  # [T, H, Dh]
+    half = head_dim // 2
+    rotated = jnp.concatenate([-xh[..., half:], xh[..., :half]], axis=-1)
+    return (xh * cos + rotated * sin).reshape(x.shape)
+
+
+def _segment_ids(query_start, num_tokens):
+    # query_start: i32[S+1] -> i32[T]: which sequence owns each flat token row
+    return jnp.searchsorted(query_start[1:], jnp.arange(num_tokens, dtype=query_start.dtype), side="right")
+
+
+def ref_attention(q, k, v, query_start, *, num_heads, num_kv_heads, head_dim, scale):
+    # q: [T, Hq*Dh]  k, v: [T, Hkv*Dh]  query_start: i32[S+1]  ->  [T, Hq*Dh]
+    # Causal attention of every token to the earlier tokens of its own sequence (no cache).
+    num_tokens = q.shape[0]
+    group = num_heads // num_kv_heads
+    qh = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)
+    kh = k.reshape(num_tokens, num_kv_heads, head_dim).astype(jnp.float32)
+    vh = v.reshape(num_tokens, num_kv_heads, head_dim).astype(jnp.float32)
+    seg = _segment_ids(query_start, num_tokens)  # i32[T]
+    idx = jnp.arange(num_tokens)
+    mask = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])  # bool[T, T]
+    scores = jnp.einsum("tkgd,skd->kgts", qh, kh) * scale  # f32[Hkv, G, T, T]
+    scores = jnp.where(mask[None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("kgts,skd->tkgd", probs, vh)
+    return out.reshape(num_tokens, num_heads * head_dim).astype(q.dtype)
+
+
+def ref_silu_mul(gate, up):
+    # gate, up: [T, F] -> [T, F]
+    g32 = gate.astype(jnp.float32)
+    return (g32 * jax.nn.sigmoid(g32)).astype(gate.dtype) * up
+
+
+def ref_logits(x, rows, weight):
+    # x: [T, D]  rows: i32[L]  weight: [V, D]  ->  f32[L, V]
+    picked = jnp.take(x, rows, axis=0, mode="clip")  # [L, D]
+    y = jnp.einsum("ld,vd->lv", picked, weight.astype(x.dtype), preferred_element_type=jnp.float32)
+    return y.astype(x.dtype).astype(jnp.float32)
+
+
+def _logits_shape(ts, attrs):
+    (x_shape, _), (rows_shape, _), (w_shape, _) = ts
+    return [((rows_shape[0], w_shape[0]), "float32")]
+
+
+def ref_kv_write(k, v, slot_mapping, k_pool, v_pool):
+    # k, v: [T, Hkv*Dh]  slot_mapping: i32[T] (-1 = skip)  pools: [N, Bs, Hkv, Dh]  ->  new pools
+    num_blocks, block_size, num_kv_heads, head_dim = k_pool.shape
+    num_slots = num_blocks * block_size
+    slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)  # out of range -> dropped
+    kf = k.reshape(-1, num_kv_heads, head_dim).astype(k_pool.dtype)
+    vf = v.reshape(-1, num_kv_heads, head_dim).astype(v_pool.dtype)
+    new_k = k_pool.reshape(num_slots, num_kv_heads, head_dim).at[slots].set(kf, mode="drop")
+    new_v = v_pool.reshape(num_slots, num_kv_heads, head_dim).at[slots].set(vf, mode="drop")
+    return new_k.reshape(k_pool.shape), new_v.reshape(v_pool.shape)
+
+
+def _kv_write_shape(ts, attrs):
+    return [ts[3], ts[4]]
+
+
+def ref_paged_attention(q, k_pool, v_pool, query_start, seq_lens, block_tables, *, num_heads, num_kv_heads,
+                        head_dim, scale):
+    # q: [T, Hq*Dh]  pools: [N, Bs, Hkv, Dh]  query_start: i32[S+1]  seq_lens: i32[S]
+    # block_tables: i32[S, B]  ->  [T, Hq*Dh]
+    # Token t of sequence s sits at context index seq_lens[s] - (query_start[s+1] - t) and attends
+    # to cached keys 0..that index of its own sequence, read through the block table.
+    num_tokens = q.shape[0]
+    _, block_size, _, _ = k_pool.shape
+    num_ctx = block_tables.shape[1] * block_size
+    group = num_heads // num_kv_heads
+    seg = _segment_ids(query_start, num_tokens)  # i32[T]
+    tables = jnp.take(block_tables, seg, axis=0, mode="clip")  # i32[T, B]
+    keys = jnp.take(k_pool, tables, axis=0, mode="clip").reshape(num_tokens, num_ctx, num_kv_heads, head_dim)
+    vals = jnp.take(v_pool, tables, axis=0, mode="clip").reshape(num_tokens, num_ctx, num_kv_heads, head_dim)
+    ctx_len = jnp.take(seq_lens, seg, mode="clip")  # i32[T]
+    q_end = jnp.take(query_start, seg + 1, mode="clip")
+    pos = ctx_len - (q_end - jnp.arange(num_tokens))  # i32[T]: context index of each query
+    mask = jnp.arange(num_ctx)[None, :] <= pos[:, None]  # bool[T, C]
+    qh = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)
+    scores = jnp.einsum("tkgd,tckd->tkgc", qh, keys.astype(jnp.float32)) * scale
+    scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    # NOTE: masked probabilities are exactly 0, but 0 * NaN (an unused page) is NaN: zero the values.
+    vals = jnp.where(mask[:, :, None, None], vals.astype(jnp.float32), 0.0)
+    out = jnp.einsum("tkgc,tckd->tkgd", probs, vals)
+    return out.reshape(num_tokens, num_heads * head_dim).astype(q.dtype)
+
+
+def _split_shape(ts, attrs):
+    (x_shape, x_dtype) = ts[0]
+    return [((x_shape[0], size), x_dtype) for size in attrs["sizes"]]
+
+
+def ref_split(x, *, sizes):
+    # x: [T, sum(sizes)] -> [T, size_i] for each i
+    offsets = np.cumsum((0,) + tuple(sizes))
+    return tuple(x[:, int(offsets[i]):int(offsets[i + 1])] for i in range(len(sizes)))
+
+
+ATTENTION_ATTRS = {"num_heads": (int,), "num_kv_heads": (int,), "head_dim": (int,), "scale": (float,)}
+
+embed = _register("embed", ref_embed, _embed_shape, {})
+rms_norm = _register("rms_norm", ref_rms_norm, _same_as_first, {"eps": (float,)})
+linear = _register("linear", ref_linear, _linear_shape, {})
+rope = _register("rope", ref_rope, _same_as_first,
+                 {"num_heads": (int,), "head_dim": (int,), "theta": (float,), "rope_scaling": (dict,)},
+                 optional_attrs=("rope_scaling",))
+attention = _register("attention", ref_attention, _same_as_first, ATTENTION_ATTRS)
+silu_mul = _register("silu_mul", ref_silu_mul, _same_as_first, {})
+logits = _register("logits", ref_logits, _logits_shape, {})
+kv_write = _register("kv_write", ref_kv_write, _kv_write_shape, {}, num_outputs=2)
+paged_attention = _register("paged_attention", ref_paged_attention, _same_as_first, ATTENTION_ATTRS)
+split = _register("split", ref_split, _split_shape, {"sizes": (tuple, list)}, num_outputs=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-facing wrappers: what a Flax model calls. Each binds one primitive (one IR node).
+# ---------------------------------------------------------------------------------------------
+
+
+def embed_tokens(token_ids, table):
+    return _bind(embed, token_ids, table)
+
+
+def rms_normalize(x, weight, eps: float):
+    return _bind(rms_norm, x, weight, eps=float(eps))
+
+
+def project(x, weight, bias=None):
+    if bias is None:
+        return _bind(linear, x, weight)
+    return _bind(linear, x, weight, bias)
+
+
+def apply_rope(x, positions, *, num_heads: int, head_dim: int, theta: float, rope_scaling: dict | None = None):
+    return _bind(rope, x, positions, num_heads=num_heads, head_dim=head_dim, theta=float(theta),
+                 rope_scaling=rope_scaling or None)
+
+
+def causal_attention(q, k, v, query_start, *, num_heads: int, num_kv_heads: int, head_dim: int,
+                     scale: float | None = None):
+    scale = float(scale if scale is not None else 1.0 / math.sqrt(head_dim))
+    return _bind(attention, q, k, v, query_start, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                 head_dim=head_dim, scale=scale)
+
+
+def silu_and_mul(gate, up):
+    return _bind(silu_mul, gate, up)
+
+
+def compute_logits(x, rows, weight):
+    return _bind(logits, x, rows, weight)
+
+
+def semantic_op_for_primitive(prim) -> OpDef | None:
+    for op in REGISTRY.values():
+        if op.semantic and op.primitive is prim:
+            return op
+    return None
+
+
+def output_types(op: OpDef, in_types: Sequence[tuple[Shape, str]], attrs: dict[str, Any]) -> list[tuple[Shape, str]]:
+    """The output (shape, dtype) list of an op applied to inputs of the given types."""
+    if op.shape_rule is None:
+        raise OpError(f"op {op.name!r} has no shape rule")
+    return op.shape_rule(list(in_types), attrs)

@@ -1,0 +1,104 @@
+"""The ordered pass pipeline built from CompileOptions, with optional IR dumps after each pass."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from lowering.ir import Graph, format_graph, verify
+from lowering.passes import canonicalize, fuse_projections, insert_paged_kv
+
+TARGETS = ("cpu", "cuda", "tpu")
+AVAILABLE_TARGETS = ("cpu",)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class OptionsError(ValueError):
+    """CompileOptions asked for something unknown or contradictory."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    target: str = "cpu"
+    block_size: int = 16
+    dtype: str = "float32"
+    kv_cache_dtype: str | None = None  # None: the activation dtype
+    fuse_projections: bool = True
+    max_model_len: int | None = None
+
+    def validate(self) -> "CompileOptions":
+        if self.target not in TARGETS:
+            raise OptionsError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if self.target not in AVAILABLE_TARGETS:
+            raise OptionsError(f"target {self.target!r} is not available in this build yet; available: "
+                               f"{', '.join(AVAILABLE_TARGETS)}")
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or not 1 <= self.block_size <= 1024:
+            raise OptionsError(f"block_size must be an integer in [1, 1024], got {self.block_size!r}")
+        if self.dtype not in DTYPES:
+            raise OptionsError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in (None, *DTYPES):
+            raise OptionsError(f"kv_cache_dtype must be None or one of {', '.join(DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            raise OptionsError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "CompileOptions":
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or set(data) - known:
+            raise OptionsError(f"bad compile options {data!r}")
+        return cls(**data)
+
+
+Pass = Callable[[Graph], Graph]
+
+
+def build_pipeline(options: CompileOptions) -> list[tuple[str, Pass]]:
+    """The passes, in order, for these options."""
+    pipeline: list[tuple[str, Pass]] = [
+        # phase 1: clean up what tracing produced
+        ("canonicalize", canonicalize),
+    ]
+    # phase 2: fusions that change params (derived weights)
+    if options.fuse_projections:
+        pipeline.append(("fuse_projections", fuse_projections))
+    # phase 3: memory: the paged KV cache and the step contract
+    pipeline.append(("insert_paged_kv", lambda g: insert_paged_kv(g, block_size=options.block_size,
+                                                                  kv_dtype=options.kv_cache_dtype)))
+    pipeline.append(("canonicalize", canonicalize))
+    return pipeline
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    num_nodes: int
+
+
+def run_pipeline(graph: Graph, options: CompileOptions, *, verbose: bool = False,
+                 dump_dir: str | os.PathLike | None = None) -> tuple[Graph, list[PassRecord]]:
+    """Run every pass, verifying between them; `dump_dir` (or $LLMC_DUMP_IR) gets the IR after each."""
+    dump_dir = dump_dir or os.environ.get("LLMC_DUMP_IR")
+    if dump_dir:
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+        (Path(dump_dir) / "00_traced.txt").write_text(format_graph(graph) + "\n")
+    records = []
+    for i, (name, fn) in enumerate(build_pipeline(options), start=1):
+        start = time.perf_counter()
+        graph = fn(graph)
+        verify(graph)
+        records.append(PassRecord(name, time.perf_counter() - start, len(graph.nodes)))
+        if verbose:
+            print(f"llmc:   pass {i:2d} {name:<18s} {records[-1].seconds * 1e3:8.1f} ms  {len(graph.nodes):5d} nodes",
+                  file=sys.stderr)
+        if dump_dir:
+            (Path(dump_dir) / f"{i:02d}_{name}.txt").write_text(format_graph(graph) + "\n")
+    verify(graph, check_types=True)
+    return graph, records

@@ -1,0 +1,107 @@
+"""runtime.load: rebuild a Program-ready model from an exported artifact, checking every file's hash.
+
+Loading reads JSON, orbax arrays and tokenizer JSON only: nothing in an artifact is executed or
+unpickled, and the graph may name only registered llmc ops and allow-listed lax primitives.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lowering.export import ARTIFACT_FORMAT, ARTIFACT_VERSION, hash_tree
+from lowering.ir import Graph, IRError
+from lowering.models.config import ModelConfig
+from lowering.pipeline import CompileOptions
+
+
+class ArtifactError(ValueError):
+    """An artifact is missing, truncated, edited or from an incompatible version."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """What runtime.load returns: the same interface the Engine uses on a CompiledModel."""
+
+    graph: Graph
+    params: dict[str, np.ndarray]
+    options: CompileOptions
+    config: ModelConfig | None
+    tokenizer: Any
+    path: Path
+
+    @property
+    def target(self) -> str:
+        return self.options.target
+
+    @property
+    def block_size(self) -> int:
+        return int(self.graph.meta["block_size"])
+
+    @property
+    def max_model_len(self) -> int:
+        if self.options.max_model_len:
+            return self.options.max_model_len
+        return self.config.max_position_embeddings if self.config else 2048
+
+    def make_program(self, *, num_blocks: int | None = None, max_num_seqs: int = 64,
+                     max_model_len: int | None = None, **kwargs):
+        from lowering.backends import build_program
+
+        return build_program(self.target, self.graph, self.params, num_blocks=num_blocks,
+                             max_num_seqs=max_num_seqs, max_model_len=max_model_len or self.max_model_len, **kwargs)
+
+
+def load(path: str | os.PathLike, *, verify_hashes: bool = True) -> LoadedModel:
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{path} is not an llmc artifact (no manifest.json); create one with `llmc compile`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{manifest_path} is corrupt: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{manifest_path} is not an llmc artifact manifest")
+    if manifest.get("version") != ARTIFACT_VERSION:
+        raise ArtifactError(f"artifact version {manifest.get('version')!r} is not supported by this llmc "
+                            f"(expects {ARTIFACT_VERSION}); re-export it")
+    listed = manifest.get("files")
+    if not isinstance(listed, dict):
+        raise ArtifactError("manifest.json lists no files")
+    if verify_hashes:
+        actual = hash_tree(path)
+        missing = sorted(set(listed) - set(actual))
+        extra = sorted(set(actual) - set(listed))
+        changed = sorted(k for k in set(listed) & set(actual) if listed[k] != actual[k])
+        if missing or extra or changed:
+            what = "; ".join(f"{label}: {', '.join(names[:3])}" for label, names in
+                             (("missing", missing), ("unexpected", extra), ("modified or truncated", changed)) if names)
+            raise ArtifactError(f"artifact {path} failed its integrity check ({what}); re-export it")
+    try:
+        graph = Graph.loads((path / "graph.json").read_text())
+        options = CompileOptions.from_json(manifest["options"])
+        config = ModelConfig.from_json(manifest["config"]) if manifest.get("config") else None
+    except (IRError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"artifact {path} is invalid: {e}") from None
+
+    from lowering.checkpoints import load_params
+
+    params = load_params(path / "params")
+    for name in graph.params:
+        if name not in params:
+            raise ArtifactError(f"artifact params lack {name!r}")
+        want = graph.types[name]
+        got = params[name]
+        if tuple(got.shape) != tuple(want.shape) or got.dtype.name != want.dtype:
+            raise ArtifactError(f"param {name} is {got.dtype}{list(got.shape)} but the graph expects {want}")
+    tokenizer = None
+    if manifest.get("has_tokenizer"):
+        from lowering.checkpoints import Tokenizer
+
+        tokenizer = Tokenizer.load(path / "tokenizer")
+    return LoadedModel(graph, params, options, config, tokenizer, path)
