@@ -78,6 +78,11 @@ class _Builder:
                 self.names[var] = name
             return
         out_names = [self.new_value(v.aval) for v in eqn.outvars]
+        if prim_name == "dim_as_value":
+            self.graph.nodes.append(Node("dim_as_value", [], out_names, {
+                "dimension": encode_param(eqn.params["dim"]), "dtype": jnp.dtype(eqn.outvars[0].aval.dtype).name}))
+            self.names[eqn.outvars[0]] = out_names[0]
+            return
         semantic = ops_lib.semantic_op_for_primitive(eqn.primitive)
         if semantic is not None:
             attrs = {}

@@ -294,12 +294,24 @@ _GENERIC_CACHE: dict[str, Any] = {}
 
 def _generic_table() -> dict[str, Any]:
     if not _GENERIC_CACHE:
+        import importlib
+
         from jax.extend.core import primitives as prims
 
-        for value in vars(prims).values():
-            if isinstance(value, jex_core.Primitive) and value.name not in _FORBIDDEN_GENERIC:
-                if not value.name.startswith("llmc.") and "scatter" not in value.name:
-                    _GENERIC_CACHE.setdefault(value.name, value)
+        modules = [prims]
+        # NOTE: a few lax primitives (split, ...) are not re-exported by jax.extend; look in lax's own
+        # modules too, tolerating their absence in other jax versions.
+        for mod in ("jax._src.lax.lax", "jax._src.lax.slicing", "jax._src.lax.special",
+                    "jax._src.lax.control_flow.loops", "jax._src.lax.windowed_reductions"):
+            try:
+                modules.append(importlib.import_module(mod))
+            except ImportError:
+                pass
+        for module in modules:
+            for value in vars(module).values():
+                if isinstance(value, jex_core.Primitive) and value.name not in _FORBIDDEN_GENERIC:
+                    if not value.name.startswith("llmc.") and "scatter" not in value.name:
+                        _GENERIC_CACHE.setdefault(value.name, value)
     return _GENERIC_CACHE
 
 
@@ -375,6 +387,13 @@ def run_reference(node: Node, args: list, env: Mapping[str, Any]):
     """Run the reference implementation of `node` on `args`; always returns a tuple of outputs."""
     if node.op == "constant":
         return (jnp.asarray(node.attrs["value"], dtype=node.attrs["dtype"]),)
+    if node.op == "dim_as_value":  # a symbolic dim used as a number (e.g. to wrap negative indices)
+        value = eval_dim(node.attrs["dimension"]["$dim"], env)
+        if not isinstance(value, int):
+            from jax._src import core as jax_core
+
+            return (jax_core.dimension_as_value(value).astype(node.attrs["dtype"]),)
+        return (jnp.asarray(value, dtype=node.attrs["dtype"]),)
     if node.op in ops_lib.REGISTRY:
         op = ops_lib.REGISTRY[node.op]
         out = op.ref(*args, **node.attrs)
@@ -432,14 +451,14 @@ def verify(graph: Graph, *, check_types: bool = False) -> None:
                 raise IRError(f"value {name!r} has no type")
             defined.add(name)
     for i, node in enumerate(graph.nodes):
-        if node.op != "constant" and node.op not in ops_lib.REGISTRY:
+        if node.op not in ("constant", "dim_as_value") and node.op not in ops_lib.REGISTRY:
             generic_primitive(node.op)
         if node.op in ops_lib.REGISTRY:
             try:
                 ops_lib.REGISTRY[node.op].check_attrs(node.attrs)
             except ops_lib.OpError as e:
                 raise IRError(f"node {i} ({node.op}): {e}") from None
-            expected = ops_lib.REGISTRY[node.op].num_outputs or len(node.attrs.get("sizes", ()))
+            expected = ops_lib.REGISTRY[node.op].num_outputs
             if len(node.outputs) != expected:
                 raise IRError(f"node {i} ({node.op}) has {len(node.outputs)} outputs, expected {expected}")
         for name in node.inputs:

@@ -69,7 +69,6 @@ def get_op(name: str) -> OpDef:
 
 
 def _register(name, ref, shape_rule, attrs, *, num_outputs=1, optional_attrs=()):
-    # NOTE: num_outputs == 0 marks a variadic op (split): the output count comes from its attrs.
     multi = num_outputs != 1
     prim = Primitive(f"llmc.{name}")
     prim.multiple_results = multi
@@ -244,13 +243,11 @@ def _logits_shape(ts, attrs):
 def ref_kv_write(k, v, slot_mapping, k_pool, v_pool):
     # k, v: [T, Hkv*Dh]  slot_mapping: i32[T] (-1 = skip)  pools: [N, Bs, Hkv, Dh]  ->  new pools
     num_blocks, block_size, num_kv_heads, head_dim = k_pool.shape
-    num_slots = num_blocks * block_size
-    slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)  # out of range -> dropped
+    block = jnp.where(slot_mapping < 0, num_blocks, slot_mapping // block_size)  # out of range -> dropped
+    offset = slot_mapping % block_size
     kf = k.reshape(-1, num_kv_heads, head_dim).astype(k_pool.dtype)
     vf = v.reshape(-1, num_kv_heads, head_dim).astype(v_pool.dtype)
-    new_k = k_pool.reshape(num_slots, num_kv_heads, head_dim).at[slots].set(kf, mode="drop")
-    new_v = v_pool.reshape(num_slots, num_kv_heads, head_dim).at[slots].set(vf, mode="drop")
-    return new_k.reshape(k_pool.shape), new_v.reshape(v_pool.shape)
+    return k_pool.at[block, offset].set(kf, mode="drop"), v_pool.at[block, offset].set(vf, mode="drop")
 
 
 def _kv_write_shape(ts, attrs):
@@ -285,17 +282,6 @@ def ref_paged_attention(q, k_pool, v_pool, query_start, seq_lens, block_tables, 
     return out.reshape(num_tokens, num_heads * head_dim).astype(q.dtype)
 
 
-def _split_shape(ts, attrs):
-    (x_shape, x_dtype) = ts[0]
-    return [((x_shape[0], size), x_dtype) for size in attrs["sizes"]]
-
-
-def ref_split(x, *, sizes):
-    # x: [T, sum(sizes)] -> [T, size_i] for each i
-    offsets = np.cumsum((0,) + tuple(sizes))
-    return tuple(x[:, int(offsets[i]):int(offsets[i + 1])] for i in range(len(sizes)))
-
-
 ATTENTION_ATTRS = {"num_heads": (int,), "num_kv_heads": (int,), "head_dim": (int,), "scale": (float,)}
 
 embed = _register("embed", ref_embed, _embed_shape, {})
@@ -309,7 +295,6 @@ silu_mul = _register("silu_mul", ref_silu_mul, _same_as_first, {})
 logits = _register("logits", ref_logits, _logits_shape, {})
 kv_write = _register("kv_write", ref_kv_write, _kv_write_shape, {}, num_outputs=2)
 paged_attention = _register("paged_attention", ref_paged_attention, _same_as_first, ATTENTION_ATTRS)
-split = _register("split", ref_split, _split_shape, {"sizes": (tuple, list)}, num_outputs=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowering.ir import Graph, IRError, bind_symbols, eval_dim, interpret
+from lowering import ops
+from lowering.ir import Graph, IRError, Node, eval_dim, interpret
 from runtime.step import StepInput
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # 1 GiB of KV pool unless told otherwise
@@ -56,10 +57,10 @@ class CpuProgram:
         env = {"N": self.num_blocks}
         self.state = {s: jnp.full(tuple(eval_dim(d, env) for d in graph.types[s].shape), pool_fill,
                                   dtype=graph.types[s].dtype) for s in graph.state}
-        self._step = jax.jit(self._run, donate_argnums=(1,))
+        self._step = jax.jit(self._run, donate_argnums=(1,), static_argnums=(3,))
 
-    def _run(self, params, state, inputs):
-        outs, new_state = interpret(self.graph, inputs, params, state)
+    def _run(self, params, state, inputs, max_q_len):
+        outs, new_state = interpret(self.graph, inputs, params, state, impls=cpu_impls(max_q_len))
         return outs[0], new_state
 
     def kv_cache_bytes(self) -> int:
@@ -69,7 +70,8 @@ class CpuProgram:
         """Run one ragged step; pads every dim to a power-of-two bucket, returns f32[L, V]."""
         inp.validate(block_size=self.block_size, num_blocks=self.num_blocks)
         padded = pad_step(inp, max_blocks_per_seq=self.max_blocks_per_seq)
-        logits, self.state = self._step(self.params, self.state, padded)
+        max_q_len = _bucket(int(np.diff(padded["query_start"]).max()), 1)
+        logits, self.state = self._step(self.params, self.state, padded, max_q_len)
         return np.asarray(logits[: inp.logit_rows.shape[0]])
 
 
@@ -80,7 +82,7 @@ def pad_step(inp: StepInput, *, max_blocks_per_seq: int) -> dict[str, np.ndarray
     sequences    [ real (S) | one pad sequence owning the pad rows, seq_len 0 | empty ones ]
     """
     t, s, l = inp.num_tokens, inp.num_seqs, inp.logit_rows.shape[0]
-    t_pad, s_pad, l_pad = _bucket(t, 8), _bucket(s + 1, 2), _bucket(l, 1)
+    t_pad, s_pad, l_pad = _bucket(t, 1), _bucket(s + 1, 2), _bucket(l, 1)
     need_blocks = int(inp.block_tables.shape[1])
     b_pad = min(_bucket(max(need_blocks, 1), 4), max(max_blocks_per_seq, need_blocks))
 
@@ -104,3 +106,68 @@ def pad_step(inp: StepInput, *, max_blocks_per_seq: int) -> dict[str, np.ndarray
         "block_tables": tables,
         "logit_rows": pad1(inp.logit_rows, l_pad, 0),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU lowering table: op implementations that XLA:CPU runs well. Everything else uses the reference.
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_impls(max_q_len: int) -> dict:
+    """Per-trace implementations; `max_q_len` (static) bounds any sequence's new tokens this step."""
+    rope_tables: dict = {}
+
+    def rope(node: Node, args, env):
+        x, positions = args
+        a = node.attrs
+        key = (id(positions), a["head_dim"], a["theta"], str(a.get("rope_scaling")), x.dtype)
+        if key not in rope_tables:  # cos/sin once per step, shared by every layer
+            inv_freq = jnp.asarray(ops.rope_inv_freq(a["head_dim"], a["theta"], a.get("rope_scaling")))
+            freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # f32[T, Dh/2]
+            emb = jnp.concatenate([freqs, freqs], axis=-1)
+            rope_tables[key] = (jnp.cos(emb).astype(x.dtype)[:, None, :], jnp.sin(emb).astype(x.dtype)[:, None, :])
+        cos, sin = rope_tables[key]
+        xh = x.reshape(x.shape[0], a["num_heads"], a["head_dim"])  # [T, H, Dh]
+        half = a["head_dim"] // 2
+        rotated = jnp.concatenate([-xh[..., half:], xh[..., :half]], axis=-1)
+        return ((xh * cos + rotated * sin).reshape(x.shape),)
+
+    def paged_attention(node: Node, args, env):
+        return (paged_attention_by_sequence(*args, max_q_len=max_q_len, **node.attrs),)
+
+    return {"rope": rope, "paged_attention": paged_attention}
+
+
+def paged_attention_by_sequence(q, k_pool, v_pool, query_start, seq_lens, block_tables, *, num_heads,
+                                num_kv_heads, head_dim, scale, max_q_len):
+    """Same result as ops.ref_paged_attention, computed per sequence on padded query tiles.
+
+    q rows are gathered into [S, Q, ...] tiles (Q = max_q_len), attend to the sequence's gathered
+    context [S, C, ...] once, and are scattered back to their flat rows.
+    """
+    num_tokens = q.shape[0]
+    num_seqs, num_table = block_tables.shape
+    block_size = k_pool.shape[1]
+    num_ctx = num_table * block_size
+    group = num_heads // num_kv_heads
+    q_lens = query_start[1:] - query_start[:-1]  # i32[S]
+    tile = jnp.arange(max_q_len)  # i32[Q]
+    rows = query_start[:-1, None] + tile[None, :]  # i32[S, Q]
+    row_ok = tile[None, :] < q_lens[:, None]  # bool[S, Q]
+    qt = jnp.take(q, jnp.where(row_ok, rows, 0), axis=0).astype(jnp.float32)  # [S, Q, Hq*Dh]
+    qt = qt.reshape(num_seqs, max_q_len, num_kv_heads, group, head_dim)
+    keys = jnp.take(k_pool, block_tables, axis=0).reshape(num_seqs, num_ctx, num_kv_heads, head_dim)
+    vals = jnp.take(v_pool, block_tables, axis=0).reshape(num_seqs, num_ctx, num_kv_heads, head_dim)
+    q_pos = (seq_lens - q_lens)[:, None] + tile[None, :]  # i32[S, Q]: context index of each query
+    mask = jnp.arange(num_ctx)[None, None, :] <= q_pos[:, :, None]  # bool[S, Q, C]
+    ctx_ok = jnp.arange(num_ctx)[None, :] < seq_lens[:, None]  # bool[S, C]
+    vals = jnp.where(ctx_ok[:, :, None, None], vals.astype(jnp.float32), 0.0)
+    scores = jnp.einsum("sqkgd,sckd->skgqc", qt, keys.astype(jnp.float32)) * scale  # f32[S, Hkv, G, Q, C]
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("skgqc,sckd->sqkgd", probs, vals).reshape(num_seqs * max_q_len, num_heads * head_dim)
+    # back to flat rows: token t is tile row (t - query_start[seg]) of sequence seg
+    seg = jnp.searchsorted(query_start[1:], jnp.arange(num_tokens, dtype=query_start.dtype), side="right")
+    seg = jnp.minimum(seg, num_seqs - 1)
+    flat = seg * max_q_len + jnp.clip(jnp.arange(num_tokens) - query_start[seg], 0, max_q_len - 1)
+    return jnp.take(out, flat, axis=0).astype(q.dtype)

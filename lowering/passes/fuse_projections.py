@@ -2,14 +2,14 @@
 
 Before:                                   After:
   q = linear(x, Wq)                         qkv = linear(x, Wq+Wk+Wv)
-  k = linear(x, Wk)                         q, k, v = split(qkv) {sizes=[Nq,Nk,Nv]}
+  k = linear(x, Wk)                         q, k, v = split(qkv) {sizes=(Nq,Nk,Nv), axis=1}   (the lax split primitive)
   v = linear(x, Wv)
 The fused weight is a derived param (concatenation along the output axis), materialized by
 lowering.params once the pipeline has run.
 """
 from __future__ import annotations
 
-from lowering.ir import Graph, Node, TensorType
+from lowering.ir import Graph, Node, TensorType, encode_param
 from lowering.params import add_derived_param
 
 
@@ -53,7 +53,8 @@ def fuse_projections(graph: Graph) -> Graph:
         graph.types[fused_out] = TensorType((out_type.shape[0], sum(sizes)), out_type.dtype)
         first = graph.nodes.index(nodes[0])
         replaced[first] = [Node("linear", inputs, [fused_out], {}),
-                           Node("split", [fused_out], [n.outputs[0] for n in nodes], {"sizes": sizes})]
+                           Node("split", [fused_out], [n.outputs[0] for n in nodes],
+                                {"sizes": encode_param(tuple(sizes)), "axis": 1})]
         drop.update(id(n) for n in nodes)
 
     new_nodes = []

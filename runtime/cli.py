@@ -1,0 +1,124 @@
+"""Command line: `llmc compile SOURCE -o OUT` and `llmc generate SOURCE --prompt TEXT`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+PROG = "llmc"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Compile LLM checkpoints and run them.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {get_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("compile", help="compile a checkpoint into an artifact directory")
+    p.add_argument("source", metavar="SOURCE", help="registry name, checkpoint path (GGUF, safetensors dir, orbax dir)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact directory to write")
+    add_compile_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="print nothing while compiling")
+    p.set_defaults(func=run_compile)
+
+    p = sub.add_parser("generate", help="generate completions for prompts")
+    p.add_argument(
+        "source", metavar="SOURCE", help="artifact directory (has manifest.json) or anything `compile` accepts"
+    )
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="a prompt; repeat for a batch")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message via the chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="extend", nargs="+", default=None, metavar="S", help="stop strings")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks (default: the program's)")
+    add_compile_arguments(p)
+    p.set_defaults(func=run_generate)
+    return parser
+
+
+def add_compile_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="cpu", help="backend: cpu (default), cuda, tpu")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on cpu, else bfloat16"
+    )
+
+
+def get_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llmc")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    from lowering import compile_model
+
+    cm = compile_model(
+        args.source, target=args.target, block_size=args.block_size, dtype=args.dtype, verbose=not args.quiet,
+        progress=not args.quiet,
+    )
+    cm.export(args.output)
+    if not args.quiet:
+        print(f"wrote {args.output}")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from runtime import Engine, SamplingParams, load
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    if os.path.isfile(os.path.join(args.source, "manifest.json")):
+        model = load(args.source)
+    else:
+        from lowering import compile_model
+
+        model = compile_model(
+            args.source, target=args.target, block_size=args.block_size, dtype=args.dtype, verbose=False
+        )
+    engine = Engine(model, num_blocks=args.num_blocks, max_model_len=args.max_model_len)
+    outputs = engine.generate(args.prompt, params, chat=args.chat)
+    for i, out in enumerate(outputs):
+        if len(outputs) > 1:
+            print(f"--- [{i}] {out.prompt!r} ({out.finish_reason})")
+        print(out.text)
+    return 0
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Errors whose message is the whole story: bad arguments, missing files, bad checkpoints."""
+    if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        return True
+    # NOTE: loaders raise their own exception classes (CheckpointError, ...); any exception the
+    # project defines carries a message meant for the user.
+    module = type(e).__module__ or ""
+    return module.split(".")[0] in ("lowering", "runtime") and bool(str(e))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as e:  # noqa: BLE001 - turned into a one-line message below, or re-raised
+        if not is_user_error(e):
+            raise
+        message = e.strerror + f": {e.filename}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

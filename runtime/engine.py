@@ -1,0 +1,581 @@
+"""Engine: continuous batching of generate() requests over a compiled Program and its paged KV pool."""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import enum
+import itertools
+from typing import TYPE_CHECKING, Protocol, Sequence, Union
+
+import numpy as np
+
+from runtime.kv_blocks import BlockAllocator, blocks_needed
+from runtime.sampler import SamplingParams, find_stop_string, make_generator, sample
+from runtime.step import Program, StepInput
+
+if TYPE_CHECKING:
+    from lowering.models.config import ModelConfig
+
+Prompt = Union[str, Sequence[int]]
+
+
+# ---------------------------------------------------------------------------------------------
+# What the Engine needs from a model: a CompiledModel (lowering.compile_model) or a loaded artifact.
+
+
+class Tokenizer(Protocol):
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
+
+
+class ModelHandle(Protocol):
+    tokenizer: Tokenizer | None  # None: token-id prompts only, no text
+    config: "ModelConfig | None"  # uses vocab_size, max_position_embeddings, eos_token_ids
+    block_size: int
+
+    def make_program(
+        self, *, num_blocks: int | None = None, max_num_seqs: int = 64, max_model_len: int | None = None
+    ) -> Program: ...
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """A finished request. `prompt` is the string the caller passed (None for token-id prompts)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str  # generated text, cut before a stop string; excludes eos / stop tokens
+    token_ids: list[int]  # generated tokens only, including a final eos / stop token
+    finish_reason: str  # "stop" | "length"
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests and incremental detokenization
+
+
+class IncrementalDetokenizer:
+    """Turns a growing token list into text deltas, never emitting half a UTF-8 character.
+
+    Decodes the window ids[prefix_offset:] and emits only what it adds over the already emitted
+    ids[prefix_offset:read_offset] (the prefix-offset scheme of HF TGI and vLLM). A decode ending
+    in U+FFFD is an incomplete character: wait for more tokens. The window starts a few tokens
+    into the prompt so tokenizers that drop a leading space at the start of a decode
+    (SentencePiece) still produce the space before the first generated word.
+    """
+
+    NUM_PROMPT_CONTEXT_TOKENS = 5
+
+    def __init__(self, tokenizer: Tokenizer | None, prompt_token_ids: Sequence[int]):
+        self.tokenizer = tokenizer
+        num_context = min(len(prompt_token_ids), self.NUM_PROMPT_CONTEXT_TOKENS)
+        self.ids = list(prompt_token_ids[len(prompt_token_ids) - num_context :])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def add_token(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes to U+FFFD)."""
+        return self._emit(final=True)
+
+    def _emit(self, *, final: bool) -> str:
+        if self.read_offset == len(self.ids) or self.tokenizer is None:
+            return ""
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        new_text = self.tokenizer.decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return new_text[len(prefix_text) :]
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One prompt's state across steps. `token_ids` is prompt + generated tokens."""
+
+    request_id: str
+    arrival: int  # FCFS order; the latest arrival is preempted first
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    generator: np.random.Generator
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int]
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    num_computed_tokens: int = 0  # tokens whose K/V are in the pool
+    block_ids: list[int] = dataclasses.field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduling: which tokens of which requests run this step, and their KV blocks
+
+
+@dataclasses.dataclass
+class ScheduledChunk:
+    """Tokens [start, start + num_tokens) of one request, computed in this step."""
+
+    request: Request
+    start: int
+    num_tokens: int
+
+    @property
+    def wants_logits(self) -> bool:
+        """True when the chunk reaches the request's last token, so the step samples its next one."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]  # decodes first, then prefill chunks
+    preempted: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    """FCFS continuous batching with a token budget, chunked prefill and preemption by recompute.
+
+    Each step schedules, in this order, while the token budget lasts:
+      1. running requests with one uncomputed token (decodes), one token each;
+      2. running requests still prefilling, the next chunk of each;
+      3. waiting requests in arrival order, while a sequence slot and enough free blocks exist
+         (skipped in a step that preempted someone).
+    A running request that needs a block when none is free preempts the latest-arrived running
+    request, possibly itself: that request's blocks are freed and it waits to be recomputed from
+    its prompt + generated tokens, which gives the same tokens it would have had.
+    """
+
+    def __init__(self, *, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.allocator = BlockAllocator(num_blocks)
+        self.waiting: list[Request] = []  # sorted by arrival
+        self.running: list[Request] = []  # sorted by arrival
+        self.num_preemptions = 0
+
+    def add_request(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        bisect.insort(self.waiting, req, key=_arrival)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish_request(self, req: Request) -> None:
+        self.allocator.free(req.block_ids)
+        req.block_ids = []
+        self.running.remove(req)
+        req.status = RequestStatus.FINISHED
+
+    def abort_all_requests(self) -> None:
+        for req in self.running:
+            self.allocator.free(req.block_ids)
+            req.block_ids = []
+        for req in self.running + self.waiting:
+            req.status = RequestStatus.FINISHED
+        self.running, self.waiting = [], []
+
+    def schedule(self) -> SchedulerOutput:
+        scheduled: dict[int, ScheduledChunk] = {}  # arrival -> chunk, in scheduling order
+        preempted: list[Request] = []
+
+        decodes = [r for r in self.running if r.num_uncomputed_tokens == 1]
+        prefills = [r for r in self.running if r.num_uncomputed_tokens > 1]
+        for req in decodes + prefills:
+            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this step
+                continue
+            num_new = min(req.num_uncomputed_tokens, self._budget_left(scheduled))
+            if num_new == 0:
+                break
+            if self._grow_blocks(req, req.num_computed_tokens + num_new, scheduled, preempted):
+                scheduled[req.arrival] = ScheduledChunk(req, req.num_computed_tokens, num_new)
+
+        # NOTE: a step that had to preempt is short of blocks; admitting now would only thrash.
+        while self.waiting and not preempted and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            num_new = min(req.num_uncomputed_tokens, self._budget_left(scheduled))
+            num_blocks = blocks_needed(num_new, self.block_size)
+            if num_new == 0 or not self.allocator.can_allocate(num_blocks):
+                break
+            req.block_ids = self.allocator.allocate(num_blocks)
+            self.waiting.pop(0)
+            req.status = RequestStatus.RUNNING
+            bisect.insort(self.running, req, key=_arrival)
+            scheduled[req.arrival] = ScheduledChunk(req, req.num_computed_tokens, num_new)
+
+        chunks = list(scheduled.values())
+        for chunk in chunks:
+            chunk.request.num_computed_tokens += chunk.num_tokens
+        return SchedulerOutput(chunks, preempted)
+
+    def _budget_left(self, scheduled: dict[int, ScheduledChunk]) -> int:
+        return self.max_num_batched_tokens - sum(c.num_tokens for c in scheduled.values())
+
+    def _grow_blocks(
+        self, req: Request, num_tokens: int, scheduled: dict[int, ScheduledChunk], preempted: list[Request]
+    ) -> bool:
+        """Give req blocks for num_tokens tokens, preempting latest arrivals; False if req itself was preempted."""
+        num_new_blocks = blocks_needed(num_tokens, self.block_size) - len(req.block_ids)
+        while num_new_blocks > self.allocator.num_free:
+            victim = self.running[-1]
+            self._preempt(victim, scheduled, preempted)
+            if victim is req:
+                return False
+        if num_new_blocks > 0:
+            req.block_ids += self.allocator.allocate(num_new_blocks)
+        return True
+
+    def _preempt(self, req: Request, scheduled: dict[int, ScheduledChunk], preempted: list[Request]) -> None:
+        self.allocator.free(req.block_ids)
+        req.block_ids = []
+        req.num_computed_tokens = 0
+        self.running.remove(req)
+        scheduled.pop(req.arrival, None)  # a victim already scheduled this step gives its tokens back
+        self.add_request(req)
+        preempted.append(req)
+        self.num_preemptions += 1
+
+
+def _arrival(req: Request) -> int:
+    return req.arrival
+
+
+# ---------------------------------------------------------------------------------------------
+# Step building: scheduler output -> the Program's ragged StepInput
+
+
+def build_step_input(
+    chunks: list[ScheduledChunk], *, block_size: int, max_blocks_per_seq: int
+) -> tuple[StepInput, list[Request]]:
+    """Flatten one step's chunks into a StepInput; also return the requests that get a logit row.
+
+    Sequence s is chunks[s]; its tokens are flat rows query_start[s]:query_start[s+1]. Unused
+    block-table entries are 0 (a valid block, so a kernel that over-reads stays in bounds); B is
+    the widest table this step's contexts need.
+
+        chunk s:       request r, tokens [start, start + n)
+        positions:     start .. start + n - 1
+        slot_mapping:  block_ids[pos // block_size] * block_size + pos % block_size
+        seq_lens[s]:   start + n
+        logit row:     query_start[s + 1] - 1, only if the chunk reaches r's last token
+    """
+    num_seqs = len(chunks)
+    q_lens = np.array([c.num_tokens for c in chunks], dtype=np.int32)  # i32[S]
+    query_start = np.zeros(num_seqs + 1, dtype=np.int32)  # i32[S+1]
+    np.cumsum(q_lens, out=query_start[1:])
+    starts = np.array([c.start for c in chunks], dtype=np.int32)  # i32[S]
+    seq_lens = starts + q_lens  # i32[S]
+
+    token_ids = np.concatenate(
+        [np.asarray(c.request.token_ids[c.start : c.start + c.num_tokens], dtype=np.int32) for c in chunks]
+    )  # i32[T]
+    seq_of_row = np.repeat(np.arange(num_seqs, dtype=np.int32), q_lens)  # i32[T]
+    positions = (np.arange(token_ids.shape[0], dtype=np.int32) - query_start[seq_of_row]) + starts[seq_of_row]  # i32[T]
+
+    # NOTE: the table is only as wide as this step's longest context needs, so attention over it
+    # costs what the contexts cost, not what max_model_len would.
+    width = int(max(1, (-(-seq_lens // block_size)).max()))
+    if width > max_blocks_per_seq:
+        raise ValueError(f"a sequence needs {width} blocks but the program allows {max_blocks_per_seq}")
+    block_tables = np.zeros((num_seqs, width), dtype=np.int32)  # i32[S, B]
+    for s, chunk in enumerate(chunks):
+        ids = chunk.request.block_ids[:width]
+        block_tables[s, : len(ids)] = ids
+    block_of_row = block_tables[seq_of_row, positions // block_size]  # i32[T]
+    slot_mapping = block_of_row * block_size + positions % block_size  # i32[T]
+
+    wants_logits = np.array([c.wants_logits for c in chunks], dtype=bool)  # bool[S]
+    logit_rows = (query_start[1:] - 1)[wants_logits].astype(np.int32)  # i32[L]
+    sampled = [c.request for c in chunks if c.wants_logits]
+
+    step = StepInput(
+        token_ids=token_ids,
+        positions=positions,
+        slot_mapping=slot_mapping.astype(np.int32),
+        query_start=query_start,
+        seq_lens=seq_lens,
+        block_tables=block_tables,
+        logit_rows=logit_rows,
+    )
+    return step, sampled
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine
+
+
+class Engine:
+    """Runs many prompts through one Program with continuous batching.
+
+        engine = Engine(runtime.load("artifacts/smollm2"))
+        outs = engine.generate(["Hi"], SamplingParams(max_tokens=32, temperature=0.0), chat=True)
+    """
+
+    def __init__(
+        self,
+        model: ModelHandle,
+        *,
+        num_blocks: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 512,
+        max_model_len: int | None = None,
+    ):
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if num_blocks is not None and (not isinstance(num_blocks, int) or num_blocks < 1):
+            raise ValueError(f"num_blocks must be an integer >= 1 or None, got {num_blocks!r}")
+        config = model.config
+        max_positions = config.max_position_embeddings if config is not None else None
+        if max_model_len is not None:
+            if not isinstance(max_model_len, int) or max_model_len < 2:
+                raise ValueError(f"max_model_len must be an integer >= 2 or None, got {max_model_len!r}")
+            if max_positions is not None and max_model_len > max_positions:
+                raise ValueError(
+                    f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={max_positions}"
+                )
+
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.program = model.make_program(num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+        self.block_size = self.program.block_size
+        max_len_per_seq = self.program.max_blocks_per_seq * self.block_size
+        if max_model_len is None:
+            max_model_len = min(max_positions or max_len_per_seq, max_len_per_seq)
+        elif max_model_len > max_len_per_seq:
+            raise ValueError(
+                f"max_model_len={max_model_len} needs {blocks_needed(max_model_len, self.block_size)} blocks per "
+                f"sequence but the program's block tables hold {self.program.max_blocks_per_seq}"
+            )
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.vocab_size = config.vocab_size if config is not None else self.program.vocab_size
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer is not None else ()) | frozenset(
+            config.eos_token_ids if config is not None else ()
+        )
+        self.scheduler = Scheduler(
+            num_blocks=self.program.num_blocks,
+            block_size=self.block_size,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+        )
+        self.num_steps = 0
+        self._request_counter = itertools.count()
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        chat: bool = False,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate a completion for each prompt; outputs come back in prompt order.
+
+        A prompt is a string (encoded with the tokenizer's special tokens, or wrapped as one user
+        message through the chat template when chat=True) or a list of token ids. Every prompt is
+        checked before anything runs.
+        """
+        prompt_list = _as_prompt_list(prompts)
+        params_list = self._as_params_list(sampling_params, len(prompt_list))
+        requests = [self._make_request(i, p, sp, chat) for i, (p, sp) in enumerate(zip(prompt_list, params_list))]
+        for req in requests:
+            self.scheduler.add_request(req)
+
+        progress = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(requests), desc="generate", unit="req")
+        try:
+            while self.scheduler.has_unfinished_requests():
+                finished = self._step()
+                if progress is not None:
+                    progress.update(len(finished))
+        except BaseException:
+            self.scheduler.abort_all_requests()
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+        return [_make_output(req) for req in requests]
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def _step(self) -> list[Request]:
+        """Schedule, run the Program once, sample, and append; return the requests that finished."""
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            raise RuntimeError("the scheduler could not schedule any request (this is a bug)")
+        step, sampled = build_step_input(
+            sched.chunks, block_size=self.block_size, max_blocks_per_seq=self.program.max_blocks_per_seq
+        )
+        logits = np.asarray(self.program.step(step))  # f32[L, V]
+        if logits.ndim != 2 or logits.shape[0] != len(sampled):
+            raise RuntimeError(f"Program.step returned logits of shape {logits.shape}, expected ({len(sampled)}, V)")
+        new_tokens = sample(logits, [r.params for r in sampled], [r.generator for r in sampled])  # i32[L]
+        self.num_steps += 1
+
+        finished = []
+        for req, token in zip(sampled, new_tokens.tolist()):
+            self._append_token(req, token)
+            if req.finish_reason is not None:
+                self.scheduler.finish_request(req)
+                finished.append(req)
+        return finished
+
+    def _append_token(self, req: Request, token: int) -> None:
+        """Add a sampled token and decide whether the request stops."""
+        req.token_ids.append(token)
+        req.output_token_ids.append(token)
+        params = req.params
+        is_eos = token in self.eos_token_ids and not params.ignore_eos
+        if is_eos or (params.stop_token_ids and token in params.stop_token_ids):
+            self._add_text(req, req.detokenizer.flush())
+            req.finish_reason = "stop"
+            return
+        if self._add_text(req, req.detokenizer.add_token(token)):
+            req.finish_reason = "stop"
+            return
+        if len(req.output_token_ids) >= params.max_tokens or req.num_tokens >= self.max_model_len:
+            req.finish_reason = "stop" if self._add_text(req, req.detokenizer.flush()) else "length"
+
+    def _add_text(self, req: Request, delta: str) -> bool:
+        """Append delta to req.text; on a stop string cut the text before it and return True."""
+        if not delta:
+            return False
+        new_from = len(req.text)
+        req.text += delta
+        stops = req.params.stop_strings
+        if stops:
+            i = find_stop_string(req.text, stops, new_from)
+            if i >= 0:
+                req.text = req.text[:i]
+                return True
+        return False
+
+    # -- request construction and validation -----------------------------------------------------
+
+    def _as_params_list(self, sampling_params, num_prompts: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * num_prompts
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != num_prompts:
+                raise ValueError(f"got {len(params_list)} SamplingParams for {num_prompts} prompts")
+        for sp in params_list:
+            if not isinstance(sp, SamplingParams):
+                raise ValueError(f"sampling_params must be SamplingParams, got {type(sp).__name__}")
+            sp.validate()
+        return params_list
+
+    def _make_request(self, index: int, prompt: Prompt, params: SamplingParams, chat: bool) -> Request:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as token ids")
+            if chat:
+                messages = [{"role": "user", "content": prompt}]
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                # NOTE: chat templates already contain BOS etc.; adding special tokens again would double them.
+                prompt_ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+            elif prompt == "":
+                raise ValueError(f"prompt {index} is empty")
+            else:
+                prompt_ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        else:
+            if chat:
+                raise ValueError("chat=True needs string prompts, got token ids")
+            prompt_ids = [int(t) for t in prompt]
+            bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt {index} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
+                )
+        self._check_fits(index, len(prompt_ids), params)
+
+        request_id = str(next(self._request_counter))
+        return Request(
+            request_id=request_id,
+            arrival=int(request_id),
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=prompt_ids,
+            params=params,
+            generator=make_generator(params.seed),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            token_ids=list(prompt_ids),
+        )
+
+    def _check_fits(self, index: int, num_prompt_tokens: int, params: SamplingParams) -> None:
+        if num_prompt_tokens == 0:
+            raise ValueError(f"prompt {index} is empty (0 tokens)")
+        if num_prompt_tokens >= self.max_model_len:
+            raise ValueError(
+                f"prompt {index} has {num_prompt_tokens} tokens, which leaves no room to generate within "
+                f"max_model_len={self.max_model_len}"
+            )
+        # The last token is sampled but never run, so it needs no K/V slot.
+        num_kv_tokens = min(num_prompt_tokens + params.max_tokens, self.max_model_len) - 1
+        num_blocks = blocks_needed(num_kv_tokens, self.block_size)
+        if num_blocks > self.program.num_blocks:
+            raise ValueError(
+                f"prompt {index} ({num_prompt_tokens} tokens) with max_tokens={params.max_tokens} needs "
+                f"{num_blocks} KV blocks of {self.block_size} tokens, but the pool has only "
+                f"{self.program.num_blocks}; lower max_tokens or raise num_blocks"
+            )
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompt_list = list(prompts)
+    for i, p in enumerate(prompt_list):
+        if isinstance(p, str):
+            continue
+        if isinstance(p, (int, np.integer)):
+            raise ValueError("pass token-id prompts as a list of lists, e.g. [[1, 2, 3]]")
+        if not isinstance(p, (list, tuple, np.ndarray)) or not all(isinstance(t, (int, np.integer)) for t in p):
+            raise ValueError(f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}")
+    return prompt_list
+
+
+def _make_output(req: Request) -> RequestOutput:
+    return RequestOutput(
+        request_id=req.request_id,
+        prompt=req.prompt,
+        prompt_token_ids=list(req.prompt_token_ids),
+        text=req.text,
+        token_ids=list(req.output_token_ids),
+        finish_reason=req.finish_reason,
+    )

@@ -1,0 +1,175 @@
+"""Sampling: per-request parameters, greedy/temperature/top-k/top-p sampling, stop-string search."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How one request picks its tokens and when it stops.
+
+    temperature 0 means greedy (argmax, ties go to the lowest token id). top_k 0 or -1 and
+    top_p 1.0 switch those filters off. seed None draws fresh OS entropy for the request.
+    `stop` strings end generation; the text is cut before the first one found.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= -1 (0 or -1 = off), got {self.top_k!r}")
+        if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed!r}")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        if stops is not None:
+            if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+                raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+            if any(s == "" for s in stops):
+                raise ValueError("stop strings must not be empty")
+        if self.stop_token_ids is not None:
+            ids = self.stop_token_ids
+            if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
+                raise ValueError(f"stop_token_ids must be a list of non-negative integers, got {ids!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def make_generator(seed: int | None) -> np.random.Generator:
+    """One generator per request, so a seeded request samples the same tokens in any batch."""
+    return np.random.default_rng(seed)
+
+
+# NOTE: top-p first sorts only this many best tokens, and more only if their mass falls short of
+# top_p; a full stable sort of a 50k vocabulary costs ~7 ms a row.
+NUM_TOP_P_CANDIDATES = 1024
+
+
+def sample(
+    logits: np.ndarray,  # f32[L, V]
+    params: list[SamplingParams],  # [L]
+    generators: list[np.random.Generator],  # [L]
+) -> np.ndarray:  # i32[L]
+    """Pick one token per logit row; row i uses params[i] and draws one number from generators[i]."""
+    num_rows = logits.shape[0]
+    if len(params) != num_rows or len(generators) != num_rows:
+        raise ValueError(f"sample got {num_rows} logit rows, {len(params)} params and {len(generators)} generators")
+    tokens = np.argmax(logits, axis=-1).astype(np.int32)  # i32[L]  greedy; argmax picks the lowest id on ties
+    for row, (p, generator) in enumerate(zip(params, generators)):
+        if not p.is_greedy:
+            tokens[row] = sample_row(logits[row], p, generator)
+    return tokens
+
+
+def sample_row(logits: np.ndarray, params: SamplingParams, generator: np.random.Generator) -> int:  # f32[V]
+    """Temperature, then top-k, then top-p over the renormalised rest, then one inverse-CDF draw."""
+    scaled = logits.astype(np.float64) / params.temperature  # f64[V]
+    if params.top_k > 0 or params.top_p < 1.0:
+        scaled = filter_top_k_top_p(scaled, params.top_k, params.top_p)
+    weights = np.exp(scaled - np.max(scaled))  # f64[V]  unnormalised; removed tokens weigh 0
+    return draw_token(weights, generator.random())
+
+
+def filter_top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:  # f64[V] -> f64[V]
+    """Set to -inf all but the top_k best tokens, then all but the smallest best-first prefix of
+    those whose probability (renormalised over the top_k) reaches top_p.
+
+    Order is by logit, ties by lowest token id, so exactly top_k tokens survive the top-k filter.
+    The best token always survives. top_k <= 0 and top_p >= 1 switch the filters off.
+    """
+    vocab = logits.shape[0]
+    k = min(top_k, vocab) if top_k > 0 else vocab
+    kept = top_token_ids(logits, k) if k < vocab else None  # i64[k]
+    if top_p < 1.0:
+        weights = np.exp(logits - np.max(logits))  # f64[V]
+        total = np.sum(weights[kept]) if kept is not None else np.sum(weights)
+        num_candidates = min(k, NUM_TOP_P_CANDIDATES)
+        while True:
+            candidates = kept[:num_candidates] if kept is not None else top_token_ids(logits, num_candidates)
+            cumulative = np.cumsum(weights[candidates]) / total  # f64[n]
+            # NOTE: a best-first prefix whose mass reaches top_p contains the whole nucleus.
+            if cumulative[-1] >= top_p or num_candidates == k:
+                break
+            num_candidates = min(k, num_candidates * 8)
+        exclusive = cumulative - weights[candidates] / total  # f64[n]  mass of the better tokens
+        kept = candidates[exclusive < top_p]
+    out = np.full_like(logits, -np.inf)
+    out[kept] = logits[kept]
+    return out
+
+
+def top_token_ids(logits: np.ndarray, n: int) -> np.ndarray:  # f[V] -> i64[n]
+    """The n best token ids, best first, ties broken by lowest id (an exact prefix of a stable sort)."""
+    vocab = logits.shape[0]
+    if n >= vocab:
+        return np.argsort(-logits, kind="stable")
+    threshold = np.partition(logits, vocab - n)[vocab - n]  # the n-th largest value
+    above = np.flatnonzero(logits > threshold)  # ascending ids
+    ties = np.flatnonzero(logits == threshold)[: n - above.shape[0]]
+    ids = np.concatenate([above, ties])  # i64[n]
+    return ids[np.argsort(-logits[ids], kind="stable")]
+
+
+def draw_token(weights: np.ndarray, uniform: float) -> int:  # f64[V] >= 0, not all 0
+    """Inverse-CDF draw with uniform in [0, 1); never returns a token of weight zero."""
+    cdf = np.cumsum(weights)  # f64[V]
+    # Token i owns [cdf[i-1], cdf[i]); searchsorted(side="right") finds it, skipping empty ranges.
+    token = int(np.searchsorted(cdf, uniform * cdf[-1], side="right"))
+    if token >= weights.shape[0]:  # rounding put the target on the very end
+        token = int(np.flatnonzero(weights)[-1])
+    return token
+
+
+def find_stop_string(text: str, stops: tuple[str, ...], new_from: int) -> int:
+    """Index in text where the earliest stop string starts, or -1.
+
+    Only matches that end at or after `new_from` (where newly added text begins) are searched,
+    so earlier text is not rescanned on every token.
+    """
+    best = -1
+    for stop in stops:
+        start = max(0, new_from - len(stop) + 1)
+        i = text.find(stop, start)
+        if i != -1 and (best == -1 or i < best):
+            best = i
+    return best

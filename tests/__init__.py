@@ -1,0 +1,1 @@
+"""Test suite (a package so that tests/runtime does not shadow the runtime package)."""

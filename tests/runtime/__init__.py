@@ -1,0 +1,1 @@
+"""Tests of runtime/: sampler, block allocator, engine, CLI."""

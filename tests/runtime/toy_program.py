@@ -1,0 +1,245 @@
+"""A tiny numpy language model that honours the Program contract, with a byte tokenizer and a model handle."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from lowering.models.config import ModelConfig
+from runtime.step import StepInput
+
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+SPECIAL_TOKENS = {"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID}
+NUM_SPECIAL = len(SPECIAL_TOKENS)
+BYTE_VOCAB_SIZE = NUM_SPECIAL + 256
+
+
+class ByteTokenizer:
+    """Special tokens 0..2, then one token per byte, so a multi-byte character spans several tokens."""
+
+    def __init__(self, eos_token_ids: tuple[int, ...] = (EOS_ID,)):
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.bos_token_id = BOS_ID
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [BOS_ID] if add_special_tokens else []
+        i = 0
+        while i < len(text):
+            special = next((s for s in SPECIAL_TOKENS if text.startswith(s, i)), None)
+            if special is not None:
+                ids.append(SPECIAL_TOKENS[special])
+                i += len(special)
+            else:
+                ids.extend(NUM_SPECIAL + b for b in text[i].encode("utf-8"))
+                i += 1
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        names = {v: k for k, v in SPECIAL_TOKENS.items()}
+        pieces, run = [], bytearray()
+        for t in ids:
+            if t >= NUM_SPECIAL:
+                run.append(t - NUM_SPECIAL)
+                continue
+            pieces.append(run.decode("utf-8", errors="replace"))
+            run = bytearray()
+            if not skip_special_tokens:
+                pieces.append(names[t])
+        pieces.append(run.decode("utf-8", errors="replace"))
+        return "".join(pieces)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        text = "<s>" + "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return text + ("assistant:" if add_generation_prompt else "")
+
+
+@dataclasses.dataclass
+class StepRecord:
+    num_tokens: int
+    num_seqs: int
+    num_logit_rows: int
+
+
+class ToyProgram:
+    """A 2-layer attention model over a real paged KV pool, in float64 numpy.
+
+    Every layer writes K/V of the step's tokens at slot_mapping, then each token attends causally
+    over its sequence's context, read back through block_tables[s, :ceil(seq_lens[s] / block_size)].
+    Pages start as NaN and a read of an unwritten slot raises, so block-table, slot or position
+    mistakes change the output or fail loudly. `script` (optional) biases the next token at
+    absolute position p + 1 towards script[p + 1] (EOS past its end): a model that "knows" a text.
+    """
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        block_size: int,
+        num_blocks: int,
+        max_blocks_per_seq: int,
+        num_layers: int = 2,
+        num_heads: int = 2,
+        head_dim: int = 8,
+        seed: int = 0,
+        script: list[int] | None = None,
+        suppressed_ids: tuple[int, ...] = (PAD_ID, BOS_ID, EOS_ID),
+    ):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.vocab_size = vocab_size
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.script = script
+        self.suppressed_ids = list(suppressed_ids)
+        dim = num_heads * head_dim
+        rng = np.random.default_rng(seed)
+        self.embed = rng.normal(size=(vocab_size, dim))  # f64[V, D]
+        self.layers = [
+            {name: rng.normal(size=(dim, dim)) / np.sqrt(dim) for name in ("wq", "wk", "wv", "wo")}
+            for _ in range(num_layers)
+        ]
+        self.unembed = rng.normal(size=(dim, vocab_size)) * 3.0  # f64[D, V]
+        pool_shape = (num_layers, num_blocks, block_size, num_heads, head_dim)
+        self.k_pool = np.full(pool_shape, np.nan)  # f64[layers, N, block_size, H, Dh]
+        self.v_pool = np.full(pool_shape, np.nan)
+        self.steps: list[StepRecord] = []
+
+    def step(self, inp: StepInput) -> np.ndarray:  # -> f32[L, V]
+        inp.validate(block_size=self.block_size, num_blocks=self.num_blocks)
+        self.check_positions(inp)
+        t, h, d = inp.num_tokens, self.num_heads, self.head_dim
+        x = self.embed[inp.token_ids] + encode_positions(inp.positions, h * d)  # f64[T, D]
+        write = inp.slot_mapping >= 0  # bool[T]
+        for layer, w in enumerate(self.layers):
+            q = (x @ w["wq"]).reshape(t, h, d)  # f64[T, H, Dh]
+            k = (x @ w["wk"]).reshape(t, h, d)
+            v = (x @ w["wv"]).reshape(t, h, d)
+            k_slots = self.k_pool[layer].reshape(-1, h, d)  # f64[N * block_size, H, Dh] (a view)
+            v_slots = self.v_pool[layer].reshape(-1, h, d)
+            k_slots[inp.slot_mapping[write]] = k[write]
+            v_slots[inp.slot_mapping[write]] = v[write]
+            out = np.zeros((t, h, d))
+            for s in range(inp.num_seqs):
+                rows = slice(inp.query_start[s], inp.query_start[s + 1])
+                out[rows] = self.attend(layer, q[rows], inp.positions[rows], inp.block_tables[s], int(inp.seq_lens[s]))
+            x = x + out.reshape(t, h * d) @ w["wo"]
+            x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+
+        logits = x[inp.logit_rows] @ self.unembed  # f64[L, V]
+        logits[:, self.suppressed_ids] -= 1e3
+        if self.script is not None:
+            for i, pos in enumerate(inp.positions[inp.logit_rows]):
+                nxt = pos + 1
+                logits[i, self.script[nxt] if nxt < len(self.script) else EOS_ID] += 1e4
+        self.steps.append(StepRecord(t, inp.num_seqs, len(inp.logit_rows)))
+        return logits.astype(np.float32)
+
+    def attend(
+        self,
+        layer: int,
+        q: np.ndarray,  # f64[n, H, Dh]
+        positions: np.ndarray,  # i32[n]
+        block_table: np.ndarray,  # i32[B]
+        seq_len: int,
+    ) -> np.ndarray:  # f64[n, H, Dh]
+        num_ctx_blocks = -(-seq_len // self.block_size)
+        pages = block_table[:num_ctx_blocks]
+        ctx_k = self.k_pool[layer][pages].reshape(-1, self.num_heads, self.head_dim)[:seq_len]  # f64[C, H, Dh]
+        ctx_v = self.v_pool[layer][pages].reshape(-1, self.num_heads, self.head_dim)[:seq_len]
+        if not (np.isfinite(ctx_k).all() and np.isfinite(ctx_v).all()):
+            raise AssertionError(f"attention read an unwritten KV slot (blocks {pages.tolist()}, seq_len {seq_len})")
+        scores = np.einsum("nhd,chd->hnc", q, ctx_k) / np.sqrt(self.head_dim)  # f64[H, n, C]
+        causal = np.arange(seq_len)[None, :] <= positions[:, None]  # bool[n, C]
+        scores = np.where(causal[None], scores, -np.inf)
+        probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        return np.einsum("hnc,chd->nhd", probs, ctx_v)
+
+    def check_positions(self, inp: StepInput) -> None:
+        """The contract implies a sequence's new tokens sit at positions seq_len - n .. seq_len - 1."""
+        for s in range(inp.num_seqs):
+            lo, hi = inp.query_start[s], inp.query_start[s + 1]
+            expected = np.arange(inp.seq_lens[s] - (hi - lo), inp.seq_lens[s])
+            if not np.array_equal(inp.positions[lo:hi], expected):
+                got = inp.positions[lo:hi].tolist()
+                raise AssertionError(f"sequence {s} has positions {got}, expected {expected.tolist()}")
+
+    def reset_pool(self) -> None:
+        self.k_pool[:] = np.nan
+        self.v_pool[:] = np.nan
+
+
+def encode_positions(positions: np.ndarray, dim: int) -> np.ndarray:  # i32[T] -> f64[T, D]
+    freqs = 1.0 / (10.0 ** (np.arange(dim // 2) / (dim // 2)))
+    angles = positions[:, None].astype(np.float64) * freqs[None, :]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=-1)
+
+
+class ToyModel:
+    """The model handle the Engine expects: tokenizer, config, block_size, make_program."""
+
+    def __init__(
+        self,
+        *,
+        block_size: int = 16,
+        default_num_blocks: int = 64,
+        max_position_embeddings: int = 256,
+        eos_token_ids: tuple[int, ...] = (EOS_ID,),
+        script_text: str | None = None,
+        seed: int = 0,
+    ):
+        self.tokenizer = ByteTokenizer(eos_token_ids)
+        self.config = ModelConfig(
+            architecture="llama",
+            vocab_size=BYTE_VOCAB_SIZE,
+            hidden_size=16,
+            intermediate_size=32,
+            num_layers=2,
+            num_heads=2,
+            num_kv_heads=2,
+            head_dim=8,
+            max_position_embeddings=max_position_embeddings,
+            bos_token_id=BOS_ID,
+            eos_token_ids=tuple(eos_token_ids),
+        )
+        self.block_size = block_size
+        self.max_model_len = max_position_embeddings
+        self.default_num_blocks = default_num_blocks
+        self.script = self.tokenizer.encode(script_text) if script_text is not None else None
+        self.seed = seed
+        self.programs: list[ToyProgram] = []
+
+    def make_program(self, *, num_blocks: int | None = None, max_num_seqs: int = 64, max_model_len: int | None = None):
+        max_len = max_model_len or self.max_model_len
+        program = ToyProgram(
+            vocab_size=BYTE_VOCAB_SIZE,
+            block_size=self.block_size,
+            num_blocks=num_blocks or self.default_num_blocks,
+            max_blocks_per_seq=-(-max_len // self.block_size),
+            seed=self.seed,
+            script=self.script,
+        )
+        self.programs.append(program)
+        return program
+
+
+def reference_greedy(program: ToyProgram, prompt_ids: list[int], num_tokens: int) -> list[int]:
+    """Greedy tokens computed without any engine: each step re-runs the whole sequence in blocks 0.."""
+    ids = list(prompt_ids)
+    for _ in range(num_tokens):
+        n = len(ids)
+        num_blocks = -(-n // program.block_size)
+        assert num_blocks <= program.num_blocks
+        program.reset_pool()
+        inp = StepInput(
+            token_ids=np.array(ids, np.int32),
+            positions=np.arange(n, dtype=np.int32),
+            slot_mapping=np.arange(n, dtype=np.int32),
+            query_start=np.array([0, n], np.int32),
+            seq_lens=np.array([n], np.int32),
+            block_tables=np.arange(program.max_blocks_per_seq, dtype=np.int32)[None, :] % program.num_blocks,
+            logit_rows=np.array([n - 1], np.int32),
+        )
+        ids.append(int(np.argmax(program.step(inp)[0])))
+    program.reset_pool()
+    return ids[len(prompt_ids) :]
