@@ -5,7 +5,7 @@ import bisect
 import dataclasses
 import enum
 import itertools
-from typing import TYPE_CHECKING, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -399,12 +399,14 @@ class Engine:
         *,
         chat: bool = False,
         use_tqdm: bool = False,
+        on_token: "Callable[[str, int], None] | None" = None,
     ) -> list[RequestOutput]:
         """Generate a completion for each prompt; outputs come back in prompt order.
 
         A prompt is a string (encoded with the tokenizer's special tokens, or wrapped as one user
         message through the chat template when chat=True) or a list of token ids. Every prompt is
-        checked before anything runs.
+        checked before anything runs. `on_token(request_id, token_id)` is called for every sampled
+        token as soon as it is known (streaming, timing).
         """
         prompt_list = _as_prompt_list(prompts)
         params_list = self._as_params_list(sampling_params, len(prompt_list))
@@ -419,7 +421,7 @@ class Engine:
             progress = tqdm(total=len(requests), desc="generate", unit="req")
         try:
             while self.scheduler.has_unfinished_requests():
-                finished = self._step()
+                finished = self._step(on_token)
                 if progress is not None:
                     progress.update(len(finished))
         except BaseException:
@@ -432,7 +434,7 @@ class Engine:
 
     # -- one step --------------------------------------------------------------------------------
 
-    def _step(self) -> list[Request]:
+    def _step(self, on_token=None) -> list[Request]:
         """Schedule, run the Program once, sample, and append; return the requests that finished."""
         sched = self.scheduler.schedule()
         if not sched.chunks:
@@ -449,6 +451,8 @@ class Engine:
         finished = []
         for req, token in zip(sampled, new_tokens.tolist()):
             self._append_token(req, token)
+            if on_token is not None:
+                on_token(req.request_id, token)
             if req.finish_reason is not None:
                 self.scheduler.finish_request(req)
                 finished.append(req)

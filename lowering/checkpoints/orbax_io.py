@@ -75,15 +75,22 @@ def load_params(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such orbax checkpoint directory")
+    metadata_file = path / "_METADATA"
+    try:
+        json.loads(metadata_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{metadata_file}: missing or not valid JSON ({e}); the orbax checkpoint is incomplete or corrupt, re-export it"
+        ) from e
     checkpointer = ocp.StandardCheckpointer()
     try:
-        metadata = checkpointer.metadata(path).item_metadata.tree
-        # NOTE: restoring against an explicit numpy target keeps arrays on the host, in the saved dtype.
-        target = {key: np.empty(leaf.shape, leaf.dtype) for key, leaf in metadata.items()}
-        restored = checkpointer.restore(path, target)
+        # NOTE: leaves saved as numpy arrays restore as numpy arrays in their saved dtype.
+        restored = checkpointer.restore(path)
     except Exception as e:  # orbax/tensorstore raise many types on missing or damaged files
+        detail = str(e) if len(str(e)) <= 300 else str(e)[:300] + "..."
         raise CheckpointError(
-            f"{path}: cannot restore the orbax checkpoint ({type(e).__name__}: {e}); it is corrupt or incomplete, re-export it"
+            f"{path}: cannot restore the orbax checkpoint ({type(e).__name__}: {detail}); "
+            "it is corrupt or incomplete, re-export it"
         ) from e
     finally:
         checkpointer.close()

@@ -1,0 +1,131 @@
+"""CPU decode throughput of SmolLM2-135M: llmc (CPU target) vs Hugging Face transformers eager, same run.
+
+For each batch size: the same prompts (MT-Bench questions, chat template), greedy, a fixed number of
+new tokens (EOS ignored). Reports end-to-end generated tokens/s (prefill included) and the decode-only
+rate from the time of the first new token on. jit compilation is excluded: one warm-up run first.
+Prints a table and writes JSON (default bench_results/cpu_decode.json).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mt_bench_questions.jsonl"
+
+
+def load_prompts(count: int) -> list[str]:
+    if DATA.exists():
+        rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
+        return [r["turns"][0] for r in rows[:count]]
+    return [f"Write a short story about a robot number {i}." for i in range(count)]
+
+
+def bench_llmc(model, prompts, new_tokens, repeats):
+    from runtime import Engine, SamplingParams
+
+    engine = Engine(model, max_model_len=1024, max_num_seqs=len(prompts), max_num_batched_tokens=2048)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    engine.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True), chat=True)
+    totals, decodes = [], []
+    for _ in range(repeats):
+        first = {}
+        start = time.perf_counter()
+        outs = engine.generate(prompts, params, chat=True, on_token=lambda rid, _t: first.setdefault(rid, time.perf_counter()))
+        end = time.perf_counter()
+        assert all(len(o.token_ids) == new_tokens for o in outs)
+        totals.append(len(prompts) * new_tokens / (end - start))
+        decodes.append(len(prompts) * (new_tokens - 1) / (end - max(first.values())))
+    return float(np.median(totals)), float(np.median(decodes)), outs[0].token_ids
+
+
+def bench_hf(model, tok, prompts, new_tokens, repeats):
+    import torch
+    import transformers
+
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+             for p in prompts]
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        model.generate(**enc, **kwargs)
+        totals, decodes = [], []
+        for _ in range(repeats):
+            clock = _FirstLogits()
+            start = time.perf_counter()
+            out = model.generate(**enc, **kwargs, logits_processor=transformers.LogitsProcessorList([clock]))
+            end = time.perf_counter()
+            totals.append(len(prompts) * new_tokens / (end - start))
+            decodes.append(len(prompts) * (new_tokens - 1) / (end - clock.first))
+    first_ids = out[0, enc["input_ids"].shape[1]:].tolist()
+    return float(np.median(totals)), float(np.median(decodes)), first_ids
+
+
+class _FirstLogits:
+    """A logits processor that notes when the first logits (end of prefill) arrive; changes nothing."""
+
+    def __init__(self):
+        self.first = None
+
+    def __call__(self, input_ids, scores):
+        if self.first is None:
+            self.first = time.perf_counter()
+        return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="bench_results/cpu_decode.json")
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+
+    from lowering import compile_model
+    from lowering.checkpoints import resolve_model
+
+    gguf = resolve_model(args.model)
+    cm = compile_model(str(gguf), target="cpu", progress=False)
+    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                           torch_dtype=torch.float32).eval()
+    rows = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        prompts = load_prompts(batch)
+        l_total, l_decode, l_ids = bench_llmc(cm, prompts, args.new_tokens, args.repeats)
+        h_total, h_decode, h_ids = bench_hf(hf, tok, prompts, args.new_tokens, args.repeats)
+        rows.append({"batch": batch, "new_tokens": args.new_tokens, "llmc_tok_s": l_total, "hf_eager_tok_s": h_total,
+                     "speedup": l_total / h_total, "llmc_decode_tok_s": l_decode, "hf_eager_decode_tok_s": h_decode,
+                     "first_prompt_tokens_match": l_ids == h_ids})
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {"benchmark": "cpu_decode", "date": datetime.date.today().isoformat(), "commit": commit,
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "torch": torch.__version__, "transformers": transformers.__version__, "dtype": "float32", "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"\nSmolLM2-135M float32 on the CPU ({result['machine']}), {args.new_tokens} new tokens, greedy")
+    print(f"{'batch':>5} {'llmc tok/s':>11} {'HF eager tok/s':>15} {'speedup':>8} {'llmc decode':>12} {'HF decode':>10} {'same tokens':>12}")
+    for r in rows:
+        hd = f"{r['hf_eager_decode_tok_s']:.1f}"
+        print(f"{r['batch']:>5} {r['llmc_tok_s']:>11.1f} {r['hf_eager_tok_s']:>15.1f} {r['speedup']:>7.2f}x "
+              f"{r['llmc_decode_tok_s']:>12.1f} {hd:>10} {str(r['first_prompt_tokens_match']):>12}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
