@@ -2,7 +2,8 @@
 
 For each batch size: the same prompts (MT-Bench questions, chat template), greedy, a fixed number of
 new tokens (EOS ignored). Reports end-to-end generated tokens/s (prefill included) and the decode-only
-rate from the time of the first new token on. jit compilation is excluded: one warm-up run first.
+rate from the time of the first new token on. jit compilation is excluded: one warm-up run first;
+the timed runs alternate llmc and HF so drift in machine speed affects both; medians are reported.
 Prints a table and writes JSON (default bench_results/cpu_decode.json).
 """
 from __future__ import annotations
@@ -28,25 +29,29 @@ def load_prompts(count: int) -> list[str]:
     return [f"Write a short story about a robot number {i}." for i in range(count)]
 
 
-def bench_llmc(model, prompts, new_tokens, repeats):
+def llmc_runner(model, prompts, new_tokens):
+    """A function that runs one timed generate() and returns (total tok/s, decode tok/s, ids)."""
     from runtime import Engine, SamplingParams
 
     engine = Engine(model, max_model_len=1024, max_num_seqs=len(prompts), max_num_batched_tokens=2048)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    engine.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True), chat=True)
-    totals, decodes = [], []
-    for _ in range(repeats):
+
+    def run():
         first = {}
         start = time.perf_counter()
-        outs = engine.generate(prompts, params, chat=True, on_token=lambda rid, _t: first.setdefault(rid, time.perf_counter()))
+        outs = engine.generate(prompts, params, chat=True,
+                               on_token=lambda rid, _t: first.setdefault(rid, time.perf_counter()))
         end = time.perf_counter()
         assert all(len(o.token_ids) == new_tokens for o in outs)
-        totals.append(len(prompts) * new_tokens / (end - start))
-        decodes.append(len(prompts) * (new_tokens - 1) / (end - max(first.values())))
-    return float(np.median(totals)), float(np.median(decodes)), outs[0].token_ids
+        # decode-only: from the moment every prompt has its first token to the end
+        return (len(prompts) * new_tokens / (end - start),
+                len(prompts) * (new_tokens - 1) / (end - max(first.values())), outs[0].token_ids)
+
+    return run
 
 
-def bench_hf(model, tok, prompts, new_tokens, repeats):
+def hf_runner(model, tok, prompts, new_tokens):
+    """Same for Hugging Face generate() (eager, dynamic cache, left-padded batch)."""
     import torch
     import transformers
 
@@ -58,18 +63,17 @@ def bench_hf(model, tok, prompts, new_tokens, repeats):
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    with torch.no_grad():
-        model.generate(**enc, **kwargs)
-        totals, decodes = [], []
-        for _ in range(repeats):
-            clock = _FirstLogits()
+
+    def run():
+        clock = _FirstLogits()
+        with torch.no_grad():
             start = time.perf_counter()
             out = model.generate(**enc, **kwargs, logits_processor=transformers.LogitsProcessorList([clock]))
             end = time.perf_counter()
-            totals.append(len(prompts) * new_tokens / (end - start))
-            decodes.append(len(prompts) * (new_tokens - 1) / (end - clock.first))
-    first_ids = out[0, enc["input_ids"].shape[1]:].tolist()
-    return float(np.median(totals)), float(np.median(decodes)), first_ids
+        return (len(prompts) * new_tokens / (end - start), len(prompts) * (new_tokens - 1) / (end - clock.first),
+                out[0, enc["input_ids"].shape[1]:].tolist())
+
+    return run
 
 
 class _FirstLogits:
@@ -107,8 +111,16 @@ def main() -> None:
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         prompts = load_prompts(batch)
-        l_total, l_decode, l_ids = bench_llmc(cm, prompts, args.new_tokens, args.repeats)
-        h_total, h_decode, h_ids = bench_hf(hf, tok, prompts, args.new_tokens, args.repeats)
+        runners = {"llmc": llmc_runner(cm, prompts, args.new_tokens), "hf": hf_runner(hf, tok, prompts, args.new_tokens)}
+        results = {name: [] for name in runners}
+        for name, run in runners.items():  # warm-up: jit compilation, allocator, caches
+            run()
+        for _ in range(args.repeats):  # alternate A B A B so drift in machine speed hits both
+            for name, run in runners.items():
+                results[name].append(run())
+        med = {name: (float(np.median([r[0] for r in rs])), float(np.median([r[1] for r in rs])), rs[-1][2])
+               for name, rs in results.items()}
+        (l_total, l_decode, l_ids), (h_total, h_decode, h_ids) = med["llmc"], med["hf"]
         rows.append({"batch": batch, "new_tokens": args.new_tokens, "llmc_tok_s": l_total, "hf_eager_tok_s": h_total,
                      "speedup": l_total / h_total, "llmc_decode_tok_s": l_decode, "hf_eager_decode_tok_s": h_decode,
                      "first_prompt_tokens_match": l_ids == h_ids})

@@ -102,6 +102,6 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int = 16, dty
     if verbose:
         print(f"llmc: traced {len(graph.nodes)} nodes in {(time.perf_counter() - trace_start) * 1e3:.0f} ms",
               file=sys.stderr)
-    graph, records = run_pipeline(graph, options, verbose=verbose, dump_dir=dump_ir)
+    graph, records = run_pipeline(graph, options, verbose=verbose, progress=progress, dump_dir=dump_ir)
     graph, params = finalize_params(graph, {k: np.asarray(v) for k, v in values.items()})
     return CompiledModel(graph, params, options, cfg, tokenizer, records)

@@ -82,7 +82,7 @@ class PassRecord:
     num_nodes: int
 
 
-def run_pipeline(graph: Graph, options: CompileOptions, *, verbose: bool = False,
+def run_pipeline(graph: Graph, options: CompileOptions, *, verbose: bool = False, progress: bool = False,
                  dump_dir: str | os.PathLike | None = None) -> tuple[Graph, list[PassRecord]]:
     """Run every pass, verifying between them; `dump_dir` (or $LLMC_DUMP_IR) gets the IR after each."""
     dump_dir = dump_dir or os.environ.get("LLMC_DUMP_IR")
@@ -90,7 +90,13 @@ def run_pipeline(graph: Graph, options: CompileOptions, *, verbose: bool = False
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
         (Path(dump_dir) / "00_traced.txt").write_text(format_graph(graph) + "\n")
     records = []
-    for i, (name, fn) in enumerate(build_pipeline(options), start=1):
+    passes = build_pipeline(options)
+    bar = None
+    if progress and not verbose:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(passes), desc="compile", unit="pass", leave=False)
+    for i, (name, fn) in enumerate(passes, start=1):
         start = time.perf_counter()
         graph = fn(graph)
         verify(graph)
@@ -100,5 +106,10 @@ def run_pipeline(graph: Graph, options: CompileOptions, *, verbose: bool = False
                   file=sys.stderr)
         if dump_dir:
             (Path(dump_dir) / f"{i:02d}_{name}.txt").write_text(format_graph(graph) + "\n")
+        if bar is not None:
+            bar.set_postfix_str(name)
+            bar.update()
+    if bar is not None:
+        bar.close()
     verify(graph, check_types=True)
     return graph, records

@@ -21,6 +21,19 @@ def _bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _fine_bucket(n: int, minimum: int = 1) -> int:
+    """Smallest of 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ... >= max(n, minimum).
+
+    Four sizes per octave: at most 25% padding, and only a few compiled shapes per octave.
+    """
+    n = max(n, minimum)
+    if n <= 8:
+        return n
+    p = _bucket(n) // 2  # n in (p, 2p]
+    step = p // 4
+    return -(-n // step) * step
+
+
 def kv_bytes_per_block(graph: Graph) -> int:
     total = 0
     for name in graph.state:
@@ -67,10 +80,10 @@ class CpuProgram:
         return sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in self.state.values())
 
     def step(self, inp: StepInput) -> np.ndarray:
-        """Run one ragged step; pads every dim to a power-of-two bucket, returns f32[L, V]."""
+        """Run one ragged step; pads every dim to a bucket (few compiled shapes), returns f32[L, V]."""
         inp.validate(block_size=self.block_size, num_blocks=self.num_blocks)
         padded = pad_step(inp, max_blocks_per_seq=self.max_blocks_per_seq)
-        max_q_len = _bucket(int(np.diff(padded["query_start"]).max()), 1)
+        max_q_len = _fine_bucket(int(np.diff(padded["query_start"]).max()))
         logits, self.state = self._step(self.params, self.state, padded, max_q_len)
         return np.asarray(logits[: inp.logit_rows.shape[0]])
 
@@ -82,9 +95,9 @@ def pad_step(inp: StepInput, *, max_blocks_per_seq: int) -> dict[str, np.ndarray
     sequences    [ real (S) | one pad sequence owning the pad rows, seq_len 0 | empty ones ]
     """
     t, s, l = inp.num_tokens, inp.num_seqs, inp.logit_rows.shape[0]
-    t_pad, s_pad, l_pad = _bucket(t, 1), _bucket(s + 1, 2), _bucket(l, 1)
+    t_pad, s_pad, l_pad = _fine_bucket(t), _fine_bucket(s + 1, 2), _fine_bucket(l)
     need_blocks = int(inp.block_tables.shape[1])
-    b_pad = min(_bucket(max(need_blocks, 1), 4), max(max_blocks_per_seq, need_blocks))
+    b_pad = min(_fine_bucket(need_blocks, 4), max(max_blocks_per_seq, need_blocks))
 
     def pad1(a, n, fill):  # i32[k] -> i32[n]
         out = np.full((n,), fill, np.int32)
@@ -133,9 +146,37 @@ def cpu_impls(max_q_len: int) -> dict:
         return ((xh * cos + rotated * sin).reshape(x.shape),)
 
     def paged_attention(node: Node, args, env):
+        if max_q_len == 1:  # decode only: one query per sequence, per-token gathers are the same work
+            return (ops.ref_paged_attention(*args, **node.attrs),)
         return (paged_attention_by_sequence(*args, max_q_len=max_q_len, **node.attrs),)
 
-    return {"rope": rope, "paged_attention": paged_attention}
+    def kv_write(node: Node, args, env):
+        return kv_write_in_place(*args)
+
+    return {"rope": rope, "paged_attention": paged_attention, "kv_write": kv_write}
+
+
+def kv_write_in_place(k, v, slot_mapping, k_pool, v_pool):
+    """Same result as ops.ref_kv_write, as a loop of dynamic_update_slice that XLA:CPU does in place.
+
+    NOTE: XLA:CPU turns a scatter of a few rows into an elementwise pass over the whole pool (its
+    cost grows with the pool, not the step); a loop of small in-place updates costs O(T).
+    A slot of -1 rewrites the current contents of slot 0, which changes nothing.
+    """
+    _, block_size, num_kv_heads, head_dim = k_pool.shape
+    kh = k.reshape(-1, 1, 1, num_kv_heads, head_dim).astype(k_pool.dtype)  # [T, 1, 1, Hkv, Dh]
+    vh = v.reshape(-1, 1, 1, num_kv_heads, head_dim).astype(v_pool.dtype)
+
+    def write_one(i, pools):
+        kp, vp = pools
+        slot = slot_mapping[i]
+        at = (jnp.maximum(slot, 0) // block_size, jnp.maximum(slot, 0) % block_size, 0, 0)
+        size = (1, 1, num_kv_heads, head_dim)
+        new_k = jnp.where(slot >= 0, kh[i], jax.lax.dynamic_slice(kp, at, size))
+        new_v = jnp.where(slot >= 0, vh[i], jax.lax.dynamic_slice(vp, at, size))
+        return jax.lax.dynamic_update_slice(kp, new_k, at), jax.lax.dynamic_update_slice(vp, new_v, at)
+
+    return jax.lax.fori_loop(0, slot_mapping.shape[0], write_one, (k_pool, v_pool))
 
 
 def paged_attention_by_sequence(q, k_pool, v_pool, query_start, seq_lens, block_tables, *, num_heads,

@@ -25,3 +25,14 @@ def test_smollm2_chat_batched_chunked_and_preempted_match_one_at_a_time(smollm2)
     assert tight.scheduler.num_preemptions > 0
     assert [o.token_ids for o in squeezed] == [o.token_ids for o in batched]
     assert [o.text for o in squeezed] == [o.text for o in batched]
+
+
+def test_smollm2_export_load_generate_is_identical(smollm2, tmp_path):
+    from runtime import load
+
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    want = Engine(smollm2, max_model_len=256).generate(PROMPTS[:2], params, chat=True)
+    loaded = load(smollm2.export(tmp_path / "smollm2"))
+    got = Engine(loaded, max_model_len=256).generate(PROMPTS[:2], params, chat=True)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.text for o in got] == [o.text for o in want]
