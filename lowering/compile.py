@@ -72,7 +72,7 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int = 16, dty
     from flax import nnx
 
     from lowering import frontend
-    from lowering.models import llama
+    from lowering.models import llama, nnx_params
 
     start = time.perf_counter()
     if isinstance(source, nnx.Module):
@@ -96,7 +96,7 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int = 16, dty
     if verbose:
         print(f"llmc: loaded model in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
-    fn, weights = llama.forward_fn(model)
+    fn, weights = nnx_params.forward_fn(model)
     trace_start = time.perf_counter()
     graph, values = frontend.trace(fn, weights)
     if verbose:

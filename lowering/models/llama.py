@@ -10,6 +10,7 @@ from flax import nnx
 
 from lowering import ops
 from lowering.models.config import ConfigError, ModelConfig
+from lowering.models.nnx_params import dotted, with_params
 
 
 class Linear(nnx.Module):
@@ -109,33 +110,13 @@ class LlamaForCausalLM(nnx.Module):
         return ops.compute_logits(x, logit_rows, head[...])  # f32[L, V]
 
 
-def param_names(model: nnx.Module) -> list[str]:
-    return sorted(flat_params(model))
-
-
-def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
-    """Params keyed by dotted path, which for this module tree are exactly the Hugging Face names."""
-    return {".".join(str(k) for k in path): var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def _dotted(path) -> str:
-    return ".".join(str(k) for k in path)
-
-
-def _with_params(model: nnx.Module, values: Mapping[str, jax.Array]):
-    """(graphdef, params state, other state) of `model` with its params replaced by `values`."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    flat = [(path, var.replace(values[_dotted(path)])) for path, var in nnx.to_flat_state(params)]
-    return graphdef, nnx.from_flat_state(flat), rest
-
-
 def build_model(cfg: ModelConfig, weights: Mapping[str, np.ndarray] | None = None, *, dtype=jnp.float32,
                 seed: int = 0) -> LlamaForCausalLM:
     """A model with the given HF-named weights (cast to dtype), or random weights when weights is None."""
     if weights is None:
         return LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))
-    expected = {_dotted(path): var for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    expected = {dotted(path): var for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     extra = [e for e in sorted(set(weights) - set(expected) - ignorable) if not e.endswith("rotary_emb.inv_freq")]
     missing = sorted(set(expected) - set(weights))
@@ -149,14 +130,4 @@ def build_model(cfg: ModelConfig, weights: Mapping[str, np.ndarray] | None = Non
         if tuple(value.shape) != tuple(var.shape):
             raise ConfigError(f"tensor {name} has shape {value.shape}, the config implies {tuple(var.shape)}")
         values[name] = jnp.asarray(value, dtype=dtype)
-    return nnx.merge(*_with_params(abstract, values))
-
-
-def forward_fn(model: nnx.Module):
-    """(fn, params): fn(params_by_name, token_ids, positions, query_start, logit_rows) -> f32[L, V]."""
-
-    def fn(by_name, token_ids, positions, query_start, logit_rows):
-        m = nnx.merge(*_with_params(model, by_name))
-        return m(token_ids, positions, query_start, logit_rows)
-
-    return fn, flat_params(model)
+    return nnx.merge(*with_params(abstract, values))

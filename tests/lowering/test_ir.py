@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from lowering import frontend, ir, ops
-from lowering.models import llama
+from lowering.models import llama, nnx_params
 from tests.lowering.helpers import tiny_config
 
 INPUTS = dict(token_ids=np.array([3, 1, 4, 1, 5, 9, 2], np.int32), positions=np.array([0, 1, 2, 0, 1, 2, 3], np.int32),
@@ -16,7 +16,7 @@ INPUTS = dict(token_ids=np.array([3, 1, 4, 1, 5, 9, 2], np.int32), positions=np.
 @pytest.fixture(scope="module")
 def traced():
     model = llama.build_model(tiny_config(attention_bias=True))
-    fn, params = llama.forward_fn(model)
+    fn, params = nnx_params.forward_fn(model)
     graph, values = frontend.trace(fn, params)
     return model, graph, values
 
@@ -116,7 +116,7 @@ class JnpBlockModel(nnx.Module):
 
 def test_user_jnp_model_traces_to_generic_ops_and_matches():
     model = JnpBlockModel(nnx.Rngs(0))
-    fn, params = llama.forward_fn(model)
+    fn, params = nnx_params.forward_fn(model)
     graph, values = frontend.trace(fn, params)
     ops_used = set(graph.ops_count())
     assert {"attention", "reshape", "dot_general"} <= ops_used

@@ -2,13 +2,13 @@
 import pytest
 
 from lowering import frontend
-from lowering.models import llama
+from lowering.models import llama, nnx_params
 from tests.lowering.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
 def traced_tiny():
     model = llama.build_model(tiny_config(attention_bias=True), seed=1)
-    fn, params = llama.forward_fn(model)
+    fn, params = nnx_params.forward_fn(model)
     graph, values = frontend.trace(fn, params)
     return graph, {k: v for k, v in values.items()}
