@@ -1,1 +1,1 @@
-"""kernels_gpu package."""
+"""Triton GPU kernels for the cuda backend (leaf package: torch/triton imports only)."""

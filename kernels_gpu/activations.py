@@ -1,0 +1,60 @@
+"""Fused SiLU-and-multiply for gated MLPs: out = silu(gate) * up, computed in fp32."""
+import torch
+import triton
+import triton.language as tl
+
+# Tuning data: columns of the output each program handles, and its warps.
+SILU_BLOCK_F = 1024
+SILU_NUM_WARPS = 4
+
+
+@triton.jit
+def silu_and_mul_kernel(
+    gate_up_ptr, out_ptr,
+    num_features,
+    stride_gt, stride_ot,
+    BLOCK_F: tl.constexpr,
+):
+    """One program per (token, BLOCK_F output columns): out[t, f] = silu(gate[t, f]) * up[t, f]."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)  # i32[BLOCK_F]
+    mask = cols < num_features
+    gate = tl.load(gate_up_ptr + row * stride_gt + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * stride_gt + num_features + cols, mask=mask, other=0.0).to(tl.float32)
+    out = gate / (1.0 + tl.exp(-gate)) * up  # f32[BLOCK_F]
+    tl.store(out_ptr + row * stride_ot + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _validate(gate_up):
+    if gate_up.dim() != 2:
+        raise ValueError(f"silu_and_mul: gate_up must be [T, 2F], got shape {tuple(gate_up.shape)}")
+    if gate_up.shape[1] % 2:
+        raise ValueError(f"silu_and_mul: last dim must be even (gate then up), got {gate_up.shape[1]}")
+    if gate_up.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"silu_and_mul: unsupported dtype {gate_up.dtype} (bf16, fp16, fp32)")
+    if gate_up.shape[1] and gate_up.stride(1) != 1:
+        raise ValueError("silu_and_mul: gate_up's last dim must be contiguous")
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2F] (gate | up) -> [T, F] = silu(gate) * up, silu in fp32, output in gate_up's dtype."""
+    _validate(gate_up)
+    num_tokens, num_features = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty((num_tokens, num_features), dtype=gate_up.dtype, device=gate_up.device)  # [T, F]
+    if num_tokens == 0 or num_features == 0:
+        return out
+    block_f = min(SILU_BLOCK_F, triton.next_power_of_2(num_features))
+    grid = (num_tokens, triton.cdiv(num_features, block_f))
+    silu_and_mul_kernel[grid](
+        gate_up, out,
+        num_features,
+        gate_up.stride(0), out.stride(0),
+        BLOCK_F=block_f, num_warps=SILU_NUM_WARPS,
+    )
+    return out
+
+
+def ref_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """float64 reference of silu_and_mul: [T, 2F] -> float64[T, F]."""
+    gate, up = gate_up.double().chunk(2, dim=-1)  # f64[T, F] each
+    return gate * torch.sigmoid(gate) * up

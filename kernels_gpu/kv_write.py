@@ -1,0 +1,270 @@
+"""Scatter new K/V rows into the paged KV cache in place, quantizing to FP8 or NVFP4 on write."""
+import torch
+import triton
+import triton.language as tl
+
+from kernels_gpu import kv_formats
+
+# Tuning data: one program writes the K and V rows of one token for up to
+# KV_WRITE_ELEMENTS // padded head_dim kv heads (values, or 16-value groups * 16 for NVFP4).
+KV_WRITE_ELEMENTS = 1024
+KV_WRITE_NUM_WARPS = 4
+
+KV_FORMATS = {"bf16": 0, "fp8": 1, "nvfp4": 2}  # "bf16": stored as the cache's own dtype (bf16/fp16/fp32)
+_PLAIN_CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_NVFP4_GROUP = kv_formats.NVFP4_BLOCK  # 16 values share one block scale
+
+
+@triton.jit
+def _round_to_e4m3(x):
+    """f32 -> f32 on the float8_e4m3fn grid: round to nearest even, saturating at +-448.
+
+    NOTE: rounding is done exactly in integer/power-of-two arithmetic so the later cast to fp8 is
+    exact, whatever rounding the hardware convert (or the interpreter) would apply.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    sign = bits & -2147483648  # the fp32 sign bit
+    mag = tl.minimum(tl.abs(x), 448.0)  # f32, saturated
+    exponent = ((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    # e4m3 keeps 3 mantissa bits for exponents >= -6; below that (subnormals) the spacing stays 2^-9.
+    ulp_exponent = tl.maximum(exponent, -6) - 3
+    ulp = ((ulp_exponent + 127) << 23).to(tl.float32, bitcast=True)
+    inv_ulp = ((127 - ulp_exponent) << 23).to(tl.float32, bitcast=True)
+    steps = mag * inv_ulp  # exact: in [0, 16)
+    whole = steps.to(tl.int32)  # floor, steps >= 0
+    frac = steps - whole.to(tl.float32)
+    round_up = (frac > 0.5) | ((frac == 0.5) & ((whole & 1) == 1))
+    rounded = (whole + round_up.to(tl.int32)).to(tl.float32) * ulp
+    return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_code(v, denom):
+    """f32 value and its f32 scale -> i32 E2M1 nibble (RNE, ties to even code, saturating; bit 3 = sign)."""
+    safe = tl.where(denom != 0.0, denom, 1.0)
+    a = tl.abs(tl.math.div_rn(v, safe))
+    code = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+            + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
+            + (a > 5.0).to(tl.int32))
+    code = code | ((v.to(tl.int32, bitcast=True) >> 28) & 8)  # IEEE sign bit -> nibble bit 3
+    return tl.where(denom != 0.0, code, 0)
+
+
+@triton.jit
+def _write_rows_plain(src, dst, head_ok, row_ok, head_dim, BLOCK_D: tl.constexpr):
+    """src, dst: row pointers [BLOCK_H, 1]; head_ok: bool[BLOCK_H, 1] (head exists); row_ok: and slot >= 0."""
+    cols = tl.arange(0, BLOCK_D)[None, :]  # i32[1, BLOCK_D]
+    in_row = cols < head_dim
+    # NOTE: loads are masked by head_ok only, so they can issue before the slot is known.
+    x = tl.load(src + cols, mask=in_row & head_ok)  # [BLOCK_H, BLOCK_D]
+    tl.store(dst + cols, x.to(dst.dtype.element_ty), mask=in_row & row_ok)
+
+
+@triton.jit
+def _write_rows_fp8(src, dst, scale, head_ok, row_ok, head_dim, BLOCK_D: tl.constexpr):
+    """As _write_rows_plain, storing RNE(sat(x / scale)) as e4m3; scale: f32[BLOCK_H, 1] per head."""
+    cols = tl.arange(0, BLOCK_D)[None, :]  # i32[1, BLOCK_D]
+    in_row = cols < head_dim
+    x = tl.load(src + cols, mask=in_row & head_ok, other=0.0).to(tl.float32)  # f32[BLOCK_H, BLOCK_D]
+    q = _round_to_e4m3(tl.math.div_rn(x, scale + tl.zeros_like(x)))
+    tl.store(dst + cols, q.to(tl.float8e4nv), mask=in_row & row_ok)
+
+
+@triton.jit
+def _write_rows_nvfp4(src, codes, block_scales, global_scale, head_ok, row_ok, num_groups,
+                      BLOCK_G: tl.constexpr):
+    """Rows of D = 16 * num_groups values -> D/2 packed bytes + num_groups e4m3 block scales per row.
+
+    src, codes: [BLOCK_H, 1, 1] row pointers; block_scales: [BLOCK_H, 1]; global_scale: f32 scalar;
+    head_ok, row_ok: bool[BLOCK_H, 1] as in _write_rows_plain.
+    Each row is viewed as [group, pair]: elements 16*g + 2*p (low nibble) and 16*g + 2*p + 1 (high
+    nibble) land in byte 8*g + p.
+    """
+    groups = tl.arange(0, BLOCK_G)  # i32[BLOCK_G]
+    pairs = tl.arange(0, 8)  # i32[8]
+    even = groups[None, :, None] * 16 + pairs[None, None, :] * 2  # i32[1, BLOCK_G, 8]
+    in_row = (groups[None, :, None] < num_groups) & (pairs[None, None, :] < 8)  # bool[1, BLOCK_G, 8]
+    load_ok = in_row & head_ok[:, :, None]  # bool[BLOCK_H, BLOCK_G, 8]
+    lo = tl.load(src + even, mask=load_ok, other=0.0).to(tl.float32)  # f32[BLOCK_H, BLOCK_G, 8]
+    hi = tl.load(src + even + 1, mask=load_ok, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(lo), axis=2), tl.max(tl.abs(hi), axis=2))  # f32[BLOCK_H, BLOCK_G]
+    gs = global_scale + tl.zeros_like(amax)
+    block_scale = _round_to_e4m3(tl.math.div_rn(tl.math.div_rn(amax, 6.0 + tl.zeros_like(amax)), gs))
+    tl.store(block_scales + groups[None, :], block_scale.to(tl.float8e4nv),
+             mask=(groups[None, :] < num_groups) & row_ok)
+    denom = (block_scale * gs)[:, :, None]  # f32[BLOCK_H, BLOCK_G, 1]
+    packed = _e2m1_code(lo, denom) | (_e2m1_code(hi, denom) << 4)  # i32[BLOCK_H, BLOCK_G, 8]
+    byte = groups[None, :, None] * 8 + pairs[None, None, :]  # i32[1, BLOCK_G, 8]
+    tl.store(codes + byte, packed.to(tl.uint8), mask=in_row & row_ok[:, :, None])
+
+
+@triton.jit
+def kv_write_kernel(
+    k_ptr, v_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr,
+    k_scale_ptr, v_scale_ptr, k_block_scale_ptr, v_block_scale_ptr,
+    num_kv_heads, block_size, head_dim,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kcn, stride_kcb, stride_kch, stride_vcn, stride_vcb, stride_vch,
+    stride_ksn, stride_ksb, stride_ksh, stride_vsn, stride_vsb, stride_vsh,
+    KV_FORMAT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (token, BLOCK_H kv heads): write K[t, h] and V[t, h] to slot slot_mapping[t] (skip if < 0).
+
+    KV_FORMAT 0: plain copy/cast; 1: FP8 with per-head scale; 2: NVFP4 with per-layer global scale
+    (BLOCK_D then counts 16-value groups).
+    """
+    token = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # i32[BLOCK_H]
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    head_ok = (heads < num_kv_heads)[:, None]  # bool[BLOCK_H, 1]
+    # NOTE: the slot test is made on a broadcast tensor: the interpreter mistypes scalar-bool masks.
+    row_ok = head_ok & ((slot + tl.zeros([BLOCK_H, 1], tl.int64)) >= 0)  # bool[BLOCK_H, 1]
+    slot = tl.maximum(slot, 0)
+    block = slot // block_size
+    offset = slot % block_size
+    rows = heads[:, None].to(tl.int64)  # i64[BLOCK_H, 1]
+    k_src = k_ptr + token * stride_kt + rows * stride_kh
+    v_src = v_ptr + token * stride_vt + rows * stride_vh
+    k_dst = k_cache_ptr + block * stride_kcn + offset * stride_kcb + rows * stride_kch
+    v_dst = v_cache_ptr + block * stride_vcn + offset * stride_vcb + rows * stride_vch
+    if KV_FORMAT == 0:
+        _write_rows_plain(k_src, k_dst, head_ok, row_ok, head_dim, BLOCK_D)
+        _write_rows_plain(v_src, v_dst, head_ok, row_ok, head_dim, BLOCK_D)
+    elif KV_FORMAT == 1:
+        k_scale = tl.load(k_scale_ptr + rows, mask=head_ok, other=1.0)  # f32[BLOCK_H, 1]
+        v_scale = tl.load(v_scale_ptr + rows, mask=head_ok, other=1.0)
+        _write_rows_fp8(k_src, k_dst, k_scale, head_ok, row_ok, head_dim, BLOCK_D)
+        _write_rows_fp8(v_src, v_dst, v_scale, head_ok, row_ok, head_dim, BLOCK_D)
+    else:
+        num_groups = head_dim // 16
+        k_bs = k_block_scale_ptr + block * stride_ksn + offset * stride_ksb + rows * stride_ksh
+        v_bs = v_block_scale_ptr + block * stride_vsn + offset * stride_vsb + rows * stride_vsh
+        _write_rows_nvfp4(k_src[:, :, None], k_dst[:, :, None], k_bs, tl.load(k_scale_ptr), head_ok, row_ok,
+                          num_groups, BLOCK_D)
+        _write_rows_nvfp4(v_src[:, :, None], v_dst[:, :, None], v_bs, tl.load(v_scale_ptr), head_ok, row_ok,
+                          num_groups, BLOCK_D)
+
+
+def _check(cond, msg):
+    if not cond:
+        raise ValueError(f"kv_write: {msg}")
+
+
+def _validate(k, v, slot_mapping, k_cache, v_cache, kv_format, k_scale, v_scale, k_block_scale,
+              v_block_scale, check_slots):
+    _check(kv_format in KV_FORMATS, f"unknown kv_format {kv_format!r} (one of {sorted(KV_FORMATS)})")
+    _check(k.dim() == 3 and v.shape == k.shape, f"k and v must both be [T, Hkv, D], got "
+           f"{tuple(k.shape)} and {tuple(v.shape)}")
+    _check(k.dtype in _INPUT_DTYPES and v.dtype in _INPUT_DTYPES,
+           f"k/v dtype must be bf16, fp16 or fp32, got {k.dtype}/{v.dtype}")
+    num_tokens, num_kv_heads, head_dim = k.shape
+    _check(head_dim <= 1 or (k.stride(2) == 1 and v.stride(2) == 1), "k and v must be contiguous in D")
+    _check(slot_mapping.shape == (num_tokens,) and slot_mapping.dtype in (torch.int32, torch.int64),
+           f"slot_mapping must be i32[{num_tokens}], got {slot_mapping.dtype}{list(slot_mapping.shape)}")
+    _check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape,
+           f"k_cache and v_cache must both be [N, block_size, Hkv, D'], got {tuple(k_cache.shape)} "
+           f"and {tuple(v_cache.shape)}")
+    _check(k_cache.dtype == v_cache.dtype, f"k_cache dtype {k_cache.dtype} != v_cache dtype {v_cache.dtype}")
+    _check(k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "caches must be contiguous in the last dim")
+    stored_dim = head_dim // 2 if kv_format == "nvfp4" else head_dim
+    _check(k_cache.shape[2] == num_kv_heads and k_cache.shape[3] == stored_dim,
+           f"cache shape {tuple(k_cache.shape)} does not fit Hkv={num_kv_heads}, D={head_dim} in {kv_format}")
+    devices = {t.device for t in (k, v, slot_mapping, k_cache, v_cache)}
+    if kv_format == "bf16":
+        _check(k_cache.dtype in _PLAIN_CACHE_DTYPES, f"bf16 format needs a bf16/fp16/fp32 cache, got {k_cache.dtype}")
+    elif kv_format == "fp8":
+        _check(k_cache.dtype == torch.float8_e4m3fn, f"fp8 format needs float8_e4m3fn caches, got {k_cache.dtype}")
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            _check(s is not None and s.shape == (num_kv_heads,) and s.dtype == torch.float32,
+                   f"fp8 format needs {name} f32[{num_kv_heads}], got "
+                   f"{None if s is None else f'{s.dtype}{list(s.shape)}'}")
+            devices.add(s.device)
+    else:
+        _check(head_dim % _NVFP4_GROUP == 0, f"nvfp4 needs head_dim % {_NVFP4_GROUP} == 0, got {head_dim}")
+        _check(k_cache.dtype == torch.uint8, f"nvfp4 format needs uint8 caches, got {k_cache.dtype}")
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            _check(s is not None and s.numel() == 1 and s.dtype == torch.float32,
+                   f"nvfp4 format needs {name} as an f32 scalar global scale")
+            devices.add(s.device)
+        want = (*k_cache.shape[:3], head_dim // _NVFP4_GROUP)
+        for name, s in (("k_block_scale", k_block_scale), ("v_block_scale", v_block_scale)):
+            _check(s is not None and s.shape == want and s.dtype == torch.float8_e4m3fn,
+                   f"nvfp4 format needs {name} float8_e4m3fn{list(want)}, got "
+                   f"{None if s is None else f'{s.dtype}{list(s.shape)}'}")
+            _check(s.stride(3) == 1, f"{name} must be contiguous in the last dim")
+            devices.add(s.device)
+    _check(len(devices) == 1, f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if check_slots and num_tokens:
+        # NOTE: this reads slot_mapping back to the host; pass check_slots=False in CUDA-graph capture.
+        num_slots = k_cache.shape[0] * k_cache.shape[1]
+        lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+        _check(lo >= -1 and hi < num_slots, f"slot_mapping values must be in [-1, {num_slots}), got [{lo}, {hi}]")
+
+
+def kv_write(k, v, slot_mapping, k_cache, v_cache, *, kv_format="bf16", k_scale=None, v_scale=None,
+             k_block_scale=None, v_block_scale=None, check_slots=True):
+    """Write k, v [T, Hkv, D] into k_cache, v_cache [N, block_size, Hkv, D'] at slot_mapping i32[T] (-1: skip).
+
+    kv_format "bf16": caches in their own float dtype (D' = D), values cast.
+              "fp8":  float8_e4m3fn caches (D' = D), k_scale/v_scale f32[Hkv]: stored = RNE(sat(x / scale)).
+              "nvfp4": uint8 caches (D' = D/2), k_scale/v_scale f32 scalar global scales, k_block_scale /
+                      v_block_scale float8_e4m3fn[N, block_size, Hkv, D/16] written alongside.
+    Updates the caches (and block scales) in place; returns nothing. Slots not named are untouched.
+    """
+    _validate(k, v, slot_mapping, k_cache, v_cache, kv_format, k_scale, v_scale, k_block_scale,
+              v_block_scale, check_slots)
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0 or num_kv_heads == 0 or head_dim == 0:
+        return
+    block_size = k_cache.shape[1]
+    slot_mapping = slot_mapping.contiguous()
+    if kv_format == "nvfp4":
+        k_scale, v_scale = k_scale.reshape(()), v_scale.reshape(())
+        k_bs, v_bs = k_block_scale, v_block_scale
+        block_d = triton.next_power_of_2(head_dim // _NVFP4_GROUP)
+    else:
+        # NOTE: the kernel never dereferences the block-scale pointers outside nvfp4; pass the caches.
+        k_bs, v_bs = k_cache, v_cache
+        block_d = triton.next_power_of_2(head_dim)
+        if kv_format == "fp8":
+            k_scale, v_scale = k_scale.contiguous(), v_scale.contiguous()
+        else:
+            k_scale, v_scale = k_cache, v_cache
+    padded_dim = block_d * _NVFP4_GROUP if kv_format == "nvfp4" else block_d
+    block_h = min(triton.next_power_of_2(num_kv_heads), max(1, KV_WRITE_ELEMENTS // padded_dim))
+    kv_write_kernel[(num_tokens, triton.cdiv(num_kv_heads, block_h))](
+        k, v, slot_mapping, k_cache, v_cache,
+        k_scale, v_scale, k_bs, v_bs,
+        num_kv_heads, block_size, head_dim,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_bs.stride(0), k_bs.stride(1), k_bs.stride(2),
+        v_bs.stride(0), v_bs.stride(1), v_bs.stride(2),
+        KV_FORMAT=KV_FORMATS[kv_format], BLOCK_H=block_h, BLOCK_D=block_d, num_warps=KV_WRITE_NUM_WARPS,
+    )
+
+
+def ref_kv_write(k, v, slot_mapping, k_cache, v_cache, *, kv_format="bf16", k_scale=None, v_scale=None,
+                 k_block_scale=None, v_block_scale=None):
+    """Plain-torch kv_write (same arguments, same in-place effect) built on kernels_gpu.kv_formats."""
+    keep = slot_mapping >= 0  # bool[T]
+    slots = slot_mapping[keep].long()
+    block_size = k_cache.shape[1]
+    blocks, offsets = slots // block_size, slots % block_size
+    k, v = k[keep], v[keep]  # [T', Hkv, D]
+    if kv_format == "bf16":
+        k_cache[blocks, offsets] = k.to(k_cache.dtype)
+        v_cache[blocks, offsets] = v.to(v_cache.dtype)
+    elif kv_format == "fp8":
+        k_cache[blocks, offsets] = kv_formats.quantize_fp8(k, k_scale)
+        v_cache[blocks, offsets] = kv_formats.quantize_fp8(v, v_scale)
+    elif kv_format == "nvfp4":
+        for src, cache, scales, global_scale in ((k, k_cache, k_block_scale, k_scale),
+                                                 (v, v_cache, v_block_scale, v_scale)):
+            packed, block_scale = kv_formats.quantize_nvfp4(src, global_scale.reshape(()))
+            cache[blocks, offsets] = packed
+            scales[blocks, offsets] = block_scale
+    else:
+        raise ValueError(f"ref_kv_write: unknown kv_format {kv_format!r}")

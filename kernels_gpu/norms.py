@@ -1,0 +1,104 @@
+"""Fused residual-add + RMSNorm (Hugging Face LlamaRMSNorm semantics), fp32 statistics."""
+import torch
+import triton
+import triton.language as tl
+
+# Tuning data: a row is normalized by one program holding it whole; warps by padded row width.
+NORM_MAX_HIDDEN = 65536
+NORM_NUM_WARPS = ((1024, 4), (4096, 8), (NORM_MAX_HIDDEN, 16))  # (max padded width, warps)
+
+
+@triton.jit
+def add_rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
+    hidden_size, eps,
+    stride_xt, stride_rt, stride_ot, stride_rot,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """One program per token row: h = x (+ residual, rounded to its dtype);
+    out = w * cast(h * rsqrt(mean(h^2) + eps))."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)  # i32[BLOCK_H]
+    mask = cols < hidden_size
+    h = tl.load(x_ptr + row * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_rt + cols, mask=mask, other=0.0).to(tl.float32)
+        # NOTE: the sum is rounded to the stream's dtype before normalizing, as HF's `residual + h` is.
+        summed = (h + r).to(residual_out_ptr.dtype.element_ty)
+        tl.store(residual_out_ptr + row * stride_rot + cols, summed, mask=mask)
+        h = summed.to(tl.float32)
+    variance = tl.sum(h * h, axis=0) / hidden_size
+    normed = h * (1.0 / tl.sqrt(variance + eps))  # f32[BLOCK_H]
+    # NOTE: HF casts the normalized row to the input dtype *before* multiplying by the weight.
+    normed = normed.to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_ot + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _validate(x, residual, weight):
+    if x.dim() != 2:
+        raise ValueError(f"add_rms_norm: x must be [T, H], got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"add_rms_norm: unsupported x dtype {x.dtype} (bf16, fp16, fp32)")
+    hidden = x.shape[1]
+    if weight.shape != (hidden,):
+        raise ValueError(f"add_rms_norm: weight must be [{hidden}], got {tuple(weight.shape)}")
+    if weight.dtype not in _DTYPES:
+        raise ValueError(f"add_rms_norm: unsupported weight dtype {weight.dtype}")
+    if hidden > NORM_MAX_HIDDEN:
+        raise ValueError(f"add_rms_norm: hidden size {hidden} > {NORM_MAX_HIDDEN} is not supported")
+    tensors = [("x", x), ("weight", weight)]
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"add_rms_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+        if residual.dtype not in _DTYPES:
+            raise ValueError(f"add_rms_norm: unsupported residual dtype {residual.dtype}")
+        tensors.append(("residual", residual))
+    for name, t in tensors:
+        if t.device != x.device:
+            raise ValueError(f"add_rms_norm: {name} is on {t.device}, x on {x.device}")
+        if hidden > 1 and t.stride(-1) != 1:
+            raise ValueError(f"add_rms_norm: {name}'s last dim must be contiguous")
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """x: [T, H]; residual: [T, H] or None; weight: [H] -> (normed [T, H] in x's dtype, new_residual or None).
+
+    new_residual = x + residual (in residual's dtype); normed = weight * cast_x(h / rms(h)) with h the
+    new residual (or x when residual is None). Nothing is updated in place.
+    """
+    _validate(x, residual, weight)
+    num_tokens, hidden = x.shape
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)  # [T, H]
+    residual_out = None if residual is None else torch.empty_like(residual, memory_format=torch.contiguous_format)
+    if num_tokens == 0 or hidden == 0:
+        return out, residual_out
+    block_h = triton.next_power_of_2(hidden)
+    num_warps = next(w for width, w in NORM_NUM_WARPS if block_h <= width)
+    has_residual = residual is not None
+    add_rms_norm_kernel[(num_tokens,)](
+        x, residual if has_residual else x, weight, out, residual_out if has_residual else out,
+        hidden, float(eps),
+        x.stride(0), residual.stride(0) if has_residual else 0, out.stride(0),
+        residual_out.stride(0) if has_residual else 0,
+        HAS_RESIDUAL=has_residual, BLOCK_H=block_h, num_warps=num_warps,
+    )
+    return out, residual_out
+
+
+def ref_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """float64 reference of add_rms_norm -> (f64[T, H] normed, new residual in residual's dtype or None).
+
+    The residual sum is rounded to the residual dtype (the kernel stores it there, then normalizes it);
+    everything after that is float64 with no intermediate rounding.
+    """
+    new_residual = None
+    h = x.double()
+    if residual is not None:
+        new_residual = (x.double() + residual.double()).to(residual.dtype)
+        h = new_residual.double()
+    rms = torch.sqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps)  # f64[T, 1]
+    return h / rms * weight.double(), new_residual

@@ -1,0 +1,37 @@
+"""silu_and_mul against its float64 reference over ragged shapes and every supported dtype."""
+import pytest
+import torch
+
+from kernels_gpu.activations import ref_silu_and_mul, silu_and_mul
+
+TOLERANCES = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2),
+}
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("num_tokens, num_features", [(1, 64), (7, 1000), (13, 576), (3, 1536)])
+def test_silu_and_mul_matches_reference(device, dtype, num_tokens, num_features):
+    torch.manual_seed(num_tokens * 1000 + num_features)
+    gate_up = (torch.randn(num_tokens, 2 * num_features, device=device) * 4).to(dtype)  # [T, 2F]
+    out = silu_and_mul(gate_up)  # [T, F]
+    assert out.shape == (num_tokens, num_features) and out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref_silu_and_mul(gate_up), **TOLERANCES[dtype])
+
+
+def test_silu_and_mul_strided_rows_and_empty(device):
+    base = torch.randn(5, 2 * 96 + 32, device=device)  # rows with padding after gate|up
+    gate_up = base[:, : 2 * 96]  # [5, 192], row stride 224
+    torch.testing.assert_close(silu_and_mul(gate_up).double(), ref_silu_and_mul(gate_up), **TOLERANCES[torch.float32])
+    assert silu_and_mul(torch.empty(0, 8, device=device)).shape == (0, 4)
+
+
+def test_silu_and_mul_rejects_bad_input(device):
+    with pytest.raises(ValueError, match="even"):
+        silu_and_mul(torch.randn(2, 7, device=device))
+    with pytest.raises(ValueError, match="T, 2F"):
+        silu_and_mul(torch.randn(2, 3, 8, device=device))
+    with pytest.raises(ValueError, match="dtype"):
+        silu_and_mul(torch.ones(2, 8, dtype=torch.int32, device=device))

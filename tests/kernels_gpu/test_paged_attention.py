@@ -1,0 +1,175 @@
+"""paged_attention (Triton) against its float64 reference on ragged mixed batches, all KV formats."""
+import math
+
+import pytest
+import torch
+
+from kernels_gpu.kv_formats import nvfp4_global_scale, quantize_fp8, quantize_nvfp4
+
+# Ragged batches: (q_len, context length after the step) per sequence.
+MIXED = [(5, 13), (1, 9), (3, 11), (1, 1), (0, 6), (7, 7)]  # chunk w/ prefix, decode, verify, tiny, idle, prefill
+DECODE_LONG = [(1, 70), (3, 45)]
+GPU_MIXED = [(300, 1500), (1, 4000), (4, 2049), (1, 17), (128, 128), (1, 777), (9, 3001)]
+
+
+def make_batch(spec, *, block_size, num_q_heads, num_kv_heads, head_dim, kv_format, q_dtype, device, seed=0):
+    """Random q and a paged KV pool; unused pages, page tails and block-table padding hold NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    q_lens = [a for a, _ in spec]
+    ctx_lens = [c for _, c in spec]
+    num_seqs = len(spec)
+    pages = [math.ceil(c / block_size) for c in ctx_lens]
+    max_pages = max(pages) + 2  # padding slots
+    num_blocks = sum(pages) + 3  # spare NaN pages; the last one is the padding target
+    nan_block = num_blocks - 1
+    perm = torch.randperm(num_blocks - 1, generator=gen)
+    block_tables = torch.full((num_seqs, max_pages), nan_block, dtype=torch.int32)  # i32[S, B]
+    used = torch.zeros(num_blocks, block_size, dtype=torch.bool)  # [N, block_size] slots holding context
+    i = 0
+    for s, (n, c) in enumerate(zip(pages, ctx_lens)):
+        block_tables[s, :n] = perm[i:i + n].int()
+        for j in range(c):
+            used[perm[i + j // block_size], j % block_size] = True
+        i += n
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k = torch.randn(shape, generator=gen)  # f32[N, block_size, Hkv, D]
+    v = torch.randn(shape, generator=gen)
+    k[~used] = float("nan")
+    v[~used] = float("nan")
+    extra = {}
+    if kv_format == "bf16":
+        cache_dtype = torch.float32 if q_dtype == torch.float32 else torch.bfloat16
+        k_cache, v_cache = k.to(cache_dtype), v.to(cache_dtype)
+    elif kv_format == "fp8":
+        ks = k[used].abs().amax(dim=(0, 2)) / 448 * 1.3  # f32[Hkv]
+        vs = v[used].abs().amax(dim=(0, 2)) / 448 * 0.9  # some values saturate
+        k_cache, v_cache = quantize_fp8(k, ks), quantize_fp8(v, vs)
+        extra = dict(k_scale=ks, v_scale=vs)
+    else:
+        ks, vs = nvfp4_global_scale(k[used]), nvfp4_global_scale(v[used])
+        k_cache, kbs = quantize_nvfp4(torch.nan_to_num(k), ks)
+        v_cache, vbs = quantize_nvfp4(torch.nan_to_num(v), vs)
+        kbs.view(torch.uint8)[~used] = 0x7F  # e4m3fn NaN
+        vbs.view(torch.uint8)[~used] = 0x7F
+        extra = dict(k_scale=ks, v_scale=vs, k_block_scale=kbs, v_block_scale=vbs)
+    extra = {name: t.to(device) for name, t in extra.items()}
+    q = torch.randn(sum(q_lens), num_q_heads, head_dim, generator=gen).to(q_dtype)  # [T, Hq, D]
+    query_start = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)  # i32[S+1]
+    seq_lens = torch.tensor(ctx_lens, dtype=torch.int32)  # i32[S]
+    return dict(q=q.to(device), k_cache=k_cache.to(device), v_cache=v_cache.to(device),
+                query_start=query_start.to(device), seq_lens=seq_lens.to(device),
+                block_tables=block_tables.to(device), scale=head_dim ** -0.5, kv_format=kv_format, **extra)
+
+
+def check_against_ref(pa, batch, tolerances, **kwargs):
+    q = batch["q"]
+    out = torch.full_like(q, float("nan"))  # every element must be written
+    got = pa.paged_attention(**batch, out=out, **kwargs)
+    assert got is out
+    want = pa.ref_paged_attention(**batch)
+    assert not torch.isnan(got).any(), f"{torch.isnan(got).sum().item()} output elements unwritten or NaN"
+    atol, rtol = tolerances[(q.dtype, batch["kv_format"])]
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
+
+
+@pytest.fixture
+def pa(kernel_module):
+    return kernel_module("paged_attention")
+
+
+@pytest.mark.parametrize("kv_format", ["bf16", "fp8", "nvfp4"])
+@pytest.mark.parametrize("block_size", [1, 5, 16])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_mixed_batch(pa, device, tolerances, kv_format, block_size, group, num_splits):
+    head_dim = 64 if block_size != 5 else 128
+    batch = make_batch(MIXED, block_size=block_size, num_q_heads=2 * group, num_kv_heads=2, head_dim=head_dim,
+                       kv_format=kv_format, q_dtype=torch.float32, device=device, seed=block_size + group)
+    check_against_ref(pa, batch, tolerances, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kv_format", ["bf16", "fp8", "nvfp4"])
+def test_half_precision_queries(pa, device, tolerances, q_dtype, kv_format):
+    batch = make_batch(MIXED, block_size=16, num_q_heads=4, num_kv_heads=1, head_dim=64, kv_format=kv_format,
+                       q_dtype=q_dtype, device=device, seed=7)
+    check_against_ref(pa, batch, tolerances, num_splits=2)
+
+
+@pytest.mark.parametrize("num_q_heads, num_kv_heads, head_dim", [(6, 2, 64), (2, 2, 80), (3, 1, 128)])
+def test_odd_group_and_head_dim(pa, device, tolerances, num_q_heads, num_kv_heads, head_dim):
+    batch = make_batch(DECODE_LONG + MIXED[:3], block_size=24, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                       head_dim=head_dim, kv_format="bf16", q_dtype=torch.float32, device=device, seed=3)
+    check_against_ref(pa, batch, tolerances, num_splits=1)
+    check_against_ref(pa, batch, tolerances, num_splits=4)
+
+
+def test_automatic_splits(pa, device, tolerances):
+    spec = [(1, 700)]
+    assert pa.choose_num_splits(num_tiles=1, num_kv_heads=1, max_seq_len=700) > 1
+    batch = make_batch(spec, block_size=16, num_q_heads=2, num_kv_heads=1, head_dim=64, kv_format="fp8",
+                       q_dtype=torch.float32, device=device, seed=11)
+    check_against_ref(pa, batch, tolerances)  # num_splits=None picks > 1 here
+    check_against_ref(pa, batch, tolerances, max_q_len=1, max_seq_len=700)
+
+
+def test_choose_num_splits():
+    from kernels_gpu.paged_attention import SPLIT_KV, choose_num_splits
+
+    assert choose_num_splits(num_tiles=1000, num_kv_heads=8, max_seq_len=100_000) == 1  # grid already full
+    assert choose_num_splits(num_tiles=4, num_kv_heads=8, max_seq_len=100) == 1  # contexts too short
+    assert choose_num_splits(num_tiles=1, num_kv_heads=1, max_seq_len=10 ** 6) == SPLIT_KV["max_splits"]
+    assert choose_num_splits(num_tiles=4, num_kv_heads=8, max_seq_len=8192) == 17
+
+
+def test_more_splits_than_context(pa, device, tolerances):
+    batch = make_batch([(1, 3), (2, 2)], block_size=5, num_q_heads=2, num_kv_heads=2, head_dim=64,
+                       kv_format="nvfp4", q_dtype=torch.float32, device=device, seed=5)
+    check_against_ref(pa, batch, tolerances, num_splits=8)
+
+
+@pytest.mark.parametrize("kv_format", ["bf16", "fp8", "nvfp4"])
+@pytest.mark.parametrize("num_splits", [None, 1])
+def test_large_mixed_batch_cuda(pa, device, tolerances, kv_format, num_splits):
+    if device != "cuda":
+        pytest.skip("large shapes run on the GPU only")
+    batch = make_batch(GPU_MIXED, block_size=16, num_q_heads=32, num_kv_heads=8, head_dim=128, kv_format=kv_format,
+                       q_dtype=torch.bfloat16, device=device, seed=13)
+    check_against_ref(pa, batch, tolerances, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("head_dim, group, block_size", [(64, 8, 16), (256, 1, 32), (128, 4, 24)])
+def test_decode_batch_cuda(pa, device, tolerances, head_dim, group, block_size):
+    if device != "cuda":
+        pytest.skip("large shapes run on the GPU only")
+    spec = [(1, 100 + 371 * i) for i in range(24)]
+    batch = make_batch(spec, block_size=block_size, num_q_heads=2 * group, num_kv_heads=2, head_dim=head_dim,
+                       kv_format="bf16", q_dtype=torch.bfloat16, device=device, seed=17)
+    check_against_ref(pa, batch, tolerances)
+
+
+def test_validation_errors(pa, device):
+    good = make_batch(MIXED[:2], block_size=4, num_q_heads=4, num_kv_heads=2, head_dim=64, kv_format="bf16",
+                      q_dtype=torch.float32, device=device)
+
+    def fails(match, **changes):
+        with pytest.raises(ValueError, match=match):
+            pa.paged_attention(**{**good, **changes})
+
+    fails("kv_format", kv_format="int4")
+    fails("q must be", q=good["q"][0])
+    fails("Hq=3", q=good["q"][:, :3])
+    fails("head_dim", q=good["q"][..., :40], k_cache=good["k_cache"][..., :40], v_cache=good["v_cache"][..., :40])
+    fails("cache head_dim", k_cache=good["k_cache"][..., :32], v_cache=good["v_cache"][..., :32])
+    fails("k_cache/v_cache", v_cache=good["v_cache"][:, :2])
+    fails("query_start", query_start=good["query_start"].long())
+    fails("seq_lens", seq_lens=good["seq_lens"][:1])
+    fails("block_tables", block_tables=good["block_tables"][:1])
+    fails("fp8 KV format needs float8", kv_format="fp8")
+    fp8 = {**good, "kv_format": "fp8", "k_cache": good["k_cache"].to(torch.float8_e4m3fn),
+           "v_cache": good["v_cache"].to(torch.float8_e4m3fn)}
+    with pytest.raises(ValueError, match="k_scale"):
+        pa.paged_attention(**fp8)
+    fails("nvfp4 KV format needs a uint8", kv_format="nvfp4")
+    with pytest.raises(ValueError, match="out must match"):
+        pa.paged_attention(**good, out=torch.empty_like(good["q"], dtype=torch.float16))

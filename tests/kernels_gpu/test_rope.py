@@ -1,0 +1,78 @@
+"""apply_rope against its float64 reference; rope_inv_freq against Hugging Face's rope rules."""
+import pytest
+import torch
+
+from kernels_gpu.rope import apply_rope, ref_apply_rope, rope_inv_freq
+
+TOLERANCES = {
+    torch.float32: dict(atol=2e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2),
+}
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("num_tokens, num_q_heads, num_k_heads, head_dim", [
+    (1, 4, 1, 64), (13, 9, 3, 64), (7, 12, 4, 128), (5, 3, 3, 80)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_apply_rope_matches_reference(device, dtype, num_tokens, num_q_heads, num_k_heads, head_dim, inplace):
+    torch.manual_seed(num_tokens + 100 * num_q_heads + head_dim)
+    q = torch.randn(num_tokens, num_q_heads, head_dim, device=device).to(dtype)  # [T, Hq, D]
+    k = torch.randn(num_tokens, num_k_heads, head_dim, device=device).to(dtype)  # [T, Hk, D]
+    positions = torch.randint(0, 40000, (num_tokens,), device=device, dtype=torch.int32)  # i32[T]
+    inv_freq = rope_inv_freq(head_dim, 500000.0, LLAMA3_SCALING, device=device)  # f32[D/2]
+    want_q, want_k = ref_apply_rope(q, k, positions, inv_freq)
+    q_in, k_in = q.clone(), k.clone()
+    got_q, got_k = apply_rope(q_in, k_in, positions, inv_freq, inplace=inplace)
+    if inplace:
+        assert got_q.data_ptr() == q_in.data_ptr() and got_k.data_ptr() == k_in.data_ptr()
+    else:
+        assert torch.equal(q_in, q) and torch.equal(k_in, k)
+    assert got_q.dtype == dtype and got_k.shape == k.shape
+    torch.testing.assert_close(got_q.double(), want_q, **TOLERANCES[dtype])
+    torch.testing.assert_close(got_k.double(), want_k, **TOLERANCES[dtype])
+
+
+def test_apply_rope_views_of_fused_qkv(device):
+    num_tokens, num_q_heads, num_kv_heads, head_dim = 6, 4, 2, 64
+    qkv = torch.randn(num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, device=device)  # [T, (Hq+2Hkv)*D]
+    q = qkv[:, : num_q_heads * head_dim].view(num_tokens, num_q_heads, head_dim)
+    k = qkv[:, num_q_heads * head_dim: (num_q_heads + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    v_before = qkv[:, (num_q_heads + num_kv_heads) * head_dim:].clone()
+    positions = torch.arange(100, 100 + num_tokens, device=device, dtype=torch.int64)
+    inv_freq = rope_inv_freq(head_dim, 10000.0, device=device)
+    want_q, want_k = ref_apply_rope(q, k, positions, inv_freq)
+    apply_rope(q, k, positions, inv_freq, inplace=True)
+    torch.testing.assert_close(q.double(), want_q, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(k.double(), want_k, **TOLERANCES[torch.float32])
+    assert torch.equal(qkv[:, (num_q_heads + num_kv_heads) * head_dim:], v_before)
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 4.0}, LLAMA3_SCALING])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rope_inv_freq_matches_hf(scaling, head_dim):
+    modeling_llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    transformers = pytest.importorskip("transformers")
+    theta = 500000.0
+    params = {"rope_type": "default", "rope_theta": theta} if scaling is None else {**scaling, "rope_theta": theta}
+    config = transformers.LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
+                                      rope_parameters=params, max_position_embeddings=131072)
+    want = modeling_llama.LlamaRotaryEmbedding(config).inv_freq
+    torch.testing.assert_close(rope_inv_freq(head_dim, theta, scaling), want, atol=0, rtol=0)
+
+
+def test_apply_rope_rejects_bad_input(device):
+    q = torch.randn(3, 2, 64, device=device)
+    positions = torch.arange(3, device=device, dtype=torch.int32)
+    inv_freq = rope_inv_freq(64, 10000.0, device=device)
+    with pytest.raises(ValueError, match="inv_freq"):
+        apply_rope(q, q.clone(), positions, inv_freq[:16])
+    with pytest.raises(ValueError, match="positions"):
+        apply_rope(q, q.clone(), positions[:2], inv_freq)
+    with pytest.raises(ValueError, match="does not match"):
+        apply_rope(q, torch.randn(3, 2, 32, device=device), positions, inv_freq)
+    with pytest.raises(ValueError, match="even"):
+        apply_rope(torch.randn(3, 2, 5), torch.randn(3, 2, 5), positions.cpu(), torch.ones(2))
