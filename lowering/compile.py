@@ -15,10 +15,11 @@ from lowering.ir import Graph
 from lowering.models.config import ModelConfig
 from lowering.params import finalize_params
 from lowering.pipeline import CompileOptions, OptionsError, PassRecord, run_pipeline
+from lowering.program_source import ProgramSource
 
 
 @dataclasses.dataclass
-class CompiledModel:
+class CompiledModel(ProgramSource):
     """A compiled graph with its params, ready to build a Program or to export as an artifact."""
 
     graph: Graph
@@ -27,27 +28,6 @@ class CompiledModel:
     config: ModelConfig | None = None
     tokenizer: Any = None
     pass_records: list[PassRecord] = dataclasses.field(default_factory=list)
-
-    @property
-    def target(self) -> str:
-        return self.options.target
-
-    @property
-    def block_size(self) -> int:
-        return int(self.graph.meta["block_size"])
-
-    @property
-    def max_model_len(self) -> int:
-        if self.options.max_model_len:
-            return self.options.max_model_len
-        return self.config.max_position_embeddings if self.config else 2048
-
-    def make_program(self, *, num_blocks: int | None = None, max_num_seqs: int = 64,
-                     max_model_len: int | None = None, **kwargs):
-        from lowering.backends import build_program
-
-        return build_program(self.target, self.graph, self.params, num_blocks=num_blocks,
-                             max_num_seqs=max_num_seqs, max_model_len=max_model_len or self.max_model_len, **kwargs)
 
     def export(self, path: str | os.PathLike) -> Path:
         """Write manifest.json, graph.json, params/ (orbax) and tokenizer/ to `path`."""

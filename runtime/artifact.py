@@ -17,6 +17,7 @@ from lowering.export import ARTIFACT_FORMAT, ARTIFACT_VERSION, hash_tree
 from lowering.ir import Graph, IRError
 from lowering.models.config import ModelConfig
 from lowering.pipeline import CompileOptions
+from lowering.program_source import ProgramSource
 
 
 class ArtifactError(ValueError):
@@ -24,7 +25,7 @@ class ArtifactError(ValueError):
 
 
 @dataclasses.dataclass
-class LoadedModel:
+class LoadedModel(ProgramSource):
     """What runtime.load returns: the same interface the Engine uses on a CompiledModel."""
 
     graph: Graph
@@ -33,27 +34,6 @@ class LoadedModel:
     config: ModelConfig | None
     tokenizer: Any
     path: Path
-
-    @property
-    def target(self) -> str:
-        return self.options.target
-
-    @property
-    def block_size(self) -> int:
-        return int(self.graph.meta["block_size"])
-
-    @property
-    def max_model_len(self) -> int:
-        if self.options.max_model_len:
-            return self.options.max_model_len
-        return self.config.max_position_embeddings if self.config else 2048
-
-    def make_program(self, *, num_blocks: int | None = None, max_num_seqs: int = 64,
-                     max_model_len: int | None = None, **kwargs):
-        from lowering.backends import build_program
-
-        return build_program(self.target, self.graph, self.params, num_blocks=num_blocks,
-                             max_num_seqs=max_num_seqs, max_model_len=max_model_len or self.max_model_len, **kwargs)
 
 
 def load(path: str | os.PathLike, *, verify_hashes: bool = True) -> LoadedModel:
