@@ -9,7 +9,8 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from lowering import ops as ops_lib
-from lowering.ir import Graph, IRError, Node, TensorType, dim_to_ir, encode_param, eval_dim, generic_primitive
+from lowering.ir import (Graph, IRError, Node, TensorType, dim_symbols, dim_to_ir, encode_param, eval_dim,
+                         generic_primitive)
 
 # Call-like primitives whose body is inlined into the graph.
 _INLINE_PARAM = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
@@ -112,7 +113,7 @@ def trace(fn: Callable, params: Mapping[str, Any], inputs: Mapping[str, TensorTy
     Input dims are IR dims (ints or symbol expressions); the graph keeps them symbolic.
     """
     symbols = sorted({s for t in inputs.values() for d in t.shape if isinstance(d, str)
-                      for s in _symbols_of(d)})
+                      for s in dim_symbols(d)})
     sym_dims = jax.export.symbolic_shape(",".join(symbols)) if symbols else ()
     env = dict(zip(symbols, sym_dims))
     in_specs = [jax.ShapeDtypeStruct(tuple(eval_dim(d, env) for d in t.shape), jnp.dtype(t.dtype))
@@ -139,12 +140,6 @@ def trace(fn: Callable, params: Mapping[str, Any], inputs: Mapping[str, TensorTy
     outs = builder.emit_jaxpr(closed.jaxpr, closed.consts, flat_in)
     graph.outputs = outs
     return graph, param_values
-
-
-def _symbols_of(dim: str) -> set[str]:
-    from lowering.ir import _dim_symbols
-
-    return _dim_symbols(dim)
 
 
 def _dtype_of(value) -> Any:

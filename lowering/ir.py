@@ -101,7 +101,7 @@ class Graph:
         for t in self.types.values():
             for d in t.shape:
                 if isinstance(d, str):
-                    names |= _dim_symbols(d)
+                    names |= dim_symbols(d)
         return sorted(names)
 
     # ---- text -------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def _parse_dim(text: str) -> ast.AST:
     return tree
 
 
-def _dim_symbols(text: str) -> set[str]:
+def dim_symbols(text: str) -> set[str]:
     return {n.id for n in ast.walk(_parse_dim(text)) if isinstance(n, ast.Name) and n.id not in _ALLOWED_CALLS}
 
 
@@ -255,7 +255,7 @@ def bind_symbols(types: Iterable[TensorType], shapes: Iterable[tuple[int, ...]])
             else:
                 pending.append((d, n))
     for d, n in pending:
-        unknown = _dim_symbols(d) - set(env)
+        unknown = dim_symbols(d) - set(env)
         if len(unknown) == 1:
             (sym,) = unknown
             # linear in sym: value = a * sym + b

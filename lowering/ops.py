@@ -186,20 +186,29 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarr
     raise OpError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
 
 
-def ref_rope(x, positions, *, num_heads, head_dim, theta, rope_scaling=None):
-    # x: [T, H * Dh]  positions: i32[T]  ->  [T, H * Dh]; rotate-half (Hugging Face) convention
+def rope_tables(positions, dtype, *, head_dim, theta, rope_scaling=None):
+    """(cos, sin), each [T, 1, Dh] in `dtype`, computed in float32 from the positions i32[T]."""
     inv_freq = jnp.asarray(rope_inv_freq(head_dim, theta, _as_dict(rope_scaling)))  # f32[Dh/2]
     freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # f32[T, Dh/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # f32[T, Dh]
-    cos = jnp.cos(emb).astype(x.dtype)[:, None, :]
-    sin = jnp.sin(emb).astype(x.dtype)[:, None, :]
+    return jnp.cos(emb).astype(dtype)[:, None, :], jnp.sin(emb).astype(dtype)[:, None, :]
+
+
+def rotate_with_tables(x, cos, sin, *, num_heads, head_dim):
+    # x: [T, H * Dh]  cos, sin: [T, 1, Dh]  ->  [T, H * Dh]; rotate-half (Hugging Face) convention
     xh = x.reshape(x.shape[0], num_heads, head_dim)  # [T, H, Dh]
     half = head_dim // 2
     rotated = jnp.concatenate([-xh[..., half:], xh[..., :half]], axis=-1)
     return (xh * cos + rotated * sin).reshape(x.shape)
 
 
-def _segment_ids(query_start, num_tokens):
+def ref_rope(x, positions, *, num_heads, head_dim, theta, rope_scaling=None):
+    # x: [T, H * Dh]  positions: i32[T]  ->  [T, H * Dh]
+    cos, sin = rope_tables(positions, x.dtype, head_dim=head_dim, theta=theta, rope_scaling=rope_scaling)
+    return rotate_with_tables(x, cos, sin, num_heads=num_heads, head_dim=head_dim)
+
+
+def segment_ids(query_start, num_tokens):
     # query_start: i32[S+1] -> i32[T]: which sequence owns each flat token row
     return jnp.searchsorted(query_start[1:], jnp.arange(num_tokens, dtype=query_start.dtype), side="right")
 
@@ -212,7 +221,7 @@ def ref_attention(q, k, v, query_start, *, num_heads, num_kv_heads, head_dim, sc
     qh = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)
     kh = k.reshape(num_tokens, num_kv_heads, head_dim).astype(jnp.float32)
     vh = v.reshape(num_tokens, num_kv_heads, head_dim).astype(jnp.float32)
-    seg = _segment_ids(query_start, num_tokens)  # i32[T]
+    seg = segment_ids(query_start, num_tokens)  # i32[T]
     idx = jnp.arange(num_tokens)
     mask = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])  # bool[T, T]
     scores = jnp.einsum("tkgd,skd->kgts", qh, kh) * scale  # f32[Hkv, G, T, T]
@@ -264,7 +273,7 @@ def ref_paged_attention(q, k_pool, v_pool, query_start, seq_lens, block_tables, 
     _, block_size, _, _ = k_pool.shape
     num_ctx = block_tables.shape[1] * block_size
     group = num_heads // num_kv_heads
-    seg = _segment_ids(query_start, num_tokens)  # i32[T]
+    seg = segment_ids(query_start, num_tokens)  # i32[T]
     tables = jnp.take(block_tables, seg, axis=0, mode="clip")  # i32[T, B]
     keys = jnp.take(k_pool, tables, axis=0, mode="clip").reshape(num_tokens, num_ctx, num_kv_heads, head_dim)
     vals = jnp.take(v_pool, tables, axis=0, mode="clip").reshape(num_tokens, num_ctx, num_kv_heads, head_dim)

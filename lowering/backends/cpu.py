@@ -135,15 +135,10 @@ def cpu_impls(max_q_len: int) -> dict:
         a = node.attrs
         key = (id(positions), a["head_dim"], a["theta"], str(a.get("rope_scaling")), x.dtype)
         if key not in rope_tables:  # cos/sin once per step, shared by every layer
-            inv_freq = jnp.asarray(ops.rope_inv_freq(a["head_dim"], a["theta"], a.get("rope_scaling")))
-            freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # f32[T, Dh/2]
-            emb = jnp.concatenate([freqs, freqs], axis=-1)
-            rope_tables[key] = (jnp.cos(emb).astype(x.dtype)[:, None, :], jnp.sin(emb).astype(x.dtype)[:, None, :])
+            rope_tables[key] = ops.rope_tables(positions, x.dtype, head_dim=a["head_dim"], theta=a["theta"],
+                                               rope_scaling=a.get("rope_scaling"))
         cos, sin = rope_tables[key]
-        xh = x.reshape(x.shape[0], a["num_heads"], a["head_dim"])  # [T, H, Dh]
-        half = a["head_dim"] // 2
-        rotated = jnp.concatenate([-xh[..., half:], xh[..., :half]], axis=-1)
-        return ((xh * cos + rotated * sin).reshape(x.shape),)
+        return (ops.rotate_with_tables(x, cos, sin, num_heads=a["num_heads"], head_dim=a["head_dim"]),)
 
     def paged_attention(node: Node, args, env):
         if max_q_len == 1:  # decode only: one query per sequence, per-token gathers are the same work
@@ -208,7 +203,6 @@ def paged_attention_by_sequence(q, k_pool, v_pool, query_start, seq_lens, block_
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("skgqc,sckd->sqkgd", probs, vals).reshape(num_seqs * max_q_len, num_heads * head_dim)
     # back to flat rows: token t is tile row (t - query_start[seg]) of sequence seg
-    seg = jnp.searchsorted(query_start[1:], jnp.arange(num_tokens, dtype=query_start.dtype), side="right")
-    seg = jnp.minimum(seg, num_seqs - 1)
+    seg = jnp.minimum(ops.segment_ids(query_start, num_tokens), num_seqs - 1)
     flat = seg * max_q_len + jnp.clip(jnp.arange(num_tokens) - query_start[seg], 0, max_q_len - 1)
     return jnp.take(out, flat, axis=0).astype(q.dtype)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -14,6 +16,22 @@ if TYPE_CHECKING:
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read: the message names the file or tensor and what to do about it."""
+
+
+def read_json_object(path: Path, what: str, fix: str) -> dict[str, Any]:
+    """The JSON object in `path`; a missing file, bad JSON or a non-object raises CheckpointError.
+
+    `what` names the file's role ("the tokenizer config"), `fix` says what the user should do.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found ({what}); {fix}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); {fix}") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object ({what})")
+    return value
 
 
 @dataclasses.dataclass

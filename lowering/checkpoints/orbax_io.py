@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from lowering.checkpoints.base import Checkpoint, CheckpointError, check_weights
+from lowering.checkpoints.base import Checkpoint, CheckpointError, check_weights, read_json_object
 from lowering.checkpoints.tokenizer import Tokenizer
 from lowering.models.config import ConfigError, ModelConfig
 
@@ -136,11 +136,9 @@ def load_orbax_dir(path: str | Path) -> Checkpoint:
 def _read_config(config_path: Path) -> dict[str, Any]:
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: not found; expected an llmc orbax directory (save_orbax_checkpoint)")
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{config_path}: not valid JSON ({e}); re-export the checkpoint") from e
-    if not isinstance(meta, dict) or meta.get("format") != LLMC_ORBAX_FORMAT:
+    meta = read_json_object(config_path, "an llmc orbax directory's config, see save_orbax_checkpoint",
+                            "re-export the checkpoint")
+    if meta.get("format") != LLMC_ORBAX_FORMAT:
         raise CheckpointError(f"{config_path}: not an llmc orbax config (format must be {LLMC_ORBAX_FORMAT!r})")
     if meta.get("version") != LLMC_ORBAX_VERSION:
         raise CheckpointError(

@@ -10,7 +10,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from lowering.checkpoints.base import Checkpoint, CheckpointError, check_weights
+from lowering.checkpoints.base import Checkpoint, CheckpointError, check_weights, read_json_object
 from lowering.checkpoints.tokenizer import Tokenizer
 from lowering.models.config import ConfigError, ModelConfig
 
@@ -129,13 +129,7 @@ def config_from_hf(cfg: dict[str, Any], source: str, generation_cfg: dict[str, A
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e}); the file is missing or corrupt") from e
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return value
+    return read_json_object(path, "a Hugging Face model file", "the file is missing or corrupt: re-download the model")
 
 
 def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:

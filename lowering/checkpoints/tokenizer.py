@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
-from lowering.checkpoints.base import CheckpointError
+from lowering.checkpoints.base import CheckpointError, read_json_object
 
 LLMC_TOKENIZER_FILE = "llmc_tokenizer.json"
 LLMC_TOKENIZER_FORMAT = 1
@@ -320,15 +320,7 @@ def _compile_template(source: str):
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found ({what}); the tokenizer directory is incomplete")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is corrupt, re-create it") from e
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object ({what})")
-    return value
+    return read_json_object(path, what, "the tokenizer directory is incomplete or corrupt: re-create it")
 
 
 def _read_backend(path: Path) -> tokenizers.Tokenizer:
