@@ -22,9 +22,15 @@ from kernels_gpu import kv_formats
 from kernels_gpu.paged_attention import paged_attention, ref_paged_attention
 
 
-def bench(fn, warm=5, rep=30):
-    for _ in range(warm):
+def bench(fn, warm=5, rep=30, warm_s=0.2):
+    """Median ms of rep timed calls, after at least `warm` calls and warm_s seconds of calls (GPU clocks up)."""
+    t0 = time.perf_counter()
+    n = 0
+    while n < warm or time.perf_counter() - t0 < warm_s:
         fn()
+        n += 1
+        if n % 8 == 0:
+            torch.cuda.synchronize()
     torch.cuda.synchronize()
     times = []
     for _ in range(rep):
@@ -92,8 +98,15 @@ def main():
 
     # ---- decode: batch 64, context 4096 -----------------------------------------------------
     b, ctx, hq, hkv, d = 64, 4096, 32, 8, 128
+    best = json.loads(Path(os.environ["LLMC_PA_BEST"]).read_text()) if os.environ.get("LLMC_PA_BEST") else {}
     for fmt in ("bf16", "fp8", "nvfp4"):
         args, kw, (k, v), kv_bytes = paged_case(b, ctx, 1, hq, hkv, d, 16, fmt, gen)
+        if fmt in best:  # tiles from benchmarks/tune_paged_attention.py instead of the module's tables
+            from kernels_gpu import paged_attention as pa
+
+            pa.FORMAT_OVERRIDES[("cuda", 128, "decode", fmt)] = best[fmt]["tiles"]
+            kw["num_splits"] = best[fmt]["num_splits"]
+            res["decode"][f"llmc_{fmt}_tiles"] = best[fmt]
         out = torch.full_like(args[0], float("nan"))
         paged_attention(*args, out=out, **kw)
         err = check(args, kw, out)

@@ -5,12 +5,22 @@ import triton.language as tl
 
 # Tile sizes keyed by (target, head_dim bucket, phase): BLOCK_M is rows of a query tile (tokens x GQA heads),
 # BLOCK_N is context positions per step. Phase "decode" is used when every sequence has at most
-# DECODE_MAX_Q_LEN new tokens. "interpret" is the CPU Triton interpreter (tests only).
-# Measured on H100 (Triton 3.6, Hq=32 Hkv=8 D=128, block_size 16); decode stages from
-# benchmarks/tune_paged_attention.py (3 stages: 0.578 -> 0.470 ms for batch 64 x context 4096, bf16).
+# DECODE_MAX_Q_LEN new tokens. "interpret" is the CPU Triton interpreter (tests only). Optional keys:
+# grid_order (0: grid (tile, kv head, split); 1: flat grid with the kv heads of a sequence adjacent), maxnreg
+# (register cap per thread, so that 4 programs of 4 warps fit an SM), target_programs (the split-KV target of
+# this phase, replacing SPLIT_KV's).
+# Decode, D=128: benchmarks/tune_paged_attention.py on an H100 80GB HBM3 (Triton 3.6), 2026-11-26, batch 64 x
+# context 4096, Hq=32 Hkv=8, block_size 16, 72 configs per format. bf16: BLOCK_N=128, 4 warps, 4 stages, no
+# split: 0.439 ms (2447 GB/s); the same with BLOCK_N=64 / 2-3 stages / 8 warps / grid_order 1 is within 2%;
+# 2 splits are 5-15% slower (the 512 programs of this case already fill the 132 SMs at 4 programs each).
+# fp8 is fastest with the same tile: 0.298 ms (1801 GB/s of fp8 bytes; maxnreg=128 spills: 0.330 ms).
+# NOTE: fresh processes on the same machine gave 0.45-0.52 ms (bf16), 0.31-0.39 ms (fp8) for these tiles,
+# while torch SDPA stayed at 0.370 ms: compare within one process, alternating, before trusting a 10% change.
+# The older prefill / D=64 / D=256 rows are from earlier sweeps (prefill: 128x128, 8 warps, 3 stages, 2.52 ms).
 TILE_SIZES = {
     ("cuda", 64, "decode"): {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    ("cuda", 128, "decode"): {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    ("cuda", 128, "decode"): {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 4,
+                              "target_programs": 512},
     ("cuda", 256, "decode"): {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
     ("cuda", 64, "prefill"): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
     ("cuda", 128, "prefill"): {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
@@ -23,14 +33,62 @@ TILE_SIZES = {
     ("interpret", 256, "prefill"): {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1},
 }
 DECODE_MAX_Q_LEN = 4
-# Per-KV-format changes to the tiles above, keyed by (target, phase, kv_format); none measured yet.
-FORMAT_OVERRIDES: dict = {}
+# Per-KV-format changes to the tiles above, keyed by (target, phase, kv_format) for every head_dim or
+# (target, head_dim bucket, phase, kv_format) for one (this one wins).
+# nvfp4 decode, D=128 (same sweep as above): BLOCK_N=64, 2 stages, maxnreg=128: 0.338-0.344 ms (894 GB/s of
+# packed bytes + scales; grid_order 1 / 0); without the register cap (166 registers: 3 programs per SM, so two
+# waves) 0.409 ms; BLOCK_N=128 0.391 ms. A later short sweep gave grid_order 0: 0.375 ms, 1: 0.462 ms, hence 0.
+# The E2M1 decode is ALU-bound: ~900 SASS instructions per warp per 64 positions vs ~350 for bf16.
+FORMAT_OVERRIDES: dict = {
+    ("cuda", 128, "decode", "nvfp4"): {"BLOCK_N": 64, "num_stages": 2, "maxnreg": 128},
+}
 # Split-KV (flash-decoding) heuristic: split while the grid has fewer than target_programs programs
 # (about 4 per H100 SM), keeping at least min_tokens_per_split context positions per split.
 SPLIT_KV = {"target_programs": 528, "min_tokens_per_split": 256, "max_splits": 32}
 
 KV_FORMATS = {"bf16": 0, "fp8": 1, "nvfp4": 2}
 NVFP4_BLOCK = 16
+
+
+# E2M1 -> f16 in registers (4 packed bytes per asm call). For each nibble the f16 bit pattern is built
+# directly: the 3 magnitude bits go to bits 9..11 (the two low exponent bits and the top mantissa bit) and the
+# sign to bit 15, which is the E2M1 value times 2**-14 (code 1 lands on the f16 subnormal 2**-15 = 0.5 * 2**-14,
+# so no fixup is needed). One packed f16x2 multiply then applies the block scale, passed as the f16x2 pair
+# (bs * 2**6, bs * 2**6) in an i32 per element (computed once per 16 values), so each
+# element comes out as e2m1 * bs * 2**-8 -- exact in f16 for every e2m1 code and e4m3 scale; the kernel folds
+# 2**8 * global scale into the score scale (K) or the output (V). prmt spreads bytes (0, 1) and (2, 3) into
+# the two 16-bit halves so every output element comes from its own input byte.
+_E2M1_F16_ASM = tl.constexpr("""
+{
+.reg .b32 z, t, a, b, s;
+mov.b32 z, 0;
+prmt.b32 t, $4, z, 0x4140;
+prmt.b32 s, $5, $6, 0x5410;
+shl.b32 a, t, 9;
+shl.b32 b, t, 12;
+and.b32 a, a, 0x0E000E00;
+lop3.b32 a, b, 0x80008000, a, 0xEA;
+mul.rn.f16x2 $0, a, s;
+shl.b32 a, t, 5;
+shl.b32 b, t, 8;
+and.b32 a, a, 0x0E000E00;
+lop3.b32 a, b, 0x80008000, a, 0xEA;
+mul.rn.f16x2 $2, a, s;
+prmt.b32 t, $4, z, 0x4342;
+prmt.b32 s, $7, $8, 0x5410;
+shl.b32 a, t, 9;
+shl.b32 b, t, 12;
+and.b32 a, a, 0x0E000E00;
+lop3.b32 a, b, 0x80008000, a, 0xEA;
+mul.rn.f16x2 $1, a, s;
+shl.b32 a, t, 5;
+shl.b32 b, t, 8;
+and.b32 a, a, 0x0E000E00;
+lop3.b32 a, b, 0x80008000, a, 0xEA;
+mul.rn.f16x2 $3, a, s;
+}
+""")
+NVFP4_ASM_FACTOR = 256.0  # the asm path's tiles hold value * 2**-8 / global scale (see above)
 
 
 @triton.jit
@@ -44,27 +102,131 @@ def _e2m1_to_f32(code):
 
 
 @triton.jit
-def _load_nvfp4_tile(cache_ptr, block_scale_ptr, blk, off, n_valid, kv_head, head_dim,
-                     stride_n, stride_b, stride_h, stride_d,
-                     stride_sn, stride_sb, stride_sh, stride_sd,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Gather and dequantize one NVFP4 tile -> f32[BLOCK_N, BLOCK_D], without the per-layer global scale.
+def _load_nvfp4_tile(cache_ptr, block_scale_ptr, row, srow, n_valid, head_dim, stride_d, stride_sd,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, USE_ASM: tl.constexpr,
+                     MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load and dequantize one NVFP4 tile -> (even, odd) elements, each [BLOCK_N, BLOCK_D // 2], without the
+    per-layer global scale.
 
-    blk, off: i64[BLOCK_N] block id and offset in block of each context position.
+    row / srow: i64[BLOCK_N] element offsets of each context position's packed row / block-scale row.
+    USE_ASM: f16 tile holding value * 2**-8 (NVFP4_ASM_FACTOR); else f32 tile holding the value.
     """
+    NG: tl.constexpr = BLOCK_D // 16
     offs_byte = tl.arange(0, BLOCK_D // 2)
-    row = blk * stride_n + off * stride_b + kv_head * stride_h  # i64[BLOCK_N]
-    mask = n_valid[:, None] & (offs_byte[None, :] < head_dim // 2)
-    packed = tl.load(cache_ptr + row[:, None] + offs_byte[None, :] * stride_d, mask=mask, other=0).to(tl.int32)
-    # element 2i is the low nibble of byte i: join(lo, hi) then flatten interleaves them back in order
-    val = tl.reshape(tl.join(_e2m1_to_f32(packed & 15), _e2m1_to_f32(packed >> 4)), (BLOCK_N, BLOCK_D))
-    offs_grp = tl.arange(0, BLOCK_D // 16)
-    srow = blk * stride_sn + off * stride_sb + kv_head * stride_sh
-    smask = n_valid[:, None] & (offs_grp[None, :] < head_dim // 16)
-    bscale = tl.load(block_scale_ptr + srow[:, None] + offs_grp[None, :] * stride_sd, mask=smask,
-                     other=0.0).to(tl.float32)  # f32[BLOCK_N, BLOCK_D // 16]
-    bscale = tl.reshape(tl.broadcast_to(bscale[:, :, None], (BLOCK_N, BLOCK_D // 16, 16)), (BLOCK_N, BLOCK_D))
-    return val * bscale
+    offs_grp = tl.arange(0, NG)
+    ptrs = cache_ptr + row[:, None] + offs_byte[None, :] * stride_d
+    sptrs = block_scale_ptr + srow[:, None] + offs_grp[None, :] * stride_sd
+    if MASKED or not EVEN_D:
+        mask = n_valid[:, None] & (offs_byte[None, :] < head_dim // 2)
+        packed = tl.load(ptrs, mask=mask, other=0)
+        smask = n_valid[:, None] & (offs_grp[None, :] < head_dim // 16)
+        bscale = tl.load(sptrs, mask=smask, other=0.0)
+    else:
+        packed = tl.load(ptrs)
+        bscale = tl.load(sptrs)
+    packed = tl.reshape(packed, (BLOCK_N, NG, 8))  # [position, scale group, byte in group]
+    if USE_ASM:
+        sc_bits = (bscale.to(tl.float16) * 64.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        sc = tl.broadcast_to((sc_bits | (sc_bits << 16))[:, :, None], (BLOCK_N, NG, 8))
+        lo, hi = tl.inline_asm_elementwise(_E2M1_F16_ASM, "=r,=r,=r,=r,r,r,r,r,r", [packed, sc],
+                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        sc = bscale.to(tl.float32)[:, :, None]
+        code = packed.to(tl.int32)
+        lo = _e2m1_to_f32(code & 15) * sc
+        hi = _e2m1_to_f32(code >> 4) * sc
+    # lo holds the even elements 2i (low nibble of byte i), hi the odd ones; the kernel keeps the two halves
+    # apart (q and the output are split the same way) instead of interleaving them in registers.
+    return tl.reshape(lo, (BLOCK_N, BLOCK_D // 2)), tl.reshape(hi, (BLOCK_N, BLOCK_D // 2))
+
+
+@triton.jit
+def _attend_block(acc, acc_odd, m_i, l_i, q, q_odd, q_pos, start, kv_hi, qk_scale, bt_row, k_head, v_head, kv_head,
+                  k_cache_ptr, v_cache_ptr, k_block_scale_ptr, v_block_scale_ptr, block_size, head_dim,
+                  stride_kn, stride_kb, stride_kd, stride_vn, stride_vb, stride_vd,
+                  stride_ksn, stride_ksb, stride_ksh, stride_ksd, stride_vsn, stride_vsb, stride_vsh, stride_vsd,
+                  stride_btb,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KV_FORMAT: tl.constexpr, DOT_F32: tl.constexpr,
+                  PAGE: tl.constexpr, NVFP4_ASM: tl.constexpr, SCALE_ALIGN: tl.constexpr,
+                  EVEN_D: tl.constexpr, MASKED: tl.constexpr):
+    """One step of the online softmax over context positions start .. start + BLOCK_N - 1.
+
+    MASKED=False: every position is < kv_hi and visible to every row (no load masks, no causal mask).
+    """
+    offs_n = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    if MASKED:
+        n_valid = offs_n < kv_hi
+    else:
+        n_valid = offs_n < 2147483647  # all true (only the column masks of an odd head_dim use it)
+    d_valid = offs_d < head_dim
+    if PAGE > 0:
+        page = offs_n // PAGE
+        off = offs_n % PAGE
+    else:
+        page = offs_n // block_size
+        off = offs_n % block_size
+    if MASKED:
+        blk = tl.load(bt_row + page * stride_btb, mask=n_valid, other=0).to(tl.int64)
+    else:
+        blk = tl.load(bt_row + page * stride_btb).to(tl.int64)
+    k_row = blk * stride_kn + off * stride_kb + k_head  # i64[BLOCK_N]
+    v_row = blk * stride_vn + off * stride_vb + v_head
+
+    if KV_FORMAT == 2:
+        k_srow = tl.multiple_of(blk * stride_ksn + off * stride_ksb + kv_head * stride_ksh, SCALE_ALIGN)
+        k, k_odd = _load_nvfp4_tile(k_cache_ptr, k_block_scale_ptr, k_row, k_srow, n_valid, head_dim,
+                                    stride_kd, stride_ksd, BLOCK_N, BLOCK_D, NVFP4_ASM, MASKED, EVEN_D)
+        if DOT_F32:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            s = tl.dot(q_odd, tl.trans(k_odd.to(tl.float32)), s, input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k.to(q.dtype)))
+            s = tl.dot(q_odd, tl.trans(k_odd.to(q.dtype)), s)
+    else:
+        k_ptrs = k_cache_ptr + k_row[None, :] + offs_d[:, None] * stride_kd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_valid[:, None], other=0.0)
+        if DOT_F32:
+            s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q, k.to(q.dtype))
+    s = s * qk_scale
+    if MASKED:
+        visible = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows stay NaN-free
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+
+    if KV_FORMAT == 2:
+        v_srow = tl.multiple_of(blk * stride_vsn + off * stride_vsb + kv_head * stride_vsh, SCALE_ALIGN)
+        v, v_odd = _load_nvfp4_tile(v_cache_ptr, v_block_scale_ptr, v_row, v_srow, n_valid, head_dim,
+                                    stride_vd, stride_vsd, BLOCK_N, BLOCK_D, NVFP4_ASM, MASKED, EVEN_D)
+        if DOT_F32:
+            acc_odd = tl.dot(p, v_odd.to(tl.float32), acc_odd * alpha[:, None], input_precision="ieee")
+        else:
+            acc_odd = tl.dot(p.to(q.dtype), v_odd.to(q.dtype), acc_odd * alpha[:, None])
+    else:
+        v_ptrs = v_cache_ptr + v_row[:, None] + offs_d[None, :] * stride_vd
+        if MASKED:
+            v = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        elif EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=d_valid[None, :], other=0.0)
+    if DOT_F32:
+        acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
+    return acc, acc_odd, m_new, l_i
 
 
 @triton.jit
@@ -80,7 +242,7 @@ def paged_attention_kernel(
     query_start_ptr,  # i32[S+1]
     seq_lens_ptr,  # i32[S]
     block_tables_ptr,  # i32[S, B]
-    sm_scale, num_seqs, block_size, head_dim,
+    sm_scale, num_seqs, block_size, head_dim, num_tiles, num_kv_heads, num_splits,
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
     stride_kn, stride_kb, stride_kh, stride_kd,
@@ -93,10 +255,24 @@ def paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KV_FORMAT: tl.constexpr, SPLIT_KV: tl.constexpr,
     DOT_F32: tl.constexpr,
+    PAGE: tl.constexpr,  # block_size when it is a power of two (shifts instead of divisions), else 0
+    GRID_ORDER: tl.constexpr,  # 0: grid (tile, kv head, split); 1: flat, kv head fastest, then split, then tile
+    NVFP4_ASM: tl.constexpr,  # E2M1 decode through inline PTX into f16 (GPU); else portable f32 code
+    SCALE_ALIGN: tl.constexpr,  # every nvfp4 block-scale row starts at a multiple of this many elements
+    EVEN_D: tl.constexpr = False,  # head_dim == BLOCK_D: no column masks
 ):
-    pid_tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    if GRID_ORDER == 0:
+        pid_tile = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+    else:
+        # NOTE: the kv heads of one sequence run side by side, so each page (all heads of a block are one
+        # contiguous run of the pool) is read by neighbouring programs at about the same time.
+        pid = tl.program_id(0)
+        kv_head = pid % num_kv_heads
+        rest = pid // num_kv_heads
+        split = rest % num_splits
+        pid_tile = rest // num_splits
 
     # Find the sequence of this tile: the largest s with query_start[s] // BLOCK_Q + s <= pid_tile.
     lo = pid_tile * 0
@@ -127,10 +303,16 @@ def paged_attention_kernel(
     d_valid = offs_d < head_dim
 
     q_mask = row_valid[:, None] & d_valid[None, :]
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=q_mask, other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
+    q_row = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh
+    if KV_FORMAT == 2:
+        # nvfp4 tiles come as even / odd halves of D (see _load_nvfp4_tile): split q the same way
+        offs_h = tl.arange(0, BLOCK_D // 2)
+        h_mask = row_valid[:, None] & (offs_h < head_dim // 2)[None, :]
+        q = tl.load(q_row + (2 * offs_h)[None, :] * stride_qd, mask=h_mask, other=0.0)
+        q_odd = tl.load(q_row + (2 * offs_h + 1)[None, :] * stride_qd, mask=h_mask, other=0.0)
+    else:
+        q = tl.load(q_row + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+        q_odd = q
 
     k_scale = 1.0
     v_scale = 1.0
@@ -140,79 +322,85 @@ def paged_attention_kernel(
     elif KV_FORMAT == 2:
         k_scale = tl.load(k_scale_ptr)
         v_scale = tl.load(v_scale_ptr)
+        if NVFP4_ASM:
+            k_scale = k_scale * 256.0  # NVFP4_ASM_FACTOR
+            v_scale = v_scale * 256.0
+
+    # NOTE: the fp8 per-head scale and the nvfp4 per-layer scale are constant in a program, so K's folds
+    # into the score scale and V's into the final accumulator instead of multiplying every element.
+    qk_scale = sm_scale * k_scale * 1.4426950408889634  # log2(e): softmax via exp2
+    if DOT_F32:
+        q = q.to(tl.float32)
+        q_odd = q_odd.to(tl.float32)
+    elif KV_FORMAT != 0:
+        # fp8 / nvfp4 tiles become f16 (exact: e4m3 and the scaled E2M1 values fit f16), so the dots run in
+        # f16; q is pre-multiplied by sm_scale to keep large activations inside f16's range.
+        q = (q.to(tl.float32) * sm_scale).to(tl.float16)
+        q_odd = (q_odd.to(tl.float32) * sm_scale).to(tl.float16)
+        qk_scale = k_scale * 1.4426950408889634
 
     # Context range: causal bound of the tile's last row, cut to this split's slice.
     last_tok = tl.minimum(first_tok + BLOCK_Q, q_len) - 1
     kv_hi = ctx_offset + last_tok + 1
     kv_lo = kv_hi * 0
     if SPLIT_KV:
-        num_splits = tl.num_programs(2)
         chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
         kv_lo = split * chunk
         kv_hi = tl.minimum(kv_hi, kv_lo + chunk)
 
-    # NOTE: the fp8 per-head scale and the nvfp4 per-layer scale are constant in a program, so K's folds
-    # into the score scale and V's into the final accumulator instead of multiplying every element.
-    qk_scale = sm_scale * k_scale * 1.4426950408889634  # log2(e): softmax via exp2
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if KV_FORMAT == 2:
+        acc = tl.zeros([BLOCK_M, BLOCK_D // 2], dtype=tl.float32)  # even output elements
+        acc_odd = tl.zeros([BLOCK_M, BLOCK_D // 2], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc_odd = tl.zeros([BLOCK_M, 2], dtype=tl.float32)  # unused
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bts
+    k_head = kv_head.to(tl.int64) * stride_kh
+    v_head = kv_head.to(tl.int64) * stride_vh
 
-    for start in range(kv_lo, kv_hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < kv_hi
-        blk = tl.load(bt_row + (offs_n // block_size) * stride_btb, mask=n_valid, other=0).to(tl.int64)
-        off = (offs_n % block_size).to(tl.int64)
-
-        if KV_FORMAT == 2:
-            k = tl.trans(_load_nvfp4_tile(k_cache_ptr, k_block_scale_ptr, blk, off, n_valid, kv_head, head_dim,
-                                          stride_kn, stride_kb, stride_kh, stride_kd,
-                                          stride_ksn, stride_ksb, stride_ksh, stride_ksd, BLOCK_N, BLOCK_D))
-        else:
-            k_ptrs = (k_cache_ptr + (blk * stride_kn + off * stride_kb + kv_head * stride_kh)[None, :]
-                      + offs_d[:, None] * stride_kd)
-            k = tl.load(k_ptrs, mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        if DOT_F32:
-            s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
-        else:
-            s = tl.dot(q, k.to(q.dtype))
-        s = s * qk_scale
-        visible = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows stay NaN-free
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-
-        if KV_FORMAT == 2:
-            v = _load_nvfp4_tile(v_cache_ptr, v_block_scale_ptr, blk, off, n_valid, kv_head, head_dim,
-                                 stride_vn, stride_vb, stride_vh, stride_vd,
-                                 stride_vsn, stride_vsb, stride_vsh, stride_vsd, BLOCK_N, BLOCK_D)
-        else:
-            v_ptrs = (v_cache_ptr + (blk * stride_vn + off * stride_vb + kv_head * stride_vh)[:, None]
-                      + offs_d[None, :] * stride_vd)
-            v = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if DOT_F32:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    # Blocks wholly inside every row's causal window and the context need no masks: run them in one loop,
+    # then the (at most a few) blocks at the end of the context with the masks.
+    main_hi = tl.minimum(kv_hi, ctx_offset + first_tok + 1)
+    main_end = kv_lo + tl.maximum(main_hi - kv_lo, 0) // BLOCK_N * BLOCK_N
+    for start in range(kv_lo, main_end, BLOCK_N):
+        acc, acc_odd, m_i, l_i = _attend_block(
+            acc, acc_odd, m_i, l_i, q, q_odd, q_pos, start, kv_hi, qk_scale, bt_row, k_head, v_head, kv_head,
+            k_cache_ptr, v_cache_ptr, k_block_scale_ptr, v_block_scale_ptr, block_size, head_dim,
+            stride_kn, stride_kb, stride_kd, stride_vn, stride_vb, stride_vd, stride_ksn, stride_ksb, stride_ksh,
+            stride_ksd, stride_vsn, stride_vsb, stride_vsh, stride_vsd, stride_btb,
+            BLOCK_N, BLOCK_D, KV_FORMAT, DOT_F32, PAGE, NVFP4_ASM, SCALE_ALIGN, EVEN_D, False)
+    for start in range(main_end, kv_hi, BLOCK_N):
+        acc, acc_odd, m_i, l_i = _attend_block(
+            acc, acc_odd, m_i, l_i, q, q_odd, q_pos, start, kv_hi, qk_scale, bt_row, k_head, v_head, kv_head,
+            k_cache_ptr, v_cache_ptr, k_block_scale_ptr, v_block_scale_ptr, block_size, head_dim,
+            stride_kn, stride_kb, stride_kd, stride_vn, stride_vb, stride_vd, stride_ksn, stride_ksb, stride_ksh,
+            stride_ksd, stride_vsn, stride_vsb, stride_vsh, stride_vsd, stride_btb,
+            BLOCK_N, BLOCK_D, KV_FORMAT, DOT_F32, PAGE, NVFP4_ASM, SCALE_ALIGN, EVEN_D, True)
 
     acc = acc * v_scale
+    acc_odd = acc_odd * v_scale
     if SPLIT_KV:
         prow = split.to(tl.int64) * stride_ps + tok * stride_pt + head * stride_ph
-        tl.store(part_out_ptr + prow[:, None] + offs_d[None, :], acc, mask=q_mask)
+        if KV_FORMAT == 2:
+            tl.store(part_out_ptr + prow[:, None] + 2 * offs_h[None, :], acc, mask=h_mask)
+            tl.store(part_out_ptr + prow[:, None] + 2 * offs_h[None, :] + 1, acc_odd, mask=h_mask)
+        else:
+            tl.store(part_out_ptr + prow[:, None] + offs_d[None, :], acc, mask=q_mask)
         mrow = split.to(tl.int64) * stride_ms + tok * stride_mt + head
         tl.store(part_m_ptr + mrow, m_i, mask=row_valid)
         tl.store(part_l_ptr + mrow, l_i, mask=row_valid)
     else:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        o_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+        inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_row = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh
+        if KV_FORMAT == 2:
+            tl.store(o_row + (2 * offs_h)[None, :] * stride_od, (acc * inv_l).to(out_ptr.dtype.element_ty),
+                     mask=h_mask)
+            tl.store(o_row + (2 * offs_h + 1)[None, :] * stride_od, (acc_odd * inv_l).to(out_ptr.dtype.element_ty),
+                     mask=h_mask)
+        else:
+            tl.store(o_row + offs_d[None, :] * stride_od, (acc * inv_l).to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -255,15 +443,17 @@ def _tile_sizes(device: torch.device, head_dim: int, max_q_len: int, kv_format: 
     target = "cuda" if device.type == "cuda" and not _interpreting() else "interpret"
     bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
     phase = "decode" if max_q_len <= DECODE_MAX_Q_LEN else "prefill"
-    return {**TILE_SIZES[(target, bucket, phase)], **FORMAT_OVERRIDES.get((target, phase, kv_format), {})}
+    return {**TILE_SIZES[(target, bucket, phase)], **FORMAT_OVERRIDES.get((target, phase, kv_format), {}),
+            **FORMAT_OVERRIDES.get((target, bucket, phase, kv_format), {})}
 
 
-def choose_num_splits(num_tiles: int, num_kv_heads: int, max_seq_len: int) -> int:
+def choose_num_splits(num_tiles: int, num_kv_heads: int, max_seq_len: int, target_programs=None) -> int:
     """Split-KV count: more splits when few (sequence, kv head, tile) programs face long contexts."""
+    target = SPLIT_KV["target_programs"] if target_programs is None else target_programs
     programs = max(1, num_tiles * num_kv_heads)
-    if programs >= SPLIT_KV["target_programs"]:
+    if programs >= target:
         return 1
-    by_occupancy = triton.cdiv(SPLIT_KV["target_programs"], programs)
+    by_occupancy = triton.cdiv(target, programs)
     by_length = max_seq_len // SPLIT_KV["min_tokens_per_split"]
     return max(1, min(by_occupancy, by_length, SPLIT_KV["max_splits"]))
 
@@ -368,7 +558,7 @@ def paged_attention(
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max().item())
         live_tiles = min(num_tiles, num_seqs * triton.cdiv(max_q_len, block_q))
-        num_splits = choose_num_splits(live_tiles, num_kv_heads, int(max_seq_len))
+        num_splits = choose_num_splits(live_tiles, num_kv_heads, int(max_seq_len), tiles.get("target_programs"))
     _check(int(num_splits) >= 1, f"num_splits must be >= 1, got {num_splits}")
     num_splits = int(num_splits)
     split_kv = num_splits > 1
@@ -390,18 +580,30 @@ def paged_attention(
     ml_strides = part_m.stride()[:2] if split_kv else (0, 0)
     dot_f32 = _interpreting() or q.dtype == torch.float32
 
-    grid = (num_tiles, num_kv_heads, num_splits)
+    grid_order = tiles.get("grid_order", 0)
+    launch_opts = {"maxnreg": tiles["maxnreg"]} if tiles.get("maxnreg") and not _interpreting() else {}
+    if grid_order == 0:
+        grid = (num_tiles, num_kv_heads, num_splits)
+    else:
+        grid = (num_tiles * num_kv_heads * num_splits,)
+    page = block_size if block_size & (block_size - 1) == 0 else 0
+    scale_align = 1
+    if kv_format == "nvfp4" and k_bs.stride(3) == 1 and v_bs.stride(3) == 1:
+        scale_align = next(a for a in (16, 8, 4, 2, 1) if all(x % a == 0 for x in (*k_bs.stride(), *v_bs.stride())
+                                                              if x != 1) and head_dim // 16 % a == 0)
     paged_attention_kernel[grid](
         out, part_out, part_m, part_l,
         q, k_cache, v_cache, k_bs, v_bs, ks, vs,
         query_start, seq_lens, block_tables,
-        float(scale), num_seqs, block_size, head_dim,
+        float(scale), num_seqs, block_size, head_dim, num_tiles, num_kv_heads, num_splits,
         *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(),
         *k_bs_strides, *v_bs_strides, *block_tables.stride(),
         *part_strides, *ml_strides,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         KV_FORMAT=KV_FORMATS[kv_format], SPLIT_KV=split_kv, DOT_F32=dot_f32,
-        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+        PAGE=page, GRID_ORDER=grid_order, NVFP4_ASM=not _interpreting() and q.device.type == "cuda",
+        SCALE_ALIGN=scale_align, EVEN_D=head_dim == block_d,
+        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **launch_opts,
     )
     if split_kv:
         paged_attention_reduce_kernel[(num_tokens, num_q_heads)](

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -45,11 +46,15 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int = 16, dty
     A Flax model must be called as model(token_ids i32[T], positions i32[T], query_start i32[S+1],
     logit_rows i32[L]) -> f32[L, V] and use lowering.ops.causal_attention for attention.
     """
+    from flax import nnx
+
+    model_dtype = None  # a Flax model given without dtype keeps its own parameter dtype
     if dtype is None:
-        dtype = "float32" if target == "cpu" else "bfloat16"
+        if isinstance(source, nnx.Module):
+            model_dtype = _float_param_dtype(source)
+        dtype = model_dtype or ("float32" if target == "cpu" else "bfloat16")
     options = CompileOptions(target=target, block_size=block_size, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                              fuse_projections=fuse_projections, max_model_len=max_model_len).validate()
-    from flax import nnx
 
     from lowering import frontend
     from lowering.models import llama, nnx_params
@@ -77,6 +82,9 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int = 16, dty
         print(f"llmc: loaded model in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
     fn, weights = nnx_params.forward_fn(model)
+    if isinstance(source, nnx.Module) and model_dtype is None:  # an explicit dtype: cast the model's float params
+        weights = jax.tree_util.tree_map(
+            lambda w: w.astype(options.dtype) if jnp.issubdtype(jnp.asarray(w).dtype, jnp.floating) else w, weights)
     trace_start = time.perf_counter()
     graph, values = frontend.trace(fn, weights)
     if verbose:
@@ -85,3 +93,15 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int = 16, dty
     graph, records = run_pipeline(graph, options, verbose=verbose, progress=progress, dump_dir=dump_ir)
     graph, params = finalize_params(graph, {k: np.asarray(v) for k, v in values.items()})
     return CompiledModel(graph, params, options, cfg, tokenizer, records)
+
+
+def _float_param_dtype(model) -> str | None:
+    """The dtype most of a Flax model's floating-point parameters have (None when it has none)."""
+    from flax import nnx
+
+    counts: dict[str, int] = {}
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = var.get_value() if hasattr(var, "get_value") else var.value
+        if jnp.issubdtype(value.dtype, jnp.floating):
+            counts[jnp.dtype(value.dtype).name] = counts.get(jnp.dtype(value.dtype).name, 0) + int(value.size)
+    return max(counts, key=counts.get) if counts else None

@@ -12,7 +12,7 @@ from lowering.ir import Graph, format_graph, verify
 from lowering.passes import canonicalize, fuse_projections, insert_paged_kv
 
 TARGETS = ("cpu", "cuda", "tpu")
-AVAILABLE_TARGETS = ("cpu",)
+AVAILABLE_TARGETS = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -122,6 +122,7 @@ class Request:
     block_ids: list[int] = dataclasses.field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
+    device_seed: int | None = None  # seed of device-side sampling (Programs with step_sample)
 
     @property
     def num_tokens(self) -> int:
@@ -347,7 +348,10 @@ class Engine:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,
+        program_options: dict | None = None,
     ):
+        """program_options: extra keyword arguments for the target's Program (e.g. gpu_memory_fraction,
+        cuda_graphs for target="cuda"; kv_cache_bytes for both)."""
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -365,7 +369,8 @@ class Engine:
 
         self.model = model
         self.tokenizer = model.tokenizer
-        self.program = model.make_program(num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+        self.program = model.make_program(num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                          **(program_options or {}))
         self.block_size = self.program.block_size
         max_len_per_seq = self.program.max_blocks_per_seq * self.block_size
         if max_model_len is None:
@@ -442,10 +447,30 @@ class Engine:
         step, sampled = build_step_input(
             sched.chunks, block_size=self.block_size, max_blocks_per_seq=self.program.max_blocks_per_seq
         )
-        logits = np.asarray(self.program.step(step))  # f32[L, V]
-        if logits.ndim != 2 or logits.shape[0] != len(sampled):
-            raise RuntimeError(f"Program.step returned logits of shape {logits.shape}, expected ({len(sampled)}, V)")
-        new_tokens = sample(logits, [r.params for r in sampled], [r.generator for r in sampled])  # i32[L]
+        step_greedy = getattr(self.program, "step_greedy", None)
+        step_sample = getattr(self.program, "step_sample", None)
+        new_tokens = None
+        if step_greedy is not None and all(r.params.temperature == 0 for r in sampled):
+            # every row is greedy: the Program picks the tokens where the logits are (no logits copy back)
+            new_tokens = np.asarray(step_greedy(step))  # i32[L]
+        elif step_sample is not None:
+            # the Program samples on its device: Philox keyed by each request's seed, counter = tokens so far
+            new_tokens = np.asarray(step_sample(
+                step,
+                temperature=[r.params.temperature for r in sampled],
+                top_k=[r.params.top_k if r.params.top_k > 0 else 0 for r in sampled],
+                top_p=[r.params.top_p for r in sampled],
+                seeds=[self._device_seed(r) for r in sampled],
+                offsets=[len(r.output_token_ids) for r in sampled],
+            ))
+        if new_tokens is not None:
+            if new_tokens.shape != (len(sampled),):
+                raise RuntimeError(f"the Program returned {new_tokens.shape} tokens, expected ({len(sampled)},)")
+        else:
+            logits = np.asarray(self.program.step(step))  # f32[L, V]
+            if logits.ndim != 2 or logits.shape[0] != len(sampled):
+                raise RuntimeError(f"Program.step returned logits of shape {logits.shape}, expected ({len(sampled)}, V)")
+            new_tokens = sample(logits, [r.params for r in sampled], [r.generator for r in sampled])  # i32[L]
         self.num_steps += 1
 
         finished = []
@@ -457,6 +482,14 @@ class Engine:
                 self.scheduler.finish_request(req)
                 finished.append(req)
         return finished
+
+    @staticmethod
+    def _device_seed(req: Request) -> int:
+        """The request's seed for device-side sampling: its own, or one drawn once from its generator."""
+        if req.device_seed is None:
+            seed = req.params.seed if req.params.seed is not None else int(req.generator.integers(0, 2**62))
+            req.device_seed = seed % 2**63  # the kernel's seeds are int64
+        return req.device_seed
 
     def _append_token(self, req: Request, token: int) -> None:
         """Add a sampled token and decide whether the request stops."""

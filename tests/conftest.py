@@ -1,5 +1,16 @@
 """Fixtures shared by every test folder: the real SmolLM2-135M GGUF, fetched into the llmc cache once."""
+import os
+
 import pytest
+
+
+def pytest_configure(config):
+    # NOTE: Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before anything imports
+    # kernels_gpu: without a GPU, the kernel tests and the CUDA backend's tests run in Triton's interpreter.
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -8,4 +8,8 @@ def build_program(target: str, graph, params, **kwargs):
         from lowering.backends.cpu import CpuProgram
 
         return CpuProgram(graph, params, **kwargs)
-    raise ValueError(f"no backend for target {target!r} in this build (available: cpu)")
+    if target == "cuda":
+        from lowering.backends.cuda import CudaProgram
+
+        return CudaProgram(graph, params, **kwargs)
+    raise ValueError(f"no backend for target {target!r} in this build (available: cpu, cuda)")

@@ -148,6 +148,27 @@ def test_decode_batch_cuda(pa, device, tolerances, head_dim, group, block_size):
     check_against_ref(pa, batch, tolerances)
 
 
+DECODE_ONLY = [(1, 70), (3, 45), (1, 1), (4, 33), (0, 5), (2, 130)]  # max q_len 4: the decode tiles
+
+
+@pytest.mark.parametrize("kv_format", ["bf16", "fp8", "nvfp4"])
+@pytest.mark.parametrize("variant", [
+    {"grid_order": 1},
+    {"grid_order": 1, "maxnreg": 128, "BLOCK_N": 32},
+    {"grid_order": 0, "num_warps": 8, "num_stages": 2},
+])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_tile_variants(pa, device, tolerances, monkeypatch, kv_format, variant, num_splits):
+    """Every decode tile option (grid order, register cap, tile shape) gives the same answer."""
+    for target in ("cuda", "interpret"):
+        monkeypatch.setitem(pa.FORMAT_OVERRIDES, (target, "decode", kv_format),
+                            {**pa.FORMAT_OVERRIDES.get((target, "decode", kv_format), {}), **variant})
+    for q_dtype in (torch.float32, torch.bfloat16):
+        batch = make_batch(DECODE_ONLY, block_size=16, num_q_heads=8, num_kv_heads=2, head_dim=64,
+                           kv_format=kv_format, q_dtype=q_dtype, device=device, seed=19)
+        check_against_ref(pa, batch, tolerances, num_splits=num_splits)
+
+
 def test_validation_errors(pa, device):
     good = make_batch(MIXED[:2], block_size=4, num_q_heads=4, num_kv_heads=2, head_dim=64, kv_format="bf16",
                       q_dtype=torch.float32, device=device)

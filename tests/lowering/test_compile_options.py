@@ -9,7 +9,7 @@ from tests.lowering.helpers import tiny_config
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"target": "metal"}, "unknown target 'metal'"),
-    ({"target": "cuda"}, "not available in this build"),
+    ({"target": "tpu"}, "not available in this build"),
     ({"block_size": 0}, "block_size must be an integer"),
     ({"block_size": 2.5}, "block_size must be an integer"),
     ({"dtype": "float8"}, "dtype must be one of"),

@@ -1,0 +1,380 @@
+"""Causal prefill attention over contiguous q/k/v (no cached context): a FlashAttention-style fast path.
+
+For steps where every sequence starts at position 0, the new tokens attend only to themselves, so K/V
+come straight from the projections ([T, Hkv, D] views, e.g. slices of the fused qkv output) instead of
+the paged pool. Varlen batch: sequence s owns rows cu_seqlens[s]:cu_seqlens[s+1]; causal within each.
+
+One program computes one (sequence, q head, BLOCK_M query rows) tile with an online softmax in base 2.
+The KV loop runs in two parts: the key tiles wholly below the tile's first row need no mask at all, then
+the few tiles on the diagonal get the causal (and sequence-end) mask. Query tiles are launched longest
+(most key tiles) first. On Hopper the tiles can come through TMA tensor descriptors (USE_TMA) whose
+per-sequence bounds also clip the ragged ends.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Tile configs keyed by (target, head_dim bucket). BLOCK_M query rows x BLOCK_N keys per step.
+# ORDER is the launch order, fastest-varying grid axis first: 0 = (query tile, head, sequence): longest tile
+# first within each head; 1 = (head, query tile, sequence): longest first across the heads of a sequence;
+# 2 = (head, sequence, query tile): longest first across the whole batch. USE_TMA loads through tensor
+# descriptors where Triton and the strides allow; WARP_SPEC asks Triton to warp-specialize the KV loop;
+# LAZY_RESCALE skips the accumulator rescale while the running max grows by < 2^8; PIPELINE_QK issues the
+# next q k^T before this tile's softmax. "interpret" is the CPU interpreter (tests).
+# cuda d=128: benchmarks/gpu_prefill.py --sweep, H100 and H200, Triton 3.6, 2026-11-26 (4 x 4096 causal,
+# bf16): ORDER 1 beat ORDER 0 by ~12% in one sweep (within noise in another); 128x128/8 warps/3 stages beat
+# 128x64, 64x64 and 2 stages; 4 stages and PIPELINE_QK at 3 stages run out of shared memory;
+# WARP_SPEC, LAZY_RESCALE and PIPELINE_QK (2 stages) did not help. USE_TMA=False and BLOCK_M=256/
+# BLOCK_N=64 measured ~5% faster in the last (paired) sweep only: not adopted until a rerun confirms.
+# d=64/256 are scaled from d=128, not tuned.
+_BASE = {"ORDER": 1, "USE_TMA": True, "WARP_SPEC": False, "LAZY_RESCALE": False, "PIPELINE_QK": False}
+TILE_SIZES = {
+    ("cuda", 64): {**_BASE, "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    ("cuda", 128): {**_BASE, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+    ("cuda", 256): {**_BASE, "BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    ("interpret", 64): {**_BASE, "BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1,
+                        "ORDER": 0, "USE_TMA": False},
+    ("interpret", 128): {**_BASE, "BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "USE_TMA": False},
+    ("interpret", 256): {**_BASE, "BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "USE_TMA": False,
+                         "ORDER": 2},
+}
+# f32 inputs (tests only) need smaller tiles to fit shared memory; keyed like TILE_SIZES.
+F32_OVERRIDES = {
+    ("cuda", 64): {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+    ("cuda", 128): {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+    ("cuda", 256): {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+}
+
+
+@triton.jit
+def _load_tile(ptr, desc, start, seq_len, stride_t, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows start..start+BLOCK_N of one head's K or V -> [BLOCK_N, BLOCK_D]; rows past seq_len read as zero
+    when MASKED (TMA descriptors clip them always)."""
+    if USE_TMA:
+        tile = desc.load([start, 0])
+    else:
+        offs_n = start + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        ptrs = ptr + offs_n[:, None].to(tl.int64) * stride_t + offs_d[None, :]
+        if MASKED:
+            tile = tl.load(ptrs, mask=(offs_n[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif HEAD_DIM != BLOCK_D:
+            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _scores(q, k, DOT_F32: tl.constexpr):
+    """q [BLOCK_M, BLOCK_D] x k [BLOCK_N, BLOCK_D] -> f32 [BLOCK_M, BLOCK_N] raw scores."""
+    if DOT_F32:
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    return s
+
+
+@triton.jit
+def _causal_mask(s, offs_m, start, BLOCK_N: tl.constexpr):
+    # keys past the sequence end sit above every valid row's diagonal, so this masks them too
+    offs_n = start + tl.arange(0, BLOCK_N)
+    return tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _softmax_pv(acc, l_i, m_i, s, v, qk_scale, LAZY_RESCALE: tl.constexpr, DOT_F32: tl.constexpr):
+    """Online-softmax update with one tile of raw scores s and its values v; returns (acc, l_i, m_i).
+
+    m_i is a running max of log2-scaled scores. Every row has seen at least one key by the time it gets
+    here (its own diagonal or an earlier tile), so m_new is finite and exp2(-inf - m_new) == 0 needs no
+    guard. LAZY_RESCALE keeps a stale max (and skips rescaling acc) until some row's max grows by more
+    than 2^8: p stays <= 256, harmless in f32 sums and in the bf16 P of the PV product.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    if LAZY_RESCALE:
+        if tl.max(m_new - m_i, 0) > 8.0:
+            alpha = tl.math.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.math.exp2(s * qk_scale - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
+    else:
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    if DOT_F32:
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _kv_step(acc, l_i, m_i, q, k_ptr, v_ptr, k_desc, v_desc, start, offs_m, seq_len, qk_scale,
+             stride_kt, stride_vt,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+             MASKED: tl.constexpr, USE_TMA: tl.constexpr, LAZY_RESCALE: tl.constexpr, DOT_F32: tl.constexpr):
+    """One BLOCK_N key tile of the online softmax; returns the updated (acc, l_i, m_i)."""
+    k = _load_tile(k_ptr, k_desc, start, seq_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED, USE_TMA)
+    s = _scores(q, k, DOT_F32)
+    if MASKED:
+        s = _causal_mask(s, offs_m, start, BLOCK_N)
+    v = _load_tile(v_ptr, v_desc, start, seq_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED, USE_TMA)
+    return _softmax_pv(acc, l_i, m_i, s, v, qk_scale, LAZY_RESCALE, DOT_F32)
+
+
+@triton.jit
+def prefill_attention_kernel(
+    out_ptr,  # [T, Hq, D], last dim contiguous
+    q_ptr,  # [T, Hq, D], last dim contiguous
+    k_ptr, v_ptr,  # [T, Hkv, D], last dim contiguous
+    cu_seqlens_ptr,  # i32[S+1]
+    sm_scale, num_m_tiles,
+    stride_qt, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ORDER: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, PIPELINE_QK: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    if ORDER == 0:
+        tile_rank = tl.program_id(0)
+        head = tl.program_id(1)
+        seq = tl.program_id(2)
+    elif ORDER == 1:
+        head = tl.program_id(0)
+        tile_rank = tl.program_id(1)
+        seq = tl.program_id(2)
+    else:
+        head = tl.program_id(0)
+        seq = tl.program_id(1)
+        tile_rank = tl.program_id(2)
+    m_tile = num_m_tiles - 1 - tile_rank  # the last query tiles see the most keys: launch them first
+    seq_start = tl.load(cu_seqlens_ptr + seq)
+    seq_len = tl.load(cu_seqlens_ptr + seq + 1) - seq_start
+    m0 = m_tile * BLOCK_M
+    if m0 >= seq_len:
+        return
+    kv_head = head // GROUP
+    row0 = seq_start.to(tl.int64)
+    q_base = q_ptr + row0 * stride_qt + head * stride_qh
+    k_base = k_ptr + row0 * stride_kt + kv_head * stride_kh
+    v_base = v_ptr + row0 * stride_vt + kv_head * stride_vh
+    o_base = out_ptr + row0 * stride_ot + head * stride_oh
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    if USE_TMA:
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[seq_len, HEAD_DIM], strides=[stride_qt, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[seq_len, HEAD_DIM], strides=[stride_kt, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[seq_len, HEAD_DIM], strides=[stride_vt, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        o_desc = tl.make_tensor_descriptor(o_base, shape=[seq_len, HEAD_DIM], strides=[stride_ot, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        q = q_desc.load([m0, 0])
+    else:
+        k_desc = k_base  # unused placeholders
+        v_desc = v_base
+        q_mask = (offs_m[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e): softmax via exp2
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Part 1: key tiles entirely below the first row of the tile (no mask, no bounds: all < m0 <= seq_len).
+    # Part 2: the diagonal tiles, causal mask; they stop at the tile's last row or the sequence end.
+    diag_lo = (m0 // BLOCK_N) * BLOCK_N
+    diag_hi = tl.minimum(m0 + BLOCK_M, seq_len)
+    if PIPELINE_QK:
+        # q k^T of the next tile is issued before the softmax of this one, so the tensor cores can work on
+        # it while the exp2s run; the last prefetch is the first diagonal tile (rows past seq_len masked).
+        s = _scores(q, _load_tile(k_base, k_desc, 0, seq_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM, True, USE_TMA),
+                    DOT_F32)
+        for start in range(0, diag_lo, BLOCK_N):
+            start = tl.multiple_of(start, BLOCK_N)
+            k_next = _load_tile(k_base, k_desc, start + BLOCK_N, seq_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM,
+                                True, USE_TMA)
+            s_next = _scores(q, k_next, DOT_F32)
+            v = _load_tile(v_base, v_desc, start, seq_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, False, USE_TMA)
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, qk_scale, LAZY_RESCALE, DOT_F32)
+            s = s_next
+        s = _causal_mask(s, offs_m, diag_lo, BLOCK_N)
+        v = _load_tile(v_base, v_desc, diag_lo, seq_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, True, USE_TMA)
+        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, qk_scale, LAZY_RESCALE, DOT_F32)
+        diag_lo += BLOCK_N
+    elif WARP_SPEC:
+        for start in tl.range(0, diag_lo, BLOCK_N, warp_specialize=True):
+            start = tl.multiple_of(start, BLOCK_N)
+            acc, l_i, m_i = _kv_step(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start, offs_m, seq_len,
+                                     qk_scale, stride_kt, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM,
+                                     False, USE_TMA, LAZY_RESCALE, DOT_F32)
+    else:
+        for start in range(0, diag_lo, BLOCK_N):
+            start = tl.multiple_of(start, BLOCK_N)
+            acc, l_i, m_i = _kv_step(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start, offs_m, seq_len,
+                                     qk_scale, stride_kt, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM,
+                                     False, USE_TMA, LAZY_RESCALE, DOT_F32)
+    for start in range(diag_lo, diag_hi, BLOCK_N):
+        start = tl.multiple_of(start, BLOCK_N)
+        acc, l_i, m_i = _kv_step(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start, offs_m, seq_len,
+                                 qk_scale, stride_kt, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM,
+                                 True, USE_TMA, LAZY_RESCALE, DOT_F32)
+
+    out = (acc / l_i[:, None]).to(out_ptr.dtype.element_ty)
+    if USE_TMA:
+        o_desc.store([m0, 0], out)  # rows past the sequence end are clipped by the descriptor
+    else:
+        o_mask = (offs_m[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
+        tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :], out, mask=o_mask)
+
+
+def _interpreting() -> bool:
+    return triton.knobs.runtime.interpret if hasattr(triton, "knobs") else False
+
+
+def _tile_sizes(device: torch.device, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    target = "cuda" if device.type == "cuda" and not _interpreting() else "interpret"
+    bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    f32 = F32_OVERRIDES.get((target, bucket), {}) if dtype == torch.float32 else {}
+    return {**TILE_SIZES[(target, bucket)], **f32}
+
+
+_ALLOCATOR_SET = False
+
+
+def _tma_ok(tensors) -> bool:
+    """TMA needs Triton's device-side descriptors, 16-byte aligned bases and row/head strides."""
+    if not hasattr(tl, "make_tensor_descriptor") or not hasattr(triton, "set_allocator"):
+        return False
+    if torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    for t in tensors:
+        per16 = 16 // t.element_size()
+        if t.data_ptr() % 16 or t.stride(0) % per16 or t.stride(1) % per16:
+            return False
+    return True
+
+
+def _ensure_allocator():
+    # device-side tensor descriptors need a little global scratch per launch (128 B a descriptor)
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ValueError(f"prefill_attention: {msg}")
+
+
+def _validate(q, k, v, cu_seqlens, out):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check(t.dim() == 3, f"{name} must be [T, H, D], got shape {tuple(t.shape)}")
+    _check(q.dtype in (torch.bfloat16, torch.float16, torch.float32), f"q dtype {q.dtype} unsupported")
+    _check(k.dtype == q.dtype and v.dtype == q.dtype, f"q/k/v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    num_tokens, num_q_heads, head_dim = q.shape
+    _check(head_dim % 16 == 0 and 16 <= head_dim <= 256,
+           f"head_dim must be a multiple of 16 in [16, 256], got {head_dim}")
+    _check(k.shape == v.shape, f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    _check(k.shape[0] == num_tokens and k.shape[2] == head_dim,
+           f"k/v must be [T={num_tokens}, Hkv, D={head_dim}], got {tuple(k.shape)}")
+    num_kv_heads = k.shape[1]
+    _check(num_kv_heads >= 1 and num_q_heads % num_kv_heads == 0,
+           f"Hq={num_q_heads} must be a multiple of Hkv={num_kv_heads}")
+    _check(cu_seqlens.dim() == 1 and cu_seqlens.dtype == torch.int32 and cu_seqlens.numel() >= 2,
+           "cu_seqlens must be i32[S+1] with S >= 1")
+    for name, t in (("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
+        _check(t.device == q.device, f"{name} is on {t.device}, q on {q.device}")
+    if out is not None:
+        _check(out.shape == q.shape and out.dtype == q.dtype and out.device == q.device,
+               f"out must match q: {tuple(q.shape)} {q.dtype}")
+        _check(out.stride(2) == 1, "out must have a contiguous last dim")
+
+
+def prefill_attention(
+    q,  # [T, Hq, D] bf16/fp16/f32; any strides (last dim contiguous avoids a copy)
+    k, v,  # [T, Hkv, D] same dtype, Hq a multiple of Hkv
+    cu_seqlens,  # i32[S+1] sequence s owns rows cu_seqlens[s]:cu_seqlens[s+1]
+    *,
+    scale: float,
+    max_seqlen: int | None = None,
+    out=None,  # [T, Hq, D] q dtype, last dim contiguous
+    tiles: dict | None = None,  # overrides of the TILE_SIZES entry (tuning, tests)
+):
+    """Causal self-attention of each sequence's new tokens (all starting at position 0); returns out.
+
+    Pass max_seqlen (a host int >= the longest sequence) to avoid a device sync (and when capturing CUDA
+    graphs). Rows past cu_seqlens[S] are left unwritten.
+    """
+    _validate(q, k, v, cu_seqlens, out)
+    _check(scale > 0, f"scale must be > 0, got {scale}")
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    num_seqs = cu_seqlens.numel() - 1
+    q, k, v = (t if t.stride(2) == 1 else t.contiguous() for t in (q, k, v))
+    if out is None:
+        out = torch.empty_like(q)
+    if num_tokens == 0:
+        return out
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+    max_seqlen = int(max_seqlen)
+    _check(max_seqlen >= 0, f"max_seqlen must be >= 0, got {max_seqlen}")
+    if max_seqlen == 0:
+        return out
+
+    cfg = {**_tile_sizes(q.device, head_dim, q.dtype), **(tiles or {})}
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    block_d = triton.next_power_of_2(head_dim)
+    use_tma = bool(cfg["USE_TMA"]) and q.device.type == "cuda" and not _interpreting() and _tma_ok((q, k, v, out))
+    if use_tma:
+        _ensure_allocator()
+    num_m_tiles = triton.cdiv(max_seqlen, block_m)
+    order = int(cfg["ORDER"])
+    _check(order in (0, 1, 2), f"ORDER must be 0, 1 or 2, got {order}")
+    grid = [(num_m_tiles, num_q_heads, num_seqs), (num_q_heads, num_m_tiles, num_seqs),
+            (num_q_heads, num_seqs, num_m_tiles)][order]
+    dot_f32 = _interpreting() or q.dtype == torch.float32
+    prefill_attention_kernel[grid](
+        out, q, k, v, cu_seqlens,
+        float(scale), num_m_tiles,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        GROUP=num_q_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        HEAD_DIM=head_dim, ORDER=order, USE_TMA=use_tma,
+        WARP_SPEC=bool(cfg["WARP_SPEC"]) and not _interpreting(), LAZY_RESCALE=bool(cfg["LAZY_RESCALE"]),
+        PIPELINE_QK=bool(cfg["PIPELINE_QK"]), DOT_F32=dot_f32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def ref_prefill_attention(q, k, v, cu_seqlens, *, scale: float, **unused):
+    """Float64 reference: per sequence, causal softmax(q k^T * scale) v with K/V heads repeated for GQA."""
+    group = q.shape[1] // k.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)  # f64[T, Hq, D]
+    bounds = cu_seqlens.tolist()
+    for t0, t1 in zip(bounds[:-1], bounds[1:]):
+        if t1 == t0:
+            continue
+        qq = q[t0:t1].double()  # f64[L, Hq, D]
+        kk = k[t0:t1].double().repeat_interleave(group, dim=1)
+        vv = v[t0:t1].double().repeat_interleave(group, dim=1)
+        scores = torch.einsum("thd,chd->htc", qq, kk) * scale  # f64[Hq, L, L]
+        causal = torch.ones(t1 - t0, t1 - t0, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(causal, float("-inf"))
+        out[t0:t1] = torch.einsum("htc,chd->thd", torch.softmax(scores, dim=-1), vv)
+    return out

@@ -1,0 +1,958 @@
+"""CUDA backend: the graph lowered to Triton kernels + cuBLAS on torch tensors; decode steps replay CUDA graphs.
+
+Planning (once, at build): every node becomes a closure over torch tensors. Semantic ops map to
+kernels_gpu (paged attention, kv_write, RMSNorm with the residual add fused in, RoPE rotating the
+fused-QKV views in place, SiLU-and-mul on the fused gate|up output) and cuBLAS (linears, logits);
+generic lax ops map to torch ops, or, failing that, to JAX through DLPack (eager only).
+
+Running: a decode-only step (one new token per sequence, batch <= the largest bucket) is padded to a
+batch bucket (1, 2, 4, 8, ..., 256) and replays the CUDA graph captured for (bucket, context bucket)
+on first use: no Python per layer, one host->device copy of the packed step inputs, one copy back.
+Any other step (prefill chunks, mixed batches, verification) runs the same closures eagerly.
+
+The same code runs on a CPU torch device under TRITON_INTERPRET=1 (tests), without CUDA graphs.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from lowering.ir import Graph, IRError, Node, bind_symbols, decode_param, eval_dim, generic_primitive
+
+DEFAULT_GPU_MEMORY_FRACTION = 0.9
+DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20  # device="cpu" (interpreter tests): 256 MiB unless told otherwise
+GRAPH_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PREFILL_FAST_PATH_MIN_TOKENS = 64  # a step whose longest new sequence is shorter stays on the paged kernel
+MIN_CONTEXT_BUCKET = 256  # decode graphs are keyed by the step's longest context, rounded up to a power of two
+
+_TORCH_DTYPES: dict[str, Any] = {}
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if not _TORCH_DTYPES:
+        _TORCH_DTYPES.update({
+            "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+            "float64": torch.float64, "int32": torch.int32, "int64": torch.int64, "int8": torch.int8,
+            "uint8": torch.uint8, "int16": torch.int16, "bool": torch.bool, "float8_e4m3fn": torch.float8_e4m3fn,
+            "uint32": torch.uint32 if hasattr(torch, "uint32") else torch.int32,
+        })
+    if name not in _TORCH_DTYPES:
+        raise IRError(f"dtype {name} has no torch equivalent on the cuda target")
+    return _TORCH_DTYPES[name]
+
+
+def to_torch(value, device, dtype: str | None = None):
+    """A numpy/JAX array -> torch tensor on `device` (bfloat16 goes through its bit pattern)."""
+    import torch
+
+    arr = np.array(value, copy=True) if not np.asarray(value).flags.writeable else np.asarray(value)
+    name = dtype or arr.dtype.name
+    if arr.dtype.name == "bfloat16":
+        t = torch.from_numpy(np.ascontiguousarray(arr).view(np.uint16).view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    return t.to(device=device, dtype=torch_dtype(name))
+
+
+def _bucket_pow2(n: int, minimum: int = 1) -> int:
+    n = max(int(n), minimum)
+    return 1 << (n - 1).bit_length()
+
+
+class _StepContext:
+    """Host facts of the step being run (or captured) that kernels need without syncing the device.
+
+    fresh_prefill: every sequence starts at position 0 (no cached context) and the longest has at
+    least PREFILL_FAST_PATH_MIN_TOKENS tokens: attention reads the new K/V directly (prefill kernel).
+    """
+
+    def __init__(self, *, env: dict, max_q_len: int, max_seq_len: int, fresh_prefill: bool = False):
+        self.env = env
+        self.max_q_len = max_q_len
+        self.max_seq_len = max_seq_len
+        self.fresh_prefill = fresh_prefill
+
+
+class CudaProgram:
+    """Program for target="cuda": step(StepInput) -> f32[L, V]; step_greedy -> i32[L]; owns the KV pools.
+
+    num_blocks: KV blocks in the pool; by default as many as `gpu_memory_fraction` of the card allows
+    after the weights and a profiled peak step of `max_num_batched_tokens` tokens (on a CPU device:
+    `kv_cache_bytes`, default 256 MiB). cuda_graphs: capture decode steps (default: on a CUDA device).
+    weight_quant: "int8" | "int4" | "nvfp4" (weight-only) or "fp8" (W8A8): every linear weight (and the
+    logits weight unless quantize_lm_head=False) is quantized when the program is built and multiplied by
+    kernels_gpu.quant_linear; a linear whose K the scheme cannot group stays in the model dtype
+    (`program.quantized_weights` lists the quantized ones).
+    """
+
+    def __init__(self, graph: Graph, params: Mapping[str, Any], *, num_blocks: int | None = None,
+                 max_num_seqs: int = 64, max_model_len: int = 2048, device: str | None = None,
+                 gpu_memory_fraction: float | None = None, kv_cache_bytes: int | None = None,
+                 max_num_batched_tokens: int = 8192, cuda_graphs: bool | None = None, pool_fill: float = 0.0,
+                 weight_quant: str | None = None, quantize_lm_head: bool = True):
+        import torch
+
+        if "block_size" not in graph.meta:
+            raise IRError("graph has no paged KV cache: run insert_paged_kv before building a program")
+        if device is None:
+            if not torch.cuda.is_available():
+                raise RuntimeError("target='cuda' needs an NVIDIA GPU, and torch.cuda.is_available() is False here; "
+                                   "compile for target='cpu', or pass device='cpu' (with TRITON_INTERPRET=1) to run "
+                                   "the CUDA program's kernels in Triton's interpreter")
+            device = "cuda"
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} asked for, but torch.cuda.is_available() is False")
+        if self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("device='cpu' runs the Triton kernels in their interpreter: set TRITON_INTERPRET=1 "
+                               "before importing llmc")
+        if gpu_memory_fraction is not None and not (0.0 < float(gpu_memory_fraction) <= 1.0):
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {gpu_memory_fraction!r}")
+        if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
+        self.graph = graph
+        self.block_size = int(graph.meta["block_size"])
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.max_num_seqs = max_num_seqs
+        out_type = graph.types[graph.outputs[0]]
+        self.vocab_size = int(out_type.shape[-1])
+        missing = set(graph.params) - set(params)
+        if missing:
+            raise IRError(f"program is missing params {sorted(missing)[:3]}")
+        self.params = {name: to_torch(params[name], self.device, graph.types[name].dtype) for name in graph.params}
+        if weight_quant not in (None, "int8", "int4", "nvfp4", "fp8"):
+            raise ValueError(f"weight_quant must be None, 'int8', 'int4', 'nvfp4' or 'fp8', got {weight_quant!r}")
+        self.weight_quant = weight_quant
+        self.quantized_weights: dict[str, str] = {}  # param name -> scheme
+        self._quantized_inputs: dict[int, list[str]] = {}  # id(node) -> its inputs with quantized weight names
+        if weight_quant:
+            self._quantize_weights(weight_quant, quantize_lm_head)
+        self._embed_rows = self._embedding_rows()
+        self.prefill_fast_path = _has_prefill_kernel()
+        self.num_fresh_prefill_steps = 0
+        self.prefill_fast_path_min_tokens = PREFILL_FAST_PATH_MIN_TOKENS
+        self.eager_only_ops: list[str] = []  # generic ops run through JAX (no CUDA graphs then)
+        self._plan = _plan(graph, self)
+        self.cuda_graphs = (self.device.type == "cuda" and not self.eager_only_ops) if cuda_graphs is None else bool(cuda_graphs)
+        if self.cuda_graphs and (self.device.type != "cuda" or self.eager_only_ops):
+            raise ValueError("cuda_graphs=True needs a CUDA device and a graph with no eager-only ops "
+                             f"(eager-only here: {self.eager_only_ops})")
+
+        per_block = self.kv_bytes_per_block()
+        if num_blocks is None:
+            if kv_cache_bytes is None:
+                if self.device.type == "cuda":
+                    kv_cache_bytes = self._kv_budget_from_memory(gpu_memory_fraction or DEFAULT_GPU_MEMORY_FRACTION,
+                                                                 max_num_batched_tokens)
+                else:
+                    kv_cache_bytes = DEFAULT_CPU_KV_CACHE_BYTES
+            num_blocks = int(kv_cache_bytes) // max(per_block, 1)
+            if num_blocks < self.max_blocks_per_seq:
+                raise RuntimeError(
+                    f"the KV cache fits {num_blocks} blocks of {self.block_size} tokens ({kv_cache_bytes / 2**30:.2f} GiB"
+                    f" at {per_block} bytes per block) but one sequence of max_model_len={max_model_len} needs "
+                    f"{self.max_blocks_per_seq}; raise gpu_memory_fraction / kv_cache_bytes or lower max_model_len")
+        if not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+        self.num_blocks = int(num_blocks)
+        self.state = self._allocate_state(self.num_blocks, pool_fill)
+
+        # decode graphs: packed i32 inputs in one device buffer, filled by one copy per step
+        self.graph_batch_buckets = tuple(b for b in GRAPH_BATCH_BUCKETS if b < max_num_seqs) + (
+            min(b for b in GRAPH_BATCH_BUCKETS + (max_num_seqs,) if b >= max_num_seqs),)
+        self.graph_batch_buckets = tuple(sorted(set(min(b, 256) for b in self.graph_batch_buckets)))
+        self._graphs: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
+        self._graph_pool = None
+        self._static = None
+        self.num_graph_replays = 0
+        self.num_eager_steps = 0
+        self.num_fresh_prefill_steps = 0  # eager steps that took the prefill kernel
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def _quantize_weights(self, scheme: str, lm_head: bool) -> None:
+        """Replace each linear's (and the logits') weight param by a QuantizedWeight under `<name>#<scheme>`."""
+        import torch
+
+        from kernels_gpu.quant_linear import quantize_weight
+
+        users = self.graph.users()
+        for node in self.graph.nodes:
+            if node.op not in ("linear", "logits") or (node.op == "logits" and not lm_head):
+                continue
+            name = node.inputs[1] if node.op == "linear" else node.inputs[2]
+            weight = self.params.get(name)
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                continue
+            if weight.shape[1] % {"int4": 128, "nvfp4": 16}.get(scheme, 1):
+                continue  # K does not split into the scheme's groups: stays unquantized
+            key = f"{name}#{scheme}"
+            if key not in self.params:
+                self.params[key] = quantize_weight(weight, scheme)
+            node_inputs = list(node.inputs)
+            node_inputs[1 if node.op == "linear" else 2] = key
+            self._quantized_inputs[id(node)] = node_inputs
+            self.quantized_weights[name] = scheme
+        for name in self.quantized_weights:  # free the original unless something else (the embedding) reads it
+            if all(id(u) in self._quantized_inputs for u in users.get(name, [])):
+                del self.params[name]
+
+    # -- memory --------------------------------------------------------------------------------
+
+    @property
+    def launch_plan(self) -> list[str]:
+        """What each step runs, in order (fused ops show as e.g. "add+rms_norm", "rope(q,k)")."""
+        return [label for *_, label in self._plan]
+
+    def kv_bytes_per_block(self) -> int:
+        import torch
+
+        total = 0
+        for name in self.graph.state:
+            t = self.graph.types[name]
+            total += math.prod(t.shape[1:]) * torch.empty((), dtype=torch_dtype(t.dtype)).element_size()
+        return total
+
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state.values())
+
+    def _allocate_state(self, num_blocks: int, fill: float) -> dict:
+        import torch
+
+        env = {"N": num_blocks}
+        return {s: torch.full(tuple(eval_dim(d, env) for d in self.graph.types[s].shape), fill,
+                              dtype=torch_dtype(self.graph.types[s].dtype), device=self.device)
+                for s in self.graph.state}
+
+    def _kv_budget_from_memory(self, fraction: float, max_tokens: int) -> int:
+        """Bytes left for KV blocks: fraction x card memory - what is in use - the profiled peak of a big step."""
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        in_use = total - free  # our weights, other processes, the CUDA context
+        # profile one prefill step of max_tokens tokens (one sequence) over a pool just big enough for it
+        blocks = -(-max_tokens // self.block_size) + 1
+        saved = getattr(self, "state", None)
+        self.state = self._allocate_state(blocks, 0.0)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        n = max_tokens
+        inputs = {
+            "token_ids": np.zeros(n, np.int32), "positions": np.arange(n, dtype=np.int32),
+            "slot_mapping": np.arange(n, dtype=np.int32) + self.block_size,
+            "query_start": np.array([0, n], np.int32), "seq_lens": np.array([n], np.int32),
+            "block_tables": (np.arange(blocks - 1, dtype=np.int32) + 1)[None, :],
+            "logit_rows": np.arange(min(self.max_num_seqs, n), dtype=np.int32),
+        }
+        self._run_eager(inputs)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del self.state
+        if saved is not None:
+            self.state = saved
+        torch.cuda.empty_cache()
+        budget = int(total * fraction) - in_use - peak
+        if budget <= 0:
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache: {fraction:.0%} of {total / 2**30:.1f} GiB is "
+                f"{total * fraction / 2**30:.1f} GiB, {in_use / 2**30:.1f} GiB is already in use (weights, other "
+                f"processes) and a {max_tokens}-token step peaks at {peak / 2**30:.2f} GiB; raise gpu_memory_fraction "
+                f"or lower max_num_batched_tokens")
+        return budget
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def _embedding_rows(self) -> int | None:
+        for node in self.graph.nodes:
+            if node.op == "embed":
+                return int(self.params[node.inputs[1]].shape[0]) if node.inputs[1] in self.params else None
+        return None
+
+    def _check_step(self, inp) -> None:
+        inp.validate(block_size=self.block_size, num_blocks=self.num_blocks)
+        if inp.block_tables.shape[1] > self.max_blocks_per_seq:
+            raise ValueError(f"StepInput.block_tables is {inp.block_tables.shape[1]} blocks wide; this program holds "
+                             f"at most {self.max_blocks_per_seq} per sequence (max_model_len)")
+        if inp.num_tokens and self._embed_rows is not None:
+            lo, hi = int(inp.token_ids.min()), int(inp.token_ids.max())
+            if lo < 0 or hi >= self._embed_rows:
+                raise ValueError(f"StepInput.token_ids must be in [0, {self._embed_rows}), got values in [{lo}, {hi}]")
+        if inp.num_seqs and inp.block_tables.size:
+            used = inp.block_tables[:, : -(-int(inp.seq_lens.max()) // self.block_size)]
+            if used.size and (used.min() < 0 or used.max() >= self.num_blocks):
+                raise ValueError(f"StepInput.block_tables names a block outside [0, {self.num_blocks})")
+
+    def step(self, inp) -> np.ndarray:
+        """Run one ragged step; returns f32[L, V] logits on the host."""
+        logits, _ = self._step_device(inp)
+        return logits.float().cpu().numpy()
+
+    def step_greedy(self, inp) -> np.ndarray:
+        """Run one ragged step and pick argmax tokens on the device (ties: lowest id); returns i32[L]."""
+        _, tokens = self._step_device(inp)
+        return tokens.cpu().numpy()
+
+    def step_sample(self, inp, *, temperature, top_k, top_p, seeds, offsets, min_p=None) -> np.ndarray:
+        """Run one ragged step and sample on the device with per-row parameters; returns i32[L].
+
+        temperature f32[L] (0 = greedy), top_k i32[L] (0 or -1 = off), top_p f32[L] (1 = off),
+        min_p f32[L] (0 = off), seeds / offsets i64[L]: the same (seed, offset) draws the same token
+        for the same logits (see kernels_gpu/sampling.py for the exact rules).
+        """
+        import torch
+
+        from kernels_gpu.sampling import check_sampling_values, sample
+
+        num_rows = int(inp.logit_rows.shape[0])
+        host = {"temperature": np.asarray(temperature, np.float32), "top_k": np.asarray(top_k, np.int32),
+                "top_p": np.asarray(top_p, np.float32),
+                "min_p": np.zeros(num_rows, np.float32) if min_p is None else np.asarray(min_p, np.float32),
+                "seeds": np.asarray(seeds, np.int64), "offsets": np.asarray(offsets, np.int64)}
+        for name, a in host.items():
+            if a.shape != (num_rows,):
+                raise ValueError(f"step_sample: {name} must have one value per logit row ({num_rows}), got shape {a.shape}")
+        check_sampling_values(*(torch.from_numpy(host[k]) for k in ("temperature", "top_k", "top_p", "min_p")))
+        logits, _ = self._step_device(inp, greedy=False)
+        dev = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in host.items()}
+        return sample(logits, **dev).cpu().numpy()
+
+    def _step_device(self, inp, *, greedy: bool = True):
+        """-> (logits f32[L, V], greedy tokens i32[L] or None), both on the device."""
+        self._check_step(inp)
+        num_rows = int(inp.logit_rows.shape[0])
+        q_lens = np.diff(inp.query_start)
+        decode = (inp.num_tokens == inp.num_seqs and inp.num_seqs > 0 and bool(np.all(q_lens == 1))
+                  and num_rows == inp.num_seqs)
+        if self.cuda_graphs and decode and inp.num_seqs <= self.graph_batch_buckets[-1]:
+            logits, tokens = self._replay_decode(inp)
+            self.num_graph_replays += 1
+        else:
+            arrays = {k: getattr(inp, k) for k in ("token_ids", "positions", "slot_mapping", "query_start", "seq_lens",
+                                                    "block_tables", "logit_rows")}
+            logits = self._run_eager(arrays)
+            tokens = _argmax(logits) if greedy else None
+            self.num_eager_steps += 1
+        return logits[:num_rows], (tokens[:num_rows] if tokens is not None else None)
+
+    def _run_eager(self, arrays: Mapping[str, np.ndarray]):
+        packed, views = _pack_inputs(arrays, self.graph.inputs)
+        dev = _to_device(packed, self.device)
+        inputs = {name: dev[a:b].view(shape) for name, (a, b, shape) in views.items()}
+        q_lens = np.diff(arrays["query_start"])
+        max_q_len = max(1, int(q_lens.max()) if q_lens.size else 1)
+        fresh = (self.prefill_fast_path and max_q_len >= self.prefill_fast_path_min_tokens
+                 and bool(np.array_equal(arrays["seq_lens"], q_lens)))
+        self.num_fresh_prefill_steps += int(fresh)
+        ctx = _StepContext(env=self._env(inputs), max_q_len=max_q_len, fresh_prefill=fresh,
+                           max_seq_len=max(1, int(arrays["seq_lens"].max()) if arrays["seq_lens"].size else 1))
+        return self._execute(inputs, ctx)
+
+    def _env(self, inputs) -> dict:
+        names = list(self.graph.inputs) + list(self.graph.state)
+        shapes = [tuple(inputs[n].shape) for n in self.graph.inputs] + [tuple(self.state[s].shape) for s in self.graph.state]
+        return bind_symbols([self.graph.types[n] for n in names], shapes)
+
+    def _execute(self, inputs: Mapping[str, Any], ctx: _StepContext):
+        values: dict[str, Any] = dict(inputs)
+        values.update(self.params)
+        values.update(self.state)
+        for fn, ins, outs, _ in self._plan:
+            results = fn(ctx, *[values[n] for n in ins])
+            values.update(zip(outs, results))
+        for s in self.graph.state:  # kernels update the pools in place; keep whatever tensor holds them
+            self.state[s] = values[self.graph.state_updates.get(s, s)]
+        return values[self.graph.outputs[0]]
+
+    # -- CUDA graphs for decode ------------------------------------------------------------------------
+
+    def _static_buffers(self):
+        import torch
+
+        if self._static is None:
+            max_b = self.graph_batch_buckets[-1]
+            fields = [("token_ids", max_b), ("positions", max_b), ("slot_mapping", max_b), ("query_start", max_b + 1),
+                      ("seq_lens", max_b), ("logit_rows", max_b), ("block_tables", max_b * self.max_blocks_per_seq)]
+            offsets, at = {}, 0
+            for name, size in fields:
+                offsets[name] = at
+                at += size
+            device_buf = torch.zeros(at, dtype=torch.int32, device=self.device)
+            host_buf = torch.zeros(at, dtype=torch.int32, pin_memory=True)
+            self._static = (device_buf, host_buf, offsets)
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return self._static
+
+    def _fill_decode(self, host: np.ndarray, offsets: dict, b: int, inp=None) -> int:
+        """Write a decode step padded to batch b into the packed host buffer; returns how many ints to copy."""
+        width = self.max_blocks_per_seq
+        s = 0 if inp is None else inp.num_seqs
+        host[offsets["token_ids"]: offsets["token_ids"] + b] = 0
+        host[offsets["positions"]: offsets["positions"] + b] = 0
+        host[offsets["slot_mapping"]: offsets["slot_mapping"] + b] = -1
+        host[offsets["query_start"]: offsets["query_start"] + b + 1] = np.arange(b + 1, dtype=np.int32)
+        host[offsets["seq_lens"]: offsets["seq_lens"] + b] = 0  # pad sequences see no context
+        host[offsets["logit_rows"]: offsets["logit_rows"] + b] = np.arange(b, dtype=np.int32)
+        tables = host[offsets["block_tables"]: offsets["block_tables"] + b * width].reshape(b, width)
+        tables[:] = 0
+        if inp is not None:
+            host[offsets["token_ids"]: offsets["token_ids"] + s] = inp.token_ids
+            host[offsets["positions"]: offsets["positions"] + s] = inp.positions
+            host[offsets["slot_mapping"]: offsets["slot_mapping"] + s] = inp.slot_mapping
+            host[offsets["seq_lens"]: offsets["seq_lens"] + s] = inp.seq_lens
+            host[offsets["logit_rows"]: offsets["logit_rows"] + s] = inp.logit_rows
+            tables[:s, : inp.block_tables.shape[1]] = inp.block_tables
+        return offsets["block_tables"] + b * width
+
+    def _decode_views(self, b: int):
+        device_buf, _, offsets = self._static_buffers()
+        width = self.max_blocks_per_seq
+
+        def view(name, n, shape=None):
+            t = device_buf[offsets[name]: offsets[name] + n]
+            return t.view(shape) if shape else t
+
+        return {"token_ids": view("token_ids", b), "positions": view("positions", b),
+                "slot_mapping": view("slot_mapping", b), "query_start": view("query_start", b + 1),
+                "seq_lens": view("seq_lens", b), "logit_rows": view("logit_rows", b),
+                "block_tables": view("block_tables", b * width, (b, width))}
+
+    def _replay_decode(self, inp):
+        s = inp.num_seqs
+        b = next(x for x in self.graph_batch_buckets if x >= s)
+        ctx_bucket = min(_bucket_pow2(int(inp.seq_lens.max()), MIN_CONTEXT_BUCKET),
+                         _bucket_pow2(self.max_blocks_per_seq * self.block_size))
+        key = (b, ctx_bucket)
+        if key not in self._graphs:
+            self._capture(b, ctx_bucket)
+        graph, logits, tokens = self._graphs[key]
+        device_buf, host_buf, offsets = self._static
+        host = host_buf.numpy()
+        n = self._fill_decode(host, offsets, b, inp)
+        device_buf[:n].copy_(host_buf[:n], non_blocking=True)
+        graph.replay()
+        return logits, tokens
+
+    def _capture(self, b: int, ctx_bucket: int) -> None:
+        import torch
+
+        device_buf, host_buf, offsets = self._static_buffers()
+        torch.cuda.synchronize(self.device)
+        n = self._fill_decode(host_buf.numpy(), offsets, b)  # safe inputs: nothing written, no context
+        device_buf[:n].copy_(host_buf[:n])
+        inputs = self._decode_views(b)
+        ctx = _StepContext(env=self._env(inputs), max_q_len=1, max_seq_len=ctx_bucket)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile/autotune every kernel outside the capture
+                _argmax(self._execute(inputs, ctx))
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            logits = self._execute(inputs, ctx)
+            tokens = _argmax(logits)
+        torch.cuda.synchronize(self.device)
+        self._graphs[(b, ctx_bucket)] = (graph, logits, tokens)
+
+    def capture_decode_graphs(self, context_len: int | None = None) -> int:
+        """Capture every batch bucket's decode graph up front (else each is captured on first use)."""
+        if not self.cuda_graphs:
+            return 0
+        ctx = context_len or MIN_CONTEXT_BUCKET
+        ctx_bucket = min(_bucket_pow2(ctx, MIN_CONTEXT_BUCKET), _bucket_pow2(self.max_blocks_per_seq * self.block_size))
+        for b in sorted(self.graph_batch_buckets, reverse=True):  # largest first: smaller ones reuse its pool
+            if (b, ctx_bucket) not in self._graphs:
+                self._capture(b, ctx_bucket)
+        return len(self._graphs)
+
+
+def _argmax(logits):
+    """i32[L] argmax per row, lowest id on ties, on the device.
+
+    NOTE: torch.argmax, not kernels_gpu.sampling.greedy: on the H100 (2026-11-26, V=128256) torch took
+    0.037 ms for 64 rows against the Triton kernel's 0.064 ms.
+    """
+    import torch
+
+    return torch.argmax(logits, dim=-1).to(torch.int32)
+
+
+def _pack_inputs(arrays: Mapping[str, np.ndarray], names) -> tuple[np.ndarray, dict]:
+    parts, views, at = [], {}, 0
+    for name in names:
+        a = np.ascontiguousarray(arrays[name], dtype=np.int32)
+        parts.append(a.reshape(-1))
+        views[name] = (at, at + a.size, tuple(a.shape))
+        at += a.size
+    return (np.concatenate(parts) if parts else np.zeros(0, np.int32)), views
+
+
+def _to_device(packed: np.ndarray, device):
+    import torch
+
+    t = torch.from_numpy(packed)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: graph nodes -> closures over torch tensors.
+# ---------------------------------------------------------------------------------------------
+
+Fn = Callable[..., tuple]
+
+
+def _plan(graph: Graph, program: CudaProgram) -> list[tuple[Fn, list[str], list[str], str]]:
+    """(closure, input names, output names, label) in execution order."""
+    producers = graph.producers()
+    users = graph.users()
+    position = {id(n): i for i, n in enumerate(graph.nodes)}
+    plan: list[tuple[Fn, list[str], list[str], str]] = []
+    skip: set[int] = set()
+    for i, node in enumerate(graph.nodes):
+        if id(node) in skip:
+            continue
+        # RMSNorm fed by a residual add: one add_rms_norm kernel yields both the sum and the norm
+        if node.op == "add" and len(node.inputs) == 2:
+            fused = _fusable_norm(graph, node, users, position, program)
+            if fused is not None:
+                skip.add(id(fused))
+                plan.append((_add_rms_norm_fn(fused.attrs["eps"]), [node.inputs[0], node.inputs[1], fused.inputs[1]],
+                             [fused.outputs[0], node.outputs[0]], "add+rms_norm"))
+                continue
+        # q and k RoPE of one layer: one kernel launch rotating both (in place when they are fused-QKV views)
+        if node.op == "rope":
+            partner = _rope_partner(graph, node, users, producers, position)
+            if partner is not None:
+                skip.add(id(partner))
+                plan.append((_rope_pair_fn(node, partner, graph, users, program),
+                             [node.inputs[0], partner.inputs[0], node.inputs[1]], [node.outputs[0], partner.outputs[0]],
+                             "rope(q,k)"))
+                continue
+        if id(node) in program._quantized_inputs:
+            plan.append((_quant_linear_fn(node), program._quantized_inputs[id(node)], list(node.outputs),
+                         f"{node.op}[{program.weight_quant}]"))
+            continue
+        lower = _LOWERINGS.get(node.op)
+        if lower is not None:
+            fn = lower(node, graph, program, producers, users)
+            plan.append((fn, list(node.inputs) + getattr(fn, "extra_inputs", []), list(node.outputs), node.op))
+        else:
+            plan.append((_generic_fn(node, graph, program), list(node.inputs), list(node.outputs), node.op))
+    return plan
+
+
+def _fusable_norm(graph, add: Node, users, position, program) -> Node | None:
+    out = add.outputs[0]
+    t = graph.types[out]
+    if len(t.shape) != 2 or any(graph.types[x].dtype != t.dtype for x in add.inputs):
+        return None
+    if any(graph.types[x].shape != t.shape for x in add.inputs) or t.dtype not in ("bfloat16", "float16", "float32"):
+        return None
+    norms = [u for u in users.get(out, []) if u.op == "rms_norm" and u.inputs[0] == out]
+    if not norms:
+        return None
+    norm = norms[0]
+    if graph.types[norm.inputs[1]].dtype not in ("bfloat16", "float16", "float32"):
+        return None
+    # every other user of the sum must come after the norm (the sum is produced there)
+    if any(position[id(u)] < position[id(norm)] for u in users.get(out, []) if u is not norm):
+        return None
+    # the norm's weight must be available before the add (it is a param or computed earlier)
+    return norm
+
+
+def _rope_partner(graph, node: Node, users, producers, position) -> Node | None:
+    """A later rope node with the same positions and rotation whose input already exists here."""
+    same = {k: v for k, v in node.attrs.items() if k != "num_heads"}
+    for other in users.get(node.inputs[1], []):
+        if other is node or other.op != "rope" or position[id(other)] <= position[id(node)]:
+            continue
+        if {k: v for k, v in other.attrs.items() if k != "num_heads"} != same:
+            continue
+        src = producers.get(other.inputs[0])
+        if src is not None and position[id(src)] > position[id(node)]:
+            continue
+        if graph.types[other.inputs[0]].dtype != graph.types[node.inputs[0]].dtype:
+            continue
+        return other
+    return None
+
+
+def _inplace_ok(graph, name: str, users) -> bool:
+    return len(users.get(name, [])) == 1 and name not in graph.inputs + graph.params + graph.state
+
+
+def _rope_pair_fn(a: Node, b: Node, graph, users, program) -> Fn:
+    from kernels_gpu.rope import apply_rope, rope_inv_freq
+
+    attrs = a.attrs
+    inv_freq = rope_inv_freq(attrs["head_dim"], attrs["theta"], attrs.get("rope_scaling"), device=program.device)
+    dim, ha, hb = attrs["head_dim"], a.attrs["num_heads"], b.attrs["num_heads"]
+    inplace = _inplace_ok(graph, a.inputs[0], users) and _inplace_ok(graph, b.inputs[0], users)
+
+    def run(ctx, x, y, positions):
+        t = x.shape[0]
+        qa, qb = apply_rope(x.view(t, ha, dim), y.view(t, hb, dim), positions, inv_freq, inplace=inplace)
+        return qa.view(t, ha * dim), qb.view(t, hb * dim)
+
+    return run
+
+
+def _add_rms_norm_fn(eps: float) -> Fn:
+    from kernels_gpu.norms import add_rms_norm
+
+    def run(ctx, x, residual, weight):
+        normed, total = add_rms_norm(x, residual, weight, eps)
+        return normed, total
+
+    return run
+
+
+DEQUANT_CHUNK_ELEMENTS = 1 << 24  # weight-only schemes at M > DECODE_MAX_M: dequantize this many weights at a time
+
+
+def _quantized_matmul(x, qw, bias=None):
+    """x @ dequant(W)^T: the quant_linear kernels where they pay (decode-sized M, and fp8 at any M);
+    weight-only schemes at larger M dequantize row chunks of W to x's dtype and use cuBLAS.
+
+    NOTE: on the H100 (2026-11-26) the in-register-dequantizing GEMMs ran at 0.05-0.6x cuBLAS bf16 for
+    M >= 64 with int4/nvfp4 and 0.6x with int8, while a chunked dequantize + cuBLAS costs one extra pass
+    over the (small) quantized weight.
+    """
+    import torch.nn.functional as F
+
+    from kernels_gpu.quant_linear import DECODE_MAX_M, QuantizedWeight, dequantize_weight, quant_linear
+
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    if qw.scheme == "fp8" or x.shape[0] <= DECODE_MAX_M:
+        return quant_linear(x, qw, bias)
+    n, k = qw.out_features, qw.in_features
+    rows = max(1, DEQUANT_CHUNK_ELEMENTS // k)
+    out = x.new_empty((x.shape[0], n))
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        part = QuantizedWeight(qw.scheme, n1 - n0, k, {name: (t if t.dim() == 0 else t[n0:n1])
+                                                      for name, t in qw.tensors.items()}, qw.group_size)
+        out[:, n0:n1] = F.linear(x, dequantize_weight(part).to(x.dtype), None if bias is None else bias[n0:n1])
+    return out
+
+
+def _quant_linear_fn(node: Node) -> Fn:
+    if node.op == "logits":
+        def run_logits(ctx, x, rows, qweight):
+            return (_quantized_matmul(x.index_select(0, rows), qweight).float(),)
+
+        return run_logits
+
+    def run(ctx, x, qweight, bias=None):
+        return (_quantized_matmul(x, qweight, bias),)
+
+    return run
+
+
+def _lower_embed(node, graph, program, producers, users) -> Fn:
+    def run(ctx, ids, table):
+        return (table.index_select(0, ids),)
+
+    return run
+
+
+def _lower_rms_norm(node, graph, program, producers, users) -> Fn:
+    from kernels_gpu.norms import add_rms_norm
+
+    eps = node.attrs["eps"]
+
+    def run(ctx, x, weight):
+        return (add_rms_norm(x.contiguous(), None, weight, eps)[0],)
+
+    return run
+
+
+def _lower_linear(node, graph, program, producers, users) -> Fn:
+    import torch.nn.functional as F
+
+    def run(ctx, x, weight, bias=None):
+        return (F.linear(x, weight, bias),)
+
+    return run
+
+
+def _lower_logits(node, graph, program, producers, users) -> Fn:
+    import torch.nn.functional as F
+
+    def run(ctx, x, rows, weight):
+        return (F.linear(x.index_select(0, rows), weight).float(),)
+
+    return run
+
+
+def _lower_rope(node, graph, program, producers, users) -> Fn:
+    from kernels_gpu.rope import apply_rope, rope_inv_freq
+
+    a = node.attrs
+    inv_freq = rope_inv_freq(a["head_dim"], a["theta"], a.get("rope_scaling"), device=program.device)
+    heads, dim = a["num_heads"], a["head_dim"]
+    # in place when the input is a view nobody else reads (the q or k slice of the fused QKV output)
+    inplace = _inplace_ok(graph, node.inputs[0], users)
+
+    def run(ctx, x, positions):
+        x3 = x.view(x.shape[0], heads, dim)
+        rotated, _ = apply_rope(x3, x3[:, :0], positions, inv_freq, inplace=inplace)
+        return (rotated.view(x.shape[0], heads * dim),)
+
+    return run
+
+
+def _lower_split(node, graph, program, producers, users) -> Fn:
+    sizes = [int(s) for s in node.attrs["sizes"]["$tuple"]] if isinstance(node.attrs["sizes"], dict) else list(node.attrs["sizes"])
+    axis = int(node.attrs["axis"])
+
+    def run(ctx, x):
+        return tuple(x.split(sizes, dim=axis))
+
+    return run
+
+
+def _lower_silu_mul(node, graph, program, producers, users) -> Fn:
+    import torch
+
+    from kernels_gpu.activations import silu_and_mul
+
+    gate, up = node.inputs
+    src = producers.get(gate)
+    fused = (src is not None and src is producers.get(up) and src.op == "split" and src.outputs[:2] == [gate, up]
+             and len(src.outputs) == 2 and int(src.attrs["axis"]) in (1, -1)
+             and graph.types[gate].shape == graph.types[up].shape)
+    if fused:
+        width = graph.types[gate].shape[1]
+
+        def run(ctx, g, u):
+            # g and u are the two halves of one [T, 2F] tensor: hand the kernel their common base
+            base = g.as_strided((g.shape[0], 2 * width), g.stride())
+            return (silu_and_mul(base),)
+
+        return run
+
+    def run_plain(ctx, g, u):
+        g32 = g.float()
+        return ((g32 * torch.sigmoid(g32)).to(g.dtype) * u,)
+
+    return run_plain
+
+
+def _lower_kv_write(node, graph, program, producers, users) -> Fn:
+    from kernels_gpu.kv_write import kv_write
+
+    pool_type = graph.types[node.inputs[3]]
+    heads, dim = int(pool_type.shape[2]), int(pool_type.shape[3])
+
+    def run(ctx, k, v, slots, k_pool, v_pool):
+        t = k.shape[0]
+        kv_write(k.view(t, heads, dim), v.view(t, heads, dim), slots, k_pool, v_pool, check_slots=False)
+        return k_pool, v_pool
+
+    return run
+
+
+def _has_prefill_kernel() -> bool:
+    try:
+        import kernels_gpu.prefill_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _lower_paged_attention(node, graph, program, producers, users) -> Fn:
+    from kernels_gpu.paged_attention import paged_attention
+
+    a = node.attrs
+    hq, dim, scale = a["num_heads"], a["head_dim"], a["scale"]
+    writer = producers.get(node.inputs[1])  # the kv_write that filled the pools: its k, v are this step's K/V
+    if program.prefill_fast_path and writer is not None and writer.op == "kv_write" and writer.outputs[0] == node.inputs[1]:
+        from kernels_gpu.prefill_attention import prefill_attention
+
+        hkv = int(graph.types[writer.inputs[3]].shape[2])
+        new_k, new_v = writer.inputs[0], writer.inputs[1]
+
+        def run_either(ctx, q, k_pool, v_pool, query_start, seq_lens, block_tables, k, v):
+            t = q.shape[0]
+            if ctx.fresh_prefill:  # nothing cached: attend over the new K/V straight from the projections
+                out = prefill_attention(q.view(t, hq, dim), k.view(t, hkv, dim), v.view(t, hkv, dim), query_start,
+                                        scale=scale, max_seqlen=ctx.max_q_len)
+            else:
+                out = paged_attention(q.view(t, hq, dim), k_pool, v_pool, query_start, seq_lens, block_tables,
+                                      scale=scale, max_q_len=ctx.max_q_len, max_seq_len=ctx.max_seq_len)
+            return (out.view(t, hq * dim),)
+
+        run_either.extra_inputs = [new_k, new_v]
+        return run_either
+
+    def run(ctx, q, k_pool, v_pool, query_start, seq_lens, block_tables):
+        t = q.shape[0]
+        out = paged_attention(q.view(t, hq, dim), k_pool, v_pool, query_start, seq_lens, block_tables, scale=scale,
+                              max_q_len=ctx.max_q_len, max_seq_len=ctx.max_seq_len)
+        return (out.view(t, hq * dim),)
+
+    return run
+
+
+def _lower_constant(node, graph, program, producers, users) -> Fn:
+    value = to_torch(np.asarray(node.attrs["value"], dtype=node.attrs["dtype"]), program.device, node.attrs["dtype"])
+
+    def run(ctx):
+        return (value,)
+
+    return run
+
+
+_LOWERINGS: dict[str, Callable[..., Fn]] = {
+    "embed": _lower_embed,
+    "rms_norm": _lower_rms_norm,
+    "linear": _lower_linear,
+    "logits": _lower_logits,
+    "rope": _lower_rope,
+    "split": _lower_split,
+    "silu_mul": _lower_silu_mul,
+    "kv_write": _lower_kv_write,
+    "paged_attention": _lower_paged_attention,
+    "constant": _lower_constant,
+}
+
+
+# Generic lax primitives with a direct torch equivalent (attrs decoded per step: dims may be symbolic).
+def _torch_generic_table():
+    import torch
+
+    def reduce(fn):
+        def run(x, *, axes, **_):
+            return fn(x, dim=tuple(int(a) for a in axes)) if axes else x
+
+        return run
+
+    def dot_general(a, b, *, dimension_numbers, preferred_element_type=None, **_):
+        (ca, cb), (ba, bb) = dimension_numbers
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        sa = [letters[i] for i in range(a.dim())]
+        sb = [letters[a.dim() + i] for i in range(b.dim())]
+        for i, j in zip(ba, bb):
+            sb[j] = sa[i]
+        for i, j in zip(ca, cb):
+            sb[j] = sa[i]
+        batch = [sa[i] for i in ba]
+        free_a = [sa[i] for i in range(a.dim()) if i not in ca and i not in ba]
+        free_b = [sb[j] for j in range(b.dim()) if j not in cb and j not in bb]
+        out = torch.einsum(f"{''.join(sa)},{''.join(sb)}->{''.join(batch + free_a + free_b)}", a, b)
+        return out.to(torch_dtype(preferred_element_type.name)) if preferred_element_type is not None else out
+
+    def broadcast_in_dim(x, *, shape, broadcast_dimensions, **_):
+        view = [1] * len(shape)
+        for src, dst in enumerate(broadcast_dimensions):
+            view[dst] = x.shape[src]
+        return x.reshape(view).expand(*[int(s) for s in shape])
+
+    def slice_(x, *, start_indices, limit_indices, strides=None, **_):
+        idx = tuple(slice(int(s), int(e), int(st) if strides else 1)
+                    for s, e, st in zip(start_indices, limit_indices, strides or [1] * len(start_indices)))
+        return x[idx]
+
+    def select_n(which, *cases):
+        if len(cases) == 2:
+            return torch.where(which.bool(), cases[1], cases[0])
+        out = cases[0]
+        for i, c in enumerate(cases[1:], start=1):
+            out = torch.where(which == i, c, out)
+        return out
+
+    def loose(fn):  # elementwise ops: ignore lax-only params (accuracy, ...)
+        return lambda *args, **_: fn(*args)
+
+    elementwise = {
+        "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+        "div": lambda a, b: a / b if a.is_floating_point() else torch.div(a, b, rounding_mode="trunc"),
+        "max": torch.maximum, "min": torch.minimum, "neg": torch.neg, "exp": torch.exp, "log": torch.log,
+        "tanh": torch.tanh, "logistic": torch.sigmoid, "rsqrt": torch.rsqrt, "sqrt": torch.sqrt, "abs": torch.abs,
+        "sin": torch.sin, "cos": torch.cos, "erf": torch.erf, "sign": torch.sign, "square": torch.square,
+        "pow": torch.pow,
+        "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
+        "and": torch.bitwise_and, "or": torch.bitwise_or, "not": torch.bitwise_not,
+    }
+    return {name: loose(fn) for name, fn in elementwise.items()} | {
+        "convert_element_type": lambda x, *, new_dtype, **_: x.to(torch_dtype(new_dtype.name)),
+        "reshape": lambda x, *, new_sizes, dimensions=None, **_: x.reshape(tuple(int(s) for s in new_sizes)),
+        "broadcast_in_dim": broadcast_in_dim,
+        "transpose": lambda x, *, permutation: x.permute(*[int(p) for p in permutation]),
+        "squeeze": lambda x, *, dimensions: x.reshape([s for i, s in enumerate(x.shape) if i not in dimensions]),
+        "expand_dims": lambda x, *, dimensions: x.reshape(_expanded(x.shape, dimensions)),
+        "concatenate": lambda *xs, dimension: torch.cat(xs, dim=int(dimension)),
+        "slice": slice_, "dot_general": dot_general, "select_n": select_n,
+        "reduce_sum": reduce(torch.sum), "reduce_max": reduce(lambda x, dim: torch.amax(x, dim=dim)),
+        "reduce_min": reduce(lambda x, dim: torch.amin(x, dim=dim)),
+        "integer_pow": lambda x, *, y, **_: x ** int(y),
+        "stop_gradient": lambda x: x, "copy": lambda x: x.clone(), "copy_p": lambda x: x.clone(),
+    }
+
+
+def _expanded(shape, dims):
+    out = list(shape)
+    for d in sorted(int(x) for x in dims):
+        out.insert(d, 1)
+    return out
+
+
+_GENERIC_TORCH: dict[str, Callable] = {}
+
+
+def _generic_fn(node: Node, graph: Graph, program: CudaProgram) -> Fn:
+    if node.op == "dim_as_value":
+        import torch
+
+        dtype = torch_dtype(node.attrs["dtype"])
+        dim = node.attrs["dimension"]["$dim"]
+
+        def run_dim(ctx):
+            return (torch.tensor(eval_dim(dim, ctx.env), dtype=dtype, device=program.device),)
+
+        program.eager_only_ops.append(node.op)  # a host value turned tensor: not capturable
+        return run_dim
+    if not _GENERIC_TORCH:
+        _GENERIC_TORCH.update(_torch_generic_table())
+    prim = generic_primitive(node.op)  # raises a clear IRError for ops outside the allow-list
+    symbolic = _has_symbolic(node.attrs)
+    static_params = None if symbolic else {k: decode_param(v, {}) for k, v in node.attrs.items()}
+    fn = _GENERIC_TORCH.get(node.op)
+    if fn is not None:
+        def run(ctx, *args):
+            params = static_params if static_params is not None else {k: decode_param(v, ctx.env) for k, v in node.attrs.items()}
+            return (fn(*args, **params),)
+
+        return run
+
+    # no torch equivalent: run the lax primitive itself through DLPack (eager steps only)
+    program.eager_only_ops.append(node.op)
+
+    def run_jax(ctx, *args):
+        import jax
+        import torch
+
+        params = static_params if static_params is not None else {k: decode_param(v, ctx.env) for k, v in node.attrs.items()}
+        out = prim.bind(*[jax.dlpack.from_dlpack(a.contiguous()) for a in args], **params)
+        outs = out if prim.multiple_results else (out,)
+        return tuple(torch.from_dlpack(o) for o in outs)
+
+    return run_jax
+
+
+def _has_symbolic(attrs) -> bool:
+    if isinstance(attrs, dict):
+        return "$dim" in attrs or any(_has_symbolic(v) for v in attrs.values())
+    if isinstance(attrs, (list, tuple)):
+        return any(_has_symbolic(v) for v in attrs)
+    return False

@@ -1,0 +1,202 @@
+"""quant_linear (Triton) against its float64 reference for every scheme, plus the torch quantizers themselves."""
+import pytest
+import torch
+
+from kernels_gpu.kv_formats import dequantize_nvfp4
+
+SCHEMES = ("fp8", "int8", "int4", "nvfp4")
+# K per scheme: not a multiple of any K tile where the scheme allows it (int4 needs whole groups of 128)
+K_OF = {"fp8": 200, "int8": 200, "int4": 256, "nvfp4": 208}
+N = 40  # not a multiple of any N tile
+CASES = [(1, True), (3, False), (17, True), (64, False)]  # (M, bias): FMA decode, dot decode, prefill tiles
+TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+
+
+def rel_err(out, ref):
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def make(scheme, m, n, k, dtype, device, *, bias=False, seed=0, **qkw):
+    from kernels_gpu.quant_linear import quantize_weight
+
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    w[0, :] *= 30  # rows and groups of very different scale
+    x = torch.randn(m, k, generator=gen)
+    if m > 1:
+        x[1] *= 1e-3
+    b = torch.randn(n, generator=gen) if bias else None
+    qw = quantize_weight(w.to(device), scheme, **qkw)
+    return x.to(dtype).to(device), qw, (b.to(device) if b is not None else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("m,bias", CASES)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_matches_reference(kernel_module, device, scheme, m, bias, dtype):
+    ql = kernel_module("quant_linear")
+    x, qw, b = make(scheme, m, N, K_OF[scheme], dtype, device, bias=bias, seed=m)
+    out = ql.quant_linear(x, qw, b)
+    assert out.shape == (m, N) and out.dtype == dtype
+    err = rel_err(out, ql.ref_quant_linear(x, qw, b))
+    assert err < TOL[dtype], f"{scheme} M={m} {dtype}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("group,scale_dtype", [(16, torch.bfloat16), (32, torch.float32), (64, torch.float16)])
+def test_int4_group_sizes(kernel_module, device, group, scale_dtype):
+    ql = kernel_module("quant_linear")
+    x, qw, b = make("int4", 5, 24, 192, torch.float32, device, bias=True, group_size=group, scale_dtype=scale_dtype)
+    assert qw.tensors["scale"].dtype == scale_dtype and qw.tensors["scale"].shape == (24, 192 // group)
+    err = rel_err(ql.quant_linear(x, qw, b), ql.ref_quant_linear(x, qw, b))
+    assert err < 1e-4
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_fp16_and_strided_input(kernel_module, device, scheme):
+    ql = kernel_module("quant_linear")
+    x, qw, b = make(scheme, 6, N, K_OF[scheme], torch.float16, device, bias=True)
+    b = b.to(torch.float16)
+    xs = torch.cat([x, x], dim=1)[:, : x.shape[1]]  # row stride 2K
+    assert not xs.is_contiguous()
+    err = rel_err(ql.quant_linear(xs, qw, b), ql.ref_quant_linear(x, qw, b))
+    assert err < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_gemv_paths(kernel_module, device, scheme):
+    """M = 1 without split-K, through the tensor-core decode tiles instead of the GEMV kernel, and with the
+    weight decoded byte-wise and word-wise."""
+    ql = kernel_module("quant_linear")
+    x, qw, b = make(scheme, 1, N, K_OF[scheme], torch.float32, device, bias=True)
+    ref = ql.ref_quant_linear(x, qw, b)
+    assert rel_err(ql.quant_linear(x, qw, b, config={"SPLIT_K_PROGRAMS": 0}), ref) < 1e-4
+    assert rel_err(ql.quant_linear(x, qw, b, config={"GEMV_MAX_M": 0}), ref) < 1e-4
+    for words in (False, True):  # weight read byte-wise or as i32 words
+        assert rel_err(ql.quant_linear(x, qw, b, config={"GEMV_WORDS": words}), ref) < 1e-4
+
+
+def test_empty_batch(kernel_module, device):
+    ql = kernel_module("quant_linear")
+    x, qw, _ = make("int4", 1, N, 256, torch.bfloat16, device)
+    assert ql.quant_linear(x[:0], qw).shape == (0, N)
+
+
+# ---------------------------------------------------------------------------------------------- quantizers
+
+def test_activation_fp8_rne_and_exact_match(kernel_module, device):
+    ql = kernel_module("quant_linear")
+    # row 0: amax 448 -> scale exactly 1; ties between e4m3 neighbours go to the even mantissa
+    row = torch.zeros(64)
+    vals = [448.0, 1.0625, 1.1875, -1.0625, 2.0 ** -10, 3 * 2.0 ** -10, 124.3, 232.0, -440.0, 0.0]
+    want = [448.0, 1.0, 1.25, -1.0, 0.0, 2.0 ** -8, 128.0, 224.0, -448.0, 0.0]
+    row[: len(vals)] = torch.tensor(vals)
+    x = torch.stack([row, torch.randn(64) * 7, torch.zeros(64)])
+    q, s = ql.quantize_activation_fp8(x.to(device))
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
+    assert s[0].item() == 1.0
+    assert q[0, : len(vals)].float().tolist() == want
+    assert s[2].item() == torch.finfo(torch.float32).tiny and (q[2].float() == 0).all()  # all-zero row
+    rq, rs = ql.ref_quantize_activation_fp8(x)
+    assert torch.equal(s.cpu(), rs)
+    assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8))
+    big = torch.randn(3, 1500) * 100  # several K blocks, bf16 input
+    q, s = ql.quantize_activation_fp8(big.to(torch.bfloat16).to(device))
+    rq, rs = ql.ref_quantize_activation_fp8(big.to(torch.bfloat16))
+    assert torch.equal(s.cpu(), rs) and torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8))
+    assert q.float().abs().max().item() == 448.0
+
+
+def test_fp8_weight_quantizer():
+    from kernels_gpu.quant_linear import dequantize_weight, quantize_weight
+
+    w = torch.randn(8, 64)
+    w[3] = 0.0
+    qw = quantize_weight(w, "fp8")
+    scale = qw.tensors["scale"]
+    assert qw.tensors["weight"].dtype == torch.float8_e4m3fn and scale.shape == (8,)
+    assert torch.allclose(scale[:3], w[:3].abs().amax(1) / 448)
+    assert qw.tensors["weight"].float().abs().amax(1)[:3].tolist() == [448.0] * 3
+    d = dequantize_weight(qw)
+    assert ((d - w).abs() <= w.abs() * 2 ** -4 + scale[:, None] * 2 ** -10).all()  # half a step of 3 mantissa bits
+    assert (d[3] == 0).all()
+
+
+def test_int8_roundtrip():
+    from kernels_gpu.quant_linear import dequantize_weight, quantize_weight
+
+    w = torch.randn(16, 96)
+    qw = quantize_weight(w, "int8")
+    q, scale = qw.tensors["weight"], qw.tensors["scale"]
+    assert q.dtype == torch.int8 and q.abs().amax(1).tolist() == [127] * 16
+    assert torch.equal(q, torch.round(w / scale[:, None]).to(torch.int8))
+    assert ((dequantize_weight(qw) - w).abs() <= scale[:, None] / 2 * (1 + 1e-6)).all()
+
+
+def test_int4_roundtrip_and_packing():
+    from kernels_gpu.quant_linear import dequantize_weight, quantize_weight
+
+    w = torch.zeros(2, 32)
+    w[0, :4] = torch.tensor([7.0, -7.0, 1.4, 2.5])  # group 0 of row 0: amax 7 -> scale 1
+    w[0, 16] = 0.7  # group 1 of row 0: scale 0.1
+    qw = quantize_weight(w, "int4", group_size=16, scale_dtype=torch.float32)
+    p, s = qw.tensors["weight"], qw.tensors["scale"]
+    assert p.shape == (2, 16) and s.shape == (2, 2)
+    assert s[0].tolist() == pytest.approx([1.0, 0.1]) and s[1].tolist() == [0.0, 0.0]
+    # element 2i in the low nibble, offset-binary q + 8; 2.5 rounds to even 2
+    assert p[0, :2].tolist() == [(7 + 8) | ((-7 + 8) << 4), (1 + 8) | ((2 + 8) << 4)]
+    assert p[0, 8].item() == (7 + 8) | (8 << 4)
+    assert (p[1] == 0x88).all()  # zero groups -> q = 0
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 256, generator=gen)
+    qw = quantize_weight(w, "int4")  # group 128, f16 scales
+    s = qw.tensors["scale"].float().repeat_interleave(128, dim=1)
+    assert ((dequantize_weight(qw) - w).abs() <= s / 2 * (1 + 1e-3)).all()
+    nib = torch.stack((qw.tensors["weight"] & 15, qw.tensors["weight"] >> 4), -1)
+    assert nib.min() >= 1 and nib.max() <= 15  # symmetric: codes -7..7
+
+
+def test_nvfp4_matches_kv_format_helpers():
+    from kernels_gpu.quant_linear import dequantize_weight, quantize_weight
+
+    w = torch.randn(4, 64)
+    qw = quantize_weight(w, "nvfp4")
+    t = qw.tensors
+    assert t["weight"].shape == (4, 32) and t["block_scale"].shape == (4, 4) and t["global_scale"].numel() == 1
+    assert t["global_scale"].item() == pytest.approx(w.abs().max().item() / (6 * 448))
+    d = dequantize_weight(qw)
+    assert torch.equal(d, dequantize_nvfp4(t["weight"], t["block_scale"], t["global_scale"]))
+    assert rel_err(d, w.double()) < 0.15
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def test_errors(kernel_module, device):
+    ql = kernel_module("quant_linear")
+    x, qw, _ = make("int4", 2, N, 256, torch.bfloat16, device)
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        ql.quantize_weight(torch.randn(4, 128), "int3")
+    with pytest.raises(ValueError, match="multiple of the int4 group size 128"):
+        ql.quantize_weight(torch.randn(4, 192), "int4")
+    with pytest.raises(ValueError, match="power of two"):
+        ql.quantize_weight(torch.randn(4, 192), "int4", group_size=48)
+    with pytest.raises(ValueError, match="multiple of the nvfp4 block 16"):
+        ql.quantize_weight(torch.randn(4, 40), "nvfp4")
+    with pytest.raises(ValueError, match="2-D"):
+        ql.quantize_weight(torch.randn(4), "int8")
+    with pytest.raises(ValueError, match="K=128 columns"):
+        ql.quant_linear(x[:, :128], qw)
+    with pytest.raises(ValueError, match=r"x must be a 2-D"):
+        ql.quant_linear(x[None], qw)
+    with pytest.raises(ValueError, match="x dtype"):
+        ql.quant_linear(x.to(torch.int32), qw)
+    with pytest.raises(ValueError, match="bias must be"):
+        ql.quant_linear(x, qw, torch.zeros(N + 1, device=device))
+    with pytest.raises(ValueError, match="x is on meta"):
+        ql.quant_linear(torch.empty(2, 256, dtype=torch.bfloat16, device="meta"), qw)
+    bad = ql.QuantizedWeight("int4", N, 256, {"weight": qw.tensors["weight"][:, :64], "scale": qw.tensors["scale"]},
+                             128)
+    with pytest.raises(ValueError, match="packed uint8"):
+        ql.quant_linear(x, bad)
+    bad = ql.QuantizedWeight("int4", N, 256, dict(qw.tensors), 96)
+    with pytest.raises(ValueError, match="group_size"):
+        ql.quant_linear(x, bad)
