@@ -1,4 +1,4 @@
-"""Command line: `llmc compile SOURCE -o OUT` and `llmc generate SOURCE --prompt TEXT`."""
+"""Command line: `llmc compile SOURCE -o OUT`, `llmc generate SOURCE --prompt TEXT`, `llmc serve SOURCE`."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks (default: the program's)")
     add_compile_arguments(p)
     p.set_defaults(func=run_generate)
+
+    p = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API (/v1/completions, /v1/chat/completions)")
+    p.add_argument(
+        "source", metavar="SOURCE", help="artifact directory (has manifest.json) or anything `compile` accepts"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: SOURCE's name)")
+    p.add_argument("--api-key", default=os.environ.get("LLMC_API_KEY"), help="require 'Authorization: Bearer KEY' "
+                   "(default: $LLMC_API_KEY; none = open)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests computed together")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (chunked prefill)")
+    p.add_argument("--max-pending", type=int, default=1024, help="requests in flight before answering 429")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks (default: the program's)")
+    add_compile_arguments(p)
+    p.set_defaults(func=run_serve)
     return parser
 
 
@@ -69,8 +86,42 @@ def run_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_or_compile(args: argparse.Namespace):
+    from runtime import load
+
+    if os.path.isfile(os.path.join(args.source, "manifest.json")):
+        return load(args.source)
+    from lowering import compile_model
+
+    return compile_model(args.source, target=args.target, block_size=args.block_size, dtype=args.dtype, verbose=False)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from runtime import Engine
+    from runtime.async_engine import AsyncEngine
+    from runtime.server import serve_forever
+
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_pending"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    model = load_or_compile(args)
+    engine = Engine(model, num_blocks=args.num_blocks, max_model_len=args.max_model_len,
+                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    name = args.model_name or os.path.basename(os.path.normpath(args.source))
+    async_engine = AsyncEngine(engine, max_pending=args.max_pending)
+    print(f"llmc: serving {name!r} on http://{args.host}:{args.port}/v1 "
+          f"({'API key required' if args.api_key else 'no API key'})", file=sys.stderr)
+    try:
+        serve_forever(async_engine, model_name=name, host=args.host, port=args.port, api_key=args.api_key)
+    finally:
+        async_engine.shutdown()
+    return 0
+
+
 def run_generate(args: argparse.Namespace) -> int:
-    from runtime import Engine, SamplingParams, load
+    from runtime import Engine, SamplingParams
 
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -80,14 +131,7 @@ def run_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
     )
-    if os.path.isfile(os.path.join(args.source, "manifest.json")):
-        model = load(args.source)
-    else:
-        from lowering import compile_model
-
-        model = compile_model(
-            args.source, target=args.target, block_size=args.block_size, dtype=args.dtype, verbose=False
-        )
+    model = load_or_compile(args)
     engine = Engine(model, num_blocks=args.num_blocks, max_model_len=args.max_model_len)
     outputs = engine.generate(args.prompt, params, chat=args.chat)
     for i, out in enumerate(outputs):

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Callable, Protocol, Sequence, Union
 
 import numpy as np
 
-from runtime.kv_blocks import BlockAllocator, blocks_needed
-from runtime.sampler import SamplingParams, find_stop_string, make_generator, sample
+from runtime.block_pool import BlockPool
+from runtime.block_pool import blocks_needed
+from runtime.kv_manager import KVCacheManager, PrefixCacheStats
+from runtime.sampler import SamplingParams, find_stop_string, make_generator, sample, token_logprobs
 from runtime.step import Program, StepInput
 
 if TYPE_CHECKING:
@@ -54,6 +56,8 @@ class RequestOutput:
     text: str  # generated text, cut before a stop string; excludes eos / stop tokens
     token_ids: list[int]  # generated tokens only, including a final eos / stop token
     finish_reason: str  # "stop" | "length"
+    # with SamplingParams.logprobs: per generated token (its logprob, [(id, logprob)] of the best, best first)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,10 +123,13 @@ class Request:
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
     num_computed_tokens: int = 0  # tokens whose K/V are in the pool
-    block_ids: list[int] = dataclasses.field(default_factory=list)
+    block_ids: list[int] = dataclasses.field(default_factory=list)  # block table (kv_manager fills it)
+    block_hashes: list[bytes] = dataclasses.field(default_factory=list)  # prefix-cache hashes of full blocks
+    num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     device_seed: int | None = None  # seed of device-side sampling (Programs with step_sample)
+    output_logprobs: list = dataclasses.field(default_factory=list)  # with params.logprobs, one per output token
 
     @property
     def num_tokens(self) -> int:
@@ -144,6 +151,7 @@ class ScheduledChunk:
     request: Request
     start: int
     num_tokens: int
+    num_cached_tokens: int = 0  # tokens of a request admitted this step found in the prefix cache (== start)
 
     @property
     def wants_logits(self) -> bool:
@@ -160,28 +168,85 @@ class SchedulerOutput:
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
 
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens this step's admissions skipped because their K/V were in the prefix cache."""
+        return sum(c.num_cached_tokens for c in self.chunks)
+
+
+@dataclasses.dataclass
+class SchedulerStats:
+    """A snapshot of the scheduler's counters (cumulative ones since it was built)."""
+
+    num_running: int
+    num_waiting: int
+    num_used_blocks: int
+    num_free_blocks: int  # includes cached blocks nobody holds (evictable)
+    num_cached_blocks: int  # blocks holding a prefix-cache hash, in use or evictable
+    num_preemptions: int
+    num_scheduled_tokens: int  # tokens sent to the Program
+    prefix_cache: PrefixCacheStats  # queries / hits in tokens, per admission (see kv_manager)
+
 
 class Scheduler:
-    """FCFS continuous batching with a token budget, chunked prefill and preemption by recompute.
+    """FCFS continuous batching with a token budget, chunked prefill, prefix caching and preemption.
 
     Each step schedules, in this order, while the token budget lasts:
       1. running requests with one uncomputed token (decodes), one token each;
       2. running requests still prefilling, the next chunk of each;
       3. waiting requests in arrival order, while a sequence slot and enough free blocks exist
-         (skipped in a step that preempted someone).
+         (skipped in a step that preempted someone). An admitted request starts after the leading
+         full blocks of its tokens that are in the prefix cache, so the step computes only the rest.
     A running request that needs a block when none is free preempts the latest-arrived running
-    request, possibly itself: that request's blocks are freed and it waits to be recomputed from
-    its prompt + generated tokens, which gives the same tokens it would have had.
+    request, possibly itself: that request's blocks are freed (its cached full blocks stay cached)
+    and it waits to be recomputed from its prompt + generated tokens, which gives the same tokens it
+    would have had. Waiting requests are admitted strictly in arrival order (a preempted request
+    keeps its place), so none starves.
+
+    After the Program ran a step, `update_after_step` registers the blocks it filled in the prefix
+    cache (blocks are cached only once their K/V are written).
     """
 
-    def __init__(self, *, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self, *, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+        enable_prefix_caching: bool = True,
+    ):
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.allocator = BlockAllocator(num_blocks)
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
         self.waiting: list[Request] = []  # sorted by arrival
         self.running: list[Request] = []  # sorted by arrival
         self.num_preemptions = 0
+        self.num_scheduled_tokens = 0
+
+    @property
+    def allocator(self) -> BlockPool:
+        """The block pool (num_free_blocks, allocate, ...)."""
+        return self.kv.pool
+
+    @property
+    def prefix_cache_queries(self) -> int:
+        """Tokens of admitted new requests looked up in the prefix cache (recomputes of preempted ones not counted)."""
+        return self.kv.stats.queried_tokens
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Of prefix_cache_queries, the tokens found in cached blocks (not computed again)."""
+        return self.kv.stats.hit_tokens
+
+    def stats(self) -> SchedulerStats:
+        pool = self.kv.pool
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_used_blocks=pool.num_used_blocks,
+            num_free_blocks=pool.num_free_blocks,
+            num_cached_blocks=pool.num_cached_blocks,
+            num_preemptions=self.num_preemptions,
+            num_scheduled_tokens=self.num_scheduled_tokens,
+            prefix_cache=dataclasses.replace(self.kv.stats),
+        )
 
     def add_request(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
@@ -191,15 +256,13 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def finish_request(self, req: Request) -> None:
-        self.allocator.free(req.block_ids)
-        req.block_ids = []
+        self.kv.free(req)
         self.running.remove(req)
         req.status = RequestStatus.FINISHED
 
     def abort_all_requests(self) -> None:
         for req in self.running:
-            self.allocator.free(req.block_ids)
-            req.block_ids = []
+            self.kv.free(req)
         for req in self.running + self.waiting:
             req.status = RequestStatus.FINISHED
         self.running, self.waiting = [], []
@@ -216,48 +279,56 @@ class Scheduler:
             num_new = min(req.num_uncomputed_tokens, self._budget_left(scheduled))
             if num_new == 0:
                 break
-            if self._grow_blocks(req, req.num_computed_tokens + num_new, scheduled, preempted):
+            if self._grow_blocks(req, num_new, scheduled, preempted):
                 scheduled[req.arrival] = ScheduledChunk(req, req.num_computed_tokens, num_new)
 
         # NOTE: a step that had to preempt is short of blocks; admitting now would only thrash.
         while self.waiting and not preempted and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            num_new = min(req.num_uncomputed_tokens, self._budget_left(scheduled))
-            num_blocks = blocks_needed(num_new, self.block_size)
-            if num_new == 0 or not self.allocator.can_allocate(num_blocks):
+            budget = self._budget_left(scheduled)
+            if budget == 0:
                 break
-            req.block_ids = self.allocator.allocate(num_blocks)
+            computed_blocks = self.kv.get_computed_blocks(req)
+            num_cached = len(computed_blocks) * self.block_size
+            num_new = min(req.num_tokens - num_cached, budget)
+            if not self.kv.allocate_for(req, num_new, computed_blocks=computed_blocks):  # sets num_computed_tokens
+                break
             self.waiting.pop(0)
             req.status = RequestStatus.RUNNING
             bisect.insort(self.running, req, key=_arrival)
-            scheduled[req.arrival] = ScheduledChunk(req, req.num_computed_tokens, num_new)
+            scheduled[req.arrival] = ScheduledChunk(req, num_cached, num_new, num_cached_tokens=num_cached)
 
         chunks = list(scheduled.values())
         for chunk in chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
-        return SchedulerOutput(chunks, preempted)
+        out = SchedulerOutput(chunks, preempted)
+        self.num_scheduled_tokens += out.num_tokens
+        return out
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """The Program ran `out`: register the blocks its chunks filled in the prefix cache."""
+        for chunk in out.chunks:
+            if chunk.request.status is RequestStatus.RUNNING:
+                self.kv.cache_full_blocks(chunk.request)
 
     def _budget_left(self, scheduled: dict[int, ScheduledChunk]) -> int:
         return self.max_num_batched_tokens - sum(c.num_tokens for c in scheduled.values())
 
     def _grow_blocks(
-        self, req: Request, num_tokens: int, scheduled: dict[int, ScheduledChunk], preempted: list[Request]
+        self, req: Request, num_new: int, scheduled: dict[int, ScheduledChunk], preempted: list[Request]
     ) -> bool:
-        """Give req blocks for num_tokens tokens, preempting latest arrivals; False if req itself was preempted."""
-        num_new_blocks = blocks_needed(num_tokens, self.block_size) - len(req.block_ids)
-        while num_new_blocks > self.allocator.num_free:
+        """Give req blocks for num_new more tokens, preempting latest arrivals; False if req itself was preempted."""
+        while not self.kv.allocate_for(req, num_new):
             victim = self.running[-1]
             self._preempt(victim, scheduled, preempted)
             if victim is req:
                 return False
-        if num_new_blocks > 0:
-            req.block_ids += self.allocator.allocate(num_new_blocks)
         return True
 
     def _preempt(self, req: Request, scheduled: dict[int, ScheduledChunk], preempted: list[Request]) -> None:
-        self.allocator.free(req.block_ids)
-        req.block_ids = []
+        self.kv.free(req)
         req.num_computed_tokens = 0
+        req.num_preemptions += 1
         self.running.remove(req)
         scheduled.pop(req.arrival, None)  # a victim already scheduled this step gives its tokens back
         self.add_request(req)
@@ -349,9 +420,11 @@ class Engine:
         max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,
         program_options: dict | None = None,
+        enable_prefix_caching: bool = True,
     ):
         """program_options: extra keyword arguments for the target's Program (e.g. gpu_memory_fraction,
-        cuda_graphs for target="cuda"; kv_cache_bytes for both)."""
+        cuda_graphs for target="cuda"; kv_cache_bytes for both). enable_prefix_caching: reuse the K/V of
+        full blocks that earlier requests computed for the same leading tokens (see runtime/block_pool.py)."""
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -391,6 +464,7 @@ class Engine:
             block_size=self.block_size,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching,
         )
         self.num_steps = 0
         self._request_counter = itertools.count()
@@ -449,7 +523,9 @@ class Engine:
         )
         step_greedy = getattr(self.program, "step_greedy", None)
         step_sample = getattr(self.program, "step_sample", None)
-        new_tokens = None
+        new_tokens = logits = None
+        if any(r.params.needs_host_logits for r in sampled):  # penalties and logprobs read the logits here
+            step_greedy = step_sample = None
         if step_greedy is not None and all(r.params.temperature == 0 for r in sampled):
             # every row is greedy: the Program picks the tokens where the logits are (no logits copy back)
             new_tokens = np.asarray(step_greedy(step))  # i32[L]
@@ -460,6 +536,7 @@ class Engine:
                 temperature=[r.params.temperature for r in sampled],
                 top_k=[r.params.top_k if r.params.top_k > 0 else 0 for r in sampled],
                 top_p=[r.params.top_p for r in sampled],
+                min_p=[r.params.min_p for r in sampled],
                 seeds=[self._device_seed(r) for r in sampled],
                 offsets=[len(r.output_token_ids) for r in sampled],
             ))
@@ -470,8 +547,14 @@ class Engine:
             logits = np.asarray(self.program.step(step))  # f32[L, V]
             if logits.ndim != 2 or logits.shape[0] != len(sampled):
                 raise RuntimeError(f"Program.step returned logits of shape {logits.shape}, expected ({len(sampled)}, V)")
-            new_tokens = sample(logits, [r.params for r in sampled], [r.generator for r in sampled])  # i32[L]
+            new_tokens = sample(logits, [r.params for r in sampled], [r.generator for r in sampled],
+                                [r.output_token_ids for r in sampled])  # i32[L]
+        if logits is not None:
+            for row, (req, token) in enumerate(zip(sampled, new_tokens.tolist())):
+                if req.params.logprobs is not None:
+                    req.output_logprobs.append(token_logprobs(logits[row], token, req.params.logprobs))
         self.num_steps += 1
+        self.scheduler.update_after_step(sched)  # the step wrote its K/V: cache the blocks it filled
 
         finished = []
         for req, token in zip(sampled, new_tokens.tolist()):
@@ -615,4 +698,5 @@ def _make_output(req: Request) -> RequestOutput:
         text=req.text,
         token_ids=list(req.output_token_ids),
         finish_reason=req.finish_reason,
+        logprobs=list(req.output_logprobs) if req.params.logprobs is not None else None,
     )

@@ -12,8 +12,12 @@ import numpy as np
 class SamplingParams:
     """How one request picks its tokens and when it stops.
 
-    temperature 0 means greedy (argmax, ties go to the lowest token id). top_k 0 or -1 and
-    top_p 1.0 switch those filters off. seed None draws fresh OS entropy for the request.
+    temperature 0 means greedy (argmax, ties go to the lowest token id). top_k 0 or -1, top_p 1.0
+    and min_p 0 switch those filters off (min_p keeps tokens whose probability is >= min_p times the
+    best token's, after top-k and top-p). presence_penalty / frequency_penalty (OpenAI's, in [-2, 2])
+    subtract penalty (once / per occurrence) from the logits of tokens already generated, before
+    everything else. logprobs N returns the log-probability of each sampled token and of the N most
+    likely tokens (of the raw, unpenalised logits). seed None draws fresh OS entropy for the request.
     `stop` strings end generation; the text is cut before the first one found.
     """
 
@@ -21,6 +25,10 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
     seed: int | None = None
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
@@ -39,6 +47,14 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= -1 (0 or -1 = off), got {self.top_k!r}")
         if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not _is_real(self.min_p) or not (0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
+            raise ValueError(f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if self.seed is not None and self.seed < 0:
@@ -66,6 +82,15 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def needs_host_logits(self) -> bool:
+        """True when sampling needs the logits on the host (penalties, logprobs)."""
+        return self.has_penalties or self.logprobs is not None
+
 
 def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
@@ -89,11 +114,17 @@ def sample(
     logits: np.ndarray,  # f32[L, V]
     params: list[SamplingParams],  # [L]
     generators: list[np.random.Generator],  # [L]
+    output_tokens: list[list[int]] | None = None,  # [L] tokens generated so far (for the penalties)
 ) -> np.ndarray:  # i32[L]
     """Pick one token per logit row; row i uses params[i] and draws one number from generators[i]."""
     num_rows = logits.shape[0]
     if len(params) != num_rows or len(generators) != num_rows:
         raise ValueError(f"sample got {num_rows} logit rows, {len(params)} params and {len(generators)} generators")
+    if any(p.has_penalties for p in params):
+        logits = np.array(logits, copy=True)
+        for row, p in enumerate(params):
+            if p.has_penalties and output_tokens is not None:
+                apply_penalties(logits[row], output_tokens[row], p.presence_penalty, p.frequency_penalty)
     tokens = np.argmax(logits, axis=-1).astype(np.int32)  # i32[L]  greedy; argmax picks the lowest id on ties
     for row, (p, generator) in enumerate(zip(params, generators)):
         if not p.is_greedy:
@@ -101,12 +132,32 @@ def sample(
     return tokens
 
 
+def apply_penalties(logits: np.ndarray, generated: list[int], presence: float, frequency: float) -> None:
+    """OpenAI's penalties, in place: logit -= presence * [count > 0] + frequency * count."""
+    if not generated:
+        return
+    ids, counts = np.unique(np.asarray(generated, np.int64), return_counts=True)
+    ids, counts = ids[ids < logits.shape[0]], counts[ids < logits.shape[0]]
+    logits[ids] -= presence + frequency * counts
+
+
+def token_logprobs(logits: np.ndarray, token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:
+    """(log-probability of token, the top_n (id, log-probability) best first) under softmax(logits)."""
+    row = logits.astype(np.float64)
+    shifted = row - np.max(row)
+    log_z = np.log(np.sum(np.exp(shifted)))
+    top = top_token_ids(row, top_n) if top_n > 0 else np.zeros(0, np.int64)
+    return float(shifted[token] - log_z), [(int(t), float(shifted[t] - log_z)) for t in top]
+
+
 def sample_row(logits: np.ndarray, params: SamplingParams, generator: np.random.Generator) -> int:  # f32[V]
-    """Temperature, then top-k, then top-p over the renormalised rest, then one inverse-CDF draw."""
+    """Temperature, then top-k, then top-p over the renormalised rest, then min-p, then one inverse-CDF draw."""
     scaled = logits.astype(np.float64) / params.temperature  # f64[V]
     if params.top_k > 0 or params.top_p < 1.0:
         scaled = filter_top_k_top_p(scaled, params.top_k, params.top_p)
     weights = np.exp(scaled - np.max(scaled))  # f64[V]  unnormalised; removed tokens weigh 0
+    if params.min_p > 0:  # the best token has weight 1: keep tokens of weight >= min_p
+        weights = np.where(weights >= params.min_p, weights, 0.0)
     return draw_token(weights, generator.random())
 
 

@@ -181,3 +181,45 @@ def test_find_stop_string_finds_earliest_match_in_new_text():
     assert find_stop_string("hello world", ("wor",), 8) == 6  # match spans old and new text
     assert find_stop_string("hello world", ("hel",), 8) == -1  # ended before the new text
     assert find_stop_string("abc", (), 0) == -1
+
+
+def test_min_p_keeps_tokens_near_the_best():
+    from runtime.sampler import make_generator, sample_row
+
+    logits = np.log(np.array([0.5, 0.3, 0.1, 0.06, 0.04]))
+    params = SamplingParams(temperature=1.0, min_p=0.25)  # keeps p >= 0.125: tokens 0 and 1
+    drawn = {sample_row(logits, params, make_generator(s)) for s in range(200)}
+    assert drawn == {0, 1}
+
+
+def test_presence_and_frequency_penalties_follow_openai():
+    from runtime.sampler import apply_penalties, make_generator, sample
+
+    logits = np.zeros(6)
+    apply_penalties(logits, [2, 2, 2, 4], presence=0.5, frequency=0.25)
+    np.testing.assert_allclose(logits, [0, 0, -1.25, 0, -0.75, 0])
+    # greedy with a frequency penalty moves off the token it repeated
+    row = np.array([[1.0, 0.9, 0.0]], np.float32)
+    p = SamplingParams(temperature=0.0, frequency_penalty=0.2)
+    assert sample(row, [p], [make_generator(0)], [[0]])[0] == 1
+    assert sample(row, [p], [make_generator(0)], [[]])[0] == 0
+
+
+def test_token_logprobs_are_normalised_and_ranked():
+    from runtime.sampler import token_logprobs
+
+    logits = np.array([2.0, 1.0, 0.0, 3.0])
+    lp, top = token_logprobs(logits, 1, 2)
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert abs(lp - np.log(probs[1])) < 1e-12
+    assert [t for t, _ in top] == [3, 0] and abs(top[0][1] - np.log(probs[3])) < 1e-12
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"min_p": 1.5}, "min_p"), ({"presence_penalty": 3}, "presence_penalty"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty"), ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"),
+])
+def test_new_sampling_params_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)

@@ -1,0 +1,436 @@
+"""OpenAI-compatible HTTP server over an AsyncEngine (FastAPI + uvicorn).
+
+Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
+`stream: true` as server-sent events, `usage` in responses and, with stream_options.include_usage, in
+the last chunk), GET /metrics (Prometheus text). Bad input gets HTTP 400 with an OpenAI-style error
+body, a wrong or missing API key 401, a full queue 429; a client that disconnects mid-stream has its
+request aborted and its KV blocks freed.
+
+    llmc serve smollm2-135m --port 8000        # then: OpenAI(base_url="http://localhost:8000/v1", api_key="x")
+"""
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from typing import Any
+
+from runtime.async_engine import AsyncEngine, QueueFullError
+from runtime.sampler import SamplingParams
+
+SUPPORTED_FIELDS = {
+    "completions": {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stream",
+                    "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "logprobs",
+                    "ignore_eos", "stop_token_ids", "echo", "best_of", "suffix", "logit_bias"},
+    "chat": {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+             "stop", "stream", "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "logprobs",
+             "top_logprobs", "ignore_eos", "stop_token_ids", "logit_bias"},
+}
+
+
+class RequestError(ValueError):
+    """A request the server refuses: becomes an OpenAI-style error body with this status."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None,
+                 kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.kind, self.code = status, param, kind, code
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Request parsing: JSON body -> (prompt or messages, SamplingParams, stream options)
+# ---------------------------------------------------------------------------------------------
+
+
+def _number(body, name, default, *, lo=None, hi=None, integer=False, lo_open=False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise RequestError(f"'{name}' must be {'an integer' if integer else 'a number'}, got {value!r}", param=name)
+    if not math.isfinite(value):
+        raise RequestError(f"'{name}' must be finite, got {value!r}", param=name)
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise RequestError(f"'{name}' must be {'>' if lo_open else '>='} {lo}, got {value!r}", param=name)
+    if hi is not None and value > hi:
+        raise RequestError(f"'{name}' must be <= {hi}, got {value!r}", param=name)
+    return value
+
+
+def parse_request(body: Any, kind: str, *, model_name: str, max_model_len: int, max_prompt_chars: int):
+    """Validate an OpenAI request body; returns (prompt | None, messages | None, SamplingParams, stream, usage_in_stream)."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    unknown = sorted(set(body) - SUPPORTED_FIELDS[kind])
+    if unknown:
+        raise RequestError(f"unsupported field(s) {unknown}", param=unknown[0])
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise RequestError("'model' is required and must be a string", param="model")
+    if model != model_name:
+        raise RequestError(f"model {model!r} is not served here (available: {model_name!r})", param="model",
+                           code="model_not_found")
+    if body.get("n", 1) != 1 or body.get("best_of", 1) not in (1, None):
+        raise RequestError("only n=1 is supported", param="n")
+    for name in ("echo", "suffix", "logit_bias"):
+        if body.get(name) not in (None, False, {}):
+            raise RequestError(f"'{name}' is not supported yet", param=name)
+    if kind == "completions":
+        logprobs = _number(body, "logprobs", None, lo=0, hi=20, integer=True)
+    else:
+        wants = body.get("logprobs", False)
+        if not isinstance(wants, bool):
+            raise RequestError("'logprobs' must be a boolean for chat completions", param="logprobs")
+        top = _number(body, "top_logprobs", 0, lo=0, hi=20, integer=True)
+        if top and not wants:
+            raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        logprobs = top if wants else None
+
+    prompt = messages = None
+    if kind == "completions":
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("'prompt' must not be empty", param="prompt")
+            if len(prompt) > max_prompt_chars:
+                raise RequestError(f"'prompt' is longer than {max_prompt_chars} characters", param="prompt")
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            pass
+        else:
+            raise RequestError("'prompt' must be a non-empty string or a list of token ids", param="prompt")
+    else:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("'messages' must be a non-empty list", param="messages")
+        total = 0
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise RequestError(f"messages[{i}] must be {{'role': system|user|assistant, 'content': string}}",
+                                   param=f"messages[{i}]")
+            total += len(m["content"])
+        if total > max_prompt_chars:
+            raise RequestError(f"the messages are longer than {max_prompt_chars} characters", param="messages")
+
+    max_name = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    max_tokens = _number(body, max_name, 16 if kind == "completions" else max_model_len, lo=1, integer=True)
+    if max_tokens >= max_model_len:
+        if max_name in body:
+            raise RequestError(f"'{max_name}'={max_tokens} does not fit the context of {max_model_len} tokens",
+                               param=max_name)
+        max_tokens = max_model_len - 1
+    stop = body.get("stop")
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
+        raise RequestError("'stop' must be a string or a list of strings", param="stop")
+    if isinstance(stop, list) and len(stop) > 16:
+        raise RequestError("at most 16 stop strings", param="stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be a boolean", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise RequestError("'stream_options' must be an object", param="stream_options")
+    try:
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=_number(body, "temperature", 1.0, lo=0.0, hi=2.0),
+            top_p=_number(body, "top_p", 1.0, lo=0.0, hi=1.0, lo_open=True),
+            top_k=_number(body, "top_k", 0, lo=-1, integer=True),
+            min_p=_number(body, "min_p", 0.0, lo=0.0, hi=1.0),
+            presence_penalty=_number(body, "presence_penalty", 0.0, lo=-2.0, hi=2.0),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0, lo=-2.0, hi=2.0),
+            logprobs=logprobs,
+            seed=_number(body, "seed", None, lo=0, integer=True),
+            stop=stop or None,
+            stop_token_ids=body.get("stop_token_ids"),
+            ignore_eos=body.get("ignore_eos", False),
+        )
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    return prompt, messages, params, stream, bool(options.get("include_usage", False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Prometheus series fed from AsyncEngine.stats() at each scrape."""
+
+    def __init__(self, async_engine: AsyncEngine):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.engine = async_engine
+        self.registry = CollectorRegistry()
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+        self.ttft = Histogram("llmc_time_to_first_token_seconds", "Time to first token", buckets=buckets,
+                              registry=self.registry)
+        self.itl = Histogram("llmc_inter_token_latency_seconds", "Time between tokens of a request",
+                             buckets=buckets, registry=self.registry)
+        self.running = Gauge("llmc_requests_running", "Requests being computed", registry=self.registry)
+        self.waiting = Gauge("llmc_requests_waiting", "Requests waiting for admission", registry=self.registry)
+        self.blocks_used = Gauge("llmc_kv_blocks_used", "KV blocks held by requests", registry=self.registry)
+        self.blocks_total = Gauge("llmc_kv_blocks_total", "KV blocks in the pool", registry=self.registry)
+        self.prefix_hit_rate = Gauge("llmc_prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache",
+                                     registry=self.registry)
+        self.preemptions = Gauge("llmc_preemptions_total", "Requests preempted (recomputed later)",
+                                 registry=self.registry)
+        self.prompt_tokens = Gauge("llmc_prompt_tokens_total", "Prompt tokens admitted", registry=self.registry)
+        self.generation_tokens = Gauge("llmc_generation_tokens_total", "Tokens generated", registry=self.registry)
+        self.requests = Counter("llmc_http_requests_total", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.tokens_per_s = Gauge("llmc_generation_tokens_per_second", "Generated tokens per second since the last scrape",
+                                  registry=self.registry)
+        self._last = (time.perf_counter(), 0)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        s = self.engine.stats()
+        for v in s.ttft_s:
+            self.ttft.observe(v)
+        for v in s.itl_s:
+            self.itl.observe(v)
+        self.running.set(s.num_running)
+        self.waiting.set(s.num_waiting)
+        self.blocks_used.set(s.num_blocks_used)
+        self.blocks_total.set(s.num_blocks)
+        self.preemptions.set(s.num_preemptions)
+        self.prompt_tokens.set(s.prompt_tokens)
+        self.generation_tokens.set(s.generation_tokens)
+        sched = self.engine.engine.scheduler
+        queries = getattr(sched, "prefix_cache_queries", 0)
+        if queries:
+            self.prefix_hit_rate.set(getattr(sched, "prefix_cache_hits", 0) / queries)
+        now = time.perf_counter()
+        t0, n0 = self._last
+        self.tokens_per_s.set((s.generation_tokens - n0) / max(now - t0, 1e-9))
+        self._last = (now, s.generation_tokens)
+        return generate_latest(self.registry)
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------
+
+
+def build_app(async_engine: AsyncEngine, *, model_name: str, api_key: str | None = None,
+              max_body_bytes: int = 1 << 20, max_prompt_chars: int = 200_000):
+    """A FastAPI app serving `async_engine` under the OpenAI API, as model `model_name`."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+    app = FastAPI(title="llmc", docs_url=None, redoc_url=None)
+    app.state.model_name = model_name
+    metrics = Metrics(async_engine)
+    max_model_len = async_engine.engine.max_model_len
+    created = int(time.time())
+
+    def fail(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
+        return JSONResponse(error_body(message, kind, param, code), status_code=status)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        endpoint = request.url.path
+        if api_key is not None and endpoint.startswith("/v1/"):
+            if request.headers.get("authorization") != f"Bearer {api_key}":
+                metrics.requests.labels(endpoint, "401").inc()
+                return fail(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                            "authentication_error", code="invalid_api_key")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            metrics.requests.labels(endpoint, "413").inc()
+            return fail(413, f"the request body is larger than {max_body_bytes} bytes")
+        response = await call_next(request)
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "requests_in_flight": async_engine.num_in_flight}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "llmc", "max_model_len": max_model_len}]}
+
+    async def serve(request: Request, kind: str):
+        raw = await request.body()
+        if len(raw) > max_body_bytes:
+            return fail(413, f"the request body is larger than {max_body_bytes} bytes")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return fail(400, f"the request body is not valid JSON: {e}")
+        try:
+            prompt, messages, params, stream, usage_in_stream = parse_request(
+                body, kind, model_name=model_name, max_model_len=max_model_len, max_prompt_chars=max_prompt_chars)
+            request_id, queue = async_engine.add_request(prompt, params, messages=messages)
+        except RequestError as e:
+            return fail(e.status, str(e), e.kind, e.param, e.code)
+        except QueueFullError as e:
+            return fail(429, str(e), "rate_limit_error", code="queue_full")
+        except ValueError as e:  # the engine's own checks: prompt too long for the context, bad token ids, ...
+            return fail(400, str(e))
+        rid = ("cmpl-" if kind == "completions" else "chatcmpl-") + uuid.uuid4().hex[:24]
+        obj = "text_completion" if kind == "completions" else "chat.completion"
+        if stream:
+            return StreamingResponse(_stream(async_engine, request, request_id, queue, rid, obj, kind, usage_in_stream,
+                                             params.logprobs is not None),
+                                     media_type="text/event-stream")
+        text, reason, usage, logprobs = [], None, None, []
+        try:
+            while reason is None:
+                get = asyncio.ensure_future(queue.get())
+                while not get.done():
+                    done, _ = await asyncio.wait({get}, timeout=0.5)
+                    if not done and await request.is_disconnected():
+                        get.cancel()
+                        async_engine.abort(request_id)
+                        return Response(status_code=499)
+                event = get.result()
+                text.append(event.text)
+                logprobs.extend(event.logprobs or [])
+                reason = event.finish_reason
+                usage = _usage(event)
+        except asyncio.CancelledError:
+            async_engine.abort(request_id)
+            raise
+        if reason == "error":
+            return fail(500, f"the request failed: {event.error}", "server_error")
+        body = "".join(text)
+        lp = _logprobs_json(logprobs, kind) if params.logprobs is not None else None
+        choice = ({"index": 0, "text": body, "logprobs": lp, "finish_reason": reason} if kind == "completions"
+                  else {"index": 0, "message": {"role": "assistant", "content": body}, "logprobs": lp,
+                        "finish_reason": reason})
+        return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": [choice],
+                "usage": usage}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await serve(request, "completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await serve(request, "chat")
+
+    return app
+
+
+def _usage(event) -> dict:
+    return {"prompt_tokens": event.num_prompt_tokens, "completion_tokens": event.num_output_tokens,
+            "total_tokens": event.num_prompt_tokens + event.num_output_tokens}
+
+
+def _logprobs_json(entries, kind: str):
+    """RequestEvent.logprobs entries (token text, logprob, [(text, logprob)]) in the OpenAI format of `kind`."""
+    if kind == "completions":
+        offsets, at = [], 0
+        for text, _, _ in entries:
+            offsets.append(at)
+            at += len(text)
+        return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": offsets}
+    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
+                         "top_logprobs": [{"token": a, "logprob": b, "bytes": list(a.encode("utf-8"))} for a, b in top]}
+                        for t, lp, top in entries]}
+
+
+async def _stream(async_engine, request, request_id, queue, rid, obj, kind, usage_in_stream, with_logprobs=False):
+    """Server-sent events: one chunk per step's delta, the finish reason, optionally usage, then [DONE]."""
+    created = int(time.time())
+    obj = obj + ".chunk" if kind == "chat" else obj
+    finished = False
+
+    def chunk(delta_text, reason, first=False, logprobs=None):
+        lp = _logprobs_json(logprobs or [], kind) if with_logprobs else None
+        if kind == "completions":
+            choice = {"index": 0, "text": delta_text, "logprobs": lp, "finish_reason": reason}
+        else:
+            delta = {"role": "assistant", "content": delta_text} if first else ({"content": delta_text} if delta_text else {})
+            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}
+        return {"id": rid, "object": obj, "created": created, "model": request.app.state.model_name,
+                "choices": [choice]}
+
+    try:
+        first = True
+        while True:
+            get = asyncio.ensure_future(queue.get())
+            while not get.done():
+                done, _ = await asyncio.wait({get}, timeout=0.5)
+                if not done and await request.is_disconnected():
+                    get.cancel()
+                    return
+            event = get.result()
+            if event.finish_reason == "error":
+                finished = True
+                yield f"data: {json.dumps(error_body(f'the request failed: {event.error}', 'server_error'))}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            if event.text or event.finish_reason is not None or first or event.logprobs:
+                yield f"data: {json.dumps(chunk(event.text, event.finish_reason, first, event.logprobs))}\n\n"
+                first = False
+            if event.finish_reason is not None:
+                finished = True
+                if usage_in_stream:
+                    tail = {"id": rid, "object": obj, "created": created, "model": request.app.state.model_name,
+                            "choices": [], "usage": _usage(event)}
+                    yield f"data: {json.dumps(tail)}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+    finally:
+        if not finished:  # the client went away (or the server is stopping): free the request's blocks
+            async_engine.abort(request_id)
+
+
+class BackgroundServer:
+    """The app on a uvicorn server in a daemon thread (tests, benchmarks, notebooks); `stop()` ends both."""
+
+    def __init__(self, async_engine: AsyncEngine, *, model_name: str, host: str = "127.0.0.1", port: int = 0,
+                 api_key: str | None = None, startup_timeout: float = 30.0, **app_kwargs):
+        import socket
+        import threading
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.async_engine, self.host, self.port = async_engine, host, port
+        app = build_app(async_engine, model_name=model_name, api_key=api_key, **app_kwargs)
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="llmc-http", daemon=True)
+        self.thread.start()
+        deadline = time.time() + startup_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError(f"the server did not start on {host}:{port}")
+            time.sleep(0.02)
+        self.url = f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.async_engine.shutdown()
+
+
+def serve_forever(async_engine: AsyncEngine, *, model_name: str, host: str = "127.0.0.1", port: int = 8000,
+                  api_key: str | None = None, log_level: str = "info") -> None:
+    import uvicorn
+
+    app = build_app(async_engine, model_name=model_name, api_key=api_key)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,285 @@
+"""The OpenAI-compatible server over a live uvicorn on loopback: the official client, bad input, disconnects, load."""
+import asyncio
+import json
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+
+from runtime import Engine, SamplingParams  # noqa: E402
+from runtime.async_engine import AsyncEngine, QueueFullError  # noqa: E402
+from runtime.server import BackgroundServer  # noqa: E402
+from tests.runtime.toy_program import ToyModel  # noqa: E402
+
+SCRIPT = "Hello there! The capital of France is Paris. " * 3
+MODEL = "toy"
+
+
+def LiveServer(async_engine, **kwargs):
+    return BackgroundServer(async_engine, model_name=MODEL, **kwargs)
+
+
+def make_engine(**kwargs):
+    return Engine(ToyModel(script_text=SCRIPT, default_num_blocks=96), max_num_seqs=32, max_num_batched_tokens=256,
+                  **kwargs)
+
+
+@pytest.fixture(scope="module")
+def live():
+    server = LiveServer(AsyncEngine(make_engine(), max_pending=512))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+
+
+def blocks_in_use(async_engine) -> int:
+    return async_engine.num_blocks_used()
+
+
+def wait_idle(async_engine, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if async_engine.num_in_flight == 0 and not async_engine.engine.scheduler.has_unfinished_requests():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_models_and_health(live, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"
+
+
+def test_completion_matches_the_engine(live, client):
+    want = make_engine().generate(["Hello"], SamplingParams(max_tokens=12, temperature=0.0))[0]
+    got = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, temperature=0)
+    assert got.choices[0].text == want.text and got.choices[0].finish_reason == want.finish_reason
+    assert got.usage.completion_tokens == len(want.token_ids)
+    assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+    pieces = []
+    for chunk in client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, temperature=0, stream=True):
+        pieces.append(chunk.choices[0].text)
+    assert "".join(pieces) == want.text
+
+
+def test_chat_completion_sync_and_streaming(live, client):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    got = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    text = got.choices[0].message.content
+    assert got.choices[0].message.role == "assistant" and len(text) > 0
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == got.usage.completion_tokens
+
+
+def test_stop_strings_and_seeded_sampling(live, client):
+    got = client.completions.create(model=MODEL, prompt="Hello", max_tokens=40, temperature=0, stop=["France"])
+    assert "France" not in got.choices[0].text and got.choices[0].finish_reason == "stop"
+    a = client.completions.create(model=MODEL, prompt="Hi", max_tokens=8, temperature=1.0, seed=5)
+    b = client.completions.create(model=MODEL, prompt="Hi", max_tokens=8, temperature=1.0, seed=5)
+    assert a.choices[0].text == b.choices[0].text
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b"{not json", "not valid JSON"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, "not served here"),
+    ("/v1/completions", {"prompt": "x"}, "'model' is required"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "5"}, "must be an integer"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, "'max_tokens' must be >= 1"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10_000}, "does not fit the context"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x" * 300, "max_tokens": 4}, "leaves no room"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -1}, "'temperature' must be >= 0"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, "'top_p' must be > 0"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": "high"}, "must be a number"),
+    ("/v1/completions", {"model": MODEL, "prompt": "", "max_tokens": 4}, "must not be empty"),
+    ("/v1/completions", {"model": MODEL, "prompt": [1, 2, 9999]}, "outside the vocabulary"),
+    ("/v1/completions", {"model": MODEL, "prompt": 42}, "'prompt' must be"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, "only n=1"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": "yes"}, "'stream' must be a boolean"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "frequency_penalty": 2.5}, "'frequency_penalty' must be <= 2"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, "not supported yet"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 50}, "'logprobs' must be <= 20"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+     "needs 'logprobs': true"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "bogus": 1}, "unsupported field"),
+    ("/v1/completions", [1, 2], "must be a JSON object"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, "non-empty list"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0]"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 3}]}, "messages[0]"),
+]
+
+
+@pytest.mark.parametrize("path, body, message", BAD_REQUESTS)
+def test_bad_input_gets_400_with_an_openai_error(live, path, body, message):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(live.url + path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert message in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_bad_input_through_the_openai_client(client):
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="not served here"):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+def test_api_key_is_enforced():
+    server = LiveServer(AsyncEngine(make_engine()), api_key="sekret")
+    try:
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        assert httpx.get(server.url + "/health").status_code == 200  # health stays open for probes
+        good = openai.OpenAI(base_url=server.url + "/v1", api_key="sekret", max_retries=0)
+        assert good.completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0).choices[0].text
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    finally:
+        server.stop()
+
+
+def test_queue_full_gets_429():
+    async_engine = AsyncEngine(make_engine(), max_pending=1)
+    server = LiveServer(async_engine)
+    try:
+        async def two():
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+                body = {"model": MODEL, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+                async with c.stream("POST", "/v1/completions", json=body) as first:
+                    await first.aiter_lines().__anext__()  # the first request is running
+                    second = await c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+                    return second
+
+        second = asyncio.run(two())
+        assert second.status_code == 429 and second.json()["error"]["type"] == "rate_limit_error"
+        assert wait_idle(async_engine) and blocks_in_use(async_engine) == 0
+    finally:
+        server.stop()
+
+
+def test_client_disconnect_mid_stream_frees_the_blocks(live):
+    async_engine = live.async_engine
+    assert wait_idle(async_engine)
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert blocks_in_use(async_engine) > 0
+    # the response is closed after one chunk: the server aborts the request and returns its blocks
+    assert wait_idle(async_engine)
+    assert blocks_in_use(async_engine) == 0
+    assert async_engine.stats().aborted_requests >= 1
+
+
+def test_engine_queue_limit_and_failed_step_fail_only_their_requests():
+    engine = make_engine()
+    async_engine = AsyncEngine(engine, max_pending=1)
+
+    async def run():
+        async_engine.add_request("Hello", SamplingParams(max_tokens=50, ignore_eos=True))
+        with pytest.raises(QueueFullError):
+            async_engine.add_request("Hello", SamplingParams(max_tokens=2))
+
+    asyncio.run(run())
+    assert wait_idle(async_engine)
+    # a step that raises fails the requests in it, and the loop keeps serving new ones
+    real_step = engine._step
+    calls = {"n": 0}
+
+    def flaky(on_token=None):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real_step(on_token)
+
+    engine._step = flaky
+    async_engine.max_pending = 8
+
+    async def collect(prompt):
+        return [e async for e in async_engine.generate(prompt, SamplingParams(max_tokens=4, temperature=0.0))]
+
+    failed = asyncio.run(collect("Hello"))
+    assert failed[-1].finish_reason == "error" and "boom" in failed[-1].error
+    ok = asyncio.run(collect("Hello"))
+    assert ok[-1].finish_reason in ("stop", "length") and "".join(e.text for e in ok)
+    assert wait_idle(async_engine) and blocks_in_use(async_engine) == 0
+    async_engine.shutdown()
+
+
+def test_200_concurrent_streams_complete_without_leaking_blocks(live):
+    async def one(c, i):
+        body = {"model": MODEL, "prompt": f"Hello {i}", "max_tokens": 8 + i % 9, "temperature": 0, "stream": True}
+        text, done = [], False
+        async with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    text.append(json.loads(line[6:])["choices"][0]["text"])
+        return done, "".join(text)
+
+    async def main():
+        limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
+        async with httpx.AsyncClient(base_url=live.url, timeout=120, limits=limits) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(200)))
+
+    results = asyncio.run(main())
+    assert all(done for done, _ in results) and all(text for _, text in results)
+    assert wait_idle(live.async_engine) and blocks_in_use(live.async_engine) == 0
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"
+    metrics = httpx.get(live.url + "/metrics").text
+    assert "llmc_time_to_first_token_seconds_count" in metrics and "llmc_kv_blocks_used 0.0" in metrics
+
+
+def test_logprobs_and_penalties_over_http(live, client):
+    got = client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=0, logprobs=2)
+    lp = got.choices[0].logprobs
+    assert len(lp.token_logprobs) == got.usage.completion_tokens == len(lp.top_logprobs)
+    assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) == 2 for t in lp.top_logprobs)
+    # greedy: the chosen token is the most likely one
+    assert all(abs(max(top.values()) - v) < 1e-9 for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)
+    penalised = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, temperature=0,
+                                          frequency_penalty=2.0, presence_penalty=2.0)
+    assert penalised.usage.completion_tokens == 12  # accepted (the scripted toy model outweighs any penalty)
+
+
+def test_penalties_change_greedy_repetition_in_the_engine():
+    engine = Engine(ToyModel(seed=3), max_num_seqs=4)  # no script: plain random logits, greedy loops
+    plain = engine.generate(["ab"], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))[0].token_ids
+    penalised = engine.generate(["ab"], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True,
+                                                       frequency_penalty=2.0, presence_penalty=2.0))[0].token_ids
+    assert penalised != plain and len(set(penalised)) > len(set(plain))
+
+
+def test_staggered_arrivals_give_the_tokens_of_each_request_alone():
+    engine = make_engine()
+    async_engine = AsyncEngine(engine)
+    prompts = ["Hello", "The capital", "Hello there! The", "x"]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+    async def staggered():
+        async def one(i, prompt):
+            await asyncio.sleep(0.01 * i)
+            return [t for e in [e async for e in async_engine.generate(prompt, params)] for t in e.token_ids]
+
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+    got = asyncio.run(staggered())
+    alone = [make_engine().generate([p], params)[0].token_ids for p in prompts]
+    assert got == alone
+    async_engine.shutdown()
