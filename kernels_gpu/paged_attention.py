@@ -3,6 +3,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels_gpu.triton_env import interpreting as _interpreting
+from kernels_gpu.triton_env import tile_target
+
 # Tile sizes keyed by (target, head_dim bucket, phase): BLOCK_M is rows of a query tile (tokens x GQA heads),
 # BLOCK_N is context positions per step. Phase "decode" is used when every sequence has at most
 # DECODE_MAX_Q_LEN new tokens. "interpret" is the CPU Triton interpreter (tests only). Optional keys:
@@ -435,12 +438,8 @@ def paged_attention_reduce_kernel(
              out.to(out_ptr.dtype.element_ty), mask=d_valid)
 
 
-def _interpreting() -> bool:
-    return triton.knobs.runtime.interpret if hasattr(triton, "knobs") else False
-
-
 def _tile_sizes(device: torch.device, head_dim: int, max_q_len: int, kv_format: str = "bf16") -> dict:
-    target = "cuda" if device.type == "cuda" and not _interpreting() else "interpret"
+    target = tile_target(device)
     bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
     phase = "decode" if max_q_len <= DECODE_MAX_Q_LEN else "prefill"
     return {**TILE_SIZES[(target, bucket, phase)], **FORMAT_OVERRIDES.get((target, phase, kv_format), {}),

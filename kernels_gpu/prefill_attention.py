@@ -14,6 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels_gpu.triton_env import interpreting as _interpreting
+from kernels_gpu.triton_env import tile_target
+
 # Tile configs keyed by (target, head_dim bucket). BLOCK_M query rows x BLOCK_N keys per step.
 # ORDER is the launch order, fastest-varying grid axis first: 0 = (query tile, head, sequence): longest tile
 # first within each head; 1 = (head, query tile, sequence): longest first across the heads of a sequence;
@@ -240,12 +243,8 @@ def prefill_attention_kernel(
         tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :], out, mask=o_mask)
 
 
-def _interpreting() -> bool:
-    return triton.knobs.runtime.interpret if hasattr(triton, "knobs") else False
-
-
 def _tile_sizes(device: torch.device, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    target = "cuda" if device.type == "cuda" and not _interpreting() else "interpret"
+    target = tile_target(device)
     bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
     f32 = F32_OVERRIDES.get((target, bucket), {}) if dtype == torch.float32 else {}
     return {**TILE_SIZES[(target, bucket)], **f32}

@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 
 from kernels_gpu import kv_formats
+from kernels_gpu.triton_env import interpreting as _interpreting
+from kernels_gpu.triton_env import tile_target as _target
 
 SCHEMES = {"fp8": 0, "int8": 1, "int4": 2, "nvfp4": 3}
 DECODE_MAX_M = 16
@@ -602,14 +604,6 @@ def quant_linear_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ wrappers
-
-def _interpreting() -> bool:
-    return triton.knobs.runtime.interpret if hasattr(triton, "knobs") else False
-
-
-def _target(device: torch.device) -> str:
-    return "cuda" if device.type == "cuda" and not _interpreting() else "interpret"
-
 
 def quantize_activation_fp8(x: torch.Tensor):
     """x [M, K] float -> (float8_e4m3fn[M, K], f32[M] scale): per-row scale max(amax / 448, FLT_MIN),

@@ -251,11 +251,7 @@ class AsyncEngine:
 
     def _remove(self, req: Request) -> None:
         """Take a request out of the scheduler, freeing its blocks (no-op once it finished)."""
-        sched = self.engine.scheduler
-        if req in sched.running:
-            sched.finish_request(req)
-        elif req in sched.waiting:
-            sched.waiting.remove(req)
+        self.engine.scheduler.abort_request(req)
         req.status = RequestStatus.FINISHED
         if req.finish_reason is None:
             req.finish_reason = "abort"

@@ -260,12 +260,17 @@ class Scheduler:
         self.running.remove(req)
         req.status = RequestStatus.FINISHED
 
-    def abort_all_requests(self) -> None:
-        for req in self.running:
-            self.kv.free(req)
-        for req in self.running + self.waiting:
+    def abort_request(self, req: Request) -> None:
+        """Drop a running or waiting request, freeing its blocks (a finished one is left alone)."""
+        if req in self.running:
+            self.finish_request(req)
+        elif req in self.waiting:  # waiting requests hold no blocks (preemption freed them)
+            self.waiting.remove(req)
             req.status = RequestStatus.FINISHED
-        self.running, self.waiting = [], []
+
+    def abort_all_requests(self) -> None:
+        for req in self.running + self.waiting:
+            self.abort_request(req)
 
     def schedule(self) -> SchedulerOutput:
         scheduled: dict[int, ScheduledChunk] = {}  # arrival -> chunk, in scheduling order

@@ -294,14 +294,10 @@ def build_app(async_engine: AsyncEngine, *, model_name: str, api_key: str | None
         text, reason, usage, logprobs = [], None, None, []
         try:
             while reason is None:
-                get = asyncio.ensure_future(queue.get())
-                while not get.done():
-                    done, _ = await asyncio.wait({get}, timeout=0.5)
-                    if not done and await request.is_disconnected():
-                        get.cancel()
-                        async_engine.abort(request_id)
-                        return Response(status_code=499)
-                event = get.result()
+                event = await _next_event(queue, request)
+                if event is None:
+                    async_engine.abort(request_id)
+                    return Response(status_code=499)
                 text.append(event.text)
                 logprobs.extend(event.logprobs or [])
                 reason = event.finish_reason
@@ -333,6 +329,18 @@ def build_app(async_engine: AsyncEngine, *, model_name: str, api_key: str | None
 def _usage(event) -> dict:
     return {"prompt_tokens": event.num_prompt_tokens, "completion_tokens": event.num_output_tokens,
             "total_tokens": event.num_prompt_tokens + event.num_output_tokens}
+
+
+async def _next_event(queue: asyncio.Queue, request, poll_s: float = 0.5):
+    """The request's next RequestEvent, or None once the client has disconnected (checked every poll_s)."""
+    get = asyncio.ensure_future(queue.get())
+    while True:
+        done, _ = await asyncio.wait({get}, timeout=poll_s)
+        if done:
+            return get.result()
+        if await request.is_disconnected():
+            get.cancel()
+            return None
 
 
 def _logprobs_json(entries, kind: str):
@@ -368,13 +376,9 @@ async def _stream(async_engine, request, request_id, queue, rid, obj, kind, usag
     try:
         first = True
         while True:
-            get = asyncio.ensure_future(queue.get())
-            while not get.done():
-                done, _ = await asyncio.wait({get}, timeout=0.5)
-                if not done and await request.is_disconnected():
-                    get.cancel()
-                    return
-            event = get.result()
+            event = await _next_event(queue, request)
+            if event is None:
+                return  # the finally clause aborts the request
             if event.finish_reason == "error":
                 finished = True
                 yield f"data: {json.dumps(error_body(f'the request failed: {event.error}', 'server_error'))}\n\n"

@@ -133,8 +133,8 @@ class CudaProgram:
         if weight_quant:
             self._quantize_weights(weight_quant, quantize_lm_head)
         self._embed_rows = self._embedding_rows()
-        self.prefill_fast_path = _has_prefill_kernel()
-        self.num_fresh_prefill_steps = 0
+        self.prefill_fast_path = True  # fresh prefills take kernels_gpu.prefill_attention (tests switch it off)
+        self.num_fresh_prefill_steps = 0  # eager steps that took the prefill kernel
         self.prefill_fast_path_min_tokens = PREFILL_FAST_PATH_MIN_TOKENS
         self.eager_only_ops: list[str] = []  # generic ops run through JAX (no CUDA graphs then)
         self._plan = _plan(graph, self)
@@ -163,15 +163,14 @@ class CudaProgram:
         self.state = self._allocate_state(self.num_blocks, pool_fill)
 
         # decode graphs: packed i32 inputs in one device buffer, filled by one copy per step
-        self.graph_batch_buckets = tuple(b for b in GRAPH_BATCH_BUCKETS if b < max_num_seqs) + (
-            min(b for b in GRAPH_BATCH_BUCKETS + (max_num_seqs,) if b >= max_num_seqs),)
-        self.graph_batch_buckets = tuple(sorted(set(min(b, 256) for b in self.graph_batch_buckets)))
+        # every bucket below max_num_seqs, then max_num_seqs itself (at most 256 sequences per graph)
+        largest = min(max_num_seqs, GRAPH_BATCH_BUCKETS[-1])
+        self.graph_batch_buckets = tuple(b for b in GRAPH_BATCH_BUCKETS if b < largest) + (largest,)
         self._graphs: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
         self._graph_pool = None
         self._static = None
         self.num_graph_replays = 0
         self.num_eager_steps = 0
-        self.num_fresh_prefill_steps = 0  # eager steps that took the prefill kernel
 
     # -- weights -------------------------------------------------------------------------------
 
@@ -238,7 +237,6 @@ class CudaProgram:
         in_use = total - free  # our weights, other processes, the CUDA context
         # profile one prefill step of max_tokens tokens (one sequence) over a pool just big enough for it
         blocks = -(-max_tokens // self.block_size) + 1
-        saved = getattr(self, "state", None)
         self.state = self._allocate_state(blocks, 0.0)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
@@ -253,9 +251,7 @@ class CudaProgram:
         self._run_eager(inputs)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
-        del self.state
-        if saved is not None:
-            self.state = saved
+        del self.state  # the real pool is allocated once its size is known
         torch.cuda.empty_cache()
         budget = int(total * fraction) - in_use - peak
         if budget <= 0:
@@ -762,21 +758,13 @@ def _lower_kv_write(node, graph, program, producers, users) -> Fn:
     return run
 
 
-def _has_prefill_kernel() -> bool:
-    try:
-        import kernels_gpu.prefill_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _lower_paged_attention(node, graph, program, producers, users) -> Fn:
     from kernels_gpu.paged_attention import paged_attention
 
     a = node.attrs
     hq, dim, scale = a["num_heads"], a["head_dim"], a["scale"]
     writer = producers.get(node.inputs[1])  # the kv_write that filled the pools: its k, v are this step's K/V
-    if program.prefill_fast_path and writer is not None and writer.op == "kv_write" and writer.outputs[0] == node.inputs[1]:
+    if writer is not None and writer.op == "kv_write" and writer.outputs[0] == node.inputs[1]:
         from kernels_gpu.prefill_attention import prefill_attention
 
         hkv = int(graph.types[writer.inputs[3]].shape[2])
