@@ -8,10 +8,12 @@ Schemes and their stored tensors (QuantizedWeight.tensors):
   "int8"  weight int8[N, K], scale f32[N]                     symmetric per output channel: W ~ q * scale[n],
           q = RNE(w / scale) in [-127, 127], scale = amax(|W[n]|) / 127. The kernel converts q to the activation
           dtype (exact) and applies scale[n] in the epilogue.
-  "int4"  weight u8[N, K//2], scale f16/bf16/f32[N, K//G]    symmetric per group of G (default 128) along K:
-          scale = amax(|group|) / 7 (rounded to the scale dtype), q = RNE(w / scale) clamped to [-7, 7], stored
-          offset-binary as the nibble q + 8; W ~ (nibble - 8) * scale. No zero points. Element 2i is the LOW
-          nibble of byte i, element 2i+1 the high one.
+  "int4"  weight u8[N, K//2], scale f16/bf16/f32[N, K//G] [, zero u8[N, K//G]]   per group of G (default 128)
+          along K: W ~ (nibble - zero) * scale. Without "zero" the weight is symmetric with the constant zero 8
+          (quantize_weight: scale = amax(|group|) / 7 rounded to the scale dtype, q = RNE(w / scale) clamped to
+          [-7, 7], stored offset-binary as the nibble q + 8); with it, the asymmetric int4 of
+          lowering/quant/formats.py (zero in [0, 15] per group). Element 2i is the LOW nibble of byte i, element
+          2i+1 the high one.
   "nvfp4" weight u8[N, K//2], block_scale float8_e4m3fn[N, K//16], global_scale f32[]  the encoding of
           kernels_gpu.kv_formats.quantize_nvfp4 (E2M1 codes, element 2i in the low nibble):
           W ~ e2m1(code) * block_scale * global_scale.
@@ -108,6 +110,64 @@ class QuantizedWeight:
         return QuantizedWeight(self.scheme, self.out_features, self.in_features,
                                {k: v.to(device) for k, v in self.tensors.items()}, self.group_size)
 
+    @classmethod
+    def from_parts(cls, fmt: str, parts: dict, in_features: int, out_features: int, group_size: int | None = None,
+                   *, device=None) -> "QuantizedWeight":
+        """A weight stored in one of lowering/quant/formats.py's formats (parts named as its WEIGHT_PARTS: q,
+        scale, zero, block_scale, global_scale; torch tensors or numpy / JAX arrays) -> QuantizedWeight.
+
+        "fp8" maps to the W8A8 scheme "fp8" (the kernels quantize the activations per row); int4 takes its
+        group size from the scale's shape when group_size is None. device: where the tensors go (default:
+        where torch tensors already are, else the CPU). The tensors are shared, not copied, where they can be.
+        """
+        _check(fmt in _PART_NAMES, f"unknown weight format {fmt!r}; choose one of {sorted(_PART_NAMES)}")
+        missing = [name for name in _PART_NAMES[fmt] if name not in parts]
+        _check(not missing, f"{fmt} weight lacks part(s) {missing}")
+        extra = sorted(set(parts) - set(_PART_NAMES[fmt]))
+        _check(not extra, f"{fmt} weight has unknown part(s) {extra}")
+        tensors = {_PART_NAMES[fmt][name]: _part_to_torch(parts[name], device) for name in _PART_NAMES[fmt]}
+        n, k = int(out_features), int(in_features)
+        if fmt == "int4":
+            if group_size is None:
+                groups = tensors["scale"].shape[-1] if tensors["scale"].dim() == 2 else 0
+                _check(groups > 0 and k % groups == 0, f"int4 scale shape {tuple(tensors['scale'].shape)} does not "
+                       f"split K={k} into groups")
+                group_size = k // groups
+        elif fmt == "nvfp4":
+            group_size = NVFP4_GROUP if group_size is None else group_size
+            tensors["global_scale"] = tensors["global_scale"].reshape(())
+        else:
+            group_size = None
+        qw = cls(fmt, n, k, tensors, group_size)
+        _validate_qweight(qw)
+        return qw
+
+
+# formats.py part name -> QuantizedWeight tensor name, per format
+_PART_NAMES = {"int8": {"q": "weight", "scale": "scale"}, "fp8": {"q": "weight", "scale": "scale"},
+               "int4": {"q": "weight", "scale": "scale", "zero": "zero"},
+               "nvfp4": {"q": "weight", "block_scale": "block_scale", "global_scale": "global_scale"}}
+
+
+def _part_to_torch(a, device) -> torch.Tensor:
+    """A torch tensor (moved to `device` if given) or an array (numpy, JAX; ml_dtypes float8 / bfloat16 through
+    their bit patterns) -> torch tensor."""
+    import numpy as np
+
+    if isinstance(a, torch.Tensor):
+        return a if device is None else a.to(device)
+    arr = np.asarray(a)
+    if not arr.flags.c_contiguous or not arr.flags.writeable:
+        arr = arr.copy(order="C")  # NOTE: copy(), not ascontiguousarray(): that turns 0-d arrays into 1-d
+    name = arr.dtype.name
+    if name == "float8_e4m3fn":
+        t = torch.from_numpy(arr.view(np.uint8)).view(torch.float8_e4m3fn)
+    elif name == "bfloat16":
+        t = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(arr)
+    return t if device is None else t.to(device)
+
 
 def _check(cond: bool, msg: str):
     if not cond:
@@ -169,7 +229,9 @@ def dequantize_weight(qw: QuantizedWeight) -> torch.Tensor:
         p = t["weight"]
         nib = torch.stack((p & 0xF, p >> 4), dim=-1).reshape(qw.out_features, qw.in_features)
         g = qw.group_size
-        vals = (nib.float() - 8.0).reshape(qw.out_features, -1, g) * t["scale"].float()[..., None]
+        codes = nib.float().reshape(qw.out_features, -1, g)
+        zero = t["zero"].float()[..., None] if "zero" in t else 8.0
+        vals = (codes - zero) * t["scale"].float()[..., None]
         return vals.reshape(qw.out_features, qw.in_features)
     return kv_formats.dequantize_nvfp4(t["weight"], t["block_scale"], t["global_scale"])
 
@@ -336,14 +398,33 @@ def _load_packed_tile(w_ptr, s_ptr, offs_n, n_mask, k0, K, stride_wn, stride_wk,
 
 
 @triton.jit
-def _decode_nibbles(packed, scale, SCHEME: tl.constexpr, NVFP4_ASM: tl.constexpr, APPLY_SCALE: tl.constexpr):
+def _load_group_zero(z_ptr, offs_n, n_mask, k0, K, stride_zn, stride_zk, GROUP: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """int4 zero points of the NG scale groups in columns k0 .. k0 + BLOCK_K, as exact f32 [BLOCK_N, NG]."""
+    GE: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K
+    NG: tl.constexpr = BLOCK_K // GE
+    grp = k0 // GROUP + tl.arange(0, NG)
+    z = tl.load(z_ptr + offs_n.to(tl.int64)[:, None] * stride_zn + grp[None, :] * stride_zk,
+                mask=n_mask[:, None] & (grp * GROUP < K)[None, :], other=0)
+    return _small_int_to_f32(z.to(tl.int32))
+
+
+@triton.jit
+def _decode_nibbles(packed, scale, zero, SCHEME: tl.constexpr, NVFP4_ASM: tl.constexpr, APPLY_SCALE: tl.constexpr,
+                    HAS_ZERO: tl.constexpr = False):
     """Packed [BN, NG, GE // 2] -> (even, odd) element values, each [BN, NG, GE // 2]: f32, or f16 on the
-    nvfp4 asm path (which carries the factor 2**-8). APPLY_SCALE multiplies by the group scale [BN, NG]."""
+    nvfp4 asm path (which carries the factor 2**-8). APPLY_SCALE multiplies by the group scale [BN, NG].
+    int4: HAS_ZERO subtracts the group's zero point (f32 [BN, NG], see _load_group_zero) instead of 8."""
     if SCHEME == 2:
-        # nibble c -> c - 8 with the magic-number trick (no int -> float conversion instruction)
+        # nibble c -> c - zero with the magic-number trick (no int -> float conversion instruction)
         code = packed.to(tl.int32)
-        lo = ((code & 15) + 0x4B400000).to(tl.float32, bitcast=True) - 12582920.0
-        hi = ((code >> 4) + 0x4B400000).to(tl.float32, bitcast=True) - 12582920.0
+        if HAS_ZERO:
+            zoff = (zero + 12582912.0)[:, :, None]  # 1.5 * 2**23 + zero: exact
+            lo = ((code & 15) + 0x4B400000).to(tl.float32, bitcast=True) - zoff
+            hi = ((code >> 4) + 0x4B400000).to(tl.float32, bitcast=True) - zoff
+        else:
+            lo = ((code & 15) + 0x4B400000).to(tl.float32, bitcast=True) - 12582920.0
+            hi = ((code >> 4) + 0x4B400000).to(tl.float32, bitcast=True) - 12582920.0
         if APPLY_SCALE:
             sc = scale.to(tl.float32)[:, :, None]
             lo = lo * sc
@@ -388,12 +469,13 @@ def _epilogue_scale(acc, offs_m, m_mask, offs_n, n_mask, s_ptr, xs_ptr, gs_ptr, 
 @triton.jit
 def gemv_kernel(
     y_ptr,  # [1, N] x dtype, or f32[N] accumulated with atomics when SPLIT_K > 1 (zeroed by the caller)
-    x_ptr, xs_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr,  # as quant_linear_kernel
+    x_ptr, xs_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, z_ptr,  # as quant_linear_kernel
     N, K, k_chunk,  # k_chunk: K columns per split (a multiple of BLOCK_K)
-    stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_yn,
+    stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_zn, stride_zk, stride_yn,
     SCHEME: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, NVFP4_ASM: tl.constexpr,
     WORDS: tl.constexpr = False,  # w_ptr is the weight viewed as i32 words (4 bytes of fp8 / int8, 8 nibbles)
+    HAS_ZERO: tl.constexpr = False,  # int4 with zero points (z_ptr u8[N, K//G]); else the constant 8
 ):
     """One activation row (decode, M = 1) on the CUDA cores: each program reduces BLOCK_N weight rows over its K
     chunk; the weight streams through registers once, with no shared-memory round trip."""
@@ -454,12 +536,18 @@ def gemv_kernel(
             grp = k0 // GROUP + tl.arange(0, NG)
             scale = tl.load(s_ptr + offs_n.to(tl.int64)[:, None] * stride_sn + grp[None, :] * stride_sk,
                             mask=n_mask[:, None] & (grp * GROUP < k_hi)[None, :], other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                zoff = (_load_group_zero(z_ptr, offs_n, n_mask, k0, k_hi, stride_zn, stride_zk, GROUP, BLOCK_K)
+                        + 8388608.0)[:, :, None]  # 2**23 + zero: exact
             part = tl.zeros([BLOCK_N, NG, WPG], dtype=tl.float32)
             for j in tl.static_range(8):
                 xj = tl.load(x_ptr + (kw + j) * stride_xk, mask=kw + j < k_hi, other=0.0).to(tl.float32)
                 if SCHEME == 2:
-                    # nibble c -> the f32 2**23 + c (magic number), minus 2**23 + 8
-                    f = (((words >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+                    # nibble c -> the f32 2**23 + c (magic number), minus 2**23 + zero (zero: 8 when symmetric)
+                    if HAS_ZERO:
+                        f = (((words >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - zoff
+                    else:
+                        f = (((words >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
                     part += f * xj[None, :, :]
                 else:
                     # E2M1 s|e e|m -> f32 bits with e e m at bits 24..22 and s at bit 31: the f32 is the value times
@@ -482,7 +570,10 @@ def gemv_kernel(
         for k0 in range(k_lo, k_hi, BLOCK_K):
             packed, scale = _load_packed_tile(w_ptr, s_ptr, offs_n, n_mask, k0, k_hi, stride_wn, stride_wk,
                                               stride_sn, stride_sk, GROUP, BLOCK_K)
-            lo, hi = _decode_nibbles(packed, scale, SCHEME, NVFP4_ASM, False)
+            zero = scale
+            if HAS_ZERO:
+                zero = _load_group_zero(z_ptr, offs_n, n_mask, k0, k_hi, stride_zn, stride_zk, GROUP, BLOCK_K)
+            lo, hi = _decode_nibbles(packed, scale, zero, SCHEME, NVFP4_ASM, False, HAS_ZERO)
             ke = k0 + even
             xe = tl.load(x_ptr + ke * stride_xk, mask=ke < k_hi, other=0.0).to(tl.float32)
             xo = tl.load(x_ptr + (ke + 1) * stride_xk, mask=ke < k_hi, other=0.0).to(tl.float32)
@@ -510,13 +601,15 @@ def quant_linear_kernel(
     s_ptr,  # fp8/int8: f32[N]; int4: [N, K//G]; nvfp4: e4m3[N, K//16]
     gs_ptr,  # nvfp4: f32[] global scale
     bias_ptr,  # [N]
+    z_ptr,  # int4 with HAS_ZERO: u8[N, K//G] zero points
     M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym, stride_yn,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_zn, stride_zk, stride_ym, stride_yn,
     SCHEME: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     COMPUTE: tl.constexpr,  # dtype of the dot operands: 0 f32, 1 f16, 2 bf16
     FP8_DOT: tl.constexpr,  # fp8 x fp8 tensor-core dot (fp8 scheme on a GPU)
     DOT_F32: tl.constexpr, HAS_BIAS: tl.constexpr, NVFP4_ASM: tl.constexpr,
+    HAS_ZERO: tl.constexpr = False,
 ):
     """Tiled GEMM. MODE 0: acc[BM, BN] = dot(x, W^T); MODE 1: acc[BN, BM] = dot(W, x^T), the dequantized weight
     tile as the first operand. Nibble schemes split K into even / odd halves (two dots), so the two nibbles of a
@@ -548,7 +641,10 @@ def quant_linear_kernel(
         if NIBBLES:
             packed, scale = _load_packed_tile(w_ptr, s_ptr, offs_n, n_mask, k0, K, stride_wn, stride_wk,
                                               stride_sn, stride_sk, GROUP, BLOCK_K)
-            lo, hi = _decode_nibbles(packed, scale, SCHEME, NVFP4_ASM, True)
+            zero = scale
+            if HAS_ZERO:
+                zero = _load_group_zero(z_ptr, offs_n, n_mask, k0, K, stride_zn, stride_zk, GROUP, BLOCK_K)
+            lo, hi = _decode_nibbles(packed, scale, zero, SCHEME, NVFP4_ASM, True, HAS_ZERO)
             w = _to_compute(tl.reshape(lo, (BLOCK_N, KT)), COMPUTE)
             w2 = _to_compute(tl.reshape(hi, (BLOCK_N, KT)), COMPUTE)
         else:
@@ -649,6 +745,11 @@ def _validate_qweight(qw):
             s = t["scale"]
             _check(s.dtype in (torch.float16, torch.bfloat16, torch.float32) and tuple(s.shape) == (n, k // g),
                    f"int4 scale must be f16/bf16/f32[{n}, {k // g}], got {s.dtype}{list(s.shape)}")
+            z = t.get("zero")
+            _check(z is None or (isinstance(z, torch.Tensor) and z.dtype == torch.uint8
+                                 and tuple(z.shape) == (n, k // g)),
+                   f"int4 zero must be uint8[{n}, {k // g}], got "
+                   f"{f'{z.dtype}{list(z.shape)}' if isinstance(z, torch.Tensor) else type(z).__name__}")
         else:
             _check(g == NVFP4_GROUP, f"nvfp4 group_size must be {NVFP4_GROUP}, got {g}")
             s = t["block_scale"]
@@ -656,6 +757,7 @@ def _validate_qweight(qw):
                    f"nvfp4 block_scale must be float8_e4m3fn[{n}, {k // NVFP4_GROUP}], got {s.dtype}{list(s.shape)}")
             gs = t["global_scale"]
             _check(gs.dtype == torch.float32 and gs.numel() == 1, "nvfp4 global_scale must be an f32 scalar")
+    _check("zero" not in t or qw.scheme == "int4", f"only int4 weights take zero points, not {qw.scheme}")
     for name, tt in t.items():
         _check(tt.device == w.device, f"tensor {name!r} is on {tt.device}, weight on {w.device}")
 
@@ -722,6 +824,8 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias=None, *, config=None
     w = t["weight"]
     g = qw.group_size or 1
     bias_arg = bias if bias is not None else out
+    has_zero = scheme == "int4" and "zero" in t
+    z, z_strides = (t["zero"], t["zero"].stride()) if has_zero else (w, (0, 0))
 
     if cfg["phase"] == "decode" and m <= cfg.get("GEMV_MAX_M", 0):
         block_n, block_k = cfg["GEMV_BLOCK_N"], cfg["GEMV_BLOCK_K"]
@@ -738,11 +842,11 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias=None, *, config=None
                  and (min(g, block_k) % 8 == 0 if scheme in ("int4", "nvfp4") else k % 4 == 0 and block_k >= 4))
         w_arg, w_strides = (w.view(torch.int32), (w.stride(0) // 4, 1)) if words else (w, w.stride())
         gemv_kernel[(programs, split)](
-            y, x_in, xs, w_arg, s, gs, bias_arg,
+            y, x_in, xs, w_arg, s, gs, bias_arg, z,
             n, k, k_chunk,
-            x_in.stride(1), *w_strides, *s_strides, y.stride(1),
+            x_in.stride(1), *w_strides, *s_strides, *z_strides, y.stride(1),
             SCHEME=SCHEMES[scheme], GROUP=g, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
-            HAS_BIAS=bias is not None, NVFP4_ASM=on_gpu, WORDS=words,
+            HAS_BIAS=bias is not None, NVFP4_ASM=on_gpu, WORDS=words, HAS_ZERO=has_zero,
             num_warps=cfg.get("GEMV_WARPS", 4), num_stages=cfg.get("GEMV_STAGES", 1),
         )
         if split > 1:
@@ -768,13 +872,13 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias=None, *, config=None
         compute = 1 if x.dtype == torch.float16 else 2
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     quant_linear_kernel[grid](
-        out, x_in, xs, w, s, gs, bias_arg,
+        out, x_in, xs, w, s, gs, bias_arg, z,
         m, n, k,
-        *x_in.stride(), *w.stride(), *s_strides, *out.stride(),
+        *x_in.stride(), *w.stride(), *s_strides, *z_strides, *out.stride(),
         SCHEME=SCHEMES[scheme], GROUP=qw.group_size or 1, MODE=mode,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         COMPUTE=compute, FP8_DOT=fp8_dot, DOT_F32=dot_f32, HAS_BIAS=bias is not None,
-        NVFP4_ASM=on_gpu,
+        NVFP4_ASM=on_gpu, HAS_ZERO=has_zero,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -29,6 +29,7 @@ class CompiledModel(ProgramSource):
     config: ModelConfig | None = None
     tokenizer: Any = None
     pass_records: list[PassRecord] = dataclasses.field(default_factory=list)
+    quant_report: Any = None  # lowering.quant.guard.QuantReport when quantization ran
 
     def export(self, path: str | os.PathLike) -> Path:
         """Write manifest.json, graph.json, params/ (orbax) and tokenizer/ to `path`."""
@@ -40,11 +41,22 @@ class CompiledModel(ProgramSource):
 def compile_model(source: Any, *, target: str = "cpu", block_size: int = 16, dtype: str | None = None,
                   kv_cache_dtype: str | None = None, fuse_projections: bool = True,
                   max_model_len: int | None = None, tokenizer: Any = None, config: ModelConfig | None = None,
+                  weights: Any = None, kv_cache: str | None = None, kv_rotation: bool = False,
+                  quant_method: str = "auto", max_ppl_increase: float | None = 0.01, calibration: Any = None,
+                  calibration_windows: int = 8, calibration_window: int = 128,
                   verbose: bool = False, progress: bool = True, dump_ir: str | None = None) -> CompiledModel:
     """Compile a registry name, checkpoint path (GGUF file, HF or orbax dir) or Flax NNX model.
 
     A Flax model must be called as model(token_ids i32[T], positions i32[T], query_start i32[S+1],
     logit_rows i32[L]) -> f32[L, V] and use lowering.ops.causal_attention for attention.
+
+    Quantization (lowering/quant): `weights` "int8" | "fp8" (W8A8) | "int4" | "nvfp4", or {glob: format}
+    over linear names (later patterns win; "lm_head" is the logits weight; None keeps the model dtype);
+    `kv_cache` "fp8" | "nvfp4"; `kv_rotation` Hadamard-rotates K/V head dims first; `quant_method` "auto"
+    (GPTQ for int4/nvfp4, RTN otherwise) | "rtn" | "gptq". The accuracy guard keeps the most sensitive units
+    in the model dtype until perplexity on `calibration` (None: llmc's bundled text; a str, path or token
+    windows) rises by at most `max_ppl_increase` (relative; None turns the guard off). The plan and the
+    measured deltas are printed and stored in `quant_report` (and the artifact manifest).
     """
     from flax import nnx
 
@@ -54,7 +66,9 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int = 16, dty
             model_dtype = _float_param_dtype(source)
         dtype = model_dtype or ("float32" if target == "cpu" else "bfloat16")
     options = CompileOptions(target=target, block_size=block_size, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
-                             fuse_projections=fuse_projections, max_model_len=max_model_len).validate()
+                             fuse_projections=fuse_projections, max_model_len=max_model_len, weights=weights,
+                             kv_cache=kv_cache, kv_rotation=kv_rotation, quant_method=quant_method,
+                             max_ppl_increase=max_ppl_increase).validate()
 
     from lowering import frontend
     from lowering.models import llama, nnx_params
@@ -92,7 +106,26 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int = 16, dty
               file=sys.stderr)
     graph, records = run_pipeline(graph, options, verbose=verbose, progress=progress, dump_dir=dump_ir)
     graph, params = finalize_params(graph, {k: np.asarray(v) for k, v in values.items()})
-    return CompiledModel(graph, params, options, cfg, tokenizer, records)
+    report = None
+    quant = options.quant_options(calibration=calibration, calibration_windows=calibration_windows,
+                                  calibration_window=calibration_window)
+    if quant.active:
+        from lowering.ir import format_graph, verify
+        from lowering.quant.passes import quantize_model
+
+        quiet = not (verbose or progress)
+        q_start = time.perf_counter()
+        graph, params, report = quantize_model(
+            graph, params, quant, tokenizer=tokenizer, vocab_size=cfg.vocab_size if cfg else None,
+            log=(lambda msg: None) if quiet else (lambda msg: print(f"llmc: {msg}", file=sys.stderr)))
+        verify(graph, check_types=True)
+        records.append(PassRecord("quantize", time.perf_counter() - q_start, len(graph.nodes)))
+        dump_dir = dump_ir or os.environ.get("LLMC_DUMP_IR")
+        if dump_dir:
+            (Path(dump_dir) / f"{len(records):02d}_quantize.txt").write_text(format_graph(graph) + "\n")
+        if not quiet:
+            print(report.format(), file=sys.stderr)
+    return CompiledModel(graph, params, options, cfg, tokenizer, records, report)
 
 
 def _float_param_dtype(model) -> str | None:

@@ -11,6 +11,8 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
+from lowering.quant import formats
+
 # A dim is an int or a symbol expression such as "T" or "S + 1".
 Dim = int | str
 Shape = tuple[Dim, ...]
@@ -249,13 +251,18 @@ def _logits_shape(ts, attrs):
     return [((rows_shape[0], w_shape[0]), "float32")]
 
 
-def ref_kv_write(k, v, slot_mapping, k_pool, v_pool):
+def ref_kv_write(k, v, slot_mapping, k_pool, v_pool, k_scale=None, v_scale=None, *, kv_format=None):
     # k, v: [T, Hkv*Dh]  slot_mapping: i32[T] (-1 = skip)  pools: [N, Bs, Hkv, Dh]  ->  new pools
+    # kv_format "fp8": pools float8_e4m3fn, k_scale/v_scale f32[Hkv]: stored = e4m3(sat(x / scale[head]))
     num_blocks, block_size, num_kv_heads, head_dim = k_pool.shape
     block = jnp.where(slot_mapping < 0, num_blocks, slot_mapping // block_size)  # out of range -> dropped
     offset = slot_mapping % block_size
-    kf = k.reshape(-1, num_kv_heads, head_dim).astype(k_pool.dtype)
-    vf = v.reshape(-1, num_kv_heads, head_dim).astype(v_pool.dtype)
+    kf = k.reshape(-1, num_kv_heads, head_dim)
+    vf = v.reshape(-1, num_kv_heads, head_dim)
+    if kv_format == "fp8":
+        kf = formats.jnp_quantize_fp8(kf, k_scale[:, None])
+        vf = formats.jnp_quantize_fp8(vf, v_scale[:, None])
+    kf, vf = kf.astype(k_pool.dtype), vf.astype(v_pool.dtype)
     return k_pool.at[block, offset].set(kf, mode="drop"), v_pool.at[block, offset].set(vf, mode="drop")
 
 
@@ -263,35 +270,123 @@ def _kv_write_shape(ts, attrs):
     return [ts[3], ts[4]]
 
 
-def ref_paged_attention(q, k_pool, v_pool, query_start, seq_lens, block_tables, *, num_heads, num_kv_heads,
-                        head_dim, scale):
-    # q: [T, Hq*Dh]  pools: [N, Bs, Hkv, Dh]  query_start: i32[S+1]  seq_lens: i32[S]
-    # block_tables: i32[S, B]  ->  [T, Hq*Dh]
+def ref_kv_write_nvfp4(k, v, slot_mapping, k_pool, v_pool, k_block_scale, v_block_scale, k_scale, v_scale):
+    # k, v: [T, Hkv*Dh]; pools u8[N, Bs, Hkv, Dh/2]; block scales e4m3[N, Bs, Hkv, Dh/16]; k_scale, v_scale: f32[]
+    # per-layer global scales. Each 16 values of one head share a block scale computed on write.
+    num_blocks, block_size, num_kv_heads, half = k_pool.shape
+    block = jnp.where(slot_mapping < 0, num_blocks, slot_mapping // block_size)
+    offset = slot_mapping % block_size
+    outs = []
+    for x, pool, scales, gs in ((k, k_pool, k_block_scale, k_scale), (v, v_pool, v_block_scale, v_scale)):
+        packed, bs = formats.jnp_quantize_nvfp4(x.reshape(-1, num_kv_heads, 2 * half), gs)
+        outs.append((pool.at[block, offset].set(packed, mode="drop"), scales.at[block, offset].set(bs, mode="drop")))
+    (kp, kbs), (vp, vbs) = outs
+    return kp, vp, kbs, vbs
+
+
+def _kv_write_nvfp4_shape(ts, attrs):
+    return [ts[3], ts[4], ts[5], ts[6]]
+
+
+def dequantize_kv(pool, extras, kv_format, which: int):
+    """Stored KV values (any gathered slice of a pool) -> f32, for pool `which` (0: K, 1: V).
+
+    extras: () for plain pools; (k_scale, v_scale) f32[Hkv] for fp8; (k_block_scale, v_block_scale, k_scale,
+    v_scale) for nvfp4, the block-scale slice gathered exactly like `pool`.
+    """
+    if kv_format is None:
+        return pool.astype(jnp.float32)
+    if kv_format == "fp8":
+        return pool.astype(jnp.float32) * extras[which][:, None]
+    if kv_format == "nvfp4":
+        return formats.jnp_dequantize_nvfp4(pool, extras[which], extras[2 + which])
+    raise OpError(f"unknown kv_format {kv_format!r}")
+
+
+def gather_kv_blocks(pool, extras, kv_format, which, tables):
+    """pool[tables] dequantized: f32[*tables.shape, Bs, Hkv, Dh]."""
+    gathered = jnp.take(pool, tables, axis=0, mode="clip")
+    if kv_format == "nvfp4":
+        extras = list(extras)
+        extras[which] = jnp.take(extras[which], tables, axis=0, mode="clip")
+    return dequantize_kv(gathered, extras, kv_format, which)
+
+
+def ref_paged_attention(q, k_pool, v_pool, query_start, seq_lens, block_tables, *kv_extras, num_heads,
+                        num_kv_heads, head_dim, scale, kv_format=None):
+    # q: [T, Hq*Dh]  pools: [N, Bs, Hkv, Dh] (nvfp4: u8[..., Dh/2])  query_start: i32[S+1]  seq_lens: i32[S]
+    # block_tables: i32[S, B]  kv_extras: the scales of kv_format (see dequantize_kv)  ->  [T, Hq*Dh]
     # Token t of sequence s sits at context index seq_lens[s] - (query_start[s+1] - t) and attends
     # to cached keys 0..that index of its own sequence, read through the block table.
     num_tokens = q.shape[0]
-    _, block_size, _, _ = k_pool.shape
+    block_size = k_pool.shape[1]
     num_ctx = block_tables.shape[1] * block_size
     group = num_heads // num_kv_heads
     seg = segment_ids(query_start, num_tokens)  # i32[T]
     tables = jnp.take(block_tables, seg, axis=0, mode="clip")  # i32[T, B]
-    keys = jnp.take(k_pool, tables, axis=0, mode="clip").reshape(num_tokens, num_ctx, num_kv_heads, head_dim)
-    vals = jnp.take(v_pool, tables, axis=0, mode="clip").reshape(num_tokens, num_ctx, num_kv_heads, head_dim)
+    keys = gather_kv_blocks(k_pool, kv_extras, kv_format, 0, tables).reshape(num_tokens, num_ctx, num_kv_heads,
+                                                                             head_dim)
+    vals = gather_kv_blocks(v_pool, kv_extras, kv_format, 1, tables).reshape(num_tokens, num_ctx, num_kv_heads,
+                                                                             head_dim)
     ctx_len = jnp.take(seq_lens, seg, mode="clip")  # i32[T]
     q_end = jnp.take(query_start, seg + 1, mode="clip")
     pos = ctx_len - (q_end - jnp.arange(num_tokens))  # i32[T]: context index of each query
     mask = jnp.arange(num_ctx)[None, :] <= pos[:, None]  # bool[T, C]
     qh = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("tkgd,tckd->tkgc", qh, keys.astype(jnp.float32)) * scale
+    scores = jnp.einsum("tkgd,tckd->tkgc", qh, keys) * scale
     scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     # NOTE: masked probabilities are exactly 0, but 0 * NaN (an unused page) is NaN: zero the values.
-    vals = jnp.where(mask[:, :, None, None], vals.astype(jnp.float32), 0.0)
+    vals = jnp.where(mask[:, :, None, None], vals, 0.0)
     out = jnp.einsum("tkgc,tckd->tkgd", probs, vals)
     return out.reshape(num_tokens, num_heads * head_dim).astype(q.dtype)
 
 
+def ref_qlinear(x, *parts_and_bias, format, in_features, out_features, group_size=None, act_format=None):
+    # x: [T, K]  parts: the quantized weight's parts (formats.WEIGHT_PARTS[format])  [bias: [N]]  ->  [T, N]
+    # act_format "fp8": x is quantized per token to e4m3 first (W8A8), as the fp8 GEMM kernels do.
+    n_parts = len(formats.WEIGHT_PARTS[format])
+    parts, bias = parts_and_bias[:n_parts], (parts_and_bias[n_parts] if len(parts_and_bias) > n_parts else None)
+    w = formats.jnp_dequantize_weight(format, *parts)  # f32[N, K]
+    xin = formats.jnp_fake_quant_fp8_rows(x) if act_format == "fp8" else x.astype(jnp.float32)
+    y = jnp.einsum("tk,nk->tn", xin, w, preferred_element_type=jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _qlinear_shape(ts, attrs):
+    (x_shape, x_dtype) = ts[0]
+    if len(x_shape) != 2:
+        raise OpError(f"qlinear expects 2-D x, got {x_shape}")
+    if isinstance(x_shape[1], int) and x_shape[1] != attrs["in_features"]:
+        raise OpError(f"qlinear: x has {x_shape[1]} features but the weight expects {attrs['in_features']}")
+    if attrs["format"] not in formats.WEIGHT_FORMATS:
+        raise OpError(f"qlinear: unknown format {attrs['format']!r}")
+    return [((x_shape[0], attrs["out_features"]), x_dtype)]
+
+
+def ref_qlogits(x, rows, *parts, format, in_features, out_features, group_size=None, act_format=None):
+    # x: [T, D]  rows: i32[L]  parts: quantized [V, D] weight  ->  f32[L, V]
+    picked = jnp.take(x, rows, axis=0, mode="clip")
+    return ref_qlinear(picked, *parts, format=format, in_features=in_features, out_features=out_features,
+                       group_size=group_size, act_format=act_format).astype(jnp.float32)
+
+
+def _qlogits_shape(ts, attrs):
+    (rows_shape, _) = ts[1]
+    return [((rows_shape[0], attrs["out_features"]), "float32")]
+
+
+def ref_rotate_heads(x, rotation, *, num_heads, head_dim):
+    # x: [T, H*Dh]  rotation: f32[Dh, Dh] (orthonormal)  ->  [T, H*Dh], each head's vector times the rotation
+    xh = x.reshape(x.shape[0], num_heads, head_dim).astype(jnp.float32)
+    return jnp.einsum("thd,de->the", xh, rotation.astype(jnp.float32)).reshape(x.shape).astype(x.dtype)
+
+
 ATTENTION_ATTRS = {"num_heads": (int,), "num_kv_heads": (int,), "head_dim": (int,), "scale": (float,)}
+QUANT_ATTRS = {"format": (str,), "in_features": (int,), "out_features": (int,), "group_size": (int,),
+               "act_format": (str,)}
 
 embed = _register("embed", ref_embed, _embed_shape, {})
 rms_norm = _register("rms_norm", ref_rms_norm, _same_as_first, {"eps": (float,)})
@@ -302,8 +397,14 @@ rope = _register("rope", ref_rope, _same_as_first,
 attention = _register("attention", ref_attention, _same_as_first, ATTENTION_ATTRS)
 silu_mul = _register("silu_mul", ref_silu_mul, _same_as_first, {})
 logits = _register("logits", ref_logits, _logits_shape, {})
-kv_write = _register("kv_write", ref_kv_write, _kv_write_shape, {}, num_outputs=2)
-paged_attention = _register("paged_attention", ref_paged_attention, _same_as_first, ATTENTION_ATTRS)
+kv_write = _register("kv_write", ref_kv_write, _kv_write_shape, {"kv_format": (str,)}, num_outputs=2,
+                     optional_attrs=("kv_format",))
+kv_write_nvfp4 = _register("kv_write_nvfp4", ref_kv_write_nvfp4, _kv_write_nvfp4_shape, {}, num_outputs=4)
+paged_attention = _register("paged_attention", ref_paged_attention, _same_as_first,
+                            {**ATTENTION_ATTRS, "kv_format": (str,)}, optional_attrs=("kv_format",))
+qlinear = _register("qlinear", ref_qlinear, _qlinear_shape, QUANT_ATTRS, optional_attrs=("group_size", "act_format"))
+qlogits = _register("qlogits", ref_qlogits, _qlogits_shape, QUANT_ATTRS, optional_attrs=("group_size", "act_format"))
+rotate_heads = _register("rotate_heads", ref_rotate_heads, _same_as_first, {"num_heads": (int,), "head_dim": (int,)})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,12 @@ class CompileOptions:
     kv_cache_dtype: str | None = None  # None: the activation dtype
     fuse_projections: bool = True
     max_model_len: int | None = None
+    # quantization (lowering/quant): weight format or {pattern: format}, KV format, rotation, method, guard
+    weights: Any = None
+    kv_cache: str | None = None
+    kv_rotation: bool = False
+    quant_method: str = "auto"
+    max_ppl_increase: float | None = 0.01
 
     def validate(self) -> "CompileOptions":
         if self.target not in TARGETS:
@@ -43,7 +49,17 @@ class CompileOptions:
             raise OptionsError(f"kv_cache_dtype must be None or one of {', '.join(DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             raise OptionsError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+        try:
+            self.quant_options().validate()
+        except ValueError as e:
+            raise OptionsError(str(e)) from None
         return self
+
+    def quant_options(self, **extra):
+        from lowering.quant.passes import QuantOptions
+
+        return QuantOptions(weights=self.weights, kv_cache=self.kv_cache, kv_rotation=self.kv_rotation,
+                            method=self.quant_method, max_ppl_increase=self.max_ppl_increase, **extra)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -34,6 +34,7 @@ class LoadedModel(ProgramSource):
     config: ModelConfig | None
     tokenizer: Any
     path: Path
+    quant_report: dict | None = None  # the compile-time quantization plan and measured accuracy (manifest)
 
 
 def load(path: str | os.PathLike, *, verify_hashes: bool = True) -> LoadedModel:
@@ -84,4 +85,4 @@ def load(path: str | os.PathLike, *, verify_hashes: bool = True) -> LoadedModel:
         from lowering.checkpoints import Tokenizer
 
         tokenizer = Tokenizer.load(path / "tokenizer")
-    return LoadedModel(graph, params, options, config, tokenizer, path)
+    return LoadedModel(graph, params, options, config, tokenizer, path, manifest.get("quantization"))

@@ -53,6 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks (default: the program's)")
     add_compile_arguments(p)
     p.set_defaults(func=run_serve)
+
+    p = sub.add_parser("eval", help="measure perplexity, GSM8K accuracy and memory of a model")
+    p.add_argument(
+        "source", metavar="SOURCE", help="artifact directory (has manifest.json) or anything `compile` accepts"
+    )
+    p.add_argument("--tasks", default="ppl,gsm8k", metavar="LIST",
+                   help="comma-separated tasks: ppl, gsm8k (default: both; memory is always reported)")
+    p.add_argument("--data", default=None, metavar="DIR", help="folder with tinyshakespeare.txt and "
+                   "gsm8k_train.jsonl (default: $LLMC_DATA, else ../shared/data next to the llmc checkout)")
+    p.add_argument("--ppl-windows", type=int, default=16, help="perplexity windows (default 16)")
+    p.add_argument("--ppl-window", type=int, default=256, help="tokens per perplexity window (default 256)")
+    p.add_argument("--gsm8k-problems", type=int, default=32, help="GSM8K problems (default 32)")
+    p.add_argument("--gsm8k-shots", type=int, default=4, help="GSM8K few-shot exemplars (default 4)")
+    p.add_argument("--max-tokens", type=int, default=256, help="GSM8K tokens to generate per problem")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the full result as JSON to OUT")
+    add_compile_arguments(p)
+    p.set_defaults(func=run_eval)
     return parser
 
 
@@ -62,6 +79,37 @@ def add_compile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on cpu, else bfloat16"
     )
+    q = p.add_argument_group("quantization")
+    q.add_argument("--weights", default=None, metavar="FMT",
+                   help="quantize linear weights: int8, fp8 (W8A8), int4, nvfp4 (the logits weight stays unquantized)")
+    q.add_argument("--kv-cache", default=None, metavar="FMT", help="KV cache format: fp8 or nvfp4")
+    q.add_argument("--kv-rotation", action="store_true", help="Hadamard-rotate K/V head dims before quantizing them")
+    q.add_argument("--quant-method", default="auto", choices=["auto", "rtn", "gptq"],
+                   help="auto: GPTQ for int4/nvfp4, round-to-nearest otherwise")
+    q.add_argument("--max-ppl-increase", default=0.01, type=_budget, metavar="X",
+                   help="accuracy guard budget: relative perplexity increase on the calibration text (default "
+                        "0.01 = 1%%; 'off' disables the guard)")
+    q.add_argument("--calibration", default=None, metavar="TEXT_FILE",
+                   help="calibration text file (default: llmc's bundled text)")
+
+
+def _budget(text: str):
+    if text.strip().lower() in ("off", "none"):
+        return None
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 or 'off', got {text}")
+    return value
+
+
+def compile_kwargs(args: argparse.Namespace) -> dict:
+    """compile_model keyword arguments from the compile options every command takes."""
+    if args.calibration is not None and not os.path.isfile(args.calibration):
+        raise ValueError(f"--calibration {args.calibration!r} is not a file")
+    return dict(target=args.target, block_size=args.block_size, dtype=args.dtype, weights=args.weights,
+                kv_cache=args.kv_cache, kv_rotation=args.kv_rotation, quant_method=args.quant_method,
+                max_ppl_increase=args.max_ppl_increase,
+                calibration=open(args.calibration, encoding="utf-8").read() if args.calibration else None)
 
 
 def get_version() -> str:
@@ -76,10 +124,7 @@ def get_version() -> str:
 def run_compile(args: argparse.Namespace) -> int:
     from lowering import compile_model
 
-    cm = compile_model(
-        args.source, target=args.target, block_size=args.block_size, dtype=args.dtype, verbose=not args.quiet,
-        progress=not args.quiet,
-    )
+    cm = compile_model(args.source, verbose=not args.quiet, progress=not args.quiet, **compile_kwargs(args))
     cm.export(args.output)
     if not args.quiet:
         print(f"wrote {args.output}")
@@ -90,10 +135,13 @@ def load_or_compile(args: argparse.Namespace):
     from runtime import load
 
     if os.path.isfile(os.path.join(args.source, "manifest.json")):
+        if args.weights or args.kv_cache or args.kv_rotation:
+            raise ValueError(f"{args.source} is a compiled artifact: quantization options (--weights, --kv-cache, "
+                             "--kv-rotation) apply when compiling a checkpoint")
         return load(args.source)
     from lowering import compile_model
 
-    return compile_model(args.source, target=args.target, block_size=args.block_size, dtype=args.dtype, verbose=False)
+    return compile_model(args.source, verbose=False, **compile_kwargs(args))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -138,6 +186,41 @@ def run_generate(args: argparse.Namespace) -> int:
         if len(outputs) > 1:
             print(f"--- [{i}] {out.prompt!r} ({out.finish_reason})")
         print(out.text)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from runtime import evaluate as ev
+
+    known = ("ppl", "gsm8k")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in known]
+    if not tasks or unknown:
+        problem = f"unknown task {unknown[0]!r}" if unknown else "no task given"
+        raise ValueError(f"--tasks: {problem}; choose from {', '.join(known)}")
+    for flag, value in (("--ppl-windows", args.ppl_windows), ("--gsm8k-problems", args.gsm8k_problems),
+                        ("--max-tokens", args.max_tokens)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.ppl_window < 2:
+        raise ValueError(f"--ppl-window must be >= 2, got {args.ppl_window}")
+    if args.gsm8k_shots < 0:
+        raise ValueError(f"--gsm8k-shots must be >= 0, got {args.gsm8k_shots}")
+    # NOTE: data files are found before the model loads, so a wrong --data fails in a moment.
+    ppl_path = ev.data_file(ev.PPL_FILE, args.data) if "ppl" in tasks else None
+    gsm8k_path = ev.data_file(ev.GSM8K_FILE, args.data) if "gsm8k" in tasks else None
+    model = load_or_compile(args)
+    result = ev.evaluate(model, ppl_text_path=ppl_path, gsm8k_path=gsm8k_path, ppl_window=args.ppl_window,
+                         ppl_num_windows=args.ppl_windows, gsm8k_problems=args.gsm8k_problems,
+                         gsm8k_shots=args.gsm8k_shots, max_tokens=args.max_tokens)
+    result = {"source": args.source, "tasks": tasks, **result}
+    print(ev.format_report(result))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2, ensure_ascii=False)
+            f.write("\n")
     return 0
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowering import ops
+from lowering.quant import formats
 from lowering.ir import Graph, IRError, Node, eval_dim, interpret
 from runtime.step import StepInput
 
@@ -146,36 +147,58 @@ def cpu_impls(max_q_len: int) -> dict:
         return (paged_attention_by_sequence(*args, max_q_len=max_q_len, **node.attrs),)
 
     def kv_write(node: Node, args, env):
-        return kv_write_in_place(*args)
+        k, v, slots, k_pool, v_pool = args[:5]
+        if node.attrs.get("kv_format") == "fp8":
+            heads, dim = k_pool.shape[2:]
+            k_scale, v_scale = args[5:]
+            k = formats.jnp_quantize_fp8(k.reshape(-1, heads, dim), k_scale[:, None])
+            v = formats.jnp_quantize_fp8(v.reshape(-1, heads, dim), v_scale[:, None])
+        return write_rows_in_place(slots, [(k, k_pool), (v, v_pool)])
 
-    return {"rope": rope, "paged_attention": paged_attention, "kv_write": kv_write}
+    def kv_write_nvfp4(node: Node, args, env):
+        k, v, slots, k_pool, v_pool, k_bs, v_bs, k_gs, v_gs = args
+        heads, half = k_pool.shape[2:]
+        kq, kb = formats.jnp_quantize_nvfp4(k.reshape(-1, heads, 2 * half), k_gs)
+        vq, vb = formats.jnp_quantize_nvfp4(v.reshape(-1, heads, 2 * half), v_gs)
+        return write_rows_in_place(slots, [(kq, k_pool), (vq, v_pool), (kb, k_bs), (vb, v_bs)])
+
+    return {"rope": rope, "paged_attention": paged_attention, "kv_write": kv_write,
+            "kv_write_nvfp4": kv_write_nvfp4}
 
 
-def kv_write_in_place(k, v, slot_mapping, k_pool, v_pool):
-    """Same result as ops.ref_kv_write, as a loop of dynamic_update_slice that XLA:CPU does in place.
+def write_rows_in_place(slot_mapping, pairs):
+    """Write rows into pools at slot_mapping i32[T] (-1: skip): pairs of (rows [T, ...], pool [N, Bs, ...]).
 
+    Same result as a scatter, as a loop of dynamic_update_slice that XLA:CPU does in place.
     NOTE: XLA:CPU turns a scatter of a few rows into an elementwise pass over the whole pool (its
     cost grows with the pool, not the step); a loop of small in-place updates costs O(T).
     A slot of -1 rewrites the current contents of slot 0, which changes nothing.
     """
-    _, block_size, num_kv_heads, head_dim = k_pool.shape
-    kh = k.reshape(-1, 1, 1, num_kv_heads, head_dim).astype(k_pool.dtype)  # [T, 1, 1, Hkv, Dh]
-    vh = v.reshape(-1, 1, 1, num_kv_heads, head_dim).astype(v_pool.dtype)
+    block_size = pairs[0][1].shape[1]
+    # NOTE: XLA:CPU copies a float8 pool on every dynamic_update_slice of the loop (~400x slower than f32);
+    # the same bytes written through a uint8 view stay in place.
+    fp8 = [pool.dtype == jnp.float8_e4m3fn for _, pool in pairs]
+    rows = [r.reshape(-1, 1, 1, *pool.shape[2:]).astype(pool.dtype) for r, pool in pairs]
+    rows = [jax.lax.bitcast_convert_type(r, jnp.uint8) if f else r for r, f in zip(rows, fp8)]
+    pools_in = tuple(jax.lax.bitcast_convert_type(pool, jnp.uint8) if f else pool for (_, pool), f in zip(pairs, fp8))
 
     def write_one(i, pools):
-        kp, vp = pools
         slot = slot_mapping[i]
-        at = (jnp.maximum(slot, 0) // block_size, jnp.maximum(slot, 0) % block_size, 0, 0)
-        size = (1, 1, num_kv_heads, head_dim)
-        new_k = jnp.where(slot >= 0, kh[i], jax.lax.dynamic_slice(kp, at, size))
-        new_v = jnp.where(slot >= 0, vh[i], jax.lax.dynamic_slice(vp, at, size))
-        return jax.lax.dynamic_update_slice(kp, new_k, at), jax.lax.dynamic_update_slice(vp, new_v, at)
+        at_block, at_off = jnp.maximum(slot, 0) // block_size, jnp.maximum(slot, 0) % block_size
+        out = []
+        for r, pool in zip(rows, pools):
+            at = (at_block, at_off) + (0,) * (pool.ndim - 2)
+            size = (1, 1, *pool.shape[2:])
+            new = jnp.where(slot >= 0, r[i], jax.lax.dynamic_slice(pool, at, size))
+            out.append(jax.lax.dynamic_update_slice(pool, new, at))
+        return tuple(out)
 
-    return jax.lax.fori_loop(0, slot_mapping.shape[0], write_one, (k_pool, v_pool))
+    out = jax.lax.fori_loop(0, slot_mapping.shape[0], write_one, pools_in)
+    return tuple(jax.lax.bitcast_convert_type(p, jnp.float8_e4m3fn) if f else p for p, f in zip(out, fp8))
 
 
-def paged_attention_by_sequence(q, k_pool, v_pool, query_start, seq_lens, block_tables, *, num_heads,
-                                num_kv_heads, head_dim, scale, max_q_len):
+def paged_attention_by_sequence(q, k_pool, v_pool, query_start, seq_lens, block_tables, *kv_extras, num_heads,
+                                num_kv_heads, head_dim, scale, max_q_len, kv_format=None):
     """Same result as ops.ref_paged_attention, computed per sequence on padded query tiles.
 
     q rows are gathered into [S, Q, ...] tiles (Q = max_q_len), attend to the sequence's gathered
@@ -192,13 +215,15 @@ def paged_attention_by_sequence(q, k_pool, v_pool, query_start, seq_lens, block_
     row_ok = tile[None, :] < q_lens[:, None]  # bool[S, Q]
     qt = jnp.take(q, jnp.where(row_ok, rows, 0), axis=0).astype(jnp.float32)  # [S, Q, Hq*Dh]
     qt = qt.reshape(num_seqs, max_q_len, num_kv_heads, group, head_dim)
-    keys = jnp.take(k_pool, block_tables, axis=0).reshape(num_seqs, num_ctx, num_kv_heads, head_dim)
-    vals = jnp.take(v_pool, block_tables, axis=0).reshape(num_seqs, num_ctx, num_kv_heads, head_dim)
+    keys = ops.gather_kv_blocks(k_pool, kv_extras, kv_format, 0, block_tables).reshape(
+        num_seqs, num_ctx, num_kv_heads, head_dim)
+    vals = ops.gather_kv_blocks(v_pool, kv_extras, kv_format, 1, block_tables).reshape(
+        num_seqs, num_ctx, num_kv_heads, head_dim)
     q_pos = (seq_lens - q_lens)[:, None] + tile[None, :]  # i32[S, Q]: context index of each query
     mask = jnp.arange(num_ctx)[None, None, :] <= q_pos[:, :, None]  # bool[S, Q, C]
     ctx_ok = jnp.arange(num_ctx)[None, :] < seq_lens[:, None]  # bool[S, C]
-    vals = jnp.where(ctx_ok[:, :, None, None], vals.astype(jnp.float32), 0.0)
-    scores = jnp.einsum("sqkgd,sckd->skgqc", qt, keys.astype(jnp.float32)) * scale  # f32[S, Hkv, G, Q, C]
+    vals = jnp.where(ctx_ok[:, :, None, None], vals, 0.0)
+    scores = jnp.einsum("sqkgd,sckd->skgqc", qt, keys) * scale  # f32[S, Hkv, G, Q, C]
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("skgqc,sckd->sqkgd", probs, vals).reshape(num_seqs * max_q_len, num_heads * head_dim)

@@ -5,6 +5,11 @@ kernels_gpu (paged attention, kv_write, RMSNorm with the residual add fused in, 
 fused-QKV views in place, SiLU-and-mul on the fused gate|up output) and cuBLAS (linears, logits);
 generic lax ops map to torch ops, or, failing that, to JAX through DLPack (eager only).
 
+Quantized IR (lowering/quant): qlinear / qlogits run kernels_gpu.quant_linear on a QuantizedWeight built
+once from the node's param parts; kv_write / paged_attention with kv_format "fp8" and kv_write_nvfp4 use
+the kernels' quantized KV formats (the block-scale pools of nvfp4 are extra state); rotate_heads is a
+matmul on the [T*H, D] view. Everything is decided per node, so layers may differ in format.
+
 Running: a decode-only step (one new token per sequence, batch <= the largest bucket) is padded to a
 batch bucket (1, 2, 4, 8, ..., 256) and replays the CUDA graph captured for (bucket, context bucket)
 on first use: no Python per layer, one host->device copy of the packed step inputs, one copy back.
@@ -50,12 +55,16 @@ def to_torch(value, device, dtype: str | None = None):
     """A numpy/JAX array -> torch tensor on `device` (bfloat16 goes through its bit pattern)."""
     import torch
 
-    arr = np.array(value, copy=True) if not np.asarray(value).flags.writeable else np.asarray(value)
+    arr = np.asarray(value)
+    if not arr.flags.writeable or not arr.flags.c_contiguous:
+        arr = arr.copy(order="C")  # NOTE: not ascontiguousarray, which turns a 0-d array (a scalar param) 1-d
     name = dtype or arr.dtype.name
     if arr.dtype.name == "bfloat16":
-        t = torch.from_numpy(np.ascontiguousarray(arr).view(np.uint16).view(np.int16)).view(torch.bfloat16)
+        t = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    elif arr.dtype.name == "float8_e4m3fn":  # ml_dtypes: torch.from_numpy knows no float8
+        t = torch.from_numpy(arr.view(np.uint8)).view(torch.float8_e4m3fn)
     else:
-        t = torch.from_numpy(np.ascontiguousarray(arr))
+        t = torch.from_numpy(arr)
     return t.to(device=device, dtype=torch_dtype(name))
 
 
@@ -130,6 +139,7 @@ class CudaProgram:
         self.weight_quant = weight_quant
         self.quantized_weights: dict[str, str] = {}  # param name -> scheme
         self._quantized_inputs: dict[int, list[str]] = {}  # id(node) -> its inputs with quantized weight names
+        self._qweights: dict[tuple, Any] = {}  # qlinear / qlogits weights: (format, group, part names) -> QuantizedWeight
         if weight_quant:
             self._quantize_weights(weight_quant, quantize_lm_head)
         self._embed_rows = self._embedding_rows()
@@ -221,12 +231,20 @@ class CudaProgram:
         return sum(t.numel() * t.element_size() for t in self.state.values())
 
     def _allocate_state(self, num_blocks: int, fill: float) -> dict:
+        """Every state buffer (K/V pools, nvfp4 block-scale pools) [N, ...] in its own dtype, filled with `fill`;
+        integer pools (nvfp4's packed u8 codes) take all-ones bytes for a non-finite fill."""
         import torch
 
         env = {"N": num_blocks}
-        return {s: torch.full(tuple(eval_dim(d, env) for d in self.graph.types[s].shape), fill,
-                              dtype=torch_dtype(self.graph.types[s].dtype), device=self.device)
-                for s in self.graph.state}
+        state = {}
+        for s in self.graph.state:
+            shape = tuple(eval_dim(d, env) for d in self.graph.types[s].shape)
+            dtype = torch_dtype(self.graph.types[s].dtype)
+            value = fill
+            if not dtype.is_floating_point and not math.isfinite(fill):
+                value = 255 if dtype == torch.uint8 else -1
+            state[s] = torch.full(shape, value, dtype=dtype, device=self.device)
+        return state
 
     def _kv_budget_from_memory(self, fraction: float, max_tokens: int) -> int:
         """Bytes left for KV blocks: fraction x card memory - what is in use - the profiled peak of a big step."""
@@ -539,7 +557,9 @@ def _plan(graph: Graph, program: CudaProgram) -> list[tuple[Fn, list[str], list[
         lower = _LOWERINGS.get(node.op)
         if lower is not None:
             fn = lower(node, graph, program, producers, users)
-            plan.append((fn, list(node.inputs) + getattr(fn, "extra_inputs", []), list(node.outputs), node.op))
+            ins = getattr(fn, "inputs", None)  # a lowering that reads fewer values (params bound at build)
+            ins = list(node.inputs) if ins is None else list(ins)
+            plan.append((fn, ins + getattr(fn, "extra_inputs", []), list(node.outputs), getattr(fn, "label", node.op)))
         else:
             plan.append((_generic_fn(node, graph, program), list(node.inputs), list(node.outputs), node.op))
     return plan
@@ -615,9 +635,10 @@ def _add_rms_norm_fn(eps: float) -> Fn:
 DEQUANT_CHUNK_ELEMENTS = 1 << 24  # weight-only schemes at M > DECODE_MAX_M: dequantize this many weights at a time
 
 
-def _quantized_matmul(x, qw, bias=None):
+def _quantized_matmul(x, qw, bias=None, *, dequantize_always: bool = False):
     """x @ dequant(W)^T: the quant_linear kernels where they pay (decode-sized M, and fp8 at any M);
     weight-only schemes at larger M dequantize row chunks of W to x's dtype and use cuBLAS.
+    dequantize_always: always the chunked path (an fp8 weight used weight-only: the kernels' fp8 is W8A8).
 
     NOTE: on the H100 (2026-11-26) the in-register-dequantizing GEMMs ran at 0.05-0.6x cuBLAS bf16 for
     M >= 64 with int4/nvfp4 and 0.6x with int8, while a chunked dequantize + cuBLAS costs one extra pass
@@ -628,7 +649,7 @@ def _quantized_matmul(x, qw, bias=None):
     from kernels_gpu.quant_linear import DECODE_MAX_M, QuantizedWeight, dequantize_weight, quant_linear
 
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if qw.scheme == "fp8" or x.shape[0] <= DECODE_MAX_M:
+    if not dequantize_always and (qw.scheme == "fp8" or x.shape[0] <= DECODE_MAX_M):
         return quant_linear(x, qw, bias)
     n, k = qw.out_features, qw.in_features
     rows = max(1, DEQUANT_CHUNK_ELEMENTS // k)
@@ -650,6 +671,71 @@ def _quant_linear_fn(node: Node) -> Fn:
 
     def run(ctx, x, qweight, bias=None):
         return (_quantized_matmul(x, qweight, bias),)
+
+    return run
+
+
+def _qweight_of(node, graph, program):
+    """(QuantizedWeight, dequantize_always) of a qlinear / qlogits node, built once per set of parts."""
+    from kernels_gpu.quant_linear import QuantizedWeight
+    from lowering.quant import formats
+
+    a = node.attrs
+    fmt = a["format"]
+    first = 1 if node.op == "qlinear" else 2
+    names = node.inputs[first: first + len(formats.WEIGHT_PARTS[fmt])]
+    for name in names:
+        if name not in program.params:
+            raise IRError(f"{node.op}: weight part {name!r} must be a param on the cuda target")
+    act = a.get("act_format")
+    if act not in (None, "fp8") or (act == "fp8" and fmt != "fp8"):
+        raise IRError(f"{node.op}: act_format {act!r} with weight format {fmt!r} is not supported on the cuda target")
+    key = (fmt, a.get("group_size"), *names)
+    qw = program._qweights.get(key)
+    if qw is None:
+        parts = dict(zip(formats.WEIGHT_PARTS[fmt], (program.params[n] for n in names)))
+        qw = QuantizedWeight.from_parts(fmt, parts, int(a["in_features"]), int(a["out_features"]), a.get("group_size"))
+        program._qweights[key] = qw
+    # the kernels' fp8 scheme quantizes the activations (W8A8); an fp8 weight without act_format stays weight-only
+    return qw, fmt == "fp8" and act is None
+
+
+def _lower_qlinear(node, graph, program, producers, users) -> Fn:
+    qw, dense = _qweight_of(node, graph, program)
+    n_parts = len(qw.tensors)
+
+    def run(ctx, x, bias=None):
+        return (_quantized_matmul(x, qw, bias, dequantize_always=dense),)
+
+    run.inputs = [node.inputs[0]] + list(node.inputs[1 + n_parts:])  # x [, bias]
+    run.label = f"qlinear[{node.attrs['format']}{'+a8' if node.attrs.get('act_format') else ''}]"
+    return run
+
+
+def _lower_qlogits(node, graph, program, producers, users) -> Fn:
+    qw, dense = _qweight_of(node, graph, program)
+
+    def run(ctx, x, rows):
+        return (_quantized_matmul(x.index_select(0, rows), qw, dequantize_always=dense).float(),)
+
+    run.inputs = node.inputs[:2]
+    run.label = f"qlogits[{node.attrs['format']}{'+a8' if node.attrs.get('act_format') else ''}]"
+    return run
+
+
+def _lower_rotate_heads(node, graph, program, producers, users) -> Fn:
+    import torch
+
+    heads, dim = int(node.attrs["num_heads"]), int(node.attrs["head_dim"])
+
+    def run(ctx, x, rotation):
+        t = x.shape[0]
+        rows = x.reshape(t * heads, dim)
+        if x.dtype == torch.float32:
+            out = torch.matmul(rows, rotation.float())
+        else:  # f32 math, rounded once to x's dtype (the op's reference)
+            out = torch.matmul(rows.float(), rotation.float()).to(x.dtype)
+        return (out.view(t, heads * dim),)
 
     return run
 
@@ -749,13 +835,49 @@ def _lower_kv_write(node, graph, program, producers, users) -> Fn:
 
     pool_type = graph.types[node.inputs[3]]
     heads, dim = int(pool_type.shape[2]), int(pool_type.shape[3])
+    kv_format = node.attrs.get("kv_format")
+    if kv_format not in (None, "fp8"):
+        raise IRError(f"kv_write: kv_format {kv_format!r} is not supported on the cuda target (nvfp4 is kv_write_nvfp4)")
 
-    def run(ctx, k, v, slots, k_pool, v_pool):
+    def run(ctx, k, v, slots, k_pool, v_pool, k_scale=None, v_scale=None):
         t = k.shape[0]
-        kv_write(k.view(t, heads, dim), v.view(t, heads, dim), slots, k_pool, v_pool, check_slots=False)
+        if kv_format == "fp8":
+            kv_write(k.view(t, heads, dim), v.view(t, heads, dim), slots, k_pool, v_pool, kv_format="fp8",
+                     k_scale=k_scale, v_scale=v_scale, check_slots=False)
+        else:
+            kv_write(k.view(t, heads, dim), v.view(t, heads, dim), slots, k_pool, v_pool, check_slots=False)
         return k_pool, v_pool
 
+    if kv_format == "fp8":
+        run.label = "kv_write[fp8]"
     return run
+
+
+def _lower_kv_write_nvfp4(node, graph, program, producers, users) -> Fn:
+    from kernels_gpu.kv_write import kv_write
+
+    pool_type = graph.types[node.inputs[3]]
+    heads, dim = int(pool_type.shape[2]), 2 * int(pool_type.shape[3])
+
+    def run(ctx, k, v, slots, k_pool, v_pool, k_block_scale, v_block_scale, k_scale, v_scale):
+        t = k.shape[0]
+        kv_write(k.view(t, heads, dim), v.view(t, heads, dim), slots, k_pool, v_pool, kv_format="nvfp4",
+                 k_scale=k_scale, v_scale=v_scale, k_block_scale=k_block_scale, v_block_scale=v_block_scale,
+                 check_slots=False)
+        return k_pool, v_pool, k_block_scale, v_block_scale
+
+    return run
+
+
+def _kv_format_args(kv_format, extras) -> dict:
+    """paged_attention keyword arguments for the node's kv_format and its extra inputs (see ops.dequantize_kv)."""
+    if kv_format is None:
+        return {}
+    if kv_format == "fp8":
+        k_scale, v_scale = extras
+        return {"kv_format": "fp8", "k_scale": k_scale, "v_scale": v_scale}
+    k_bs, v_bs, k_scale, v_scale = extras
+    return {"kv_format": "nvfp4", "k_block_scale": k_bs, "v_block_scale": v_bs, "k_scale": k_scale, "v_scale": v_scale}
 
 
 def _lower_paged_attention(node, graph, program, producers, users) -> Fn:
@@ -763,8 +885,30 @@ def _lower_paged_attention(node, graph, program, producers, users) -> Fn:
 
     a = node.attrs
     hq, dim, scale = a["num_heads"], a["head_dim"], a["scale"]
+    kv_format = a.get("kv_format")
+    if kv_format not in (None, "fp8", "nvfp4"):
+        raise IRError(f"paged_attention: kv_format {kv_format!r} is not supported on the cuda target")
+    num_extras = {None: 0, "fp8": 2, "nvfp4": 4}[kv_format]
+    if len(node.inputs) != 6 + num_extras:
+        raise IRError(f"paged_attention with kv_format {kv_format!r} takes {6 + num_extras} inputs, got {len(node.inputs)}")
+    if kv_format == "nvfp4" and dim < 32 and program.device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        # NOTE: the GPU kernel splits D into even / odd halves whose dots need K = D / 2 >= 16 (Triton)
+        raise IRError(f"paged_attention: nvfp4 KV needs head_dim >= 32 on the GPU kernel, got {dim}")
+    if kv_format is not None:
+        # NOTE: the prefill kernel reads the new K/V unquantized, while attention must see what the cache holds:
+        # a quantized layer always takes the paged kernel
+        def run_quantized(ctx, q, k_pool, v_pool, query_start, seq_lens, block_tables, *extras):
+            t = q.shape[0]
+            out = paged_attention(q.view(t, hq, dim), k_pool, v_pool, query_start, seq_lens, block_tables,
+                                  scale=scale, max_q_len=ctx.max_q_len, max_seq_len=ctx.max_seq_len,
+                                  **_kv_format_args(kv_format, extras))
+            return (out.view(t, hq * dim),)
+
+        run_quantized.label = f"paged_attention[{kv_format}]"
+        return run_quantized
     writer = producers.get(node.inputs[1])  # the kv_write that filled the pools: its k, v are this step's K/V
-    if writer is not None and writer.op == "kv_write" and writer.outputs[0] == node.inputs[1]:
+    if (writer is not None and writer.op == "kv_write" and writer.outputs[0] == node.inputs[1]
+            and writer.attrs.get("kv_format") is None):
         from kernels_gpu.prefill_attention import prefill_attention
 
         hkv = int(graph.types[writer.inputs[3]].shape[2])
@@ -810,7 +954,11 @@ _LOWERINGS: dict[str, Callable[..., Fn]] = {
     "split": _lower_split,
     "silu_mul": _lower_silu_mul,
     "kv_write": _lower_kv_write,
+    "kv_write_nvfp4": _lower_kv_write_nvfp4,
     "paged_attention": _lower_paged_attention,
+    "qlinear": _lower_qlinear,
+    "qlogits": _lower_qlogits,
+    "rotate_heads": _lower_rotate_heads,
     "constant": _lower_constant,
 }
 

@@ -39,7 +39,10 @@ def test_matches_reference(kernel_module, device, scheme, m, bias, dtype):
     out = ql.quant_linear(x, qw, b)
     assert out.shape == (m, N) and out.dtype == dtype
     err = rel_err(out, ql.ref_quant_linear(x, qw, b))
-    assert err < TOL[dtype], f"{scheme} M={m} {dtype}: rel err {err:.2e}"
+    # NOTE: on a GPU the fp8 scheme multiplies fp8 x fp8 on the tensor cores, whose accumulation (Hopper) keeps
+    # fewer bits than f32: 1.2e-4 was seen at M=17 on the H200 (2026-11-26)
+    tol = max(TOL[dtype], 5e-4) if scheme == "fp8" and device == "cuda" else TOL[dtype]
+    assert err < tol, f"{scheme} M={m} {dtype}: rel err {err:.2e}"
 
 
 @pytest.mark.parametrize("group,scale_dtype", [(16, torch.bfloat16), (32, torch.float32), (64, torch.float16)])
@@ -200,3 +203,121 @@ def test_errors(kernel_module, device):
     bad = ql.QuantizedWeight("int4", N, 256, dict(qw.tensors), 96)
     with pytest.raises(ValueError, match="group_size"):
         ql.quant_linear(x, bad)
+
+
+# ---------------------------------------------------------------------------------------------- int4 zero points
+
+def make_int4_zero(m, n, k, dtype, device, *, bias=False, seed=0, random_parts=False, group=128):
+    """(x, QuantizedWeight with zero points, bias): quantized by lowering/quant/formats.py from a weight whose
+    groups are far from symmetric, or (random_parts) random codes, zero points and scales."""
+    import numpy as np
+
+    from kernels_gpu.quant_linear import QuantizedWeight
+    from lowering.quant import formats
+
+    rng = np.random.default_rng(seed)
+    if random_parts:
+        parts = {"q": rng.integers(0, 256, (n, k // 2), dtype=np.uint8),
+                 "scale": (rng.random((n, k // group)) * 0.1 + 1e-3).astype(np.float16),
+                 "zero": rng.integers(0, 16, (n, k // group), dtype=np.uint8)}
+    else:
+        w = rng.standard_normal((n, k)).astype(np.float32) * 0.05 + rng.standard_normal((n, 1)).astype(np.float32) * 0.05
+        w[0] *= 30
+        parts = formats.quantize_int4(w, group)
+        assert len(np.unique(parts["zero"])) > 2  # really asymmetric
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    if m > 1:
+        x[1] *= 1e-3
+    b = torch.randn(n, generator=gen).to(device) if bias else None
+    return x.to(dtype).to(device), QuantizedWeight.from_parts("int4", parts, k, n, device=device), b
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("m,n", [(1, 40), (3, 17), (17, 40), (64, 33)])
+def test_int4_zero_points_match_reference(kernel_module, device, m, n, dtype):
+    ql = kernel_module("quant_linear")
+    for random_parts in (False, True):
+        x, qw, b = make_int4_zero(m, n, 256, dtype, device, bias=m % 2 == 1, seed=m + n, random_parts=random_parts)
+        assert "zero" in qw.tensors and qw.group_size == 128
+        out = ql.quant_linear(x, qw, b)
+        assert out.shape == (m, n) and out.dtype == dtype
+        err = rel_err(out, ql.ref_quant_linear(x, qw, b))
+        assert err < TOL[dtype], f"int4+zero M={m} N={n} {dtype} random={random_parts}: rel err {err:.2e}"
+
+
+def test_int4_zero_points_every_path(kernel_module, device):
+    """M = 1: split-K GEMV, no split, word-wise and byte-wise decode, the tensor-core decode tiles; M = 5 in both
+    dot modes; a group smaller than the K tile (several groups per tile) and one larger."""
+    ql = kernel_module("quant_linear")
+    x, qw, b = make_int4_zero(1, 40, 512, torch.float32, device, bias=True, seed=3)
+    ref = ql.ref_quant_linear(x, qw, b)
+    for cfg in ({}, {"SPLIT_K_PROGRAMS": 0}, {"GEMV_MAX_M": 0}, {"GEMV_WORDS": False}, {"GEMV_WORDS": True},
+                {"GEMV_BLOCK_K": 256}, {"GEMV_MAX_M": 0, "MODE": 0}, {"GEMV_MAX_M": 0, "BLOCK_K": 32}):
+        assert rel_err(ql.quant_linear(x, qw, b, config=cfg), ref) < 1e-4, cfg
+    x, qw, b = make_int4_zero(5, 24, 256, torch.float32, device, bias=True, seed=4, random_parts=True, group=32)
+    ref = ql.ref_quant_linear(x, qw, b)
+    for cfg in ({"MODE": 0}, {"MODE": 1}, {"BLOCK_K": 64}):  # NOTE: GPU dots need BLOCK_K // 2 >= 16
+        assert rel_err(ql.quant_linear(x, qw, b, config=cfg), ref) < 1e-4, cfg
+    x1 = x[:1].contiguous()
+    assert rel_err(ql.quant_linear(x1, qw, b, config={"GEMV_BLOCK_K": 16}), ql.ref_quant_linear(x1, qw, b)) < 1e-4
+
+
+def test_int4_zero_of_eight_equals_symmetric(kernel_module, device):
+    ql = kernel_module("quant_linear")
+    x, qw, b = make("int4", 3, N, 256, torch.float32, device, bias=True)
+    with_zero = ql.QuantizedWeight("int4", N, 256, dict(qw.tensors, zero=torch.full((N, 2), 8, dtype=torch.uint8,
+                                                                                       device=device)), 128)
+    assert torch.equal(ql.dequantize_weight(with_zero), ql.dequantize_weight(qw))
+    for m in (1, 3):
+        torch.testing.assert_close(ql.quant_linear(x[:m], with_zero, b), ql.quant_linear(x[:m], qw, b))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4", "nvfp4"])
+def test_from_parts_dequantizes_like_formats(fmt):
+    """QuantizedWeight.from_parts of lowering/quant/formats.py parts: the kernels' weight values are exactly the
+    format's (numpy parts and torch parts alike)."""
+    import numpy as np
+
+    from kernels_gpu.quant_linear import QuantizedWeight, dequantize_weight
+    from lowering.quant import formats
+
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((24, 256)).astype(np.float32) * 0.1 + 0.03
+    w[3] = 0.0
+    parts = formats.quantize_weight(w, fmt)
+    want = torch.from_numpy(formats.dequantize_weight(parts, fmt))
+    qw = QuantizedWeight.from_parts(fmt, parts, 256, 24)
+    assert qw.scheme == fmt and qw.group_size == {"int4": 128, "nvfp4": 16}.get(fmt)
+    assert torch.equal(dequantize_weight(qw), want)
+    names = {"weight": "q"}  # torch parts: the kernel's tensors under the format's part names
+    again = QuantizedWeight.from_parts(fmt, {names.get(k, k): v for k, v in qw.tensors.items()}, 256, 24)
+    assert torch.equal(dequantize_weight(again), want)
+
+
+def test_from_parts_and_zero_errors(kernel_module, device):
+    import numpy as np
+
+    ql = kernel_module("quant_linear")
+    from lowering.quant import formats
+
+    parts = formats.quantize_int4(np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32))
+    with pytest.raises(ValueError, match="lacks part"):
+        ql.QuantizedWeight.from_parts("int4", {"q": parts["q"], "scale": parts["scale"]}, 256, 8)
+    with pytest.raises(ValueError, match="unknown weight format"):
+        ql.QuantizedWeight.from_parts("int3", parts, 256, 8)
+    with pytest.raises(ValueError, match="unknown part"):
+        ql.QuantizedWeight.from_parts("int8", parts, 256, 8)
+    with pytest.raises(ValueError, match="zero must be uint8"):
+        ql.QuantizedWeight.from_parts("int4", dict(parts, zero=parts["zero"].astype(np.int32)), 256, 8)
+    with pytest.raises(ValueError, match="zero must be uint8"):
+        ql.QuantizedWeight.from_parts("int4", dict(parts, zero=parts["zero"][:, :1]), 256, 8)
+    qw = ql.quantize_weight(torch.randn(8, 64), "int8")
+    with pytest.raises(ValueError, match="only int4 weights take zero points"):
+        ql.quant_linear(torch.randn(1, 64), ql.QuantizedWeight("int8", 8, 64, dict(qw.tensors, zero=qw.tensors["scale"]
+                                                                                     .to(torch.uint8))))
+    if device != "cpu":
+        qw = ql.QuantizedWeight.from_parts("int4", parts, 256, 8, device=device)
+        qw.tensors["zero"] = qw.tensors["zero"].cpu()
+        with pytest.raises(ValueError, match="tensor 'zero' is on cpu"):
+            ql.quant_linear(torch.randn(1, 256, device=device), qw)

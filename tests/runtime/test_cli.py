@@ -63,7 +63,11 @@ def test_generate_compiles_a_source_without_manifest(monkeypatch, capsys, tmp_pa
     monkeypatch.setattr(lowering, "compile_model", compile_model, raising=False)
     assert cli.main(["generate", "toy", "--prompt", "Hello", "--max-tokens", "2", "--block-size", "8"]) == 0
     assert capsys.readouterr().out == " w\n"
-    assert calls == [("toy", {"target": "cpu", "block_size": 8, "dtype": None, "verbose": False})]
+    assert calls == [("toy", {"target": "cpu", "block_size": 8, "dtype": None, "verbose": False, **NO_QUANT})]
+
+
+NO_QUANT = {"weights": None, "kv_cache": None, "kv_rotation": False, "quant_method": "auto", "max_ppl_increase": 0.01,
+            "calibration": None}
 
 
 def test_compile_calls_compile_model_and_exports(monkeypatch, capsys, tmp_path):
@@ -82,9 +86,24 @@ def test_compile_calls_compile_model_and_exports(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(lowering, "compile_model", compile_model, raising=False)
     out = str(tmp_path / "art")
     assert cli.main(["compile", "smollm2-135m", "-o", out, "--dtype", "bfloat16", "--quiet"]) == 0
-    expected = {"target": "cpu", "block_size": 16, "dtype": "bfloat16", "verbose": False, "progress": False}
+    expected = {"target": "cpu", "block_size": 16, "dtype": "bfloat16", "verbose": False, "progress": False,
+                **NO_QUANT}
     assert calls == [("smollm2-135m", expected)]
-    assert exported == [out] and capsys.readouterr().out == ""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some calibration text")
+    calls.clear()
+    assert cli.main(["compile", "smollm2-135m", "-o", out, "--quiet", "--weights", "int4", "--kv-cache", "fp8",
+                     "--kv-rotation", "--quant-method", "gptq", "--max-ppl-increase", "off",
+                     "--calibration", str(calib)]) == 0
+    assert calls[0][1] | {} == {**expected, "dtype": None, "weights": "int4", "kv_cache": "fp8", "kv_rotation": True,
+                                "quant_method": "gptq", "max_ppl_increase": None,
+                                "calibration": "some calibration text"}
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["compile", "smollm2-135m", "-o", out, "--max-ppl-increase", "-1"])
+    assert exc.value.code == 2
+    assert cli.main(["compile", "smollm2-135m", "-o", out, "--calibration", str(tmp_path / "missing.txt")]) == 2
+    capsys.readouterr()
+    assert exported == [out, out] and capsys.readouterr().out == ""
 
     def failing_compile_model(source, **kwargs):
         raise ValueError("unknown model 'nope'")

@@ -45,13 +45,13 @@ def test_paged_attention_by_sequence_matches_reference(block_size):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
-def test_kv_write_in_place_matches_reference():
+def test_write_rows_in_place_matches_reference():
     rng = np.random.default_rng(0)
     pool = jnp.asarray(rng.normal(size=(5, 3, 2, 4)).astype(np.float32))
     k, v = (jnp.asarray(rng.normal(size=(4, 8)).astype(np.float32)) for _ in range(2))
     slots = jnp.asarray([7, -1, 0, 14], jnp.int32)
     want = ops.ref_kv_write(k, v, slots, pool, pool + 1)
-    got = cpu.kv_write_in_place(k, v, slots, pool, pool + 1)
+    got = cpu.write_rows_in_place(slots, [(k, pool), (v, pool + 1)])
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
 

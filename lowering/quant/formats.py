@@ -1,0 +1,394 @@
+"""Quantized number formats: the one definition every pass, backend reference and test uses.
+
+Weights are [N, K] (out_features, in_features); each format stores named parts (numpy at compile time,
+params in the graph):
+
+  "int8"  q int8[N, K], scale f32[N]                 symmetric per output channel:
+          scale = max(amax|W[n]| / 127, FLT_MIN), q = RNE(W / scale) clipped to [-127, 127]; W ~ q * scale.
+  "fp8"   q float8_e4m3fn[N, K], scale f32[N]        per output channel: scale = max(amax|W[n]| / 448, FLT_MIN),
+          q = e4m3(RNE, saturating)(W / scale); W ~ q * scale. Used as W8A8: activations are quantized per
+          token the same way at run time (quantize_fp8_rows).
+  "int4"  q u8[N, K/2], scale f16[N, K/G], zero u8[N, K/G]   asymmetric per group of G along K (128, or the
+          largest power of two >= 16 dividing K when 128 does not: int4_group_size):
+          lo = min(group, 0), hi = max(group, 0), scale = f16((hi - lo) / 15) (1 when the group is all zero),
+          zero = clip(RNE(-lo / scale), 0, 15), code = clip(RNE(W / scale) + zero, 0, 15);
+          W ~ (code - zero) * scale. Two codes per byte, element 2i in the LOW nibble.
+  "nvfp4" q u8[N, K/2], block_scale float8_e4m3fn[N, K/16], global_scale f32[]   NVIDIA's NVFP4:
+          global_scale = max(amax|W| / (6 * 448), FLT_MIN) per tensor; per block of 16 along K
+          block_scale = e4m3(RNE, saturating)(amax|block| / 6 / global_scale); code = E2M1(RNE, ties to the
+          even code, saturating at +-6)(W / (block_scale * global_scale)) (a block whose scale is 0 stores 0);
+          W ~ e2m1(code) * block_scale * global_scale. E2M1 = {0, 0.5, 1, 1.5, 2, 3, 4, 6} with a sign bit
+          (bit 3); element 2i in the LOW nibble.
+
+KV caches use "fp8" with a calibrated f32 scale per KV head (kv_write divides by it) and "nvfp4" with a
+calibrated per-layer global scale and block scales computed on write (16 values of one head share one).
+
+numpy functions (quantize_*, dequantize_*) are the exact references; the jnp_* functions compute the same
+values inside jitted graphs (bit-identical, tested).
+"""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+WEIGHT_FORMATS = ("int8", "fp8", "int4", "nvfp4")
+KV_FORMATS = ("fp8", "nvfp4")
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+INT4_GROUP = 128
+INT4_LEVELS = 15
+NVFP4_BLOCK = 16
+E2M1_MAX = 6.0
+E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+F32_TINY = float(np.finfo(np.float32).tiny)
+# Rounding thresholds between consecutive E2M1 magnitudes: (midpoint, does a tie round up?). A tie goes to
+# the even code, i.e. up exactly when the upper neighbour's code (2, 4, 6) is even.
+_E2M1_MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True),
+                   (5.0, False))
+
+# Parts each weight format stores, in the order quantized ops take them.
+WEIGHT_PARTS = {"int8": ("q", "scale"), "fp8": ("q", "scale"), "int4": ("q", "scale", "zero"),
+                "nvfp4": ("q", "block_scale", "global_scale")}
+
+
+class FormatError(ValueError):
+    """A tensor cannot be stored in the requested format (shape, dtype or name)."""
+
+
+def int4_group_size(in_features: int, preferred: int = INT4_GROUP) -> int | None:
+    """The int4 group size for K = in_features: `preferred` (128) when it divides K, else the largest power
+    of two >= 16 below it that does (576 -> 64); None when none does."""
+    g = preferred
+    while g >= 16:
+        if in_features % g == 0:
+            return g
+        g //= 2
+    return None
+
+
+def check_weight_format(fmt: str, shape: tuple[int, ...], group_size: int | None = None) -> None:
+    if fmt not in WEIGHT_FORMATS:
+        raise FormatError(f"unknown weight format {fmt!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+    if len(shape) != 2:
+        raise FormatError(f"{fmt} weights must be 2-D [out, in], got shape {tuple(shape)}")
+    k = shape[1]
+    if fmt == "int4":
+        g = group_size or int4_group_size(k)
+        if g is None or k % g or g < 16 or g & (g - 1):
+            raise FormatError(f"int4 needs in_features divisible by a power-of-two group size >= 16"
+                              f"{f' (asked: {group_size})' if group_size else ''}, got {k}")
+    if fmt == "nvfp4" and k % NVFP4_BLOCK:
+        raise FormatError(f"nvfp4 needs in_features divisible by {NVFP4_BLOCK}, got {k}")
+
+
+def supports(fmt: str, shape: tuple[int, ...], group_size: int | None = None) -> bool:
+    try:
+        check_weight_format(fmt, shape, group_size)
+    except FormatError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------ FP8 e4m3
+
+def to_fp8(y: np.ndarray) -> np.ndarray:
+    """f32 -> float8_e4m3fn, round to nearest even, saturating at +-448 (NaN stays NaN)."""
+    return np.clip(np.asarray(y, np.float32), -FP8_MAX, FP8_MAX).astype(FP8)
+
+
+def fp8_scale(amax) -> np.ndarray:
+    return np.maximum(np.asarray(amax, np.float32) / np.float32(FP8_MAX), np.float32(F32_TINY)).astype(np.float32)
+
+
+def quantize_fp8_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x f32[M, K] -> (q e4m3[M, K], scale f32[M]) with one scale per row (per channel / per token)."""
+    x = np.asarray(x, np.float32)
+    scale = fp8_scale(np.abs(x).max(axis=1))
+    return to_fp8(x / scale[:, None]), scale
+
+
+def dequantize_fp8(q: np.ndarray, scale: np.ndarray, axis: int = 0) -> np.ndarray:
+    """q e4m3 * scale, the scale broadcast along `axis` (0: per row of a [N, K] weight)."""
+    s = np.asarray(scale, np.float32)
+    shape = [1] * q.ndim
+    if s.ndim:
+        shape[axis] = s.shape[0]
+    return q.astype(np.float32) * s.reshape(shape)
+
+
+# ------------------------------------------------------------------------------------------ INT8
+
+def quantize_int8(w: np.ndarray) -> dict[str, np.ndarray]:
+    w = np.asarray(w, np.float32)
+    scale = np.maximum(np.abs(w).max(axis=1) / np.float32(INT8_MAX), np.float32(F32_TINY)).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None]), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return {"q": q, "scale": scale}
+
+
+def dequantize_int8(parts: dict[str, np.ndarray]) -> np.ndarray:
+    return parts["q"].astype(np.float32) * parts["scale"][:, None]
+
+
+# ------------------------------------------------------------------------------------------ INT4
+
+def int4_group_params(wg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """wg f32[..., G] -> (scale f16[...], zero u8[...]) for asymmetric 4-bit codes of each group."""
+    lo = np.minimum(wg.min(axis=-1), 0.0)
+    hi = np.maximum(wg.max(axis=-1), 0.0)
+    scale = ((hi - lo) / np.float32(INT4_LEVELS)).astype(np.float16)
+    # NOTE: a group too small for f16 (or all zero) would get scale 0: use the smallest f16 subnormal (all zero: 1)
+    scale = np.where(scale > 0, scale, np.where(hi - lo > 0, np.float16(2.0 ** -24), np.float16(1.0)))
+    zero = np.clip(np.rint(-lo / scale.astype(np.float32)), 0, INT4_LEVELS).astype(np.uint8)
+    return scale.astype(np.float16), zero
+
+
+def int4_codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """Codes (u8 in [0, 15]) of w with the given per-element-broadcast scale (f16/f32) and zero."""
+    return np.clip(np.rint(w / scale.astype(np.float32)) + zero.astype(np.float32), 0, INT4_LEVELS).astype(np.uint8)
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """u8[..., 2n] codes in [0, 15] -> u8[..., n], element 2i in the low nibble."""
+    codes = codes.astype(np.uint8)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    return np.stack((packed & 0xF, packed >> 4), axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def quantize_int4(w: np.ndarray, group_size: int = INT4_GROUP) -> dict[str, np.ndarray]:
+    w = np.asarray(w, np.float32)
+    check_weight_format("int4", w.shape, group_size)
+    n, k = w.shape
+    wg = w.reshape(n, k // group_size, group_size)
+    scale, zero = int4_group_params(wg)
+    codes = int4_codes(wg, scale[..., None], zero[..., None]).reshape(n, k)
+    return {"q": pack_nibbles(codes), "scale": scale, "zero": zero}
+
+
+def dequantize_int4(parts: dict[str, np.ndarray]) -> np.ndarray:
+    codes = unpack_nibbles(parts["q"]).astype(np.float32)
+    n, k = codes.shape
+    groups = parts["scale"].shape[1]
+    cg = codes.reshape(n, groups, k // groups)
+    return ((cg - parts["zero"][..., None].astype(np.float32)) * parts["scale"][..., None].astype(np.float32)
+            ).reshape(n, k)
+
+
+# ------------------------------------------------------------------------------------------ NVFP4
+
+def e2m1_encode(v: np.ndarray) -> np.ndarray:
+    """f32 (already divided by its scale) -> u8 codes: RNE to E2M1, ties to the even code, saturating;
+    the sign bit follows the IEEE sign (so -0.0 gives 0x8, as the hardware cvt does); NaN gives +0."""
+    v = np.asarray(v, np.float32)
+    a = np.abs(v)
+    code = np.zeros(v.shape, np.uint8)
+    for mid, tie_up in _E2M1_MIDPOINTS:
+        code += (a >= mid if tie_up else a > mid).astype(np.uint8)
+    sign = (np.signbit(v) & ~np.isnan(v)).astype(np.uint8) << 3
+    return code | sign
+
+
+def e2m1_decode(code: np.ndarray) -> np.ndarray:
+    code = np.asarray(code).astype(np.int64)
+    mag = E2M1_VALUES[code & 7]
+    return np.where(code & 8, -mag, mag).astype(np.float32)
+
+
+def nvfp4_global_scale(amax) -> np.ndarray:
+    return np.maximum(np.float32(amax) / np.float32(E2M1_MAX * FP8_MAX), np.float32(F32_TINY)).astype(np.float32)
+
+
+def nvfp4_block_scales(xb: np.ndarray, global_scale) -> np.ndarray:
+    """xb f32[..., 16] -> block scales e4m3[...] = e4m3(amax / 6 / global_scale)."""
+    amax = np.abs(xb).max(axis=-1)
+    return to_fp8(amax / np.float32(E2M1_MAX) / np.float32(global_scale))
+
+
+def nvfp4_codes(x: np.ndarray, block_scale: np.ndarray, global_scale) -> np.ndarray:
+    """Codes of x (block_scale broadcast against x, already expanded) as in the module docstring."""
+    denom = block_scale.astype(np.float32) * np.float32(global_scale)
+    safe = np.where(denom != 0, denom, np.float32(1.0))
+    return np.where(denom != 0, e2m1_encode(np.asarray(x, np.float32) / safe), 0).astype(np.uint8)
+
+
+def quantize_nvfp4(x: np.ndarray, global_scale=None) -> dict[str, np.ndarray]:
+    """x f32[..., D] (D % 16 == 0) -> {"q": u8[..., D/2], "block_scale": e4m3[..., D/16], "global_scale": f32[]}."""
+    x = np.asarray(x, np.float32)
+    d = x.shape[-1]
+    if d % NVFP4_BLOCK:
+        raise FormatError(f"nvfp4 needs the last dim divisible by {NVFP4_BLOCK}, got {d}")
+    gs = nvfp4_global_scale(np.abs(x).max() if x.size else 0.0) if global_scale is None else np.float32(global_scale)
+    xb = x.reshape(*x.shape[:-1], d // NVFP4_BLOCK, NVFP4_BLOCK)
+    bs = nvfp4_block_scales(xb, gs)
+    codes = nvfp4_codes(xb, bs[..., None], gs).reshape(x.shape)
+    return {"q": pack_nibbles(codes), "block_scale": bs, "global_scale": np.asarray(gs, np.float32).reshape(())}
+
+
+def dequantize_nvfp4(parts: dict[str, np.ndarray]) -> np.ndarray:
+    vals = e2m1_decode(unpack_nibbles(parts["q"]))
+    d = vals.shape[-1]
+    vb = vals.reshape(*vals.shape[:-1], d // NVFP4_BLOCK, NVFP4_BLOCK)
+    denom = parts["block_scale"].astype(np.float32) * np.float32(parts["global_scale"])
+    return (vb * denom[..., None]).reshape(vals.shape)
+
+
+# ------------------------------------------------------------------------------------------ weights
+
+def quantize_weight(w: np.ndarray, fmt: str, *, group_size: int | None = None) -> dict[str, np.ndarray]:
+    """Round-to-nearest quantization of a [N, K] weight; returns the format's parts (WEIGHT_PARTS order)."""
+    w = np.asarray(w, np.float32)
+    check_weight_format(fmt, w.shape, group_size)
+    if fmt == "int8":
+        return quantize_int8(w)
+    if fmt == "fp8":
+        q, scale = quantize_fp8_rows(w)
+        return {"q": q, "scale": scale}
+    if fmt == "int4":
+        return quantize_int4(w, group_size or int4_group_size(w.shape[1]))
+    return quantize_nvfp4(w)
+
+
+def dequantize_weight(parts: dict[str, np.ndarray], fmt: str) -> np.ndarray:
+    if fmt == "int8":
+        return dequantize_int8(parts)
+    if fmt == "fp8":
+        return dequantize_fp8(parts["q"], parts["scale"])
+    if fmt == "int4":
+        return dequantize_int4(parts)
+    if fmt == "nvfp4":
+        return dequantize_nvfp4(parts)
+    raise FormatError(f"unknown weight format {fmt!r}")
+
+
+def bits_per_weight(fmt: str, group_size: int | None = None) -> float:
+    """Stored bits per weight element, scales included (per-tensor scalars and per-row scales ignored)."""
+    return {"int8": 8.0, "fp8": 8.0, "int4": 4.0 + 24.0 / (group_size or INT4_GROUP),
+            "nvfp4": 4.0 + 8.0 / NVFP4_BLOCK}[fmt]
+
+
+def kv_bytes_per_value(fmt: str | None, dtype_bytes: int = 2) -> float:
+    """Bytes one K or V element costs in the pool (scales included)."""
+    return {None: float(dtype_bytes), "fp8": 1.0, "nvfp4": 0.5 + 1.0 / NVFP4_BLOCK}[fmt]
+
+
+# ------------------------------------------------------------------------------------------ jnp versions
+
+def jnp_round_fp8(y):
+    """f32 -> f32 values on the float8_e4m3fn grid (RNE, saturating at +-448), computed arithmetically.
+
+    NOTE: XLA on GPUs (xla_allow_excess_precision) drops a convert pair f32 -> f8 -> f32, bitcasts included,
+    so a fake quantization written as casts does no rounding there. Scaling by the power of two of the value's
+    binade (subnormals share the 2**-6 binade) and rounding half to even is exact in f32 and cannot be elided.
+    """
+    y = jnp.clip(y.astype(jnp.float32), -FP8_MAX, FP8_MAX)
+    _, exp = jnp.frexp(y)  # |y| = m * 2**exp, m in [0.5, 1)
+    step = jnp.ldexp(jnp.float32(1.0), jnp.maximum(exp - 1, -6) - 3)  # spacing of 3 mantissa bits
+    return jnp.clip(jnp.round(y / step) * step, -FP8_MAX, FP8_MAX)
+
+
+def jnp_to_fp8(y):
+    """f32 -> float8_e4m3fn (RNE, saturating); the cast itself is exact (the value is already on the grid)."""
+    return jnp_round_fp8(y).astype(jnp.float8_e4m3fn)
+
+
+def jnp_quantize_fp8(x, scale):
+    """x f32[..., H, D], scale f32[H] (per head) or f32[..., 1] -> e4m3 (same rule as to_fp8(x / scale))."""
+    return jnp_to_fp8(x.astype(jnp.float32) / scale)
+
+
+def jnp_fake_quant_fp8_rows(x):
+    """Per-row (per-token) fp8 quantize + dequantize of x f32[M, K]: what W8A8 does to activations."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=1, keepdims=True) / FP8_MAX, F32_TINY)
+    return jnp_round_fp8(x32 / scale) * scale
+
+
+def jnp_unpack_nibbles(packed):
+    lo = packed & jnp.uint8(0xF)
+    hi = packed >> jnp.uint8(4)
+    return jnp.stack((lo, hi), axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def jnp_pack_nibbles(codes):
+    return codes[..., 0::2] | (codes[..., 1::2] << jnp.uint8(4))
+
+
+def jnp_e2m1_decode(code):
+    table = jnp.asarray(E2M1_VALUES)
+    mag = table[(code & 7).astype(jnp.int32)]
+    return jnp.where((code & 8) != 0, -mag, mag)
+
+
+def jnp_e2m1_encode(v):
+    a = jnp.abs(v)
+    code = jnp.zeros(v.shape, jnp.uint8)
+    for mid, tie_up in _E2M1_MIDPOINTS:
+        code = code + (a >= mid if tie_up else a > mid).astype(jnp.uint8)
+    sign = (jnp.signbit(v) & ~jnp.isnan(v)).astype(jnp.uint8) << jnp.uint8(3)
+    return code | sign
+
+
+def jnp_quantize_nvfp4(x, global_scale):
+    """x [..., D] -> (packed u8[..., D/2], block_scale e4m3[..., D/16]) with the given f32 global scale."""
+    d = x.shape[-1]
+    xb = x.astype(jnp.float32).reshape(*x.shape[:-1], d // NVFP4_BLOCK, NVFP4_BLOCK)
+    gs = jnp.asarray(global_scale, jnp.float32)
+    bs32 = jnp_round_fp8(jnp.max(jnp.abs(xb), axis=-1) / E2M1_MAX / gs)
+    bs = bs32.astype(jnp.float8_e4m3fn)
+    denom = (bs32 * gs)[..., None]
+    ok = denom != 0
+    codes = jnp.where(ok, jnp_e2m1_encode(xb / jnp.where(ok, denom, 1.0)), jnp.uint8(0)).astype(jnp.uint8)
+    return jnp_pack_nibbles(codes.reshape(x.shape)), bs
+
+
+def jnp_dequantize_nvfp4(packed, block_scale, global_scale):
+    vals = jnp_e2m1_decode(jnp_unpack_nibbles(packed))
+    d = vals.shape[-1]
+    vb = vals.reshape(*vals.shape[:-1], d // NVFP4_BLOCK, NVFP4_BLOCK)
+    denom = block_scale.astype(jnp.float32) * jnp.asarray(global_scale, jnp.float32)
+    return (vb * denom[..., None]).reshape(vals.shape)
+
+
+def jnp_dequantize_weight(fmt: str, *parts):
+    """The weight f32[N, K] from its parts (WEIGHT_PARTS order), inside a traced graph."""
+    if fmt in ("int8", "fp8"):
+        q, scale = parts
+        return q.astype(jnp.float32) * scale[:, None].astype(jnp.float32)
+    if fmt == "int4":
+        q, scale, zero = parts
+        codes = jnp_unpack_nibbles(q).astype(jnp.float32)
+        n, k = codes.shape
+        groups = scale.shape[1]
+        cg = codes.reshape(n, groups, k // groups)
+        return ((cg - zero[..., None].astype(jnp.float32)) * scale[..., None].astype(jnp.float32)).reshape(n, k)
+    if fmt == "nvfp4":
+        return jnp_dequantize_nvfp4(*parts)
+    raise FormatError(f"unknown weight format {fmt!r}")
+
+
+def weight_part_types(fmt: str, shape: tuple[int, int], group_size: int | None = None) -> dict[str, tuple]:
+    """{part: (shape, dtype name)} of a quantized [N, K] weight."""
+    n, k = shape
+    if fmt in ("int8", "fp8"):
+        return {"q": ((n, k), "int8" if fmt == "int8" else "float8_e4m3fn"), "scale": ((n,), "float32")}
+    if fmt == "int4":
+        g = group_size or int4_group_size(k)
+        return {"q": ((n, k // 2), "uint8"), "scale": ((n, k // g), "float16"), "zero": ((n, k // g), "uint8")}
+    return {"q": ((n, k // 2), "uint8"), "block_scale": ((n, k // NVFP4_BLOCK), "float8_e4m3fn"),
+            "global_scale": ((), "float32")}
+
+
+def hadamard(n: int) -> np.ndarray:
+    """Orthonormal Hadamard matrix f64[n, n] (Sylvester; n a power of two)."""
+    if n < 1 or n & (n - 1):
+        raise FormatError(f"a Hadamard rotation needs a power-of-two head_dim, got {n}")
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / math.sqrt(n)
