@@ -73,7 +73,9 @@ def test_rotation_leaves_the_model_unchanged(base, monkeypatch):
 def test_weight_rewrite_stores_the_format_encoding(model, base, fmt):
     cm = compile_model(model, weights=fmt, quant_method="rtn", max_ppl_increase=None, **QUIET)
     counts = cm.graph.ops_count()
-    assert counts.get("linear", 0) == 0 and counts["qlinear"] == 4 * CFG.num_layers // 2 * 2 and counts["qlogits"] == 1
+    # every linear; the logits weight stays unquantized unless named ("lm_head")
+    assert counts.get("linear", 0) == 0 and counts["qlinear"] == 4 * CFG.num_layers
+    assert counts.get("qlogits", 0) == 0 and counts["logits"] == 1
     # each unit's parts are exactly formats.quantize_weight of the float weight
     unit = "model.layers.1.mlp.down_proj.weight"
     want = formats.quantize_weight(base.params[unit], fmt)
