@@ -16,6 +16,7 @@ from lowering.ir import Graph
 from lowering.models.config import ModelConfig
 from lowering.params import finalize_params
 from lowering.pipeline import CompileOptions, OptionsError, PassRecord, run_pipeline
+from lowering.pipeline import dump_ir as dump_graph  # (compile_model's dump_ir argument names the directory)
 from lowering.program_source import ProgramSource
 
 
@@ -110,7 +111,7 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int = 16, dty
     quant = options.quant_options(calibration=calibration, calibration_windows=calibration_windows,
                                   calibration_window=calibration_window)
     if quant.active:
-        from lowering.ir import format_graph, verify
+        from lowering.ir import verify
         from lowering.quant.passes import quantize_model
 
         quiet = not (verbose or progress)
@@ -120,9 +121,7 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int = 16, dty
             log=(lambda msg: None) if quiet else (lambda msg: print(f"llmc: {msg}", file=sys.stderr)))
         verify(graph, check_types=True)
         records.append(PassRecord("quantize", time.perf_counter() - q_start, len(graph.nodes)))
-        dump_dir = dump_ir or os.environ.get("LLMC_DUMP_IR")
-        if dump_dir:
-            (Path(dump_dir) / f"{len(records):02d}_quantize.txt").write_text(format_graph(graph) + "\n")
+        dump_graph(dump_ir, len(records), "quantize", graph)
         if not quiet:
             print(report.format(), file=sys.stderr)
     return CompiledModel(graph, params, options, cfg, tokenizer, records, report)

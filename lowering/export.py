@@ -56,7 +56,7 @@ def export_artifact(cm, path: Path) -> Path:
             "config": cm.config.to_json() if cm.config is not None else None,
             "params": {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in cm.params.items()},
             "has_tokenizer": cm.tokenizer is not None,
-            "quantization": _quant_json(cm),
+            "quantization": cm.quant_report.to_json() if cm.quant_report is not None else None,
             "files": hash_tree(tmp),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -67,13 +67,6 @@ def export_artifact(cm, path: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _quant_json(cm):
-    report = getattr(cm, "quant_report", None)
-    if report is None or isinstance(report, dict):
-        return report
-    return report.to_json()
 
 
 def _llmc_version() -> str:

@@ -90,6 +90,15 @@ class Graph:
                 result.setdefault(name, []).append(node)
         return result
 
+    def add_state(self, name: str, type_: TensorType, hint: str) -> str:
+        """Declare persistent state `name` of `type_` (in place); returns the fresh value that holds it after
+        the step (named from `hint`), which the caller's node must produce."""
+        updated = self.fresh_name(hint)
+        self.types[name] = self.types[updated] = type_
+        self.state.append(name)
+        self.state_updates[name] = updated
+        return updated
+
     def ops_count(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for node in self.nodes:
@@ -512,6 +521,33 @@ def _check_types(graph: Graph) -> None:
             want = graph.types[name]
             if got.dtype != want.dtype or [str(d) for d in got.shape] != [str(d) for d in want.shape]:
                 raise IRError(f"node {i} ({node.op}) output {name} is declared {want} but computes {got}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory of the state buffers (the KV pools and any scale pools a quantized KV format adds)
+# ---------------------------------------------------------------------------------------------
+
+
+def dtype_itemsize(dtype: str) -> int:
+    """Bytes per element of a graph dtype name (ml_dtypes' bfloat16, float8_e4m3fn included)."""
+    return jnp.dtype(dtype).itemsize
+
+
+def state_bytes_per_block(graph: Graph) -> dict[str, int]:
+    """{state name: bytes per block}: the product of every dim after the first (N, the block count) times
+    the element size."""
+    out = {}
+    for name in graph.state:
+        t = graph.types[name]
+        dims = t.shape[1:]
+        if not all(isinstance(d, (int, np.integer)) for d in dims):
+            raise IRError(f"state {name} has symbolic dims after its first: {t}")
+        out[name] = int(np.prod([int(d) for d in dims], dtype=np.int64)) * dtype_itemsize(t.dtype)
+    return out
+
+
+def kv_bytes_per_block(graph: Graph) -> int:
+    return sum(state_bytes_per_block(graph).values())
 
 
 # ---------------------------------------------------------------------------------------------

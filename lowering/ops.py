@@ -251,19 +251,34 @@ def _logits_shape(ts, attrs):
     return [((rows_shape[0], w_shape[0]), "float32")]
 
 
-def ref_kv_write(k, v, slot_mapping, k_pool, v_pool, k_scale=None, v_scale=None, *, kv_format=None):
-    # k, v: [T, Hkv*Dh]  slot_mapping: i32[T] (-1 = skip)  pools: [N, Bs, Hkv, Dh]  ->  new pools
-    # kv_format "fp8": pools float8_e4m3fn, k_scale/v_scale f32[Hkv]: stored = e4m3(sat(x / scale[head]))
-    num_blocks, block_size, num_kv_heads, head_dim = k_pool.shape
+def kv_rows_to_store(k, v, pools, scales, kv_format):
+    """What a kv_write stores: [(rows, pool)] for each pool it writes, the rows [T, Hkv, D'] already in the
+    pool's encoding. k, v: [T, Hkv*Dh]. pools: (k_pool, v_pool), plus (k_block_scale, v_block_scale) for nvfp4.
+    scales: () plain; (k_scale, v_scale) f32[Hkv] for fp8 (stored = e4m3(sat(x / scale[head]))); f32[]
+    per-layer global scales for nvfp4 (each 16 values of one head share a block scale computed on write)."""
+    heads, stored = pools[0].shape[2:]
+    if kv_format == "nvfp4":
+        (kq, kb), (vq, vb) = (formats.jnp_quantize_nvfp4(x.reshape(-1, heads, 2 * stored), s)
+                              for x, s in zip((k, v), scales))
+        return [(kq, pools[0]), (vq, pools[1]), (kb, pools[2]), (vb, pools[3])]
+    kh, vh = k.reshape(-1, heads, stored), v.reshape(-1, heads, stored)
+    if kv_format == "fp8":
+        kh, vh = formats.jnp_quantize_fp8(kh, scales[0][:, None]), formats.jnp_quantize_fp8(vh, scales[1][:, None])
+    return [(kh.astype(pools[0].dtype), pools[0]), (vh.astype(pools[1].dtype), pools[1])]
+
+
+def _scatter_rows(slot_mapping, pairs):
+    """Each pool [N, Bs, ...] with its rows written at slot_mapping i32[T] (-1 = skip)."""
+    num_blocks, block_size = pairs[0][1].shape[:2]
     block = jnp.where(slot_mapping < 0, num_blocks, slot_mapping // block_size)  # out of range -> dropped
     offset = slot_mapping % block_size
-    kf = k.reshape(-1, num_kv_heads, head_dim)
-    vf = v.reshape(-1, num_kv_heads, head_dim)
-    if kv_format == "fp8":
-        kf = formats.jnp_quantize_fp8(kf, k_scale[:, None])
-        vf = formats.jnp_quantize_fp8(vf, v_scale[:, None])
-    kf, vf = kf.astype(k_pool.dtype), vf.astype(v_pool.dtype)
-    return k_pool.at[block, offset].set(kf, mode="drop"), v_pool.at[block, offset].set(vf, mode="drop")
+    return tuple(pool.at[block, offset].set(rows, mode="drop") for rows, pool in pairs)
+
+
+def ref_kv_write(k, v, slot_mapping, k_pool, v_pool, *scales, kv_format=None):
+    # k, v: [T, Hkv*Dh]  slot_mapping: i32[T] (-1 = skip)  pools: [N, Bs, Hkv, Dh]  ->  new pools
+    # kv_format "fp8": pools float8_e4m3fn, scales (k_scale, v_scale) f32[Hkv] (see kv_rows_to_store)
+    return _scatter_rows(slot_mapping, kv_rows_to_store(k, v, (k_pool, v_pool), scales, kv_format))
 
 
 def _kv_write_shape(ts, attrs):
@@ -272,16 +287,9 @@ def _kv_write_shape(ts, attrs):
 
 def ref_kv_write_nvfp4(k, v, slot_mapping, k_pool, v_pool, k_block_scale, v_block_scale, k_scale, v_scale):
     # k, v: [T, Hkv*Dh]; pools u8[N, Bs, Hkv, Dh/2]; block scales e4m3[N, Bs, Hkv, Dh/16]; k_scale, v_scale: f32[]
-    # per-layer global scales. Each 16 values of one head share a block scale computed on write.
-    num_blocks, block_size, num_kv_heads, half = k_pool.shape
-    block = jnp.where(slot_mapping < 0, num_blocks, slot_mapping // block_size)
-    offset = slot_mapping % block_size
-    outs = []
-    for x, pool, scales, gs in ((k, k_pool, k_block_scale, k_scale), (v, v_pool, v_block_scale, v_scale)):
-        packed, bs = formats.jnp_quantize_nvfp4(x.reshape(-1, num_kv_heads, 2 * half), gs)
-        outs.append((pool.at[block, offset].set(packed, mode="drop"), scales.at[block, offset].set(bs, mode="drop")))
-    (kp, kbs), (vp, vbs) = outs
-    return kp, vp, kbs, vbs
+    # per-layer global scales  ->  (k_pool, v_pool, k_block_scale, v_block_scale) updated
+    return _scatter_rows(slot_mapping, kv_rows_to_store(k, v, (k_pool, v_pool, k_block_scale, v_block_scale),
+                                                         (k_scale, v_scale), "nvfp4"))
 
 
 def _kv_write_nvfp4_shape(ts, attrs):

@@ -98,13 +98,18 @@ class PassRecord:
     num_nodes: int
 
 
-def run_pipeline(graph: Graph, options: CompileOptions, *, verbose: bool = False, progress: bool = False,
-                 dump_dir: str | os.PathLike | None = None) -> tuple[Graph, list[PassRecord]]:
-    """Run every pass, verifying between them; `dump_dir` (or $LLMC_DUMP_IR) gets the IR after each."""
+def dump_ir(dump_dir: str | os.PathLike | None, index: int, name: str, graph: Graph) -> None:
+    """Write the IR as `<index>_<name>.txt` under `dump_dir` (or $LLMC_DUMP_IR); nothing when neither is set."""
     dump_dir = dump_dir or os.environ.get("LLMC_DUMP_IR")
     if dump_dir:
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
-        (Path(dump_dir) / "00_traced.txt").write_text(format_graph(graph) + "\n")
+        (Path(dump_dir) / f"{index:02d}_{name}.txt").write_text(format_graph(graph) + "\n")
+
+
+def run_pipeline(graph: Graph, options: CompileOptions, *, verbose: bool = False, progress: bool = False,
+                 dump_dir: str | os.PathLike | None = None) -> tuple[Graph, list[PassRecord]]:
+    """Run every pass, verifying between them; `dump_dir` (or $LLMC_DUMP_IR) gets the IR after each."""
+    dump_ir(dump_dir, 0, "traced", graph)
     records = []
     passes = build_pipeline(options)
     bar = None
@@ -120,8 +125,7 @@ def run_pipeline(graph: Graph, options: CompileOptions, *, verbose: bool = False
         if verbose:
             print(f"llmc:   pass {i:2d} {name:<18s} {records[-1].seconds * 1e3:8.1f} ms  {len(graph.nodes):5d} nodes",
                   file=sys.stderr)
-        if dump_dir:
-            (Path(dump_dir) / f"{i:02d}_{name}.txt").write_text(format_graph(graph) + "\n")
+        dump_ir(dump_dir, i, name, graph)
         if bar is not None:
             bar.set_postfix_str(name)
             bar.update()

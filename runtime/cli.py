@@ -21,9 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_compile)
 
     p = sub.add_parser("generate", help="generate completions for prompts")
-    p.add_argument(
-        "source", metavar="SOURCE", help="artifact directory (has manifest.json) or anything `compile` accepts"
-    )
+    add_source_argument(p)
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="a prompt; repeat for a batch")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message via the chat template")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -38,9 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_generate)
 
     p = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API (/v1/completions, /v1/chat/completions)")
-    p.add_argument(
-        "source", metavar="SOURCE", help="artifact directory (has manifest.json) or anything `compile` accepts"
-    )
+    add_source_argument(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="the model id clients send (default: SOURCE's name)")
@@ -55,9 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_serve)
 
     p = sub.add_parser("eval", help="measure perplexity, GSM8K accuracy and memory of a model")
-    p.add_argument(
-        "source", metavar="SOURCE", help="artifact directory (has manifest.json) or anything `compile` accepts"
-    )
+    add_source_argument(p)
     p.add_argument("--tasks", default="ppl,gsm8k", metavar="LIST",
                    help="comma-separated tasks: ppl, gsm8k (default: both; memory is always reported)")
     p.add_argument("--data", default=None, metavar="DIR", help="folder with tinyshakespeare.txt and "
@@ -71,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile_arguments(p)
     p.set_defaults(func=run_eval)
     return parser
+
+
+def add_source_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SOURCE", help="artifact directory (has manifest.json) or anything `compile` accepts")
 
 
 def add_compile_arguments(p: argparse.ArgumentParser) -> None:

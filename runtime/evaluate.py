@@ -26,7 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from runtime.step import StepInput
+from lowering.ir import state_bytes_per_block
+from runtime.step import window_step
 
 PPL_FILE = "tinyshakespeare.txt"
 GSM8K_FILE = "gsm8k_train.jsonl"
@@ -99,29 +100,6 @@ def perplexity_windows(token_ids: Sequence[int], *, window: int, num_windows: in
                          "use a longer text or a smaller window")
     n = min(num_windows, available)
     return ids[: n * window].reshape(n, window)
-
-
-def window_step(windows: np.ndarray, *, block_size: int, first_block: int = 0) -> StepInput:
-    """One ragged prefill step running every row of `windows` (i32[b, w]) as its own sequence.
-
-    Sequence s gets blocks first_block + s*k .. first_block + (s+1)*k - 1 (k = ceil(w / block_size))
-    and a logit row for every one of its tokens.
-    """
-    b, w = windows.shape
-    k = -(-w // block_size)
-    block_tables = (first_block + np.arange(b * k, dtype=np.int32)).reshape(b, k)  # i32[b, k]
-    positions = np.tile(np.arange(w, dtype=np.int32), b)  # i32[b*w]
-    seq_of_row = np.repeat(np.arange(b, dtype=np.int32), w)  # i32[b*w]
-    slot_mapping = block_tables[seq_of_row, positions // block_size] * block_size + positions % block_size
-    return StepInput(
-        token_ids=windows.reshape(-1).astype(np.int32),
-        positions=positions,
-        slot_mapping=slot_mapping.astype(np.int32),
-        query_start=(np.arange(b + 1, dtype=np.int32) * w),
-        seq_lens=np.full(b, w, dtype=np.int32),
-        block_tables=block_tables,
-        logit_rows=np.arange(b * w, dtype=np.int32),
-    )
 
 
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -349,13 +327,6 @@ def gsm8k_accuracy(model, path: str | os.PathLike, *, num_problems: int = 32, sh
 # Memory
 
 
-def dtype_itemsize(dtype: str) -> int:
-    """Bytes per element of a graph dtype name, including ml_dtypes' (bfloat16, float8_e4m3fn, ...)."""
-    import ml_dtypes
-
-    return np.dtype(getattr(ml_dtypes, str(dtype), dtype)).itemsize
-
-
 def memory_report(model, program=None) -> dict:
     """Weight bytes (total and per dtype), KV bytes per block and per token, and the program's pool if given.
 
@@ -373,16 +344,12 @@ def memory_report(model, program=None) -> dict:
         num_params += int(np.prod(value.shape))
     graph = model.graph
     block_size = int(model.block_size)
-    kv_per_block = 0
+    per_state = state_bytes_per_block(graph)
+    kv_per_block = sum(per_state.values())
     kv_by_dtype: dict[str, int] = {}
-    for name in graph.state:
-        t = graph.types[name]
-        dims = t.shape[1:]
-        if not all(isinstance(d, (int, np.integer)) for d in dims):
-            raise ValueError(f"state {name} has symbolic dims after its first: {t.shape}")
-        nbytes = math.prod(int(d) for d in dims) * dtype_itemsize(t.dtype)
-        kv_per_block += nbytes
-        kv_by_dtype[t.dtype] = kv_by_dtype.get(t.dtype, 0) + nbytes
+    for name, nbytes in per_state.items():
+        dtype = graph.types[name].dtype
+        kv_by_dtype[dtype] = kv_by_dtype.get(dtype, 0) + nbytes
     per_token = kv_per_block / block_size
     config = getattr(model, "config", None)
     num_layers = getattr(config, "num_layers", None)

@@ -60,6 +60,37 @@ class StepInput:
             raise ValueError("StepInput.logit_rows points outside the step's tokens")
 
 
+def window_step(windows, *, block_size: int, first_block: int = 0, all_rows: bool = True) -> StepInput:
+    """One ragged prefill step running each window (a sequence of 1-D token arrays, or the rows of an i32[b, w]
+    array) as its own sequence from position 0.
+
+    Sequence s gets the next ceil(len / block_size) blocks after those of sequence s-1, starting at
+    `first_block`; logits come for every token row (all_rows) or for the last row of each window.
+    """
+    windows = [np.asarray(w, np.int32).reshape(-1) for w in windows]
+    per_seq = [-(-w.size // block_size) for w in windows]
+    starts = np.concatenate([[0], np.cumsum([w.size for w in windows])]).astype(np.int32)
+    tables = np.zeros((len(windows), max(per_seq)), np.int32)
+    slots, positions = [], []
+    next_block = first_block
+    for s, w in enumerate(windows):
+        blocks = np.arange(next_block, next_block + per_seq[s], dtype=np.int32)
+        next_block += per_seq[s]
+        tables[s, : per_seq[s]] = blocks
+        idx = np.arange(w.size, dtype=np.int32)
+        positions.append(idx)
+        slots.append(blocks[idx // block_size] * block_size + idx % block_size)
+    return StepInput(
+        token_ids=np.concatenate(windows),
+        positions=np.concatenate(positions),
+        slot_mapping=np.concatenate(slots).astype(np.int32),
+        query_start=starts,
+        seq_lens=np.diff(starts).astype(np.int32),
+        block_tables=tables,
+        logit_rows=np.arange(starts[-1], dtype=np.int32) if all_rows else (starts[1:] - 1).astype(np.int32),
+    )
+
+
 class Program(Protocol):
     """A compiled step function over a KV pool that it owns."""
 

@@ -1,7 +1,6 @@
 """CPU backend: the graph's op references under one jax.jit per shape bucket, KV pools donated in place."""
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import jax
@@ -9,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowering import ops
-from lowering.quant import formats
-from lowering.ir import Graph, IRError, Node, eval_dim, interpret
+from lowering.ir import Graph, IRError, Node, eval_dim, interpret, kv_bytes_per_block
 from runtime.step import StepInput
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # 1 GiB of KV pool unless told otherwise
@@ -33,15 +31,6 @@ def _fine_bucket(n: int, minimum: int = 1) -> int:
     p = _bucket(n) // 2  # n in (p, 2p]
     step = p // 4
     return -(-n // step) * step
-
-
-def kv_bytes_per_block(graph: Graph) -> int:
-    total = 0
-    for name in graph.state:
-        t = graph.types[name]
-        per_block = math.prod(d for d in t.shape[1:])
-        total += per_block * jnp.dtype(t.dtype).itemsize
-    return total
 
 
 class CpuProgram:
@@ -146,24 +135,14 @@ def cpu_impls(max_q_len: int) -> dict:
             return (ops.ref_paged_attention(*args, **node.attrs),)
         return (paged_attention_by_sequence(*args, max_q_len=max_q_len, **node.attrs),)
 
-    def kv_write(node: Node, args, env):
-        k, v, slots, k_pool, v_pool = args[:5]
-        if node.attrs.get("kv_format") == "fp8":
-            heads, dim = k_pool.shape[2:]
-            k_scale, v_scale = args[5:]
-            k = formats.jnp_quantize_fp8(k.reshape(-1, heads, dim), k_scale[:, None])
-            v = formats.jnp_quantize_fp8(v.reshape(-1, heads, dim), v_scale[:, None])
-        return write_rows_in_place(slots, [(k, k_pool), (v, v_pool)])
+    def kv_write(node: Node, args, env):  # kv_write (plain or fp8) and kv_write_nvfp4
+        k, v, slots = args[:3]
+        nvfp4 = node.op == "kv_write_nvfp4"
+        pools, scales = (args[3:7], args[7:]) if nvfp4 else (args[3:5], args[5:])
+        return write_rows_in_place(slots, ops.kv_rows_to_store(k, v, pools, scales,
+                                                               "nvfp4" if nvfp4 else node.attrs.get("kv_format")))
 
-    def kv_write_nvfp4(node: Node, args, env):
-        k, v, slots, k_pool, v_pool, k_bs, v_bs, k_gs, v_gs = args
-        heads, half = k_pool.shape[2:]
-        kq, kb = formats.jnp_quantize_nvfp4(k.reshape(-1, heads, 2 * half), k_gs)
-        vq, vb = formats.jnp_quantize_nvfp4(v.reshape(-1, heads, 2 * half), v_gs)
-        return write_rows_in_place(slots, [(kq, k_pool), (vq, v_pool), (kb, k_bs), (vb, v_bs)])
-
-    return {"rope": rope, "paged_attention": paged_attention, "kv_write": kv_write,
-            "kv_write_nvfp4": kv_write_nvfp4}
+    return {"rope": rope, "paged_attention": paged_attention, "kv_write": kv_write, "kv_write_nvfp4": kv_write}
 
 
 def write_rows_in_place(slot_mapping, pairs):

@@ -25,7 +25,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from lowering.ir import Graph, IRError, Node, bind_symbols, decode_param, eval_dim, generic_primitive
+from lowering.ir import (Graph, IRError, Node, bind_symbols, decode_param, eval_dim, generic_primitive,
+                         kv_bytes_per_block)
 
 DEFAULT_GPU_MEMORY_FRACTION = 0.9
 DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20  # device="cpu" (interpreter tests): 256 MiB unless told otherwise
@@ -219,13 +220,7 @@ class CudaProgram:
         return [label for *_, label in self._plan]
 
     def kv_bytes_per_block(self) -> int:
-        import torch
-
-        total = 0
-        for name in self.graph.state:
-            t = self.graph.types[name]
-            total += math.prod(t.shape[1:]) * torch.empty((), dtype=torch_dtype(t.dtype)).element_size()
-        return total
+        return kv_bytes_per_block(self.graph)
 
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state.values())

@@ -52,11 +52,7 @@ def insert_paged_kv(graph: Graph, *, block_size: int = 16, kv_dtype: str | None 
         dtype = kv_dtype or graph.types[k].dtype
         pool_type = TensorType(("N", block_size, heads["num_kv_heads"], heads["head_dim"]), dtype)
         k_pool, v_pool = f"kv.{layer}.k", f"kv.{layer}.v"
-        new_k, new_v = graph.fresh_name("kpool"), graph.fresh_name("vpool")
-        for name in (k_pool, v_pool, new_k, new_v):
-            graph.types[name] = pool_type
-        graph.state += [k_pool, v_pool]
-        graph.state_updates[k_pool], graph.state_updates[v_pool] = new_k, new_v
+        new_k, new_v = graph.add_state(k_pool, pool_type, "kpool"), graph.add_state(v_pool, pool_type, "vpool")
         new_nodes.append(Node("kv_write", [k, v, "slot_mapping", k_pool, v_pool], [new_k, new_v], {}))
         new_nodes.append(Node("paged_attention", [q, new_k, new_v, "query_start", "seq_lens", "block_tables"],
                               list(node.outputs), dict(node.attrs)))

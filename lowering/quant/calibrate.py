@@ -14,6 +14,7 @@ import numpy as np
 from lowering import ops
 from lowering.ir import Graph, IRError, eval_dim, interpret
 from lowering.quant import formats
+from runtime.step import window_step
 
 DEFAULT_CALIBRATION_FILE = Path(__file__).with_name("calibration.txt")
 
@@ -95,30 +96,10 @@ class GraphRunner:
     # -- inputs -----------------------------------------------------------------------------------
 
     def _step_inputs(self, batch: list[np.ndarray], *, all_rows: bool):
-        bs = self.block_size
-        tokens, positions, slots, starts, lens, rows = [], [], [], [0], [], []
-        per_seq = [-(-w.size // bs) for w in batch]
-        width = max(per_seq)
-        tables = np.zeros((len(batch), width), np.int32)
-        next_block = 1  # block 0 stays unused
-        for s, w in enumerate(batch):
-            blocks = np.arange(next_block, next_block + per_seq[s], dtype=np.int32)
-            next_block += per_seq[s]
-            tables[s, :per_seq[s]] = blocks
-            idx = np.arange(w.size)
-            tokens.append(w)
-            positions.append(idx.astype(np.int32))
-            slots.append((blocks[idx // bs] * bs + idx % bs).astype(np.int32))
-            starts.append(starts[-1] + w.size)
-            lens.append(w.size)
-            rows.append(np.arange(starts[-2], starts[-1]) if all_rows else np.array([starts[-1] - 1]))
-        inputs = {
-            "token_ids": np.concatenate(tokens), "positions": np.concatenate(positions),
-            "slot_mapping": np.concatenate(slots), "query_start": np.asarray(starts, np.int32),
-            "seq_lens": np.asarray(lens, np.int32), "block_tables": tables,
-            "logit_rows": np.concatenate(rows).astype(np.int32),
-        }
-        return inputs, next_block, max(w.size for w in batch)
+        """(graph inputs, pool blocks needed, longest window) of one prefill step over `batch` (block 0 unused)."""
+        step = window_step(batch, block_size=self.block_size, first_block=1, all_rows=all_rows)
+        inputs = {name: getattr(step, name) for name in self.graph.inputs}
+        return inputs, int(step.block_tables.max()) + 1, int(step.seq_lens.max())
 
     def _state(self, num_blocks: int):
         env = {"N": num_blocks}

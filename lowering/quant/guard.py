@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from lowering.ir import kv_bytes_per_block
 from lowering.quant import calibrate, formats
 from lowering.quant.passes import UNQUANTIZED
 
@@ -37,14 +38,14 @@ def run_guard(runner, graph, params, units, quantized, layers, kv_scales, option
     users = graph.users()
     unit_param = {}
     for u in units:
-        node = graph.nodes[u.node_index]
+        unit_param[u.name] = u.param
         if u.name in quantized and len(users.get(u.param, [])) > 1:
-            private = f"{u.param}#{u.name}"
+            private = unit_param[u.name] = f"{u.param}#{u.name}"
             graph.params.append(private)
             graph.types[private] = graph.types[u.param]
             params[private] = params[u.param]
+            node = graph.nodes[u.node_index]
             node.inputs = [private if name == u.param else name for name in node.inputs]
-        unit_param[u.name] = private if u.name in quantized and len(users.get(u.param, [])) > 1 else u.param
     guard_runner = calibrate.GraphRunner(graph, params, runner.windows[:options.guard_windows])
     linear_index = {id(n): i for i, n in enumerate(guard_runner.linear_nodes)}
     unit_by_name = {u.name: u for u in units}
@@ -206,10 +207,4 @@ def _nbytes(params) -> int:
 
 def kv_bytes_per_token(graph) -> float:
     """Bytes of KV pool state (pools and block-scale pools of every layer) per cached token."""
-    total = 0
-    block = int(graph.meta.get("block_size", 1))
-    for name in graph.state:
-        t = graph.types[name]
-        total += math.prod(int(d) for d in t.shape[1:]) * np.dtype(formats.FP8 if t.dtype == "float8_e4m3fn"
-                                                                   else t.dtype).itemsize
-    return total / block
+    return kv_bytes_per_block(graph) / int(graph.meta.get("block_size", 1))

@@ -316,11 +316,7 @@ def apply_kv_quantization(graph: Graph, params: dict, plan: Mapping[int, str],
         for name in (k_pool, v_pool, new_k, new_v):
             graph.types[name] = pool_t
         k_bs, v_bs = f"kv.{lay.layer}.k_block_scale", f"kv.{lay.layer}.v_block_scale"
-        new_kbs, new_vbs = graph.fresh_name("kbscale"), graph.fresh_name("vbscale")
-        for name in (k_bs, v_bs, new_kbs, new_vbs):
-            graph.types[name] = bs_t
-        graph.state += [k_bs, v_bs]
-        graph.state_updates[k_bs], graph.state_updates[v_bs] = new_kbs, new_vbs
+        new_kbs, new_vbs = graph.add_state(k_bs, bs_t, "kbscale"), graph.add_state(v_bs, bs_t, "vbscale")
         graph.nodes[lay.kv_write] = Node("kv_write_nvfp4", kvw.inputs[:5] + [k_bs, v_bs] + scale_names,
                                          [new_k, new_v, new_kbs, new_vbs], {})
         att.inputs = att.inputs[:6] + [new_kbs, new_vbs] + scale_names
@@ -393,11 +389,9 @@ def quantize_model(graph: Graph, params: Mapping[str, Any], options: QuantOption
     for lay in layers:
         lay.format = kv_fmt
     active_units = [u for u in units if u.format != UNQUANTIZED]
-    methods = {u.name: ("gptq" if options.method == "gptq" or (options.method == "auto" and u.format in ("int4", "nvfp4"))
-                        else "rtn") for u in active_units}
-    for u in active_units:
-        if methods[u.name] == "gptq" and u.format not in ("int4", "nvfp4"):
-            methods[u.name] = "rtn"  # GPTQ is for the 4-bit formats; 8-bit ones use RTN
+    # GPTQ is for the 4-bit formats ("auto" and "gptq"); the 8-bit ones always use RTN
+    methods = {u.name: "gptq" if options.method != "rtn" and u.format in ("int4", "nvfp4") else "rtn"
+               for u in active_units}
     needs_calibration = (kv_fmt != UNQUANTIZED or "gptq" in methods.values()
                          or (options.max_ppl_increase is not None and active_units))
     runner = windows = None
@@ -464,18 +458,12 @@ def quantize_model(graph: Graph, params: Mapping[str, Any], options: QuantOption
     measured = None
     if runner is not None:  # the real quantized graph on the guard's windows
         final_runner = calibrate.GraphRunner(new_graph, new_params, windows[:options.guard_windows])
-        base_loss = guard.base_loss if guard else runner_loss(runner, windows[:options.guard_windows], graph, params)
+        base_loss = guard.base_loss if guard else calibrate.GraphRunner(graph, params, final_runner.windows).loss()
         measured = (base_loss, final_runner.loss())
     report = QuantReport.build(options, units, methods, final_weights, layers, kv_plan, guard, measured,
                                graph, params, new_graph, new_params, calib_source,
                                sum(w.size for w in windows) if windows else 0, time.perf_counter() - start)
     return new_graph, new_params, report
-
-
-def runner_loss(runner, windows, graph, params) -> float:
-    from lowering.quant import calibrate
-
-    return calibrate.GraphRunner(graph, params, windows).loss()
 
 
 def _head_amax(x, heads: int):

@@ -9,6 +9,7 @@ import pytest
 from lowering import compile_model
 from lowering.checkpoints import Tokenizer
 from lowering.checkpoints.tokenizer import byte_to_unicode
+from lowering.ir import dtype_itemsize
 from lowering.models import llama
 from runtime import cli, evaluate as ev
 from tests.lowering.helpers import tiny_config
@@ -184,7 +185,7 @@ def test_memory_report(tiny):
     program = cm.make_program(num_blocks=10, max_num_seqs=2, max_model_len=32)
     with_program = ev.memory_report(cm, program)
     assert with_program["kv_cache_bytes"] == 10 * 4 * 256 and with_program["num_blocks"] == 10
-    assert ev.dtype_itemsize("float8_e4m3fn") == 1 and ev.dtype_itemsize("bfloat16") == 2
+    assert dtype_itemsize("float8_e4m3fn") == 1 and dtype_itemsize("bfloat16") == 2  # lowering.ir
 
 
 def test_data_dir(monkeypatch, tmp_path):
