@@ -10,6 +10,7 @@ import dataclasses
 import fnmatch
 import sys
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -399,9 +400,10 @@ def quantize_model(graph: Graph, params: Mapping[str, Any], options: QuantOption
     if needs_calibration:
         windows = calibrate.calibration_windows(options.calibration, tokenizer, window=options.calibration_window,
                                                 num_windows=options.calibration_windows, vocab_size=vocab_size)
-        calib_source = ("bundled text" if options.calibration is None and tokenizer is not None else
-                        "random tokens" if tokenizer is None and options.calibration is None else
-                        "user tokens" if not isinstance(options.calibration, str) else "user text")
+        if options.calibration is None:
+            calib_source = "bundled text" if tokenizer is not None else "random tokens"
+        else:
+            calib_source = "user text" if isinstance(options.calibration, (str, Path)) else "user tokens"
         runner = calibrate.GraphRunner(graph, params, windows)
         log(f"quantize: calibrating on {sum(w.size for w in windows)} tokens ({calib_source})")
 
