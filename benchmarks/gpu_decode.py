@@ -8,7 +8,10 @@ Each system runs generate() twice per batch size: with 1 new token (prefill) and
 throughput = batch x 127 / (time(128) - time(1)), so prefill is excluded the same way for everyone.
 Peers: HF `generate` eager (dynamic cache) and HF with a static cache + torch.compile
 ("reduce-overhead", CUDA graphs). The batch-1 roofline is weight bytes / 3.0 TB/s (the copy rate
-measured on this H100). Prints a table, writes JSON to $OUT/gpu_decode.json (else bench_results/).
+measured on this H100). `--quant int4 nvfp4 ...` adds llmc variants compiled with weights=<format> (RTN
+through the quantization passes, every linear and the logits weight, no accuracy guard: random weights
+have no accuracy to guard); every llmc variant also times a prefill of the largest batch.
+Prints a table, writes JSON to $OUT/gpu_decode.json (else bench_results/).
 
     PYTHONPATH=. python3 benchmarks/gpu_decode.py [--batch 1 64] [--peers eager static] [--quant int4 nvfp4]
 """
@@ -149,17 +152,21 @@ def main():
     t0 = time.perf_counter()
     cm = compile_model(str(tmp / "ckpt"), target="cuda", progress=False, max_model_len=1024)
     print(f"llmc compile: {time.perf_counter() - t0:.1f} s", flush=True)
-    variants = [("llmc bf16", {})] + [(f"llmc w-{q}", {"weight_quant": q}) for q in args.quant]
+    variants = [("llmc bf16", None)] + [(f"llmc w-{q}", q) for q in args.quant]
     llmc_tokens = {}
-    def bench_variant(name, opts):
-        try:
-            # a fixed pool (every sequence's blocks + spare) so each variant gets the same one, whatever is left
-            blocks = max_batch * -(-(args.prompt_len + args.new_tokens + 16) // 16) + 64
-            engine = Engine(cm, max_num_seqs=max_batch, max_num_batched_tokens=max_batch * args.prompt_len,
-                            max_model_len=1024, num_blocks=blocks, program_options=dict(opts))
-        except TypeError as e:  # an option this build's program does not take
-            print(f"  {name}: skipped ({e})")
-            return
+
+    def bench_variant(name, quant):
+        model = cm
+        if quant:  # the quantization passes (RTN, every linear; the logits weight too), no accuracy guard
+            t0 = time.perf_counter()
+            model = compile_model(str(tmp / "ckpt"), target="cuda", progress=False, max_model_len=1024,
+                                  weights={"*": quant, "lm_head": quant}, quant_method="rtn", max_ppl_increase=None)
+            print(f"llmc compile {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        # a fixed pool (every sequence's blocks + spare) so each variant gets the same one, whatever is left
+        blocks = max_batch * -(-(args.prompt_len + args.new_tokens + 16) // 16) + 64
+        # no prefix caching: repeated runs of the same prompts must prefill again (as they do for HF)
+        engine = Engine(model, max_num_seqs=max_batch, max_num_batched_tokens=max_batch * args.prompt_len,
+                        max_model_len=1024, num_blocks=blocks, enable_prefix_caching=False)
         engine.program.capture_decode_graphs()
         for batch in args.batch:
             def run(n, batch=batch):
@@ -172,12 +179,16 @@ def main():
             if batch == 1:
                 extra["roofline_fraction"] = rate / roofline
             record(name, batch, rate, t1, tn, extra)
+        batch = max(args.batch)
+
+        def prefill():
+            return engine.generate(prompts[:batch], SamplingParams(max_tokens=1, temperature=0.0))
+
+        prefill()
+        t_prefill = timed(prefill, args.repeats)
+        results["runs"][f"{name} prefill/b{batch}"] = {"prefill_s": t_prefill}
+        print(f"  {name}: prefill of {batch} x {args.prompt_len} tokens + 1 token {t_prefill * 1e3:.1f} ms", flush=True)
         if name == "llmc bf16":  # A/B: the same prefill through the unified paged kernel instead of the prefill kernel
-            batch = max(args.batch)
-
-            def prefill():
-                return engine.generate(prompts[:batch], SamplingParams(max_tokens=1, temperature=0.0))
-
             engine.program.prefill_fast_path = False
             prefill()  # warm-up: the paged kernel's prefill tiles compile on first use
             t_paged = timed(prefill, args.repeats)
@@ -190,8 +201,8 @@ def main():
         if args.profile:
             results["profile/" + name] = profile_program(engine.program, args.batch, args.prompt_len)
 
-    for name, opts in variants:
-        bench_variant(name, opts)
+    for name, quant in variants:
+        bench_variant(name, quant)
         gc.collect()  # the engine's KV pool and graphs must go before the next variant sizes its pool
         torch.cuda.empty_cache()
 

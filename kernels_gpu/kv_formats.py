@@ -55,18 +55,40 @@ def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_decode(code: torch.Tensor) -> torch.Tensor:
-    """u8[...] nibble codes (0..15) -> f32[...] E2M1 values."""
-    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=code.device)
-    c = code.long()
-    mag = table[c & 7]
+    """u8[...] nibble codes (0..15) -> f32[...] E2M1 values (arithmetic: no host table, so CUDA graphs capture it)."""
+    c = code.to(torch.int32)
+    m = (c & 7).to(torch.float32)
+    e = ((c & 7) >> 1).to(torch.float32)
+    mag = torch.where(m < 2, 0.5 * m, torch.exp2(e - 1) * (1 + 0.5 * (c & 1).to(torch.float32)))
     return torch.where((c & 8) != 0, -mag, mag)
 
 
-def quantize_nvfp4(x: torch.Tensor, global_scale):
+SCALE_RULES = ("amax", "mse46")  # as lowering.quant.formats.NVFP4_SCALE_RULES
+_SCALE_ERROR_ONE = float(2 ** 20)
+
+
+def nvfp4_scale_error(xb: torch.Tensor, amax: torch.Tensor, block_scale: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+    """i32[...]: the order-independent squared error of 16-blocks xb f32[..., 16] stored with block_scale
+    (f32 values on the e4m3 grid), exactly lowering.quant.formats.nvfp4_scale_error: den = block_scale * gs,
+    y = x / den, r = (|y| - |e2m1(y)|) * (den / amax), sum of floor(min(r * r, 4) * 2**20)."""
+    den = block_scale * gs
+    ok = (den != 0) & (amax != 0)
+    one = torch.ones_like(den)
+    safe_den = torch.where(ok, den, one)
+    y = xb / safe_den[..., None]
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=xb.device)
+    mag = table[(e2m1_encode(y) & 7).long()]
+    r = (y.abs() - mag) * (safe_den / torch.where(ok, amax, one))[..., None]
+    e = torch.floor(torch.clamp(r * r, max=4.0) * _SCALE_ERROR_ONE).to(torch.int32)
+    return torch.where(ok, e.sum(dim=-1, dtype=torch.int32), torch.zeros_like(e[..., 0]))
+
+
+def quantize_nvfp4(x: torch.Tensor, global_scale, scale_rule: str = "amax"):
     """x: [..., D] float (D % 16 == 0); global_scale: f32 scalar.
 
     Returns (packed u8[..., D//2], block_scale float8_e4m3fn[..., D//16]):
-      block_scale = e4m3(sat, RNE)(amax(|block|) / 6 / global_scale)
+      block_scale = e4m3(sat, RNE)(amax(|block|) / 6 / global_scale)   (scale_rule "amax"; "mse46" keeps
+                    e4m3(amax / 4 / global_scale) instead where nvfp4_scale_error is smaller and it is not 0)
       code        = e2m1(x / (float(block_scale) * global_scale))   (a block whose scale is 0 -> codes 0)
       packed[.., i] = code[.., 2i] | code[.., 2i+1] << 4            (element 2i in the LOW nibble)
     """
@@ -76,7 +98,14 @@ def quantize_nvfp4(x: torch.Tensor, global_scale):
     gs = _as_f32_scale(global_scale, x.device)
     xb = x.float().reshape(*lead, d // NVFP4_BLOCK, NVFP4_BLOCK)  # f32[..., D//16, 16]
     amax = xb.abs().amax(dim=-1)  # f32[..., D//16]
+    if scale_rule not in SCALE_RULES:
+        raise ValueError(f"unknown nvfp4 scale rule {scale_rule!r}")
     block_scale = (amax / E2M1_MAX / gs).clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    if scale_rule == "mse46":
+        s4 = (amax / 4.0 / gs).clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        use4 = ((nvfp4_scale_error(xb, amax, s4.float(), gs) < nvfp4_scale_error(xb, amax, block_scale.float(), gs))
+                & (s4.float() != 0))
+        block_scale = torch.where(use4, s4.float(), block_scale.float()).to(torch.float8_e4m3fn)
     denom = (block_scale.float() * gs)[..., None]  # f32[..., D//16, 1]
     nonzero = denom != 0
     codes = e2m1_encode(xb / torch.where(nonzero, denom, torch.ones_like(denom)))

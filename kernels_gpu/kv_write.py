@@ -72,12 +72,40 @@ def _write_rows_fp8(src, dst, scale, head_ok, row_ok, head_dim, BLOCK_D: tl.cons
 
 
 @triton.jit
-def _write_rows_nvfp4(src, codes, block_scales, global_scale, head_ok, row_ok, num_groups,
-                      BLOCK_G: tl.constexpr):
+def _e2m1_magnitude(a):
+    """|value| (already divided by its scale) -> the E2M1 magnitude it rounds to (as _e2m1_code), f32."""
+    return tl.where(a > 5.0, 6.0, tl.where(a >= 3.5, 4.0, tl.where(a > 2.5, 3.0, tl.where(
+        a >= 1.75, 2.0, tl.where(a > 1.25, 1.5, tl.where(a >= 0.75, 1.0, tl.where(a > 0.25, 0.5, 0.0)))))))
+
+
+@triton.jit
+def _nvfp4_scale_error(lo, hi, amax, block_scale, gs):
+    """i32[BLOCK_H, BLOCK_G]: lowering.quant.formats.nvfp4_scale_error of each 16-block (lo, hi: its even
+    and odd values f32[BLOCK_H, BLOCK_G, 8]) stored with block_scale (f32 on the e4m3 grid). Integer sums,
+    and no multiply feeds an add, so the result does not depend on reduction order or FMA contraction."""
+    den = block_scale * gs
+    ok = (den != 0.0) & (amax != 0.0)
+    safe_den = tl.where(ok, den, 1.0)
+    ratio = tl.math.div_rn(safe_den, tl.where(ok, amax, 1.0))[:, :, None]
+    d3 = safe_den[:, :, None] + tl.zeros_like(lo)
+    y_lo = tl.abs(tl.math.div_rn(lo, d3))
+    y_hi = tl.abs(tl.math.div_rn(hi, d3))
+    r_lo = (y_lo - _e2m1_magnitude(y_lo)) * ratio
+    r_hi = (y_hi - _e2m1_magnitude(y_hi)) * ratio
+    e_lo = tl.floor(tl.minimum(r_lo * r_lo, 4.0) * 1048576.0).to(tl.int32)
+    e_hi = tl.floor(tl.minimum(r_hi * r_hi, 4.0) * 1048576.0).to(tl.int32)
+    return tl.where(ok, tl.sum(e_lo, axis=2) + tl.sum(e_hi, axis=2), 0)
+
+
+@triton.jit
+def _write_rows_nvfp4(src, codes, block_scales, global_scale, head_ok, row_ok, num_groups, center,
+                      BLOCK_G: tl.constexpr, HAS_CENTER: tl.constexpr, SCALE_RULE: tl.constexpr):
     """Rows of D = 16 * num_groups values -> D/2 packed bytes + num_groups e4m3 block scales per row.
 
     src, codes: [BLOCK_H, 1, 1] row pointers; block_scales: [BLOCK_H, 1]; global_scale: f32 scalar;
-    head_ok, row_ok: bool[BLOCK_H, 1] as in _write_rows_plain.
+    head_ok, row_ok: bool[BLOCK_H, 1] as in _write_rows_plain; center: [BLOCK_H, 1, 1] row pointers of an
+    f32 vector subtracted from the values first (HAS_CENTER). SCALE_RULE 0: block amax -> 6; 1 ("mse46"):
+    the better of amax -> 6 and amax -> 4 by _nvfp4_scale_error (lowering.quant.formats.nvfp4_block_scales).
     Each row is viewed as [group, pair]: elements 16*g + 2*p (low nibble) and 16*g + 2*p + 1 (high
     nibble) land in byte 8*g + p.
     """
@@ -88,9 +116,17 @@ def _write_rows_nvfp4(src, codes, block_scales, global_scale, head_ok, row_ok, n
     load_ok = in_row & head_ok[:, :, None]  # bool[BLOCK_H, BLOCK_G, 8]
     lo = tl.load(src + even, mask=load_ok, other=0.0).to(tl.float32)  # f32[BLOCK_H, BLOCK_G, 8]
     hi = tl.load(src + even + 1, mask=load_ok, other=0.0).to(tl.float32)
+    if HAS_CENTER:
+        lo = lo - tl.load(center + even, mask=load_ok, other=0.0)
+        hi = hi - tl.load(center + even + 1, mask=load_ok, other=0.0)
     amax = tl.maximum(tl.max(tl.abs(lo), axis=2), tl.max(tl.abs(hi), axis=2))  # f32[BLOCK_H, BLOCK_G]
     gs = global_scale + tl.zeros_like(amax)
     block_scale = _round_to_e4m3(tl.math.div_rn(tl.math.div_rn(amax, 6.0 + tl.zeros_like(amax)), gs))
+    if SCALE_RULE == 1:
+        scale4 = _round_to_e4m3(tl.math.div_rn(tl.math.div_rn(amax, 4.0 + tl.zeros_like(amax)), gs))
+        use4 = ((_nvfp4_scale_error(lo, hi, amax, scale4, gs) < _nvfp4_scale_error(lo, hi, amax, block_scale, gs))
+                & (scale4 != 0.0))
+        block_scale = tl.where(use4, scale4, block_scale)
     tl.store(block_scales + groups[None, :], block_scale.to(tl.float8e4nv),
              mask=(groups[None, :] < num_groups) & row_ok)
     denom = (block_scale * gs)[:, :, None]  # f32[BLOCK_H, BLOCK_G, 1]
@@ -102,12 +138,13 @@ def _write_rows_nvfp4(src, codes, block_scales, global_scale, head_ok, row_ok, n
 @triton.jit
 def kv_write_kernel(
     k_ptr, v_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr,
-    k_scale_ptr, v_scale_ptr, k_block_scale_ptr, v_block_scale_ptr,
+    k_scale_ptr, v_scale_ptr, k_block_scale_ptr, v_block_scale_ptr, k_center_ptr,
     num_kv_heads, block_size, head_dim,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcn, stride_kcb, stride_kch, stride_vcn, stride_vcb, stride_vch,
     stride_ksn, stride_ksb, stride_ksh, stride_vsn, stride_vsb, stride_vsh,
     KV_FORMAT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_CENTER: tl.constexpr = False, SCALE_RULE: tl.constexpr = 0,
 ):
     """One program per (token, BLOCK_H kv heads): write K[t, h] and V[t, h] to slot slot_mapping[t] (skip if < 0).
 
@@ -140,10 +177,11 @@ def kv_write_kernel(
         num_groups = head_dim // 16
         k_bs = k_block_scale_ptr + block * stride_ksn + offset * stride_ksb + rows * stride_ksh
         v_bs = v_block_scale_ptr + block * stride_vsn + offset * stride_vsb + rows * stride_vsh
+        k_center = k_center_ptr + rows * head_dim  # f32[Hkv, D] contiguous (HAS_CENTER only)
         _write_rows_nvfp4(k_src[:, :, None], k_dst[:, :, None], k_bs, tl.load(k_scale_ptr), head_ok, row_ok,
-                          num_groups, BLOCK_D)
+                          num_groups, k_center[:, :, None], BLOCK_D, HAS_CENTER, SCALE_RULE)
         _write_rows_nvfp4(v_src[:, :, None], v_dst[:, :, None], v_bs, tl.load(v_scale_ptr), head_ok, row_ok,
-                          num_groups, BLOCK_D)
+                          num_groups, k_center[:, :, None], BLOCK_D, False, SCALE_RULE)
 
 
 def _check(cond, msg):
@@ -203,17 +241,26 @@ def _validate(k, v, slot_mapping, k_cache, v_cache, kv_format, k_scale, v_scale,
 
 
 def kv_write(k, v, slot_mapping, k_cache, v_cache, *, kv_format="bf16", k_scale=None, v_scale=None,
-             k_block_scale=None, v_block_scale=None, check_slots=True):
+             k_block_scale=None, v_block_scale=None, check_slots=True, k_center=None, scale_rule="amax"):
     """Write k, v [T, Hkv, D] into k_cache, v_cache [N, block_size, Hkv, D'] at slot_mapping i32[T] (-1: skip).
 
     kv_format "bf16": caches in their own float dtype (D' = D), values cast.
               "fp8":  float8_e4m3fn caches (D' = D), k_scale/v_scale f32[Hkv]: stored = RNE(sat(x / scale)).
               "nvfp4": uint8 caches (D' = D/2), k_scale/v_scale f32 scalar global scales, k_block_scale /
-                      v_block_scale float8_e4m3fn[N, block_size, Hkv, D/16] written alongside.
+                      v_block_scale float8_e4m3fn[N, block_size, Hkv, D/16] written alongside; optional
+                      k_center f32[Hkv, D] subtracted from K first; scale_rule "amax" | "mse46": how block
+                      scales are chosen (kv_formats.quantize_nvfp4).
     Updates the caches (and block scales) in place; returns nothing. Slots not named are untouched.
     """
     _validate(k, v, slot_mapping, k_cache, v_cache, kv_format, k_scale, v_scale, k_block_scale,
               v_block_scale, check_slots)
+    _check(scale_rule in kv_formats.SCALE_RULES, f"unknown scale_rule {scale_rule!r}")
+    _check((k_center is None and scale_rule == "amax") or kv_format == "nvfp4",
+           "k_center and scale_rule are nvfp4 options")
+    if k_center is not None:
+        _check(k_center.shape == k.shape[1:] and k_center.dtype == torch.float32 and k_center.is_contiguous()
+               and k_center.device == k.device, f"k_center must be a contiguous f32{list(k.shape[1:])} on "
+               f"{k.device}, got {k_center.dtype}{list(k_center.shape)}")
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0 or num_kv_heads == 0 or head_dim == 0:
         return
@@ -235,7 +282,7 @@ def kv_write(k, v, slot_mapping, k_cache, v_cache, *, kv_format="bf16", k_scale=
     block_h = min(triton.next_power_of_2(num_kv_heads), max(1, KV_WRITE_ELEMENTS // padded_dim))
     kv_write_kernel[(num_tokens, triton.cdiv(num_kv_heads, block_h))](
         k, v, slot_mapping, k_cache, v_cache,
-        k_scale, v_scale, k_bs, v_bs,
+        k_scale, v_scale, k_bs, v_bs, k_center if k_center is not None else k_scale,
         num_kv_heads, block_size, head_dim,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -243,11 +290,12 @@ def kv_write(k, v, slot_mapping, k_cache, v_cache, *, kv_format="bf16", k_scale=
         k_bs.stride(0), k_bs.stride(1), k_bs.stride(2),
         v_bs.stride(0), v_bs.stride(1), v_bs.stride(2),
         KV_FORMAT=KV_FORMATS[kv_format], BLOCK_H=block_h, BLOCK_D=block_d, num_warps=KV_WRITE_NUM_WARPS,
+        HAS_CENTER=k_center is not None, SCALE_RULE=kv_formats.SCALE_RULES.index(scale_rule),
     )
 
 
 def ref_kv_write(k, v, slot_mapping, k_cache, v_cache, *, kv_format="bf16", k_scale=None, v_scale=None,
-                 k_block_scale=None, v_block_scale=None):
+                 k_block_scale=None, v_block_scale=None, k_center=None, scale_rule="amax"):
     """Plain-torch kv_write (same arguments, same in-place effect) built on kernels_gpu.kv_formats."""
     keep = slot_mapping >= 0  # bool[T]
     slots = slot_mapping[keep].long()
@@ -261,9 +309,11 @@ def ref_kv_write(k, v, slot_mapping, k_cache, v_cache, *, kv_format="bf16", k_sc
         k_cache[blocks, offsets] = kv_formats.quantize_fp8(k, k_scale)
         v_cache[blocks, offsets] = kv_formats.quantize_fp8(v, v_scale)
     elif kv_format == "nvfp4":
+        if k_center is not None:
+            k = k.float() - k_center.float()
         for src, cache, scales, global_scale in ((k, k_cache, k_block_scale, k_scale),
                                                  (v, v_cache, v_block_scale, v_scale)):
-            packed, block_scale = kv_formats.quantize_nvfp4(src, global_scale.reshape(()))
+            packed, block_scale = kv_formats.quantize_nvfp4(src, global_scale.reshape(()), scale_rule)
             cache[blocks, offsets] = packed
             scales[blocks, offsets] = block_scale
     else:

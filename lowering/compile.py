@@ -14,8 +14,8 @@ import numpy as np
 
 from lowering.ir import Graph
 from lowering.models.config import ModelConfig
-from lowering.params import finalize_params
-from lowering.pipeline import CompileOptions, OptionsError, PassRecord, run_pipeline
+from lowering.params import DERIVED_KEY, finalize_params
+from lowering.pipeline import GGUF_WEIGHTS, CompileOptions, OptionsError, PassRecord, run_pipeline
 from lowering.pipeline import dump_ir as dump_graph  # (compile_model's dump_ir argument names the directory)
 from lowering.program_source import ProgramSource
 
@@ -51,10 +51,12 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int = 16, dty
     A Flax model must be called as model(token_ids i32[T], positions i32[T], query_start i32[S+1],
     logit_rows i32[L]) -> f32[L, V] and use lowering.ops.causal_attention for attention.
 
+    `weights="gguf"` (GGUF sources; cpu and tpu targets) keeps the file's Q4_1 / Q8_0 tensors as stored and
+    multiplies them with a native kernel: the same weight values in 5 / 8.5 bits instead of 32.
     Quantization (lowering/quant): `weights` "int8" | "fp8" (W8A8) | "int4" | "nvfp4", or {glob: format}
     over linear names (later patterns win; "lm_head" is the logits weight; None keeps the model dtype);
     `kv_cache` "fp8" | "nvfp4"; `kv_rotation` Hadamard-rotates K/V head dims first; `quant_method` "auto"
-    (GPTQ for int4/nvfp4, RTN otherwise) | "rtn" | "gptq". The accuracy guard keeps the most sensitive units
+    (GPTQ for int4/nvfp4/fp8, RTN for int8) | "rtn" | "gptq". The accuracy guard keeps the most sensitive units
     in the model dtype until perplexity on `calibration` (None: llmc's bundled text; a str, path or token
     windows) rises by at most `max_ppl_increase` (relative; None turns the guard off). The plan and the
     measured deltas are printed and stored in `quant_report` (and the artifact manifest).
@@ -83,7 +85,7 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int = 16, dty
     elif isinstance(source, (str, os.PathLike)):
         from lowering.checkpoints import load_checkpoint
 
-        ckpt = load_checkpoint(source, progress=progress)
+        ckpt = load_checkpoint(source, progress=progress, keep_native=options.weights == GGUF_WEIGHTS)
         cfg = ckpt.config
         tokenizer = tokenizer if tokenizer is not None else ckpt.tokenizer
         model = llama.build_model(cfg, ckpt.weights, dtype=jnp.dtype(dtype))
@@ -106,7 +108,20 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int = 16, dty
         print(f"llmc: traced {len(graph.nodes)} nodes in {(time.perf_counter() - trace_start) * 1e3:.0f} ms",
               file=sys.stderr)
     graph, records = run_pipeline(graph, options, verbose=verbose, progress=progress, dump_dir=dump_ir)
+    derived = dict(graph.meta.get(DERIVED_KEY, {}))
     graph, params = finalize_params(graph, {k: np.asarray(v) for k, v in values.items()})
+    if options.weights == GGUF_WEIGHTS:
+        from lowering.quant.native import keep_native_weights
+
+        n_start = time.perf_counter()
+        graph, params, kept = keep_native_weights(graph, params, ckpt.native if isinstance(source, (str, os.PathLike))
+                                                  else {}, derived)
+        records.append(PassRecord("keep_gguf_weights", time.perf_counter() - n_start, len(graph.nodes)))
+        dump_graph(dump_ir, len(records), "keep_gguf_weights", graph)
+        if verbose or progress:
+            counts = {f: list(kept.values()).count(f) for f in sorted(set(kept.values()))}
+            print(f"llmc: kept {len(kept)} weights as the GGUF file stores them "
+                  f"({', '.join(f'{n} {f}' for f, n in counts.items())})", file=sys.stderr)
     report = None
     quant = options.quant_options(calibration=calibration, calibration_windows=calibration_windows,
                                   calibration_window=calibration_window)

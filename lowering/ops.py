@@ -251,15 +251,21 @@ def _logits_shape(ts, attrs):
     return [((rows_shape[0], w_shape[0]), "float32")]
 
 
-def kv_rows_to_store(k, v, pools, scales, kv_format):
+def kv_rows_to_store(k, v, pools, scales, kv_format, *, scale_rule="amax", k_center=None):
     """What a kv_write stores: [(rows, pool)] for each pool it writes, the rows [T, Hkv, D'] already in the
     pool's encoding. k, v: [T, Hkv*Dh]. pools: (k_pool, v_pool), plus (k_block_scale, v_block_scale) for nvfp4.
     scales: () plain; (k_scale, v_scale) f32[Hkv] for fp8 (stored = e4m3(sat(x / scale[head]))); f32[]
-    per-layer global scales for nvfp4 (each 16 values of one head share a block scale computed on write)."""
+    per-layer global scales for nvfp4 (each 16 values of one head share a block scale computed on write, by
+    `scale_rule`: formats.nvfp4_block_scales). nvfp4 only: k_center f32[Hkv, Dh] (optional) is subtracted
+    from every key before it is quantized (attention is unchanged: q.(k - c) shifts all of a query's scores
+    by the same q.c, which softmax ignores)."""
     heads, stored = pools[0].shape[2:]
     if kv_format == "nvfp4":
-        (kq, kb), (vq, vb) = (formats.jnp_quantize_nvfp4(x.reshape(-1, heads, 2 * stored), s)
-                              for x, s in zip((k, v), scales))
+        kh = k.reshape(-1, heads, 2 * stored)
+        if k_center is not None:
+            kh = kh.astype(jnp.float32) - k_center.astype(jnp.float32)
+        (kq, kb), (vq, vb) = (formats.jnp_quantize_nvfp4(x, s, scale_rule)
+                              for x, s in zip((kh, v.reshape(-1, heads, 2 * stored)), scales))
         return [(kq, pools[0]), (vq, pools[1]), (kb, pools[2]), (vb, pools[3])]
     kh, vh = k.reshape(-1, heads, stored), v.reshape(-1, heads, stored)
     if kv_format == "fp8":
@@ -285,11 +291,15 @@ def _kv_write_shape(ts, attrs):
     return [ts[3], ts[4]]
 
 
-def ref_kv_write_nvfp4(k, v, slot_mapping, k_pool, v_pool, k_block_scale, v_block_scale, k_scale, v_scale):
+def ref_kv_write_nvfp4(k, v, slot_mapping, k_pool, v_pool, k_block_scale, v_block_scale, k_scale, v_scale,
+                       k_center=None, *, scale_rule="amax"):
     # k, v: [T, Hkv*Dh]; pools u8[N, Bs, Hkv, Dh/2]; block scales e4m3[N, Bs, Hkv, Dh/16]; k_scale, v_scale: f32[]
-    # per-layer global scales  ->  (k_pool, v_pool, k_block_scale, v_block_scale) updated
+    # per-layer global scales; k_center (optional): f32[Hkv, Dh] subtracted from K before quantizing;
+    # scale_rule: how block scales are chosen ("amax" | "mse46")  ->  (k_pool, v_pool, k_block_scale,
+    # v_block_scale) updated
     return _scatter_rows(slot_mapping, kv_rows_to_store(k, v, (k_pool, v_pool, k_block_scale, v_block_scale),
-                                                         (k_scale, v_scale), "nvfp4"))
+                                                         (k_scale, v_scale), "nvfp4", scale_rule=scale_rule,
+                                                         k_center=k_center))
 
 
 def _kv_write_nvfp4_shape(ts, attrs):
@@ -369,7 +379,7 @@ def _qlinear_shape(ts, attrs):
         raise OpError(f"qlinear expects 2-D x, got {x_shape}")
     if isinstance(x_shape[1], int) and x_shape[1] != attrs["in_features"]:
         raise OpError(f"qlinear: x has {x_shape[1]} features but the weight expects {attrs['in_features']}")
-    if attrs["format"] not in formats.WEIGHT_FORMATS:
+    if attrs["format"] not in formats.WEIGHT_FORMATS + formats.GGUF_FORMATS:
         raise OpError(f"qlinear: unknown format {attrs['format']!r}")
     return [((x_shape[0], attrs["out_features"]), x_dtype)]
 
@@ -407,7 +417,8 @@ silu_mul = _register("silu_mul", ref_silu_mul, _same_as_first, {})
 logits = _register("logits", ref_logits, _logits_shape, {})
 kv_write = _register("kv_write", ref_kv_write, _kv_write_shape, {"kv_format": (str,)}, num_outputs=2,
                      optional_attrs=("kv_format",))
-kv_write_nvfp4 = _register("kv_write_nvfp4", ref_kv_write_nvfp4, _kv_write_nvfp4_shape, {}, num_outputs=4)
+kv_write_nvfp4 = _register("kv_write_nvfp4", ref_kv_write_nvfp4, _kv_write_nvfp4_shape, {"scale_rule": (str,)},
+                           num_outputs=4, optional_attrs=("scale_rule",))
 paged_attention = _register("paged_attention", ref_paged_attention, _same_as_first,
                             {**ATTENTION_ATTRS, "kv_format": (str,)}, optional_attrs=("kv_format",))
 qlinear = _register("qlinear", ref_qlinear, _qlinear_shape, QUANT_ATTRS, optional_attrs=("group_size", "act_format"))

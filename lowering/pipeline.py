@@ -12,7 +12,7 @@ from lowering.ir import Graph, format_graph, verify
 from lowering.passes import canonicalize, fuse_projections, insert_paged_kv
 
 TARGETS = ("cpu", "cuda", "tpu")
-AVAILABLE_TARGETS = ("cpu", "cuda")
+GGUF_WEIGHTS = "gguf"  # compile_model(weights="gguf"): keep a GGUF checkpoint's quantized tensors as stored
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -38,9 +38,6 @@ class CompileOptions:
     def validate(self) -> "CompileOptions":
         if self.target not in TARGETS:
             raise OptionsError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
-        if self.target not in AVAILABLE_TARGETS:
-            raise OptionsError(f"target {self.target!r} is not available in this build yet; available: "
-                               f"{', '.join(AVAILABLE_TARGETS)}")
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or not 1 <= self.block_size <= 1024:
             raise OptionsError(f"block_size must be an integer in [1, 1024], got {self.block_size!r}")
         if self.dtype not in DTYPES:
@@ -49,6 +46,10 @@ class CompileOptions:
             raise OptionsError(f"kv_cache_dtype must be None or one of {', '.join(DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             raise OptionsError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+        if self.weights == GGUF_WEIGHTS and self.target not in ("cpu", "tpu"):
+            raise OptionsError(f"weights='gguf' (keep a GGUF file's Q4_1/Q8_0 blocks) runs on the cpu and tpu targets' "
+                               f"kernels; for target {self.target!r} quantize with weights='int4' | 'int8' | 'nvfp4' | "
+                               "'fp8' instead")
         try:
             self.quant_options().validate()
         except ValueError as e:
@@ -58,7 +59,8 @@ class CompileOptions:
     def quant_options(self, **extra):
         from lowering.quant.passes import QuantOptions
 
-        return QuantOptions(weights=self.weights, kv_cache=self.kv_cache, kv_rotation=self.kv_rotation,
+        weights = None if self.weights == GGUF_WEIGHTS else self.weights  # kept as loaded, not quantized
+        return QuantOptions(weights=weights, kv_cache=self.kv_cache, kv_rotation=self.kv_rotation,
                             method=self.quant_method, max_ppl_increase=self.max_ppl_increase, **extra)
 
     def to_json(self) -> dict[str, Any]:

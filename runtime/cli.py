@@ -79,7 +79,8 @@ def add_compile_arguments(p: argparse.ArgumentParser) -> None:
     )
     q = p.add_argument_group("quantization")
     q.add_argument("--weights", default=None, metavar="FMT",
-                   help="quantize linear weights: int8, fp8 (W8A8), int4, nvfp4 (the logits weight stays unquantized)")
+                   help="quantize linear weights: int8, fp8 (W8A8), int4, nvfp4 (the logits weight stays unquantized); "
+                        "gguf keeps a GGUF file's Q4_1/Q8_0 blocks as stored (cpu and tpu targets)")
     q.add_argument("--kv-cache", default=None, metavar="FMT", help="KV cache format: fp8 or nvfp4")
     q.add_argument("--kv-rotation", action="store_true", help="Hadamard-rotate K/V head dims before quantizing them")
     q.add_argument("--quant-method", default="auto", choices=["auto", "rtn", "gptq"],

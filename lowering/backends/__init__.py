@@ -12,4 +12,8 @@ def build_program(target: str, graph, params, **kwargs):
         from lowering.backends.cuda import CudaProgram
 
         return CudaProgram(graph, params, **kwargs)
-    raise ValueError(f"no backend for target {target!r} in this build (available: cpu, cuda)")
+    if target == "tpu":
+        from lowering.backends.tpu import TpuProgram
+
+        return TpuProgram(graph, params, **kwargs)
+    raise ValueError(f"no backend for target {target!r} in this build (available: cpu, cuda, tpu)")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowering import ops
-from lowering.ir import Graph, IRError, Node, eval_dim, interpret, kv_bytes_per_block
+from lowering.ir import Graph, IRError, Node, eval_dim, interpret, kv_bytes_per_block, run_reference
 from runtime.step import StepInput
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # 1 GiB of KV pool unless told otherwise
@@ -63,8 +63,16 @@ class CpuProgram:
         self._step = jax.jit(self._run, donate_argnums=(1,), static_argnums=(3,))
 
     def _run(self, params, state, inputs, max_q_len):
-        outs, new_state = interpret(self.graph, inputs, params, state, impls=cpu_impls(max_q_len))
+        outs, new_state = interpret(self.graph, inputs, params, state, impls=self._impls(params, max_q_len))
         return outs[0], new_state
+
+    def _impls(self, params, max_q_len: int) -> dict:
+        """The op implementations of one trace (a subclass swaps in its kernels)."""
+        return cpu_impls(max_q_len)
+
+    def _max_q_len_key(self, padded: dict) -> int:
+        """The static query-tile length a step is compiled for: the longest new-token run, bucketed."""
+        return _fine_bucket(int(np.diff(padded["query_start"]).max()))
 
     def kv_cache_bytes(self) -> int:
         return sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in self.state.values())
@@ -73,8 +81,7 @@ class CpuProgram:
         """Run one ragged step; pads every dim to a bucket (few compiled shapes), returns f32[L, V]."""
         inp.validate(block_size=self.block_size, num_blocks=self.num_blocks)
         padded = pad_step(inp, max_blocks_per_seq=self.max_blocks_per_seq)
-        max_q_len = _fine_bucket(int(np.diff(padded["query_start"]).max()))
-        logits, self.state = self._step(self.params, self.state, padded, max_q_len)
+        logits, self.state = self._step(self.params, self.state, padded, self._max_q_len_key(padded))
         return np.asarray(logits[: inp.logit_rows.shape[0]])
 
 
@@ -138,11 +145,41 @@ def cpu_impls(max_q_len: int) -> dict:
     def kv_write(node: Node, args, env):  # kv_write (plain or fp8) and kv_write_nvfp4
         k, v, slots = args[:3]
         nvfp4 = node.op == "kv_write_nvfp4"
-        pools, scales = (args[3:7], args[7:]) if nvfp4 else (args[3:5], args[5:])
-        return write_rows_in_place(slots, ops.kv_rows_to_store(k, v, pools, scales,
-                                                               "nvfp4" if nvfp4 else node.attrs.get("kv_format")))
+        if nvfp4:
+            return write_rows_in_place(slots, ops.kv_rows_to_store(
+                k, v, args[3:7], args[7:9], "nvfp4", scale_rule=node.attrs.get("scale_rule", "amax"),
+                k_center=args[9] if len(args) > 9 else None))
+        return write_rows_in_place(slots, ops.kv_rows_to_store(k, v, args[3:5], args[5:], node.attrs.get("kv_format")))
 
-    return {"rope": rope, "paged_attention": paged_attention, "kv_write": kv_write, "kv_write_nvfp4": kv_write}
+    impls = {"rope": rope, "paged_attention": paged_attention, "kv_write": kv_write, "kv_write_nvfp4": kv_write}
+    from lowering.backends import cpu_native
+
+    if cpu_native.available():  # GGUF blocks multiplied in place (else the reference dequantizes them first)
+        impls["qlinear"] = impls["qlogits"] = gguf_qlinear
+    return impls
+
+
+NATIVE_MAX_ROWS = 32  # above this many rows, dequantize once and let XLA's GEMM run (prefill)
+
+
+def gguf_qlinear(node: Node, args, env):
+    """qlinear / qlogits over GGUF-native weights (q4_1, q8_0) at decode-sized M: the native kernel reads the
+    blocks and never materializes float32 weights. Everything else: the op's reference."""
+    from lowering.backends import cpu_native
+    from lowering.quant import formats
+
+    a = node.attrs
+    fmt = a["format"]
+    x, rest = args[0], list(args[1:])
+    if node.op == "qlogits":
+        x, rest = jnp.take(x, rest[0], axis=0, mode="clip"), rest[1:]
+    if fmt not in formats.GGUF_FORMATS or x.dtype != jnp.float32 or x.shape[0] > NATIVE_MAX_ROWS:
+        return run_reference(node, args, env)
+    n_parts = len(formats.WEIGHT_PARTS[fmt])
+    y = cpu_native.gguf_matmul(x, *rest[:n_parts], format=fmt)
+    if len(rest) > n_parts:  # bias
+        y = y + rest[n_parts].astype(jnp.float32)
+    return (y,)
 
 
 def write_rows_in_place(slot_mapping, pairs):

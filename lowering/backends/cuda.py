@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from lowering.backends.patterns import fusable_norm
 from lowering.ir import (Graph, IRError, Node, bind_symbols, decode_param, eval_dim, generic_primitive,
                          kv_bytes_per_block)
 
@@ -94,17 +95,13 @@ class CudaProgram:
     num_blocks: KV blocks in the pool; by default as many as `gpu_memory_fraction` of the card allows
     after the weights and a profiled peak step of `max_num_batched_tokens` tokens (on a CPU device:
     `kv_cache_bytes`, default 256 MiB). cuda_graphs: capture decode steps (default: on a CUDA device).
-    weight_quant: "int8" | "int4" | "nvfp4" (weight-only) or "fp8" (W8A8): every linear weight (and the
-    logits weight unless quantize_lm_head=False) is quantized when the program is built and multiplied by
-    kernels_gpu.quant_linear; a linear whose K the scheme cannot group stays in the model dtype
-    (`program.quantized_weights` lists the quantized ones).
+    Quantized weights come from the quantization passes (compile_model(weights=...)): qlinear / qlogits nodes.
     """
 
     def __init__(self, graph: Graph, params: Mapping[str, Any], *, num_blocks: int | None = None,
                  max_num_seqs: int = 64, max_model_len: int = 2048, device: str | None = None,
                  gpu_memory_fraction: float | None = None, kv_cache_bytes: int | None = None,
-                 max_num_batched_tokens: int = 8192, cuda_graphs: bool | None = None, pool_fill: float = 0.0,
-                 weight_quant: str | None = None, quantize_lm_head: bool = True):
+                 max_num_batched_tokens: int = 8192, cuda_graphs: bool | None = None, pool_fill: float = 0.0):
         import torch
 
         if "block_size" not in graph.meta:
@@ -135,14 +132,7 @@ class CudaProgram:
         if missing:
             raise IRError(f"program is missing params {sorted(missing)[:3]}")
         self.params = {name: to_torch(params[name], self.device, graph.types[name].dtype) for name in graph.params}
-        if weight_quant not in (None, "int8", "int4", "nvfp4", "fp8"):
-            raise ValueError(f"weight_quant must be None, 'int8', 'int4', 'nvfp4' or 'fp8', got {weight_quant!r}")
-        self.weight_quant = weight_quant
-        self.quantized_weights: dict[str, str] = {}  # param name -> scheme
-        self._quantized_inputs: dict[int, list[str]] = {}  # id(node) -> its inputs with quantized weight names
         self._qweights: dict[tuple, Any] = {}  # qlinear / qlogits weights: (format, group, part names) -> QuantizedWeight
-        if weight_quant:
-            self._quantize_weights(weight_quant, quantize_lm_head)
         self._embed_rows = self._embedding_rows()
         self.prefill_fast_path = True  # fresh prefills take kernels_gpu.prefill_attention (tests switch it off)
         self.num_fresh_prefill_steps = 0  # eager steps that took the prefill kernel
@@ -182,35 +172,6 @@ class CudaProgram:
         self._static = None
         self.num_graph_replays = 0
         self.num_eager_steps = 0
-
-    # -- weights -------------------------------------------------------------------------------
-
-    def _quantize_weights(self, scheme: str, lm_head: bool) -> None:
-        """Replace each linear's (and the logits') weight param by a QuantizedWeight under `<name>#<scheme>`."""
-        import torch
-
-        from kernels_gpu.quant_linear import quantize_weight
-
-        users = self.graph.users()
-        for node in self.graph.nodes:
-            if node.op not in ("linear", "logits") or (node.op == "logits" and not lm_head):
-                continue
-            name = node.inputs[1] if node.op == "linear" else node.inputs[2]
-            weight = self.params.get(name)
-            if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-                continue
-            if weight.shape[1] % {"int4": 128, "nvfp4": 16}.get(scheme, 1):
-                continue  # K does not split into the scheme's groups: stays unquantized
-            key = f"{name}#{scheme}"
-            if key not in self.params:
-                self.params[key] = quantize_weight(weight, scheme)
-            node_inputs = list(node.inputs)
-            node_inputs[1 if node.op == "linear" else 2] = key
-            self._quantized_inputs[id(node)] = node_inputs
-            self.quantized_weights[name] = scheme
-        for name in self.quantized_weights:  # free the original unless something else (the embedding) reads it
-            if all(id(u) in self._quantized_inputs for u in users.get(name, [])):
-                del self.params[name]
 
     # -- memory --------------------------------------------------------------------------------
 
@@ -530,7 +491,7 @@ def _plan(graph: Graph, program: CudaProgram) -> list[tuple[Fn, list[str], list[
             continue
         # RMSNorm fed by a residual add: one add_rms_norm kernel yields both the sum and the norm
         if node.op == "add" and len(node.inputs) == 2:
-            fused = _fusable_norm(graph, node, users, position, program)
+            fused = fusable_norm(graph, node, users, position)
             if fused is not None:
                 skip.add(id(fused))
                 plan.append((_add_rms_norm_fn(fused.attrs["eps"]), [node.inputs[0], node.inputs[1], fused.inputs[1]],
@@ -545,10 +506,6 @@ def _plan(graph: Graph, program: CudaProgram) -> list[tuple[Fn, list[str], list[
                              [node.inputs[0], partner.inputs[0], node.inputs[1]], [node.outputs[0], partner.outputs[0]],
                              "rope(q,k)"))
                 continue
-        if id(node) in program._quantized_inputs:
-            plan.append((_quant_linear_fn(node), program._quantized_inputs[id(node)], list(node.outputs),
-                         f"{node.op}[{program.weight_quant}]"))
-            continue
         lower = _LOWERINGS.get(node.op)
         if lower is not None:
             fn = lower(node, graph, program, producers, users)
@@ -558,26 +515,6 @@ def _plan(graph: Graph, program: CudaProgram) -> list[tuple[Fn, list[str], list[
         else:
             plan.append((_generic_fn(node, graph, program), list(node.inputs), list(node.outputs), node.op))
     return plan
-
-
-def _fusable_norm(graph, add: Node, users, position, program) -> Node | None:
-    out = add.outputs[0]
-    t = graph.types[out]
-    if len(t.shape) != 2 or any(graph.types[x].dtype != t.dtype for x in add.inputs):
-        return None
-    if any(graph.types[x].shape != t.shape for x in add.inputs) or t.dtype not in ("bfloat16", "float16", "float32"):
-        return None
-    norms = [u for u in users.get(out, []) if u.op == "rms_norm" and u.inputs[0] == out]
-    if not norms:
-        return None
-    norm = norms[0]
-    if graph.types[norm.inputs[1]].dtype not in ("bfloat16", "float16", "float32"):
-        return None
-    # every other user of the sum must come after the norm (the sum is produced there)
-    if any(position[id(u)] < position[id(norm)] for u in users.get(out, []) if u is not norm):
-        return None
-    # the norm's weight must be available before the add (it is a param or computed earlier)
-    return norm
 
 
 def _rope_partner(graph, node: Node, users, producers, position) -> Node | None:
@@ -655,19 +592,6 @@ def _quantized_matmul(x, qw, bias=None, *, dequantize_always: bool = False):
                                                       for name, t in qw.tensors.items()}, qw.group_size)
         out[:, n0:n1] = F.linear(x, dequantize_weight(part).to(x.dtype), None if bias is None else bias[n0:n1])
     return out
-
-
-def _quant_linear_fn(node: Node) -> Fn:
-    if node.op == "logits":
-        def run_logits(ctx, x, rows, qweight):
-            return (_quantized_matmul(x.index_select(0, rows), qweight).float(),)
-
-        return run_logits
-
-    def run(ctx, x, qweight, bias=None):
-        return (_quantized_matmul(x, qweight, bias),)
-
-    return run
 
 
 def _qweight_of(node, graph, program):
@@ -854,11 +778,13 @@ def _lower_kv_write_nvfp4(node, graph, program, producers, users) -> Fn:
     pool_type = graph.types[node.inputs[3]]
     heads, dim = int(pool_type.shape[2]), 2 * int(pool_type.shape[3])
 
-    def run(ctx, k, v, slots, k_pool, v_pool, k_block_scale, v_block_scale, k_scale, v_scale):
+    scale_rule = node.attrs.get("scale_rule", "amax")
+
+    def run(ctx, k, v, slots, k_pool, v_pool, k_block_scale, v_block_scale, k_scale, v_scale, k_center=None):
         t = k.shape[0]
         kv_write(k.view(t, heads, dim), v.view(t, heads, dim), slots, k_pool, v_pool, kv_format="nvfp4",
                  k_scale=k_scale, v_scale=v_scale, k_block_scale=k_block_scale, v_block_scale=v_block_scale,
-                 check_slots=False)
+                 check_slots=False, k_center=k_center, scale_rule=scale_rule)
         return k_pool, v_pool, k_block_scale, v_block_scale
 
     return run

@@ -33,16 +33,18 @@ __all__ = [
 ]
 
 
-def load_checkpoint(source: str | Path, *, progress: bool = True) -> Checkpoint:
-    """Load a registered model name, a .gguf file, an llmc orbax directory or a Hugging Face directory."""
+def load_checkpoint(source: str | Path, *, progress: bool = True, keep_native: bool = False) -> Checkpoint:
+    """Load a registered model name, a .gguf file, an llmc orbax directory or a Hugging Face directory.
+
+    keep_native: a GGUF file's Q4_1 / Q8_0 tensors are also kept as stored (Checkpoint.native)."""
     if isinstance(source, str) and source in MODELS:
-        return load_gguf(resolve_model(source), progress=progress)
+        return load_gguf(resolve_model(source), progress=progress, keep_native=keep_native)
     path = Path(source).expanduser()
     if path.is_file():
         with open(path, "rb") as f:
             is_gguf = f.read(4) == GGUF_MAGIC
         if is_gguf or path.suffix == ".gguf":
-            return load_gguf(path, progress=progress)  # a .gguf without the magic gets load_gguf's error
+            return load_gguf(path, progress=progress, keep_native=keep_native)  # no magic: load_gguf's error
     elif path.is_dir():
         if (path / LLMC_CONFIG_FILE).is_file():
             return load_orbax_dir(path)

@@ -46,6 +46,9 @@ class Checkpoint:
     weights: dict[str, np.ndarray]
     tokenizer: Tokenizer | None
     source: str
+    # GGUF tensors also kept as the file stores them (load_gguf(keep_native=True)): HF name -> (format, parts)
+    # in lowering.quant.formats' GGUF formats, rows in HF order; `weights` still holds their float32 values.
+    native: dict[str, tuple[str, dict[str, np.ndarray]]] = dataclasses.field(default_factory=dict)
 
 
 def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -12,6 +12,7 @@ import numpy as np
 from lowering.checkpoints.base import Checkpoint, CheckpointError, check_weights
 from lowering.checkpoints.tokenizer import Tokenizer
 from lowering.models.config import ConfigError, ModelConfig
+from lowering.quant import formats
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
@@ -167,8 +168,10 @@ def tensor_to_numpy(tensor) -> np.ndarray:
     return array.reshape(shape)
 
 
-def load_gguf(path: str | Path, *, progress: bool = True) -> Checkpoint:
-    """Read a GGUF file: dequantize every tensor, rename to HF, undo llama.cpp's q/k row permutation."""
+def load_gguf(path: str | Path, *, progress: bool = True, keep_native: bool = False) -> Checkpoint:
+    """Read a GGUF file: dequantize every tensor, rename to HF, undo llama.cpp's q/k row permutation.
+
+    keep_native: also keep each 2-D Q4_1 / Q8_0 tensor as stored (Checkpoint.native; same row order)."""
     import gguf
     from tqdm import tqdm
 
@@ -200,6 +203,7 @@ def load_gguf(path: str | Path, *, progress: bool = True) -> Checkpoint:
     )
 
     weights: dict[str, np.ndarray] = {}
+    native: dict[str, tuple[str, dict[str, np.ndarray]]] = {}
     show = progress and sys.stderr.isatty()
     for tensor in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not show):
         name = hf_tensor_name(tensor.name)
@@ -218,5 +222,11 @@ def load_gguf(path: str | Path, *, progress: bool = True) -> Checkpoint:
                 )
             array = unpermute_from_interleaved_rope(array, num_heads)
         weights[name] = array
+        fmt = tensor.tensor_type.name.lower()
+        if keep_native and fmt in formats.GGUF_FORMATS and array.ndim == 2:
+            parts = formats.gguf_parts_from_blocks(fmt, np.asarray(tensor.data), array.shape)
+            if name.startswith("model.layers.") and module in permuted_heads:  # the same row order as `array`
+                parts = {k: unpermute_from_interleaved_rope(v, permuted_heads[module]) for k, v in parts.items()}
+            native[name] = (fmt, parts)
     check_weights(config, weights, source)
-    return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, source=source)
+    return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, source=source, native=native)

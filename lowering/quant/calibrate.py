@@ -66,6 +66,7 @@ class QuantFlags:
     kv_format: np.ndarray  # i32[num layers]: 0 plain, 1 fp8, 2 nvfp4
     kv_scale: np.ndarray  # f32[num layers, 2, Hkv]: fp8 scale per KV head (K, V)
     kv_global: np.ndarray  # f32[num layers, 2]: nvfp4 global scale (K, V)
+    kv_center: np.ndarray  # f32[num layers, Hkv, Dh]: nvfp4 K center (subtracted before quantizing K)
 
 
 class GraphRunner:
@@ -143,7 +144,11 @@ class GraphRunner:
                 scale = flags.kv_scale[layer, which][:, None]
                 fp8 = formats.jnp_round_fp8(xh / scale) * scale
                 gs = flags.kv_global[layer, which]
-                nv = formats.jnp_dequantize_nvfp4(*formats.jnp_quantize_nvfp4(xh, gs), gs) if dim % 16 == 0 else xh
+                if dim % 16 == 0:  # as kv_write_nvfp4 stores it (K centered: attention ignores the shift)
+                    xc = xh - flags.kv_center[layer] if which == 0 else xh
+                    nv = formats.jnp_dequantize_nvfp4(*formats.jnp_quantize_nvfp4(xc, gs, formats.KV_NVFP4_SCALE_RULE), gs)
+                else:
+                    nv = xh
                 fmt = flags.kv_format[layer]
                 out.append(jnp.where(fmt == 1, fp8, jnp.where(fmt == 2, nv, xh)).reshape(x.shape).astype(x.dtype))
             return impls_base_kv(node, [out[0], out[1], slots, kp, vp], env)
@@ -160,7 +165,7 @@ class GraphRunner:
 
         reducer runs inside jit on the value restricted to real token rows (f32[T, ...])."""
         names = list(names)
-        key = tuple(names)
+        key = (tuple(names), reducer)  # the reducer too: the same values may be reduced in different ways
         if key not in self._collect_fns:
             graph = self.graph.copy()
             graph.outputs = graph.outputs + names
@@ -213,9 +218,10 @@ class GraphRunner:
 
     def no_flags(self) -> QuantFlags:
         layers = max(len(self.kv_nodes), 1)
-        heads = self.graph.types[self.graph.state[0]].shape[2] if self.graph.state else 1
+        heads, dim = self.graph.types[self.graph.state[0]].shape[2:4] if self.graph.state else (1, 1)
         return QuantFlags(np.zeros(len(self.linear_nodes), np.float32), np.zeros(layers, np.int32),
-                          np.ones((layers, 2, heads), np.float32), np.ones((layers, 2), np.float32))
+                          np.ones((layers, 2, heads), np.float32), np.ones((layers, 2), np.float32),
+                          np.zeros((layers, heads, dim), np.float32))
 
     @property
     def num_tokens(self) -> int:

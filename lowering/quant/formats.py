@@ -21,7 +21,8 @@ params in the graph):
           (bit 3); element 2i in the LOW nibble.
 
 KV caches use "fp8" with a calibrated f32 scale per KV head (kv_write divides by it) and "nvfp4" with a
-calibrated per-layer global scale and block scales computed on write (16 values of one head share one).
+calibrated per-layer global scale and block scales computed on write (16 values of one head share one),
+chosen by the "mse46" rule (nvfp4_block_scales: the better of amax -> 6 and amax -> 4 per block; same decode).
 
 numpy functions (quantize_*, dequantize_*) are the exact references; the jnp_* functions compute the same
 values inside jitted graphs (bit-identical, tested).
@@ -29,6 +30,7 @@ values inside jitted graphs (bit-identical, tested).
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -44,6 +46,13 @@ INT4_LEVELS = 15
 NVFP4_BLOCK = 16
 E2M1_MAX = 6.0
 E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+# How nvfp4 block scales are chosen: "amax" maps each block's amax to 6; "mse46" also tries mapping it to 4
+# (E2M1_ALT_MAX: finer steps near the top of the block) and keeps the scale with the smaller squared error.
+# The stored format and its decode are the same for both.
+NVFP4_SCALE_RULES = ("amax", "mse46")
+E2M1_ALT_MAX = 4.0
+_SCALE_ERROR_ONE = float(2 ** 20)  # fixed-point unit of nvfp4_scale_error
+KV_NVFP4_SCALE_RULE = "mse46"  # the rule quantize_model gives nvfp4 KV caches (kv_write_nvfp4 attribute)
 F32_TINY = float(np.finfo(np.float32).tiny)
 # Rounding thresholds between consecutive E2M1 magnitudes: (midpoint, does a tie round up?). A tie goes to
 # the even code, i.e. up exactly when the upper neighbour's code (2, 4, 6) is even.
@@ -52,7 +61,7 @@ _E2M1_MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.
 
 # Parts each weight format stores, in the order quantized ops take them.
 WEIGHT_PARTS = {"int8": ("q", "scale"), "fp8": ("q", "scale"), "int4": ("q", "scale", "zero"),
-                "nvfp4": ("q", "block_scale", "global_scale")}
+                "nvfp4": ("q", "block_scale", "global_scale"), "q4_1": ("q", "d", "m"), "q8_0": ("q", "d")}
 
 
 class FormatError(ValueError):
@@ -204,10 +213,41 @@ def nvfp4_global_scale(amax) -> np.ndarray:
     return np.maximum(np.float32(amax) / np.float32(E2M1_MAX * FP8_MAX), np.float32(F32_TINY)).astype(np.float32)
 
 
-def nvfp4_block_scales(xb: np.ndarray, global_scale) -> np.ndarray:
-    """xb f32[..., 16] -> block scales e4m3[...] = e4m3(amax / 6 / global_scale)."""
+def nvfp4_block_scales(xb: np.ndarray, global_scale, scale_rule: str = "amax") -> np.ndarray:
+    """xb f32[..., 16] -> block scales e4m3[...]: e4m3(amax / 6 / global_scale) ("amax"), or for "mse46" the
+    better of that and e4m3(amax / 4 / global_scale) by the block's squared error (nvfp4_scale_error)."""
+    check_scale_rule(scale_rule)
+    xb = np.asarray(xb, np.float32)
+    gs = np.float32(global_scale)
     amax = np.abs(xb).max(axis=-1)
-    return to_fp8(amax / np.float32(E2M1_MAX) / np.float32(global_scale))
+    s6 = to_fp8(amax / np.float32(E2M1_MAX) / gs)
+    if scale_rule == "amax":
+        return s6
+    s4 = to_fp8(amax / np.float32(E2M1_ALT_MAX) / gs)
+    e6, e4 = nvfp4_scale_error(xb, amax, s6, gs), nvfp4_scale_error(xb, amax, s4, gs)
+    use4 = (e4 < e6) & (s4.astype(np.float32) != 0)
+    return np.where(use4, s4, s6).astype(FP8)
+
+
+def nvfp4_scale_error(xb: np.ndarray, amax: np.ndarray, block_scale: np.ndarray, global_scale) -> np.ndarray:
+    """The squared error of a 16-block stored with `block_scale`, as an i32 (order-independent, so every
+    implementation picks the same scale): with den = block_scale * global_scale, y = x / den,
+    r = (|y| - |e2m1(y)|) * (den / amax) (the error relative to the block amax), each element contributes
+    floor(min(r * r, 4) * 2**20) and the block sums them. Every step is one correctly rounded f32 operation
+    (no fused multiply-add), so numpy, jnp, torch and the Triton kernel agree bit for bit."""
+    den = block_scale.astype(np.float32) * np.float32(global_scale)
+    ok = (den != 0) & (amax != 0)
+    safe_den = np.where(ok, den, np.float32(1.0))
+    y = xb / safe_den[..., None]
+    mag = E2M1_VALUES[e2m1_encode(y) & 7]
+    r = (np.abs(y) - mag) * (safe_den / np.where(ok, amax, np.float32(1.0)))[..., None]
+    e = np.floor(np.minimum(r * r, np.float32(4.0)) * np.float32(_SCALE_ERROR_ONE)).astype(np.int32)
+    return np.where(ok, e.sum(axis=-1, dtype=np.int32), np.int32(0))
+
+
+def check_scale_rule(scale_rule: str) -> None:
+    if scale_rule not in NVFP4_SCALE_RULES:
+        raise FormatError(f"unknown nvfp4 scale rule {scale_rule!r}; choose one of {', '.join(NVFP4_SCALE_RULES)}")
 
 
 def nvfp4_codes(x: np.ndarray, block_scale: np.ndarray, global_scale) -> np.ndarray:
@@ -217,15 +257,16 @@ def nvfp4_codes(x: np.ndarray, block_scale: np.ndarray, global_scale) -> np.ndar
     return np.where(denom != 0, e2m1_encode(np.asarray(x, np.float32) / safe), 0).astype(np.uint8)
 
 
-def quantize_nvfp4(x: np.ndarray, global_scale=None) -> dict[str, np.ndarray]:
-    """x f32[..., D] (D % 16 == 0) -> {"q": u8[..., D/2], "block_scale": e4m3[..., D/16], "global_scale": f32[]}."""
+def quantize_nvfp4(x: np.ndarray, global_scale=None, scale_rule: str = "amax") -> dict[str, np.ndarray]:
+    """x f32[..., D] (D % 16 == 0) -> {"q": u8[..., D/2], "block_scale": e4m3[..., D/16], "global_scale": f32[]}
+    (block scales by `scale_rule`, see nvfp4_block_scales)."""
     x = np.asarray(x, np.float32)
     d = x.shape[-1]
     if d % NVFP4_BLOCK:
         raise FormatError(f"nvfp4 needs the last dim divisible by {NVFP4_BLOCK}, got {d}")
     gs = nvfp4_global_scale(np.abs(x).max() if x.size else 0.0) if global_scale is None else np.float32(global_scale)
     xb = x.reshape(*x.shape[:-1], d // NVFP4_BLOCK, NVFP4_BLOCK)
-    bs = nvfp4_block_scales(xb, gs)
+    bs = nvfp4_block_scales(xb, gs, scale_rule)
     codes = nvfp4_codes(xb, bs[..., None], gs).reshape(x.shape)
     return {"q": pack_nibbles(codes), "block_scale": bs, "global_scale": np.asarray(gs, np.float32).reshape(())}
 
@@ -263,13 +304,15 @@ def dequantize_weight(parts: dict[str, np.ndarray], fmt: str) -> np.ndarray:
         return dequantize_int4(parts)
     if fmt == "nvfp4":
         return dequantize_nvfp4(parts)
+    if fmt in GGUF_FORMATS:
+        return dequantize_gguf(parts, fmt)
     raise FormatError(f"unknown weight format {fmt!r}")
 
 
 def bits_per_weight(fmt: str, group_size: int | None = None) -> float:
     """Stored bits per weight element, scales included (per-tensor scalars and per-row scales ignored)."""
     return {"int8": 8.0, "fp8": 8.0, "int4": 4.0 + 24.0 / (group_size or INT4_GROUP),
-            "nvfp4": 4.0 + 8.0 / NVFP4_BLOCK}[fmt]
+            "nvfp4": 4.0 + 8.0 / NVFP4_BLOCK, "q4_1": 4.0 + 32.0 / GGUF_BLOCK, "q8_0": 8.0 + 16.0 / GGUF_BLOCK}[fmt]
 
 
 def kv_bytes_per_value(fmt: str | None, dtype_bytes: int = 2) -> float:
@@ -334,12 +377,31 @@ def jnp_e2m1_encode(v):
     return code | sign
 
 
-def jnp_quantize_nvfp4(x, global_scale):
-    """x [..., D] -> (packed u8[..., D/2], block_scale e4m3[..., D/16]) with the given f32 global scale."""
+def jnp_nvfp4_scale_error(xb, amax, bs32, gs):
+    """nvfp4_scale_error inside a traced graph (bs32: the block scales as f32 values)."""
+    den = bs32 * gs
+    ok = (den != 0) & (amax != 0)
+    safe_den = jnp.where(ok, den, jnp.float32(1.0))
+    y = xb / safe_den[..., None]
+    mag = jnp.asarray(E2M1_VALUES)[(jnp_e2m1_encode(y) & 7).astype(jnp.int32)]
+    r = (jnp.abs(y) - mag) * (safe_den / jnp.where(ok, amax, jnp.float32(1.0)))[..., None]
+    e = jnp.floor(jnp.minimum(r * r, jnp.float32(4.0)) * jnp.float32(_SCALE_ERROR_ONE)).astype(jnp.int32)
+    return jnp.where(ok, jnp.sum(e, axis=-1, dtype=jnp.int32), jnp.int32(0))
+
+
+def jnp_quantize_nvfp4(x, global_scale, scale_rule: str = "amax"):
+    """x [..., D] -> (packed u8[..., D/2], block_scale e4m3[..., D/16]) with the given f32 global scale
+    (block scales by `scale_rule`, see nvfp4_block_scales)."""
+    check_scale_rule(scale_rule)
     d = x.shape[-1]
     xb = x.astype(jnp.float32).reshape(*x.shape[:-1], d // NVFP4_BLOCK, NVFP4_BLOCK)
     gs = jnp.asarray(global_scale, jnp.float32)
-    bs32 = jnp_round_fp8(jnp.max(jnp.abs(xb), axis=-1) / E2M1_MAX / gs)
+    amax = jnp.max(jnp.abs(xb), axis=-1)
+    bs32 = jnp_round_fp8(amax / E2M1_MAX / gs)
+    if scale_rule == "mse46":
+        s4 = jnp_round_fp8(amax / E2M1_ALT_MAX / gs)
+        use4 = (jnp_nvfp4_scale_error(xb, amax, s4, gs) < jnp_nvfp4_scale_error(xb, amax, bs32, gs)) & (s4 != 0)
+        bs32 = jnp.where(use4, s4, bs32)
     bs = bs32.astype(jnp.float8_e4m3fn)
     denom = (bs32 * gs)[..., None]
     ok = denom != 0
@@ -369,6 +431,18 @@ def jnp_dequantize_weight(fmt: str, *parts):
         return ((cg - zero[..., None].astype(jnp.float32)) * scale[..., None].astype(jnp.float32)).reshape(n, k)
     if fmt == "nvfp4":
         return jnp_dequantize_nvfp4(*parts)
+    if fmt == "q4_1":
+        q, d, m = parts
+        n, k = q.shape[0], q.shape[1] * 2
+        qb = q.reshape(n, k // GGUF_BLOCK, GGUF_BLOCK // 2)
+        codes = jnp.concatenate([qb & 0xF, qb >> 4], axis=-1).astype(jnp.float32)  # GGUF order: low nibbles first
+        w = d[..., None].astype(jnp.float32) * codes
+        return (w + m[..., None].astype(jnp.float32)).reshape(n, k)
+    if fmt == "q8_0":
+        q, d = parts
+        n, k = q.shape
+        w = q.reshape(n, k // GGUF_BLOCK, GGUF_BLOCK).astype(jnp.float32) * d[..., None].astype(jnp.float32)
+        return w.reshape(n, k)
     raise FormatError(f"unknown weight format {fmt!r}")
 
 
@@ -380,6 +454,11 @@ def weight_part_types(fmt: str, shape: tuple[int, int], group_size: int | None =
     if fmt == "int4":
         g = group_size or int4_group_size(k)
         return {"q": ((n, k // 2), "uint8"), "scale": ((n, k // g), "float16"), "zero": ((n, k // g), "uint8")}
+    if fmt == "q4_1":
+        return {"q": ((n, k // 2), "uint8"), "d": ((n, k // GGUF_BLOCK), "float16"),
+                "m": ((n, k // GGUF_BLOCK), "float16")}
+    if fmt == "q8_0":
+        return {"q": ((n, k), "int8"), "d": ((n, k // GGUF_BLOCK), "float16")}
     return {"q": ((n, k // 2), "uint8"), "block_scale": ((n, k // NVFP4_BLOCK), "float8_e4m3fn"),
             "global_scale": ((), "float32")}
 
@@ -392,3 +471,52 @@ def hadamard(n: int) -> np.ndarray:
     while h.shape[0] < n:
         h = np.block([[h, h], [h, -h]])
     return h / math.sqrt(n)
+
+
+# ------------------------------------------------------------------------------------------ GGUF-native formats
+# compile_model(gguf_file, weights="gguf") keeps a checkpoint's Q4_1 / Q8_0 tensors as llama.cpp stores them
+# (blocks of 32 along K) instead of dequantizing them to float32; the values are bit-identical to gguf-py's
+# float32 dequantization (a multiply, then an add: no fused multiply-add), i.e. to the weights Hugging Face
+# transformers loads from the same file.
+#   "q4_1"  q u8[N, K/2], d f16[N, K/32], m f16[N, K/32]. Byte j (0..15) of block b holds the code of element
+#           32b + j in its low nibble and of 32b + j + 16 in its high nibble (GGUF's order); w = d * code + m.
+#   "q8_0"  q i8[N, K], d f16[N, K/32]; w = q * d.
+
+GGUF_FORMATS = ("q4_1", "q8_0")
+GGUF_BLOCK = 32
+_GGUF_BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}  # f16 d (+ f16 m) + the codes of 32 values
+
+
+def gguf_parts_from_blocks(fmt: str, raw: np.ndarray, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """A GGUF tensor's raw block bytes (u8, row-major over [N, K]) -> this module's parts of format `fmt`."""
+    if fmt not in GGUF_FORMATS:
+        raise FormatError(f"unknown GGUF format {fmt!r}; known: {', '.join(GGUF_FORMATS)}")
+    n, k = shape
+    if k % GGUF_BLOCK:
+        raise FormatError(f"{fmt}: K = {k} is not a multiple of the block size {GGUF_BLOCK}")
+    size = _GGUF_BLOCK_BYTES[fmt]
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
+    if raw.size != n * (k // GGUF_BLOCK) * size:
+        raise FormatError(f"{fmt}: {raw.size} bytes do not hold a [{n}, {k}] tensor ({size} bytes per block of 32)")
+    blocks = raw.reshape(n, k // GGUF_BLOCK, size)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    if fmt == "q4_1":
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
+        return {"q": blocks[..., 4:].reshape(n, k // 2).copy(), "d": d, "m": m}
+    return {"q": blocks[..., 2:].copy().view(np.int8).reshape(n, k), "d": d}
+
+
+def dequantize_gguf(parts: Mapping[str, np.ndarray], fmt: str) -> np.ndarray:
+    """f32[N, K] from GGUF-native parts, computed exactly as gguf-py does (float32 multiply, then add)."""
+    d = parts["d"].astype(np.float32)[..., None]
+    if fmt == "q4_1":
+        q = parts["q"]
+        n, k = q.shape[0], q.shape[1] * 2
+        qb = q.reshape(n, k // GGUF_BLOCK, GGUF_BLOCK // 2)
+        codes = np.concatenate([qb & 0xF, qb >> 4], axis=-1).astype(np.float32)
+        return ((d * codes) + parts["m"].astype(np.float32)[..., None]).reshape(n, k)
+    if fmt == "q8_0":
+        q = parts["q"]
+        n, k = q.shape
+        return (q.reshape(n, k // GGUF_BLOCK, GGUF_BLOCK).astype(np.float32) * d).reshape(n, k)
+    raise FormatError(f"unknown GGUF format {fmt!r}")

@@ -29,7 +29,7 @@ class GuardResult:
     evaluations: int
 
 
-def run_guard(runner, graph, params, units, quantized, layers, kv_scales, options, log) -> GuardResult:
+def run_guard(runner, graph, params, units, quantized, layers, kv_scales, options, log, kv_centers=None) -> GuardResult:
     budget = float(options.max_ppl_increase)
     # A weight that something else also reads (a tied embedding read by embed and logits) gets a private
     # copy for its quantized unit, so that replacing it does not change the other reader.
@@ -61,6 +61,8 @@ def run_guard(runner, graph, params, units, quantized, layers, kv_scales, option
                 base_flags.kv_scale[i] = np.stack([k_s, v_s])
             elif lay.format == "nvfp4":
                 base_flags.kv_global[i] = [float(k_s), float(v_s)]
+                if kv_centers and lay.layer in kv_centers:
+                    base_flags.kv_center[i] = kv_centers[lay.layer]
     layer_pos = {f"kv.{lay.layer}": i for i, lay in enumerate(layers)}
     evaluations = 0
 

@@ -23,6 +23,7 @@ ROTATION_PARAM = "kv.rotation"
 UNQUANTIZED = "none"
 _NO_QUANT_NAMES = (None, "none", "bf16", "bfloat16", "float16", "fp16", "float32", "fp32", "float")
 METHODS = ("auto", "rtn", "gptq")
+GPTQ_FORMATS = ("int4", "nvfp4", "fp8")  # the formats "auto" quantizes with GPTQ
 
 
 class QuantError(ValueError):
@@ -280,8 +281,14 @@ def apply_weight_quantization(graph: Graph, params: dict, quantized: Mapping[str
 
 
 def apply_kv_quantization(graph: Graph, params: dict, plan: Mapping[int, str],
-                          scales: Mapping[int, tuple[np.ndarray, np.ndarray]]) -> tuple[Graph, dict]:
-    """plan: layer -> "fp8" | "nvfp4"; scales: layer -> (k, v) scales (fp8: f32[Hkv]; nvfp4: f32[] global)."""
+                          scales: Mapping[int, tuple[np.ndarray, np.ndarray]],
+                          centers: Mapping[int, np.ndarray] | None = None,
+                          scale_rule: str = "amax") -> tuple[Graph, dict]:
+    """plan: layer -> "fp8" | "nvfp4"; scales: layer -> (k, v) scales (fp8: f32[Hkv]; nvfp4: f32[] global).
+    nvfp4 only: centers: layer -> f32[Hkv, Dh] subtracted from K before it is quantized (param
+    kv.<layer>.k_center, kv_write_nvfp4's 10th input); scale_rule: how block scales are chosen on write
+    (formats.nvfp4_block_scales; kv_write_nvfp4's attribute)."""
+    formats.check_scale_rule(scale_rule)
     graph = graph.copy()
     params = dict(params)
     for lay in kv_layers(graph):
@@ -318,8 +325,16 @@ def apply_kv_quantization(graph: Graph, params: dict, plan: Mapping[int, str],
             graph.types[name] = pool_t
         k_bs, v_bs = f"kv.{lay.layer}.k_block_scale", f"kv.{lay.layer}.v_block_scale"
         new_kbs, new_vbs = graph.add_state(k_bs, bs_t, "kbscale"), graph.add_state(v_bs, bs_t, "vbscale")
-        graph.nodes[lay.kv_write] = Node("kv_write_nvfp4", kvw.inputs[:5] + [k_bs, v_bs] + scale_names,
-                                         [new_k, new_v, new_kbs, new_vbs], {})
+        center = []
+        if centers is not None and lay.layer in centers:
+            name = f"kv.{lay.layer}.k_center"
+            graph.params.append(name)
+            graph.types[name] = TensorType((h, d), "float32")
+            params[name] = np.asarray(centers[lay.layer], np.float32).reshape(h, d)
+            center = [name]
+        graph.nodes[lay.kv_write] = Node("kv_write_nvfp4", kvw.inputs[:5] + [k_bs, v_bs] + scale_names + center,
+                                         [new_k, new_v, new_kbs, new_vbs],
+                                         {"scale_rule": scale_rule} if scale_rule != "amax" else {})
         att.inputs = att.inputs[:6] + [new_kbs, new_vbs] + scale_names
         att.attrs = {**att.attrs, "kv_format": "nvfp4"}
     graph.meta["kv_formats"] = {str(lay.layer): lay.format for lay in kv_layers(graph)}
@@ -335,7 +350,7 @@ class QuantOptions:
     weights: Any = None  # format name | {pattern: format} | None
     kv_cache: str | None = None  # "fp8" | "nvfp4" | None
     kv_rotation: bool = False
-    method: str = "auto"  # "auto" (GPTQ for int4/nvfp4, RTN otherwise) | "rtn" | "gptq"
+    method: str = "auto"  # "auto" (GPTQ for int4/nvfp4/fp8, RTN for int8) | "rtn" | "gptq"
     max_ppl_increase: float | None = 0.01  # None: no accuracy guard
     calibration: Any = None  # None (bundled text) | text | path | token id sequences
     calibration_windows: int = 8
@@ -390,8 +405,9 @@ def quantize_model(graph: Graph, params: Mapping[str, Any], options: QuantOption
     for lay in layers:
         lay.format = kv_fmt
     active_units = [u for u in units if u.format != UNQUANTIZED]
-    # GPTQ is for the 4-bit formats ("auto" and "gptq"); the 8-bit ones always use RTN
-    methods = {u.name: "gptq" if options.method != "rtn" and u.format in ("int4", "nvfp4") else "rtn"
+    # GPTQ ("auto" and "gptq") is for the 4-bit formats and fp8, whose e4m3 grid (3 mantissa bits) rounds
+    # far coarser than int8 and which quantizes activations too (W8A8); int8 always uses RTN
+    methods = {u.name: "gptq" if options.method != "rtn" and u.format in GPTQ_FORMATS else "rtn"
                for u in active_units}
     needs_calibration = (kv_fmt != UNQUANTIZED or "gptq" in methods.values()
                          or (options.max_ppl_increase is not None and active_units))
@@ -410,18 +426,29 @@ def quantize_model(graph: Graph, params: Mapping[str, Any], options: QuantOption
     # KV scales from calibration: amax per KV head (fp8) / per layer (nvfp4)
     kv_scales: dict[int, tuple] = {}
     kv_amax: dict[int, tuple] = {}
+    kv_centers: dict[int, np.ndarray] = {}  # nvfp4: layer -> f32[Hkv, Dh] mean key
     if layers and runner is not None:
         names = []
         for lay in layers:
             names += graph.nodes[lay.kv_write].inputs[:2]
         heads = {n: lay.num_kv_heads for lay in layers for n in graph.nodes[lay.kv_write].inputs[:2]}
-        stats = runner.collect(names, lambda n, x: _head_amax(x, heads[n]), np.maximum)
+        # per channel (sum, max, min) of every K and V: amax = max(max, -min); the mean for K centering
+        stats = runner.collect(names, lambda n, x: _channel_sum_max_min(x, heads[n]), _combine_sum_max_min)
         for lay in layers:
-            k_name, v_name = graph.nodes[lay.kv_write].inputs[:2]
-            kv_amax[lay.layer] = (stats[k_name], stats[v_name])
+            k_st, v_st = (np.asarray(stats[n], np.float64) for n in graph.nodes[lay.kv_write].inputs[:2])
+            kv_amax[lay.layer] = tuple(np.maximum(st[1], -st[2]).max(axis=-1).astype(np.float32)
+                                       for st in (k_st, v_st))
             kv_scales[lay.layer] = tuple(
                 formats.fp8_scale(a) if kv_fmt != "nvfp4" else formats.nvfp4_global_scale(a.max())
                 for a in kv_amax[lay.layer])
+            if kv_fmt == "nvfp4":
+                # K centering: keys minus their calibration mean (per KV head and channel, after RoPE and any
+                # rotation) leave attention unchanged and quantize better; K's global scale then comes from
+                # the centered amax (per channel max |x - c| = max(max x - c, c - min x)).
+                center = (k_st[0] / max(runner.num_tokens, 1)).astype(np.float32)
+                kv_centers[lay.layer] = center
+                k_amax = np.maximum(k_st[1] - center, center - k_st[2]).max()
+                kv_scales[lay.layer] = (formats.nvfp4_global_scale(k_amax), kv_scales[lay.layer][1])
 
     # weights: RTN or GPTQ per unit
     quantized: dict[str, tuple[str, dict]] = {}
@@ -447,7 +474,7 @@ def quantize_model(graph: Graph, params: Mapping[str, Any], options: QuantOption
 
     # accuracy guard: decide which units stay in higher precision
     kv_plan = {lay.layer: lay.format for lay in layers}
-    guard = run_guard(runner, graph, params, units, quantized, layers, kv_scales, options, log) \
+    guard = run_guard(runner, graph, params, units, quantized, layers, kv_scales, options, log, kv_centers) \
         if options.max_ppl_increase is not None and runner is not None and (active_units or kv_fmt != UNQUANTIZED) \
         else None
     kept = set(guard.kept) if guard else set()
@@ -455,7 +482,8 @@ def quantize_model(graph: Graph, params: Mapping[str, Any], options: QuantOption
     kv_plan = {layer: fmt for layer, fmt in kv_plan.items() if f"kv.{layer}" not in kept}
 
     new_graph, new_params = apply_weight_quantization(graph, params, final_weights)
-    new_graph, new_params = apply_kv_quantization(new_graph, new_params, kv_plan, kv_scales)
+    new_graph, new_params = apply_kv_quantization(new_graph, new_params, kv_plan, kv_scales, kv_centers,
+                                                  formats.KV_NVFP4_SCALE_RULE)
 
     measured = None
     if runner is not None:  # the real quantized graph on the guard's windows
@@ -468,7 +496,13 @@ def quantize_model(graph: Graph, params: Mapping[str, Any], options: QuantOption
     return new_graph, new_params, report
 
 
-def _head_amax(x, heads: int):
+def _channel_sum_max_min(x, heads: int):
     import jax.numpy as jnp
 
-    return jnp.max(jnp.abs(x.reshape(x.shape[0], heads, -1)), axis=(0, 2))
+    xh = x.reshape(x.shape[0], heads, -1)
+    return jnp.stack([jnp.sum(xh, axis=0), jnp.max(xh, axis=0), jnp.min(xh, axis=0)])
+
+
+def _combine_sum_max_min(a, b):
+    return np.stack([a[0] + b[0], np.maximum(a[1], b[1]), np.minimum(a[2], b[2])])
+

@@ -12,8 +12,12 @@ pytestmark = pytest.mark.skipif(not TEXT.is_file(), reason=f"{TEXT} (the evaluat
 CASES = {
     "kv-fp8": (dict(kv_cache="fp8"), 0.0075),  # target 0.5% (16 windows)
     "w-int8": (dict(weights="int8"), 0.0075),  # target 0.5%
-    # target 1% NOT met (measured +5.8% over 16 windows): a regression guard at the measured level
-    "kv-nvfp4-rot": (dict(kv_cache="nvfp4", kv_rotation=True), 0.08),
+    # W8A8 with GPTQ weights: target 1% met over 16 windows (+0.81%), but these first 4 windows are harder
+    # (measured +2.1%; RTN W8A8 +4.7% here, +3.5% over 16): a regression guard at the measured level
+    "w-fp8": (dict(weights="fp8"), 0.03),
+    # target 1% (16 windows): measured +1.05% with K centering + "mse46" block scales (was +5.8%); +1.85% on
+    # these 4 windows with 8 calibration windows: a regression guard near the measured level
+    "kv-nvfp4-rot": (dict(kv_cache="nvfp4", kv_rotation=True), 0.03),
 }
 
 
@@ -50,7 +54,11 @@ def test_quantized_perplexity_within_bound(case, base, text):
         want = 0.5 if options["kv_cache"] == "fp8" else 0.28125
         assert kv_bytes_per_token(cm.graph) == want * bf16
         assert all(fmt == options["kv_cache"] for fmt in r.kv.values())
-    else:  # RTN int8 with the guard off needs no calibration at all
-        assert r.calibration["source"] == "none" and r.measured_increase is None
+    else:  # RTN int8 with the guard off needs no calibration at all; fp8 (GPTQ) needs Hessians
+        fmt = options["weights"]
+        if fmt == "int8":
+            assert r.calibration["source"] == "none" and r.measured_increase is None
+        else:
+            assert r.calibration["source"] == "bundled text" and set(r.methods.values()) == {"gptq"}
         assert r.weight_bytes["after"] < 0.45 * r.weight_bytes["before"]
-        assert r.weights["lm_head"] == "none" and sum(f == "int8" for f in r.weights.values()) == 30 * 4
+        assert r.weights["lm_head"] == "none" and sum(f == fmt for f in r.weights.values()) == 30 * 4

@@ -202,3 +202,44 @@ def test_kv_write_rejects_bad_input(device):
         kv_write(k, k, slots, packed, packed.clone(), kv_format="nvfp4", k_scale=gs, v_scale=gs)
     with pytest.raises(ValueError, match="unknown kv_format"):
         kv_write(k, k, slots, cache, cache.clone(), kv_format="int8")
+
+
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_kv_write_nvfp4_centered_mse46_matches_reference_exactly(device, in_dtype, shape):
+    """K centering and the "mse46" block-scale rule: the kernel's bytes equal ref_kv_write's (the scale choice
+    is an integer comparison, independent of reduction order), and the rule lowers the squared error."""
+    num_tokens, num_kv_heads, head_dim, block_size, num_blocks = shape
+    k, v = _inputs(num_tokens, num_kv_heads, head_dim, in_dtype, device, seed=sum(shape) + 1)
+    g = torch.Generator().manual_seed(7)
+    center = (torch.randn(num_kv_heads, head_dim, generator=g) * 2).to(device)  # f32[Hkv, D]
+    k = (k.float() + center).to(in_dtype)
+    slots = _slot_mapping(num_tokens, num_blocks * block_size, device, seed=num_tokens)
+    k_gs = kv_formats.nvfp4_global_scale(k.float() - center)
+    v_gs = kv_formats.nvfp4_global_scale(v)
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim // 2)
+    scale_shape = (num_blocks, block_size, num_kv_heads, head_dim // 16)
+    got = [torch.full(cache_shape, NAN_BYTE, dtype=torch.uint8, device=device) for _ in range(2)]
+    got += [torch.full(scale_shape, float("nan"), device=device).to(torch.float8_e4m3fn) for _ in range(2)]
+    want = [t.clone() for t in got]
+    plain = [t.clone() for t in got]
+    kw = dict(kv_format="nvfp4", k_scale=k_gs, v_scale=v_gs)
+    kv_write(k, v, slots, got[0], got[1], k_block_scale=got[2], v_block_scale=got[3], k_center=center,
+             scale_rule="mse46", **kw)
+    ref_kv_write(k, v, slots, want[0], want[1], k_block_scale=want[2], v_block_scale=want[3], k_center=center,
+                 scale_rule="mse46", **kw)
+    ref_kv_write(k, v, slots, plain[0], plain[1], k_block_scale=plain[2], v_block_scale=plain[3], k_center=center,
+                 **kw)
+    written = _written_mask(slots, num_blocks, block_size, device)
+    for a, b in zip(got, want):
+        assert torch.equal(a[written].view(torch.uint8), b[written].view(torch.uint8))
+        _assert_untouched(a, written, nan_byte=NAN_BYTE)
+    order = torch.argsort(slots[slots >= 0].long())
+    for i, (src, gs) in enumerate(((k.float() - center, k_gs), (v.float(), v_gs))):
+        rows = src[slots >= 0][order]
+        err = [((kv_formats.dequantize_nvfp4(c[i][written], c[2 + i][written], gs) - rows) ** 2).sum()
+               for c in (want, plain)]
+        assert err[0] < err[1]
+    with pytest.raises(ValueError, match="k_center"):
+        kv_write(k, v, slots, got[0], got[1], k_block_scale=got[2], v_block_scale=got[3],
+                 k_center=center.double(), **kw)

@@ -66,3 +66,56 @@ class PagedLayout:
             tables[i, : len(self.tables[seq])] = self.tables[seq]
         as32 = lambda a: np.asarray(a, np.int32)  # noqa: E731
         return StepInput(as32(token_ids), as32(positions), as32(slots), as32(starts), as32(seq_lens), tables, as32(rows))
+
+
+def relerr(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+def run_steps(program, layout_seed, block_size, num_blocks=48):
+    """Two ragged steps (prefill of 3 prompts, then a decode + a chunk + a new prompt) -> list of logits."""
+    lay = PagedLayout(num_blocks, block_size, seed=layout_seed)
+    rng = np.random.default_rng(layout_seed)
+    prompts = [rng.integers(0, 97, n).tolist() for n in (5, 23, 1)]
+    out = [program.step(lay.step([(i, p, 0) for i, p in enumerate(prompts)]))]
+    out.append(program.step(lay.step([(0, [7], 5), (1, [8, 9, 10], 23), (3, [1, 2, 3, 4, 5, 6], 0), (2, [11], 1)])))
+    return out
+
+
+def quantize_ir(cm, weights=None, kv=None, rotation=False):
+    """(graph, params) of a compiled model rewritten by the quantization passes' building blocks (RTN weights,
+    fixed KV scales: no calibration). kv: a format for every layer or {layer: format}."""
+    from lowering.quant import formats, passes
+
+    graph, params = cm.graph, {k: np.asarray(v) for k, v in cm.params.items()}
+    if rotation:
+        graph, params = passes.rotate_kv(graph, params)
+    if weights:
+        units = [u for u in passes.weight_units(graph) if formats.supports(weights, u.shape)]
+        quantized = {u.name: (weights, formats.quantize_weight(np.asarray(params[u.param], np.float32), weights))
+                     for u in units}
+        graph, params = passes.apply_weight_quantization(graph, params, quantized)
+    if kv:
+        layers = passes.kv_layers(graph)
+        plan = {lay.layer: kv if isinstance(kv, str) else kv.get(lay.layer, "none") for lay in layers}
+        scales = {}
+        for lay in layers:
+            amax = np.linspace(2.0, 4.0, lay.num_kv_heads, dtype=np.float32)
+            scales[lay.layer] = ((formats.fp8_scale(amax),) * 2 if plan[lay.layer] == "fp8"
+                                 else (formats.nvfp4_global_scale(4.0),) * 2)
+        graph, params = passes.apply_kv_quantization(graph, params, plan, scales)
+    return graph, params
+
+
+def run_decode_steps(program, seed, num_blocks):
+    """A ragged prefill of 3 prompts, two decode steps of all three, then a chunk + a decode + a new prompt."""
+    lay = PagedLayout(num_blocks, 16, seed=seed)
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, 97, n).tolist() for n in (5, 19, 1)]
+    lens = [len(p) for p in prompts]
+    out = [program.step(lay.step([(i, p, 0) for i, p in enumerate(prompts)]))]
+    for t in range(2):
+        out.append(program.step(lay.step([(i, [(7 * t + i) % 97], lens[i] + t) for i in range(3)])))
+    lens = [n + 2 for n in lens]
+    out.append(program.step(lay.step([(0, [3], lens[0]), (1, [8, 9, 10], lens[1]), (3, [1, 2, 3, 4], 0)])))
+    return out

@@ -9,12 +9,12 @@ from tests.lowering.helpers import tiny_config
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"target": "metal"}, "unknown target 'metal'"),
-    ({"target": "tpu"}, "not available in this build"),
     ({"block_size": 0}, "block_size must be an integer"),
     ({"block_size": 2.5}, "block_size must be an integer"),
     ({"dtype": "float8"}, "dtype must be one of"),
     ({"kv_cache_dtype": "int3"}, "kv_cache_dtype"),
     ({"max_model_len": -4}, "max_model_len must be a positive integer"),
+    ({"weights": "gguf", "target": "cuda"}, "weights='gguf' .* runs on the cpu and tpu targets"),
 ])
 def test_bad_options_are_refused_before_any_work(kwargs, message):
     with pytest.raises(OptionsError, match=message):
@@ -55,3 +55,11 @@ def test_verbose_compile_prints_one_line_per_pass_and_dumps_ir(tmp_path, capsys)
     assert dumps == ["00_traced.txt", "01_canonicalize.txt", "02_fuse_projections.txt", "03_insert_paged_kv.txt",
                      "04_canonicalize.txt"]
     assert "paged_attention(" in (tmp_path / "03_insert_paged_kv.txt").read_text()
+
+
+def test_gguf_weights_need_a_gguf_checkpoint():
+    from lowering.quant.passes import QuantError
+
+    model = llama.build_model(tiny_config())
+    with pytest.raises(QuantError, match="has none"):
+        compile_model(model, config=tiny_config(), weights="gguf", progress=False)

@@ -19,7 +19,8 @@ if not HAS_GPU:  # NOTE: must be set before kernels_gpu is imported (triton read
 from lowering import compile_model, ops  # noqa: E402
 from lowering.models import llama  # noqa: E402
 from runtime import Engine, SamplingParams  # noqa: E402
-from tests.lowering.helpers import PagedLayout, tiny_config  # noqa: E402
+from tests.lowering.helpers import (PagedLayout, quantize_ir, relerr, run_decode_steps, run_steps,  # noqa: E402
+                                    tiny_config)
 
 DEVICE = "cuda" if HAS_GPU else "cpu"
 if HAS_GPU:  # the CPU target's reference then runs through XLA on the GPU: make its float32 dots exact
@@ -44,20 +45,6 @@ def tiny_models():
         model = llama.build_model(cfg, seed=len(name))
         out[name] = (compile_model(model, config=cfg, progress=False, max_model_len=128),
                      compile_model(model, config=cfg, target="cuda", dtype="float32", progress=False, max_model_len=128))
-    return out
-
-
-def relerr(a, b):
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
-
-
-def run_steps(program, layout_seed, block_size, num_blocks=48):
-    """Two ragged steps (prefill of 3 prompts, then a decode + a chunk + a new prompt) -> list of logits."""
-    lay = PagedLayout(num_blocks, block_size, seed=layout_seed)
-    rng = np.random.default_rng(layout_seed)
-    prompts = [rng.integers(0, 97, n).tolist() for n in (5, 23, 1)]
-    out = [program.step(lay.step([(i, p, 0) for i, p in enumerate(prompts)]))]
-    out.append(program.step(lay.step([(0, [7], 5), (1, [8, 9, 10], 23), (3, [1, 2, 3, 4, 5, 6], 0), (2, [11], 1)])))
     return out
 
 
@@ -139,37 +126,6 @@ def test_cuda_sampling_on_device_is_seeded_and_reproducible(tiny_models):
                                    seeds=[0], offsets=[0])
 
 
-@pytest.fixture(scope="module")
-def quant_model():
-    cfg = tiny_config(head_dim=16, hidden_size=128, num_heads=8, num_kv_heads=2, intermediate_size=256)
-    model = llama.build_model(cfg, seed=4)
-    return compile_model(model, config=cfg, target="cuda", dtype="float32", progress=False, max_model_len=64)
-
-
-@pytest.mark.parametrize("scheme", ["int8", "int4", "nvfp4", "fp8"])
-def test_weight_quantized_program_equals_dequantized_weights(quant_model, scheme):
-    from kernels_gpu.quant_linear import dequantize_weight
-    from lowering.backends import build_program
-
-    prog = quant_model.make_program(num_blocks=24, device=DEVICE, weight_quant=scheme)
-    names = set(prog.quantized_weights)
-    assert "lm_head.weight" in names and len(names) == 1 + 4 * 2  # logits + 4 linears per layer
-    assert all(name not in prog.params for name in names)  # the originals are freed
-    assert any(label == f"linear[{scheme}]" for label in prog.launch_plan)
-    dequantized = dict(quant_model.params)
-    for name in names:
-        dequantized[name] = dequantize_weight(prog.params[f"{name}#{scheme}"]).cpu().numpy()
-    ref = build_program("cuda", quant_model.graph, dequantized, num_blocks=24, max_model_len=64, device=DEVICE)
-    plain = quant_model.make_program(num_blocks=24, device=DEVICE)
-    got, want, unquantized = (run_steps(p, 6, 16, num_blocks=24) for p in (prog, ref, plain))
-    for g, w, u in zip(got, want, unquantized):
-        if scheme == "fp8":  # activations are quantized too: only close to the unquantized model
-            assert relerr(g, u) < 0.1, (relerr(g, u), relerr(g, w))
-        else:
-            assert relerr(g, w) < 1e-4
-            assert relerr(g, u) < {"int8": 0.02, "int4": 0.35, "nvfp4": 0.35}[scheme]
-
-
 # ---- quantized IR (lowering/quant): qlinear / qlogits, quantized KV pools, rotate_heads ----------------------
 
 
@@ -179,45 +135,6 @@ def quant_model_hd32():
     cfg = tiny_config(head_dim=32, hidden_size=128, num_heads=4, num_kv_heads=2, intermediate_size=256)
     model = llama.build_model(cfg, seed=4)
     return compile_model(model, config=cfg, target="cuda", dtype="float32", progress=False, max_model_len=64)
-
-
-def quantize_ir(cm, weights=None, kv=None, rotation=False):
-    """(graph, params) of a compiled model rewritten by the quantization passes' building blocks (RTN weights,
-    fixed KV scales: no calibration). kv: a format for every layer or {layer: format}."""
-    from lowering.quant import formats, passes
-
-    graph, params = cm.graph, {k: np.asarray(v) for k, v in cm.params.items()}
-    if rotation:
-        graph, params = passes.rotate_kv(graph, params)
-    if weights:
-        units = [u for u in passes.weight_units(graph) if formats.supports(weights, u.shape)]
-        quantized = {u.name: (weights, formats.quantize_weight(np.asarray(params[u.param], np.float32), weights))
-                     for u in units}
-        graph, params = passes.apply_weight_quantization(graph, params, quantized)
-    if kv:
-        layers = passes.kv_layers(graph)
-        plan = {lay.layer: kv if isinstance(kv, str) else kv.get(lay.layer, "none") for lay in layers}
-        scales = {}
-        for lay in layers:
-            amax = np.linspace(2.0, 4.0, lay.num_kv_heads, dtype=np.float32)
-            scales[lay.layer] = ((formats.fp8_scale(amax),) * 2 if plan[lay.layer] == "fp8"
-                                 else (formats.nvfp4_global_scale(4.0),) * 2)
-        graph, params = passes.apply_kv_quantization(graph, params, plan, scales)
-    return graph, params
-
-
-def run_decode_steps(program, seed, num_blocks):
-    """A ragged prefill of 3 prompts, two decode steps of all three, then a chunk + a decode + a new prompt."""
-    lay = PagedLayout(num_blocks, 16, seed=seed)
-    rng = np.random.default_rng(seed)
-    prompts = [rng.integers(0, 97, n).tolist() for n in (5, 19, 1)]
-    lens = [len(p) for p in prompts]
-    out = [program.step(lay.step([(i, p, 0) for i, p in enumerate(prompts)]))]
-    for t in range(2):
-        out.append(program.step(lay.step([(i, [(7 * t + i) % 97], lens[i] + t) for i in range(3)])))
-    lens = [n + 2 for n in lens]
-    out.append(program.step(lay.step([(0, [3], lens[0]), (1, [8, 9, 10], lens[1]), (3, [1, 2, 3, 4], 0)])))
-    return out
 
 
 @pytest.fixture
@@ -314,19 +231,6 @@ def test_kv_bytes_per_block_counts_every_quantized_pool(quant_model_hd32):
     prog = build_program("cuda", graph, params, num_blocks=4, max_model_len=64, device=DEVICE)
     assert prog.kv_bytes_per_block() == d * 2 * hkv * cfg_layers * bs
     assert prog.kv_cache_bytes() == 4 * prog.kv_bytes_per_block()
-
-
-def test_tied_logits_weight_keeps_the_embedding_table(tiny_models):
-    _, cuda_cm = tiny_models["qwen2"]  # tied embeddings; K=96 is no multiple of int4's group of 128
-    prog = cuda_cm.make_program(num_blocks=8, device=DEVICE, weight_quant="int8")
-    assert "model.embed_tokens.weight" in prog.quantized_weights and "model.embed_tokens.weight" in prog.params
-    int4 = cuda_cm.make_program(num_blocks=8, device=DEVICE, weight_quant="int4")
-    assert int4.quantized_weights == {} and "linear" in int4.launch_plan  # every linear stays in the model dtype
-
-
-def test_weight_quant_rejects_unknown_scheme(quant_model):
-    with pytest.raises(ValueError, match="weight_quant"):
-        quant_model.make_program(num_blocks=8, device=DEVICE, weight_quant="int3")
 
 
 def test_cuda_bfloat16_program_stays_close_to_float32(tiny_models):

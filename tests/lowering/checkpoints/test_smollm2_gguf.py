@@ -162,5 +162,5 @@ def test_registry_name_dispatches_to_load_gguf(smollm2_gguf_path, monkeypatch):
 
     assert checkpoints.resolve_model("smollm2-135m") == smollm2_gguf_path
     assert smollm2_gguf_path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    monkeypatch.setattr(checkpoints, "load_gguf", lambda path, progress: ("loaded", path))
+    monkeypatch.setattr(checkpoints, "load_gguf", lambda path, progress, keep_native=False: ("loaded", path))
     assert load_checkpoint("smollm2-135m") == ("loaded", smollm2_gguf_path)

@@ -169,3 +169,94 @@ def test_arithmetic_fp8_rounding_matches_the_cast_under_jit():
     fake = np.asarray(jax.jit(formats.jnp_fake_quant_fp8_rows)(x[:20000].reshape(100, 200)))
     q, s = formats.quantize_fp8_rows(x[:20000].reshape(100, 200))
     np.testing.assert_allclose(fake, formats.dequantize_fp8(q, s), rtol=1e-6)
+
+
+# ---- GGUF-native formats (compile_model(weights="gguf")) ----------------------------------------------------
+
+
+def random_gguf_blocks(fmt, n, k, seed=0):
+    """Raw GGUF bytes of a [n, k] tensor: finite f16 scales / mins, random codes."""
+    rng = np.random.default_rng(seed)
+    nb = n * k // 32
+    d = rng.uniform(-0.05, 0.05, nb).astype(np.float16).view(np.uint8).reshape(nb, 2)
+    if fmt == "q4_1":
+        m = rng.uniform(-0.4, 0.1, nb).astype(np.float16).view(np.uint8).reshape(nb, 2)
+        codes = rng.integers(0, 256, (nb, 16), dtype=np.uint8)
+        return np.concatenate([d, m, codes], axis=1)
+    return np.concatenate([d, rng.integers(0, 256, (nb, 32), dtype=np.uint8)], axis=1)
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_gguf_parts_dequantize_bit_identical_to_gguf_py(fmt):
+    import gguf
+
+    n, k = 7, 96
+    raw = random_gguf_blocks(fmt, n, k)
+    want = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, fmt.upper())).reshape(n, k)
+    parts = formats.gguf_parts_from_blocks(fmt, raw, (n, k))
+    assert tuple(parts) == formats.WEIGHT_PARTS[fmt]
+    assert {p: (v.shape, v.dtype.name) for p, v in parts.items()} == {
+        p: (tuple(s), dt) for p, (s, dt) in formats.weight_part_types(fmt, (n, k)).items()}
+    np.testing.assert_array_equal(formats.dequantize_weight(parts, fmt).view(np.uint32), want.view(np.uint32))
+    traced = np.asarray(formats.jnp_dequantize_weight(fmt, *(jnp.asarray(parts[p]) for p in formats.WEIGHT_PARTS[fmt])))
+    np.testing.assert_array_equal(traced.view(np.uint32), want.view(np.uint32))
+    # hand-checked element: block 0, element 17 = high nibble of byte 1 (GGUF order), times d (+ m)
+    d = float(parts["d"][0, 0])
+    if fmt == "q4_1":
+        code = int(parts["q"][0, 1]) >> 4
+        expect = np.float32(np.float32(d) * np.float32(code)) + np.float32(parts["m"][0, 0])
+    else:
+        expect = np.float32(parts["q"][0, 17]) * np.float32(d)
+    assert want[0, 17] == expect
+
+
+def test_gguf_parts_reject_bad_input():
+    with pytest.raises(formats.FormatError, match="not a multiple of the block size 32"):
+        formats.gguf_parts_from_blocks("q4_1", np.zeros(20, np.uint8), (1, 48))
+    with pytest.raises(formats.FormatError, match="do not hold"):
+        formats.gguf_parts_from_blocks("q8_0", np.zeros(33, np.uint8), (1, 32))
+    with pytest.raises(formats.FormatError, match="unknown GGUF format"):
+        formats.gguf_parts_from_blocks("q5_k", np.zeros(20, np.uint8), (1, 32))
+
+
+def test_nvfp4_mse46_scale_rule_hand_computed():
+    # global scale 1, so block scales are the e4m3 values themselves
+    x = np.zeros((3, 16), np.float32)
+    x[0] = [6.0] + [4.5] * 15  # amax->6: scale 1, 4.5 -> 4 (SSE 15 * 0.25); amax->4: scale 1.5, 4.5 = 3 * 1.5 exact
+    x[1, :2] = [6.0, 1.0]  # amax->6 exact; amax->4: 1 / 1.5 rounds to 0.5 -> keeps scale 1
+    amax = np.abs(x).max(axis=1)
+    s6, s4 = formats.to_fp8(amax / 6), formats.to_fp8(amax / 4)
+    e6 = formats.nvfp4_scale_error(x.reshape(3, 16), amax, s6, 1.0)
+    e4 = formats.nvfp4_scale_error(x.reshape(3, 16), amax, s4, 1.0)
+    # r = (|y| - e2m1(y)) * den / amax: block 0 at scale 1: 15 * floor((0.5 / 6)**2 * 2**20); row 2 is all zero
+    assert e6.tolist() == [15 * int(np.float32(0.5 / 6) ** 2 * 2 ** 20), 0, 0]
+    assert e4.tolist() == [0, int(np.float32(np.float32(1 / 1.5 - 0.5) * np.float32(1.5 / 6)) ** 2 * 2 ** 20), 0]
+    parts = formats.quantize_nvfp4(x, 1.0, "mse46")
+    assert parts["block_scale"].astype(np.float32)[:, 0].tolist() == [1.5, 1.0, 0.0]
+    assert formats.unpack_nibbles(parts["q"])[0].tolist() == [6] + [5] * 15  # 6/1.5 = 4 (code 6), 3 (code 5)
+    np.testing.assert_array_equal(formats.dequantize_nvfp4(parts), x)
+    amax_rule = formats.quantize_nvfp4(x, 1.0)  # the default keeps amax -> 6
+    assert amax_rule["block_scale"].astype(np.float32)[:, 0].tolist() == [1.0, 1.0, 0.0]
+    with pytest.raises(formats.FormatError, match="scale rule"):
+        formats.quantize_nvfp4(x, 1.0, "best")
+
+
+def test_nvfp4_mse46_lowers_error_and_matches_jnp_and_torch():
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(256, 3, 64)) * np.exp(rng.normal(size=(256, 3, 1)) * 2)).astype(np.float32)
+    x[0, 0, :16] = 0.0
+    x[1, 1, :16] = 1e-30  # scales that round to 0 in e4m3
+    x[2, 2, :16] = 3.0  # an exact tie between the two candidates keeps amax -> 6
+    gs = formats.nvfp4_global_scale(np.abs(x).max())
+    ref = formats.quantize_nvfp4(x, gs, "mse46")
+    amax_err = ((formats.dequantize_nvfp4(formats.quantize_nvfp4(x, gs)) - x) ** 2).sum()
+    assert ((formats.dequantize_nvfp4(ref) - x) ** 2).sum() < 0.9 * amax_err
+    q, bs = formats.jnp_quantize_nvfp4(jnp.asarray(x), gs, "mse46")
+    np.testing.assert_array_equal(np.asarray(q), ref["q"])
+    np.testing.assert_array_equal(np.asarray(bs).view(np.uint8), ref["block_scale"].view(np.uint8))
+    torch = pytest.importorskip("torch")
+    from kernels_gpu import kv_formats
+
+    packed, tbs = kv_formats.quantize_nvfp4(torch.from_numpy(x), torch.tensor(float(gs)), "mse46")
+    np.testing.assert_array_equal(packed.numpy(), ref["q"])
+    np.testing.assert_array_equal(tbs.view(torch.uint8).numpy(), ref["block_scale"].view(np.uint8))

@@ -126,6 +126,42 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
         assert err(g) < 0.5 * err(r), fmt
 
 
+def test_gptq_fp8_keeps_the_round_to_nearest_encoding_and_beats_it():
+    rng = np.random.default_rng(1)
+    # correlated inputs with a few high-energy channels (act order visits them first)
+    x = (rng.normal(size=(2048, 16)) @ rng.normal(size=(16, 256)) + 0.3 * rng.normal(size=(2048, 256)))
+    x[:, [3, 77]] *= 20.0
+    x = x.astype(np.float32)
+    w = rng.normal(size=(48, 256)).astype(np.float32)
+    hessian = x.T.astype(np.float64) @ x
+    r = formats.quantize_weight(w, "fp8")
+    err = lambda parts: np.mean((x @ (formats.dequantize_weight(parts, "fp8") - w).T) ** 2)  # noqa: E731
+    for damp in (None, 0.01):
+        g = gptq.gptq_quantize(w, hessian, "fp8", damp=damp)
+        assert {k: (v.shape, v.dtype) for k, v in g.items()} == {k: (v.shape, v.dtype) for k, v in r.items()}
+        np.testing.assert_array_equal(g["scale"], r["scale"])  # per-row scales as RTN: same format, same kernels
+        assert err(g) < 0.5 * err(r), damp
+
+
+def test_fp8_weights_use_gptq_under_auto_and_rtn_when_asked(model):
+    auto = compile_model(model, weights="fp8", max_ppl_increase=None, **QUIET).quant_report
+    rtn = compile_model(model, weights="fp8", quant_method="rtn", max_ppl_increase=None, **QUIET).quant_report
+    int8 = compile_model(model, weights="int8", max_ppl_increase=None, **QUIET).quant_report
+    assert set(auto.methods.values()) == {"gptq"} and auto.calibration["source"] == "user tokens"
+    assert set(rtn.methods.values()) == {"rtn"} and set(int8.methods.values()) == {"rtn"}
+    assert rtn.calibration["source"] == "none"
+
+
+def test_collect_keeps_one_compiled_function_per_reducer(base):
+    import jax.numpy as jnp
+
+    runner = calibrate.GraphRunner(base.graph, base.params, CALIB[:2])
+    name = next(n for n in base.graph.nodes if n.op == "linear").inputs[0]
+    hess = runner.collect([name], lambda n, x: x.T @ x)[name]
+    amax = runner.collect([name], lambda n, x: jnp.max(jnp.abs(x), axis=0), np.maximum)[name]
+    assert hess.shape == (CFG.hidden_size, CFG.hidden_size) and amax.shape == (CFG.hidden_size,)
+
+
 @pytest.mark.parametrize("kv,rotation", [("fp8", False), ("fp8", True), ("nvfp4", True), ("nvfp4", False)])
 def test_quantized_kv_pools(model, base, kv, rotation):
     cm = compile_model(model, kv_cache=kv, kv_rotation=rotation, max_ppl_increase=None, **QUIET)
@@ -251,3 +287,49 @@ def test_quantized_graph_runs_under_the_plain_interpreter(model):
     inputs = {k: getattr(step, k) for k in cm.graph.inputs}
     got, _ = interpret(cm.graph, inputs, cm.params, state)
     np.testing.assert_allclose(np.asarray(got[0]), want, rtol=1e-4, atol=1e-4)
+
+
+def test_kv_write_nvfp4_center_and_scale_rule_reference_and_cpu_backend_agree():
+    import jax.numpy as jnp
+
+    from lowering import ops
+    from lowering.backends.cpu import cpu_impls
+    from lowering.ir import Node
+
+    rng = np.random.default_rng(4)
+    t, h, d, n, bs = 6, 2, 32, 3, 4
+    k = (rng.normal(size=(t, h * d)) * 3 + 5).astype(np.float32)
+    v = rng.normal(size=(t, h * d)).astype(np.float32)
+    center = rng.normal(size=(h, d)).astype(np.float32) + 5
+    slots = np.array([0, 5, -1, 7, 2, 11], np.int32)
+    gk = formats.nvfp4_global_scale(np.abs(k.reshape(t, h, d) - center).max())
+    gv = formats.nvfp4_global_scale(np.abs(v).max())
+    pools = [np.zeros((n, bs, h, d // 2), np.uint8)] * 2 + [np.zeros((n, bs, h, d // 16), formats.FP8)] * 2
+    args = [jnp.asarray(a) for a in (k, v, slots, *pools, np.float32(gk), np.float32(gv), center)]
+    ref = ops.ref_kv_write_nvfp4(*args, scale_rule="mse46")
+    node = Node("kv_write_nvfp4", [f"x{i}" for i in range(10)], [f"y{i}" for i in range(4)], {"scale_rule": "mse46"})
+    cpu = cpu_impls(8)["kv_write_nvfp4"](node, args, {})
+    for a, b in zip(ref, cpu):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    # the stored K rows are formats.quantize_nvfp4(k - center, "mse46") and V rows the same rule
+    for i, (x, g) in enumerate(((k.reshape(t, h, d) - center, gk), (v.reshape(t, h, d), gv))):
+        want = formats.quantize_nvfp4(x, g, "mse46")
+        for row, slot in enumerate(slots):
+            if slot >= 0:
+                np.testing.assert_array_equal(np.asarray(ref[i])[slot // bs, slot % bs], want["q"][row])
+                np.testing.assert_array_equal(np.asarray(ref[2 + i])[slot // bs, slot % bs].view(np.uint8),
+                                              want["block_scale"][row].view(np.uint8))
+
+
+def test_nvfp4_kv_centers_keys_on_their_calibration_mean(model, base):
+    cm = compile_model(model, kv_cache="nvfp4", max_ppl_increase=None, **QUIET)
+    kvw = [n for n in cm.graph.nodes if n.op == "kv_write_nvfp4"]
+    assert all(n.attrs == {"scale_rule": "mse46"} and len(n.inputs) == 10 for n in kvw)
+    runner = calibrate.GraphRunner(base.graph, base.params, CALIB)
+    names = [n.inputs[0] for n in base.graph.nodes if n.op == "kv_write"]
+    hd = CFG.hidden_size // CFG.num_heads
+    stats = runner.collect(names, lambda n, x: x.reshape(x.shape[0], CFG.num_kv_heads, -1).sum(axis=0))
+    for layer, name in enumerate(names):
+        mean = stats[name] / runner.num_tokens
+        np.testing.assert_allclose(cm.params[f"kv.{layer}.k_center"], mean, rtol=1e-5, atol=1e-6)
+        assert cm.params[f"kv.{layer}.k_center"].shape == (CFG.num_kv_heads, hd)
