@@ -39,7 +39,7 @@ class CompiledModel(ProgramSource):
         return export_artifact(self, Path(path))
 
 
-def compile_model(source: Any, *, target: str = "cpu", block_size: int = 16, dtype: str | None = None,
+def compile_model(source: Any, *, target: str = "cpu", block_size: int | None = None, dtype: str | None = None,
                   kv_cache_dtype: str | None = None, fuse_projections: bool = True,
                   max_model_len: int | None = None, tokenizer: Any = None, config: ModelConfig | None = None,
                   weights: Any = None, kv_cache: str | None = None, kv_rotation: bool = False,
@@ -51,6 +51,8 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int = 16, dty
     A Flax model must be called as model(token_ids i32[T], positions i32[T], query_start i32[S+1],
     logit_rows i32[L]) -> f32[L, V] and use lowering.ops.causal_attention for attention.
 
+    `block_size` (tokens per KV page) defaults to 16; for target="tpu" on a TPU, to
+    kernels_pallas.tuning.RECOMMENDED_PAGE_SIZE of its generation (16 off-TPU).
     `weights="gguf"` (GGUF sources; cpu and tpu targets) keeps the file's Q4_1 / Q8_0 tensors as stored and
     multiplies them with a native kernel: the same weight values in 5 / 8.5 bits instead of 32.
     Quantization (lowering/quant): `weights` "int8" | "fp8" (W8A8) | "int4" | "nvfp4", or {glob: format}
@@ -68,6 +70,12 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int = 16, dty
         if isinstance(source, nnx.Module):
             model_dtype = _float_param_dtype(source)
         dtype = model_dtype or ("float32" if target == "cpu" else "bfloat16")
+    if block_size is None:  # KV page size: 16, or on a TPU the page the roofline model prefers for its generation
+        block_size = 16
+        if target == "tpu":
+            from kernels_pallas.tuning import recommended_page_size
+
+            block_size = recommended_page_size()
     options = CompileOptions(target=target, block_size=block_size, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                              fuse_projections=fuse_projections, max_model_len=max_model_len, weights=weights,
                              kv_cache=kv_cache, kv_rotation=kv_rotation, quant_method=quant_method,

@@ -73,7 +73,8 @@ def add_source_argument(p: argparse.ArgumentParser) -> None:
 
 def add_compile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="cpu", help="backend: cpu (default), cuda, tpu")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tokens per KV block (default 16; on a TPU the page its generation prefers)")
     p.add_argument(
         "--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on cpu, else bfloat16"
     )

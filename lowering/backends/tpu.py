@@ -74,17 +74,16 @@ class TpuProgram(CpuProgram):
         from kernels_pallas.norms import add_rms_norm, rms_norm
         from kernels_pallas.quant_matmul import quantized_matmul
         from kernels_pallas.ragged_paged_attention import ragged_paged_attention
-        from kernels_pallas.tuning import block_sizes
+        from kernels_pallas.tuning import attention_blocks
 
         interp = self.interpret
         normed: dict[int, Any] = {}  # id(rms_norm node) -> its output, computed by the fused add
 
-        blocks = block_sizes("ragged_paged_attention")
-        decode_blocks = {"queries_per_block": blocks["decode_queries_per_block"]} \
-            if max_q_len == 1 and "decode_queries_per_block" in blocks else {}
+        # pages per KV block scaled to this page size, and the decode query block on decode-only steps
+        att_blocks = attention_blocks(self.block_size, decode=max_q_len == 1)
 
         def paged_attention(node: Node, args, env):
-            return (ragged_paged_attention(*args, **node.attrs, **decode_blocks, interpret=interp),)
+            return (ragged_paged_attention(*args, **node.attrs, **att_blocks, interpret=interp),)
 
         def write(node: Node, args, env):
             if node.op == "kv_write_nvfp4":

@@ -86,7 +86,7 @@ def test_compile_calls_compile_model_and_exports(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(lowering, "compile_model", compile_model, raising=False)
     out = str(tmp_path / "art")
     assert cli.main(["compile", "smollm2-135m", "-o", out, "--dtype", "bfloat16", "--quiet"]) == 0
-    expected = {"target": "cpu", "block_size": 16, "dtype": "bfloat16", "verbose": False, "progress": False,
+    expected = {"target": "cpu", "block_size": None, "dtype": "bfloat16", "verbose": False, "progress": False,
                 **NO_QUANT}
     assert calls == [("smollm2-135m", expected)]
     calib = tmp_path / "calib.txt"
