@@ -32,13 +32,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, fmt: str, *, group_size: i
     n, k = w.shape
     group = (group_size or formats.int4_group_size(k) or formats.INT4_GROUP) if fmt == "int4" else formats.NVFP4_BLOCK
     formats.check_weight_format(fmt, (n, k), group_size)
-    if hessian.shape != (k, k):
-        raise ValueError(f"Hessian shape {hessian.shape} does not match in_features {k}")
-    h = np.array(hessian, np.float64)
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += np.eye(k) * (damp * np.mean(np.diag(h)))
+    w, h = _prepare_hessian(w, hessian, damp)
     # upper Cholesky factor of H^-1: row i holds the error-propagation weights for column i
     hinv = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
     w = w.astype(np.float32)  # the column sweep in f32 (as GPTQ does on GPUs); H^-1 factored in f64
