@@ -6,7 +6,8 @@ FlashAttention-2, cuDNN and memory-efficient backends over the same [B, H, S, D]
 runs SDPA once per sequence), and llmc's unified paged kernel over a block-16 pool holding the same K/V.
 Every output is checked against the float64 reference in the same run. TFLOP/s count the causal half
 (4 * sum(L^2) / 2 * D * Hq). CUDA events, warm-up, then every peer of a case timed in interleaved rounds
-(median of the round medians). --sweep also times tile variants of llmc's kernel against its default,
+(median of the round medians) of back-to-back calls (device time; see benchmarks.gpu_attention.bench), and
+llmc and SDPA flash once more with a host sync after every call ("synced": host overhead in). --sweep also times tile variants of llmc's kernel against its default,
 interleaved (d=128; within --sweep-budget seconds). Prints a table last; writes JSON to $OUT/gpu_prefill.json
 (or ./bench_results/).
 """
@@ -77,18 +78,17 @@ def paged_pool(k, v, lengths, block_size=16):
 
 
 SWEEP = [  # overrides of the d=128 TILE_SIZES entry, most promising first
-    {"ORDER": 2},
-    {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-    {"LAZY_RESCALE": True},
-    {"USE_TMA": False},
     {"WARP_SPEC": True},
-    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    {"ONE_LOOP": True},
+    {"DIAG_STAGES": 1},
+    {"USE_TMA": 1},
+    {"USE_TMA": 0},
     {"ORDER": 0},
-    {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4},
-    {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    {"ORDER": 2, "LAZY_RESCALE": True},
-    {"num_stages": 2, "PIPELINE_QK": True},
+    {"LAZY_RESCALE": True},
+    {"BLOCK_N": 32, "num_stages": 4, "ONE_LOOP": True},
+    {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3, "maxnreg": None},
+    {"BLOCK_N": 128, "num_stages": 3, "maxnreg": None, "USE_TMA": 1},  # the 2026-11-26 default
+    {"BLOCK_M": 256, "BLOCK_N": 64, "num_stages": 3, "maxnreg": None},
 ]
 
 
@@ -200,13 +200,20 @@ def run_case(name, lengths, hq, hkv, d, gen, rows, res):
         ms, spread = times[label]
         entry[label] = {"ms": ms, "TFLOPs": flops / ms / 1e9, "rel_err": err, "round_ms_range": spread,
                         **({"note": note} if note else {})}
+    for label in ("llmc", "sdpa_flash"):
+        if label in timed:
+            entry[label]["ms_synced"] = bench(timed[label][0], warm=2, rep=20, warm_s=0.0, queued=False)
     del views, expanded, k_pool, v_pool, timed
 
     llmc_ms = entry["llmc"]["ms"]
     for label in ("llmc", "llmc_fused_qkv_views", "llmc_paged", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"):
         if label in entry:
             e = entry[label]
-            note = "" if label == "llmc" else f"llmc speed {e['ms'] / llmc_ms:.2f}x"
+            note = "" if label == "llmc" else f"llmc speed {e['ms'] / llmc_ms:.3f}x"
+            if "ms_synced" in e:
+                note = ", ".join(x for x in (note, f"synced {e['ms_synced']:.3f} ms") if x)
+                if label != "llmc":
+                    note += f" ({e['ms_synced'] / entry['llmc']['ms_synced']:.3f}x)"
             rows.append((f"{name} {label}", e["ms"], e["TFLOPs"], e["rel_err"], ", ".join(
                 x for x in (note, e.get("note", "")) if x)))
     return q, k, v, cu, flops, ref

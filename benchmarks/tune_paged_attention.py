@@ -1,11 +1,12 @@
 """Sweep paged-attention tile sizes on the GPU for one case; prints the best configs (a tuning aid).
 
 Run on the device: PYTHONPATH=. python3 benchmarks/tune_paged_attention.py [--phase decode|prefill]
-    [--formats bf16,fp8,nvfp4] [--workers 8] [--quick]
+    [--formats bf16,fp8,nvfp4] [--workers 8] [--quick] [--kernel unified|grouped]
 Configs are compiled first by --workers processes in parallel (they fill Triton's on-disk cache), then timed
 one after another in this process; every output is checked against the float64 reference (first two
-sequences, computed once per format). Results feed TILE_SIZES / FORMAT_OVERRIDES at the top of
-kernels_gpu/paged_attention.py. Writes $OUT/tune_paged_attention.json when OUT is set.
+sequences, computed once per format). Results feed TILE_SIZES / FORMAT_OVERRIDES (--kernel unified:
+paged_attention_kernel, which one-token decode steps of bf16/fp8 pools no longer use) or GROUPED_DECODE
+(--kernel grouped, decode phase, bf16/fp8) at the top of kernels_gpu/paged_attention.py. Writes $OUT/tune_paged_attention.json when OUT is set.
 """
 from __future__ import annotations
 
@@ -27,8 +28,15 @@ DECODE_CASE = (64, 4096, 1, 32, 8, 128, 16)
 PREFILL_CASE = (4, 4096, 4096, 32, 32, 128, 16)
 
 
-def configs(phase: str, quick: bool, fmt: str):
-    """(tile dict, num_splits) pairs to try."""
+def configs(phase: str, quick: bool, fmt: str, kernel: str = "unified"):
+    """(tile dict, num_splits) pairs to try; grouped-kernel tiles carry an "HG" key."""
+    if kernel == "grouped":
+        for hg, block_n, warps, stages in itertools.product([1, 2, 4, 8], [16, 32, 64], [4, 8], [2, 3, 4]):
+            if hg * block_n > 256 or (quick and stages != 3):
+                continue
+            for splits in (1, 2):
+                yield {"HG": hg, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}, splits
+        return
     if phase == "decode":
         for block_n, warps, stages, maxnreg, order in itertools.product(
                 [64, 128], [4, 8], [2, 3, 4], [None, 128], [0, 1]):
@@ -77,18 +85,33 @@ def light_case(phase, fmt):
 
 
 @contextlib.contextmanager
-def tiles_for(phase, fmt, tiles):
-    """Make `tiles` the D=128 tiles of (phase, fmt): the most specific FORMAT_OVERRIDES key wins."""
-    key = ("cuda", 128, phase, fmt)
-    original = pa.FORMAT_OVERRIDES.get(key)
-    pa.FORMAT_OVERRIDES[key] = tiles
+def _set_key(table, key, value):
+    """table[key] = value (None: no entry) for the duration of the block."""
+    original = table.get(key)
+    if value is None:
+        table.pop(key, None)
+    else:
+        table[key] = value
     try:
         yield
     finally:
         if original is None:
-            del pa.FORMAT_OVERRIDES[key]
+            table.pop(key, None)
         else:
-            pa.FORMAT_OVERRIDES[key] = original
+            table[key] = original
+
+
+@contextlib.contextmanager
+def tiles_for(phase, fmt, tiles):
+    """Make `tiles` the D=128 tiles of (phase, fmt): GROUPED_DECODE for grouped-kernel tiles ("HG" key), else
+    the most specific FORMAT_OVERRIDES key (with the grouped kernel switched off)."""
+    if "HG" in tiles:
+        with _set_key(pa.GROUPED_DECODE, ("cuda", 128, fmt), tiles):
+            yield
+    else:
+        with _set_key(pa.FORMAT_OVERRIDES, ("cuda", 128, phase, fmt), tiles), \
+                _set_key(pa.GROUPED_DECODE, ("cuda", 128, fmt), None):
+            yield
 
 
 def run_config(args, kw, tiles, splits, phase):
@@ -100,7 +123,7 @@ def run_config(args, kw, tiles, splits, phase):
 
 def _compile_worker(job):
     """Runs each config once so its kernel lands in Triton's on-disk cache."""
-    phase, fmt, items = job
+    phase, fmt, items = job[:3]
     torch.cuda.set_device(0)
     args, kw = light_case(phase, fmt)
     failed = []
@@ -127,6 +150,8 @@ def main():
     parser.add_argument("--kv-format", default=None, help="alias of --formats with one format")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--kernel", default="unified", choices=["unified", "grouped"],
+                        help="grouped: paged_decode_grouped_kernel tiles (decode, bf16/fp8)")
     parser.add_argument("--top", type=int, default=8)
     parser.add_argument("--compile-only", action="store_true", help="fill the Triton cache and stop")
     opts = parser.parse_args()
@@ -138,7 +163,7 @@ def main():
         for fmt in formats:
             # one job per compiled variant (configs differing only in the split count share a kernel)
             seen = {}
-            for tiles, splits in configs(opts.phase, opts.quick, fmt):
+            for tiles, splits in configs(opts.phase, opts.quick, fmt, opts.kernel):
                 seen.setdefault((tuple(sorted(tiles.items())), splits > 1), (tiles, splits))
             items = list(seen.values())
             jobs += [(opts.phase, fmt, items[i::opts.workers]) for i in range(opts.workers)]
@@ -156,7 +181,7 @@ def main():
         args, kw, kv_bytes = make_case(opts.phase, fmt)
         rows, ref = reference(args, kw)
         rows_out = []
-        for tiles, splits in configs(opts.phase, opts.quick, fmt):
+        for tiles, splits in configs(opts.phase, opts.quick, fmt, opts.kernel):
             name = " ".join(f"{k}={v}" for k, v in tiles.items() if v is not None) + f" splits={splits}"
             try:
                 out = run_config(args, kw, tiles, splits, opts.phase)

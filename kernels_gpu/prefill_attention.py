@@ -7,8 +7,12 @@ the paged pool. Varlen batch: sequence s owns rows cu_seqlens[s]:cu_seqlens[s+1]
 One program computes one (sequence, q head, BLOCK_M query rows) tile with an online softmax in base 2.
 The KV loop runs in two parts: the key tiles wholly below the tile's first row need no mask at all, then
 the few tiles on the diagonal get the causal (and sequence-end) mask. Query tiles are launched longest
-(most key tiles) first. On Hopper the tiles can come through TMA tensor descriptors (USE_TMA) whose
-per-sequence bounds also clip the ragged ends.
+(most key tiles) first. On Hopper the tiles can come through TMA tensor descriptors (USE_TMA): 1 builds
+per-(sequence, head) descriptors on the device, whose bounds also clip the ragged ends; 2 passes four
+host-built descriptors over the whole [T, H*D] tensors (no per-program descriptor setup; the last tile of a
+sequence stores through a masked pointer store instead). On an H100 the d=128 default runs two programs
+per SM (128x64 tiles, 2 stages, 96 KB shared memory, maxnreg=128), so one program's softmax overlaps the
+other's tensor-core work.
 """
 import torch
 import triton
@@ -24,16 +28,24 @@ from kernels_gpu.triton_env import tile_target
 # descriptors where Triton and the strides allow; WARP_SPEC asks Triton to warp-specialize the KV loop;
 # LAZY_RESCALE skips the accumulator rescale while the running max grows by < 2^8; PIPELINE_QK issues the
 # next q k^T before this tile's softmax. "interpret" is the CPU interpreter (tests).
-# cuda d=128: benchmarks/gpu_prefill.py --sweep, H100 and H200, Triton 3.6, 2026-11-26 (4 x 4096 causal,
-# bf16): ORDER 1 beat ORDER 0 by ~12% in one sweep (within noise in another); 128x128/8 warps/3 stages beat
-# 128x64, 64x64 and 2 stages; 4 stages and PIPELINE_QK at 3 stages run out of shared memory;
-# WARP_SPEC, LAZY_RESCALE and PIPELINE_QK (2 stages) did not help. USE_TMA=False and BLOCK_M=256/
-# BLOCK_N=64 measured ~5% faster in the last (paired) sweep only: not adopted until a rerun confirms.
-# d=64/256 are scaled from d=128, not tuned.
+# USE_TMA: 0 pointer loads, 1 device-side descriptors, 2 host-side descriptors (falls back to 1 when the heads
+# of a tensor are not packed, to 0 without TMA). ONE_LOOP runs the unmasked and diagonal key tiles in one
+# loop (mask by a branch); DIAG_STAGES pipelines the diagonal loop separately; maxnreg caps registers/thread.
+# cuda d=128: .device sweeps on an H100 80GB HBM3, Triton 3.6, torch 2.11, 2026-11-27 (4 x 4096 causal, bf16,
+# interleaved rounds, device time of back-to-back calls): 128x64 tiles, 8 warps, 2 stages, maxnreg=128 and
+# host descriptors: 1.172 ms / 469 TFLOP/s (h32/32) and 1.080 ms / 509 TFLOP/s (h32/8) vs SDPA flash 1.959 /
+# 1.788 ms (1.67x / 1.66x) and vs the old default (128x128, 3 stages, device descriptors: 375 / 383 TFLOP/s).
+# With a host sync after every call: 1.389 / 1.325 ms (396 / 415 TFLOP/s), 1.345x / 1.343x SDPA flash.
+# maxnreg=128 is what lets 2 programs share an SM (no spills; without it 138 registers: 331 TFLOP/s; 120
+# spills: 189). Within noise of the default: WARP_SPEC, ONE_LOOP, DIAG_STAGES=1; slower: device descriptors
+# (-10%), ORDER 0 (-6%), LAZY_RESCALE (-5%), BLOCK_N=32 (-15%), 64x64/4 warps (-3 to -20%).
+# The 2026-11-26 sweep (older rows): 128x128/8 warps/3 stages beat 128x64, 64x64 and 2 stages there (without
+# the register cap); ORDER 1 beat ORDER 0. d=64/256 are scaled from d=128, not tuned.
 _BASE = {"ORDER": 1, "USE_TMA": True, "WARP_SPEC": False, "LAZY_RESCALE": False, "PIPELINE_QK": False}
 TILE_SIZES = {
     ("cuda", 64): {**_BASE, "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    ("cuda", 128): {**_BASE, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+    ("cuda", 128): {**_BASE, "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 128,
+                    "USE_TMA": 2},
     ("cuda", 256): {**_BASE, "BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
     ("interpret", 64): {**_BASE, "BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1,
                         "ORDER": 0, "USE_TMA": False},
@@ -44,18 +56,20 @@ TILE_SIZES = {
 # f32 inputs (tests only) need smaller tiles to fit shared memory; keyed like TILE_SIZES.
 F32_OVERRIDES = {
     ("cuda", 64): {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
-    ("cuda", 128): {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+    ("cuda", 128): {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "maxnreg": None},
     ("cuda", 256): {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
 }
 
 
 @triton.jit
-def _load_tile(ptr, desc, start, seq_len, stride_t, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _load_tile(ptr, desc, start, seq_len, stride_t, row_off, col, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
     """Rows start..start+BLOCK_N of one head's K or V -> [BLOCK_N, BLOCK_D]; rows past seq_len read as zero
-    when MASKED (TMA descriptors clip them always)."""
+    when MASKED (device descriptors clip them always; host descriptors (USE_TMA == 2) read the next
+    sequence's rows there, which the causal mask hides). row_off / col: the descriptor coordinates of the
+    head's row 0 (0 / 0 for per-head device descriptors)."""
     if USE_TMA:
-        tile = desc.load([start, 0])
+        tile = desc.load([row_off + start, col])
     else:
         offs_n = start + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -119,15 +133,17 @@ def _softmax_pv(acc, l_i, m_i, s, v, qk_scale, LAZY_RESCALE: tl.constexpr, DOT_F
 
 @triton.jit
 def _kv_step(acc, l_i, m_i, q, k_ptr, v_ptr, k_desc, v_desc, start, offs_m, seq_len, qk_scale,
-             stride_kt, stride_vt,
+             stride_kt, stride_vt, row_off, k_col, v_col,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
              MASKED: tl.constexpr, USE_TMA: tl.constexpr, LAZY_RESCALE: tl.constexpr, DOT_F32: tl.constexpr):
     """One BLOCK_N key tile of the online softmax; returns the updated (acc, l_i, m_i)."""
-    k = _load_tile(k_ptr, k_desc, start, seq_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED, USE_TMA)
+    k = _load_tile(k_ptr, k_desc, start, seq_len, stride_kt, row_off, k_col, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED,
+                   USE_TMA)
     s = _scores(q, k, DOT_F32)
     if MASKED:
         s = _causal_mask(s, offs_m, start, BLOCK_N)
-    v = _load_tile(v_ptr, v_desc, start, seq_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED, USE_TMA)
+    v = _load_tile(v_ptr, v_desc, start, seq_len, stride_vt, row_off, v_col, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED,
+                   USE_TMA)
     return _softmax_pv(acc, l_i, m_i, s, v, qk_scale, LAZY_RESCALE, DOT_F32)
 
 
@@ -136,6 +152,7 @@ def prefill_attention_kernel(
     out_ptr,  # [T, Hq, D], last dim contiguous
     q_ptr,  # [T, Hq, D], last dim contiguous
     k_ptr, v_ptr,  # [T, Hkv, D], last dim contiguous
+    q_hdesc, k_hdesc, v_hdesc, o_hdesc,  # host tensor descriptors over [T, H*D] (USE_TMA == 2), else unused
     cu_seqlens_ptr,  # i32[S+1]
     sm_scale, num_m_tiles,
     stride_qt, stride_qh,
@@ -145,6 +162,7 @@ def prefill_attention_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, ORDER: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     LAZY_RESCALE: tl.constexpr, PIPELINE_QK: tl.constexpr, DOT_F32: tl.constexpr,
+    ONE_LOOP: tl.constexpr = False, DIAG_STAGES: tl.constexpr = 0,
 ):
     if ORDER == 0:
         tile_rank = tl.program_id(0)
@@ -173,7 +191,22 @@ def prefill_attention_kernel(
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    if USE_TMA:
+    row_off = 0
+    q_col = 0
+    k_col = 0
+    v_col = 0
+    if USE_TMA == 2:
+        # host descriptors over the whole [T, H*D] tensors: this head's rows start at (seq_start, head*D)
+        row_off = seq_start
+        q_col = head * HEAD_DIM
+        k_col = kv_head * HEAD_DIM
+        v_col = kv_head * HEAD_DIM
+        q_desc = q_hdesc
+        k_desc = k_hdesc
+        v_desc = v_hdesc
+        o_desc = o_hdesc
+        q = q_desc.load([row_off + m0, q_col])
+    elif USE_TMA == 1:
         q_desc = tl.make_tensor_descriptor(q_base, shape=[seq_len, HEAD_DIM], strides=[stride_qt, 1],
                                            block_shape=[BLOCK_M, BLOCK_D])
         k_desc = tl.make_tensor_descriptor(k_base, shape=[seq_len, HEAD_DIM], strides=[stride_kt, 1],
@@ -200,43 +233,74 @@ def prefill_attention_kernel(
     # Part 2: the diagonal tiles, causal mask; they stop at the tile's last row or the sequence end.
     diag_lo = (m0 // BLOCK_N) * BLOCK_N
     diag_hi = tl.minimum(m0 + BLOCK_M, seq_len)
-    if PIPELINE_QK:
+    if ONE_LOOP:
+        # One software-pipelined loop over every key tile (TMA loads need no bounds masks; pointer loads keep
+        # them); only the diagonal tiles take the causal mask, through a branch, so the load pipeline does not
+        # drain before them.
+        LOAD_MASK: tl.constexpr = USE_TMA == 0
+        for start in range(0, diag_hi, BLOCK_N):
+            start = tl.multiple_of(start, BLOCK_N)
+            k = _load_tile(k_base, k_desc, start, seq_len, stride_kt, row_off, k_col, BLOCK_N, BLOCK_D, HEAD_DIM,
+                           LOAD_MASK, USE_TMA)
+            s = _scores(q, k, DOT_F32)
+            if start >= diag_lo:
+                s = _causal_mask(s, offs_m, start, BLOCK_N)
+            v = _load_tile(v_base, v_desc, start, seq_len, stride_vt, row_off, v_col, BLOCK_N, BLOCK_D, HEAD_DIM,
+                           LOAD_MASK, USE_TMA)
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, qk_scale, LAZY_RESCALE, DOT_F32)
+        diag_lo = diag_hi  # nothing left for part 2
+    elif PIPELINE_QK:
         # q k^T of the next tile is issued before the softmax of this one, so the tensor cores can work on
         # it while the exp2s run; the last prefetch is the first diagonal tile (rows past seq_len masked).
-        s = _scores(q, _load_tile(k_base, k_desc, 0, seq_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM, True, USE_TMA),
-                    DOT_F32)
+        s = _scores(q, _load_tile(k_base, k_desc, 0, seq_len, stride_kt, row_off, k_col, BLOCK_N, BLOCK_D, HEAD_DIM,
+                                  True, USE_TMA), DOT_F32)
         for start in range(0, diag_lo, BLOCK_N):
             start = tl.multiple_of(start, BLOCK_N)
-            k_next = _load_tile(k_base, k_desc, start + BLOCK_N, seq_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM,
-                                True, USE_TMA)
+            k_next = _load_tile(k_base, k_desc, start + BLOCK_N, seq_len, stride_kt, row_off, k_col, BLOCK_N, BLOCK_D,
+                                HEAD_DIM, True, USE_TMA)
             s_next = _scores(q, k_next, DOT_F32)
-            v = _load_tile(v_base, v_desc, start, seq_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, False, USE_TMA)
+            v = _load_tile(v_base, v_desc, start, seq_len, stride_vt, row_off, v_col, BLOCK_N, BLOCK_D, HEAD_DIM,
+                           False, USE_TMA)
             acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, qk_scale, LAZY_RESCALE, DOT_F32)
             s = s_next
         s = _causal_mask(s, offs_m, diag_lo, BLOCK_N)
-        v = _load_tile(v_base, v_desc, diag_lo, seq_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, True, USE_TMA)
+        v = _load_tile(v_base, v_desc, diag_lo, seq_len, stride_vt, row_off, v_col, BLOCK_N, BLOCK_D, HEAD_DIM,
+                       True, USE_TMA)
         acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, qk_scale, LAZY_RESCALE, DOT_F32)
         diag_lo += BLOCK_N
     elif WARP_SPEC:
         for start in tl.range(0, diag_lo, BLOCK_N, warp_specialize=True):
             start = tl.multiple_of(start, BLOCK_N)
             acc, l_i, m_i = _kv_step(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start, offs_m, seq_len,
-                                     qk_scale, stride_kt, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM,
-                                     False, USE_TMA, LAZY_RESCALE, DOT_F32)
+                                     qk_scale, stride_kt, stride_vt, row_off, k_col, v_col, BLOCK_N, BLOCK_D,
+                                     HEAD_DIM, False, USE_TMA, LAZY_RESCALE, DOT_F32)
     else:
         for start in range(0, diag_lo, BLOCK_N):
             start = tl.multiple_of(start, BLOCK_N)
             acc, l_i, m_i = _kv_step(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start, offs_m, seq_len,
-                                     qk_scale, stride_kt, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM,
-                                     False, USE_TMA, LAZY_RESCALE, DOT_F32)
-    for start in range(diag_lo, diag_hi, BLOCK_N):
-        start = tl.multiple_of(start, BLOCK_N)
-        acc, l_i, m_i = _kv_step(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start, offs_m, seq_len,
-                                 qk_scale, stride_kt, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM,
-                                 True, USE_TMA, LAZY_RESCALE, DOT_F32)
+                                     qk_scale, stride_kt, stride_vt, row_off, k_col, v_col, BLOCK_N, BLOCK_D,
+                                     HEAD_DIM, False, USE_TMA, LAZY_RESCALE, DOT_F32)
+    if DIAG_STAGES > 0:
+        for start in tl.range(diag_lo, diag_hi, BLOCK_N, num_stages=DIAG_STAGES):
+            start = tl.multiple_of(start, BLOCK_N)
+            acc, l_i, m_i = _kv_step(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start, offs_m, seq_len,
+                                     qk_scale, stride_kt, stride_vt, row_off, k_col, v_col, BLOCK_N, BLOCK_D,
+                                     HEAD_DIM, True, USE_TMA, LAZY_RESCALE, DOT_F32)
+    else:
+        for start in range(diag_lo, diag_hi, BLOCK_N):
+            start = tl.multiple_of(start, BLOCK_N)
+            acc, l_i, m_i = _kv_step(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start, offs_m, seq_len,
+                                     qk_scale, stride_kt, stride_vt, row_off, k_col, v_col, BLOCK_N, BLOCK_D,
+                                     HEAD_DIM, True, USE_TMA, LAZY_RESCALE, DOT_F32)
 
     out = (acc / l_i[:, None]).to(out_ptr.dtype.element_ty)
-    if USE_TMA:
+    if USE_TMA == 2:
+        if m0 + BLOCK_M <= seq_len:
+            o_desc.store([row_off + m0, q_col], out)
+        else:  # the last tile of a sequence: the next sequence's rows follow, so a masked store
+            o_mask = (offs_m[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
+            tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :], out, mask=o_mask)
+    elif USE_TMA == 1:
         o_desc.store([m0, 0], out)  # rows past the sequence end are clipped by the descriptor
     else:
         o_mask = (offs_m[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
@@ -264,6 +328,22 @@ def _tma_ok(tensors) -> bool:
         if t.data_ptr() % 16 or t.stride(0) % per16 or t.stride(1) % per16:
             return False
     return True
+
+
+def _host_tma_ok(tensors, head_dim: int, block_d: int) -> bool:
+    """Host-side descriptors view each [T, H, D] tensor as [T, H*D]: heads must be packed (stride(1) == D)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return head_dim == block_d and all(t.stride(1) == head_dim and t.stride(2) == 1 for t in tensors)
+
+
+def _host_desc(t, block_rows: int):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    num_tokens, num_heads, head_dim = t.shape
+    return TensorDescriptor(t, [num_tokens, num_heads * head_dim], [t.stride(0), 1], [block_rows, head_dim])
 
 
 def _ensure_allocator():
@@ -338,17 +418,25 @@ def prefill_attention(
     cfg = {**_tile_sizes(q.device, head_dim, q.dtype), **(tiles or {})}
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     block_d = triton.next_power_of_2(head_dim)
-    use_tma = bool(cfg["USE_TMA"]) and q.device.type == "cuda" and not _interpreting() and _tma_ok((q, k, v, out))
+    use_tma = int(cfg["USE_TMA"]) if q.device.type == "cuda" and not _interpreting() else 0
+    if use_tma and not _tma_ok((q, k, v, out)):
+        use_tma = 0
+    if use_tma == 2 and not _host_tma_ok((q, k, v, out), head_dim, block_d):
+        use_tma = 1
     if use_tma:
         _ensure_allocator()
+    descs = (q, k, v, out)  # unused placeholders unless USE_TMA == 2
+    if use_tma == 2:
+        descs = tuple(_host_desc(t, rows) for t, rows in ((q, block_m), (k, block_n), (v, block_n), (out, block_m)))
     num_m_tiles = triton.cdiv(max_seqlen, block_m)
     order = int(cfg["ORDER"])
     _check(order in (0, 1, 2), f"ORDER must be 0, 1 or 2, got {order}")
     grid = [(num_m_tiles, num_q_heads, num_seqs), (num_q_heads, num_m_tiles, num_seqs),
             (num_q_heads, num_seqs, num_m_tiles)][order]
     dot_f32 = _interpreting() or q.dtype == torch.float32
+    launch_opts = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and not _interpreting() else {}
     prefill_attention_kernel[grid](
-        out, q, k, v, cu_seqlens,
+        out, q, k, v, *descs, cu_seqlens,
         float(scale), num_m_tiles,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
@@ -356,7 +444,9 @@ def prefill_attention(
         HEAD_DIM=head_dim, ORDER=order, USE_TMA=use_tma,
         WARP_SPEC=bool(cfg["WARP_SPEC"]) and not _interpreting(), LAZY_RESCALE=bool(cfg["LAZY_RESCALE"]),
         PIPELINE_QK=bool(cfg["PIPELINE_QK"]), DOT_F32=dot_f32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        ONE_LOOP=bool(cfg.get("ONE_LOOP", False)) and not cfg["PIPELINE_QK"],
+        DIAG_STAGES=int(cfg.get("DIAG_STAGES", 0)) if not _interpreting() else 0,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_opts,
     )
     return out
 

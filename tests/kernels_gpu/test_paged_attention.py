@@ -169,6 +169,29 @@ def test_decode_tile_variants(pa, device, tolerances, monkeypatch, kv_format, va
         check_against_ref(pa, batch, tolerances, num_splits=num_splits)
 
 
+GROUPED_DECODE = [(1, 70), (1, 45), (1, 1), (0, 5), (1, 130), (1, 16), (1, 33)]  # one new token each, one idle
+
+
+@pytest.mark.parametrize("kv_format", ["bf16", "fp8"])
+@pytest.mark.parametrize("block_size, group, num_kv_heads, tiles", [
+    (16, 4, 2, {}), (8, 1, 4, {"HG": 4, "BLOCK_N": 32}), (32, 8, 2, {"HG": 1, "BLOCK_N": 16}),
+    (16, 4, 8, {"HG": 8, "BLOCK_N": 16, "num_stages": 2}),
+])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_grouped_decode(pa, device, tolerances, monkeypatch, kv_format, block_size, group, num_kv_heads, tiles,
+                        num_splits):
+    """Decode steps (one token per sequence) take the grouped kernel: every head group / tile / split agrees."""
+    for target in ("cuda", "interpret"):
+        key = (target, 64, kv_format)
+        monkeypatch.setitem(pa.GROUPED_DECODE, key, {**pa.GROUPED_DECODE.get(key, {"HG": 2, "BLOCK_N": 16,
+                                                     "num_warps": 4, "num_stages": 2}), **tiles})
+    batch = make_batch(GROUPED_DECODE, block_size=block_size, num_q_heads=group * num_kv_heads,
+                       num_kv_heads=num_kv_heads, head_dim=64, kv_format=kv_format, q_dtype=torch.bfloat16,
+                       device=device, seed=23 + block_size)
+    assert pa._grouped_tiles(batch["q"], batch["k_cache"], 1, kv_format) is not None
+    check_against_ref(pa, batch, tolerances, num_splits=num_splits, max_q_len=1)
+
+
 def test_validation_errors(pa, device):
     good = make_batch(MIXED[:2], block_size=4, num_q_heads=4, num_kv_heads=2, head_dim=64, kv_format="bf16",
                       q_dtype=torch.float32, device=device)

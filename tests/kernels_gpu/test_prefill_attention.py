@@ -57,7 +57,8 @@ def test_ragged_gqa(pf, device, dtype, num_q_heads, num_kv_heads):
 @pytest.mark.parametrize("tiles", [
     {"LAZY_RESCALE": True}, {"PIPELINE_QK": True}, {"PIPELINE_QK": True, "LAZY_RESCALE": True},
     {"BLOCK_M": 32, "BLOCK_N": 16, "PIPELINE_QK": True}, {"BLOCK_M": 16, "BLOCK_N": 32, "ORDER": 0},
-    {"ORDER": 2, "BLOCK_M": 64, "BLOCK_N": 32},
+    {"ORDER": 2, "BLOCK_M": 64, "BLOCK_N": 32}, {"ONE_LOOP": True}, {"ONE_LOOP": True, "BLOCK_M": 32, "BLOCK_N": 16},
+    {"ONE_LOOP": True, "BLOCK_M": 16, "BLOCK_N": 32, "LAZY_RESCALE": True},
 ])
 def test_kernel_variants(pf, device, tiles):
     batch = make_batch(RAGGED, num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float32, device=device,
@@ -104,6 +105,9 @@ def test_large_ragged_cuda(pf, device, head_dim, num_q_heads, num_kv_heads):
                        dtype=torch.bfloat16, device=device, seed=head_dim)
     check(pf, batch, max_seqlen=max(GPU_RAGGED))
     check(pf, batch, max_seqlen=max(GPU_RAGGED), tiles={"USE_TMA": False})
+    for tiles in ({"USE_TMA": 1}, {"USE_TMA": 2}, {"USE_TMA": 2, "ONE_LOOP": True}, {"USE_TMA": 1, "ONE_LOOP": True},
+                  {"USE_TMA": 0, "ONE_LOOP": True}, {"USE_TMA": 2, "DIAG_STAGES": 1}):
+        check(pf, batch, max_seqlen=max(GPU_RAGGED), tiles=tiles)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -113,6 +117,7 @@ def test_fused_views_cuda(pf, device, dtype):
     batch = make_batch([700, 3, 1300], num_q_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype, device=device,
                        seed=1, fused=True, extra_rows=5)
     check(pf, batch, max_seqlen=1300)
+    check(pf, batch, max_seqlen=1300, tiles={"USE_TMA": 2, "ONE_LOOP": True})  # host descriptors, strided rows
 
 
 def test_validation_errors(pf, device):
