@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
+# Two pytest-xdist workers: one test file per work unit, the files sharing the SmolLM2 session fixtures together
+# (tests/conftest.py). XLA compiles and the Pallas/Triton interpreters use about one core each. Units go out in
+# collection order (--no-loadscope-reorder), so the longest ones (the SmolLM2 end-to-end files) start first.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/cpu_decode.py

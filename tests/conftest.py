@@ -50,3 +50,24 @@ def hf_smollm2(smollm2_gguf_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                               torch_dtype=torch.float32).eval()
     return model, tok
+
+
+# Session fixtures that are expensive to build (a compiled SmolLM2, HF's model): under pytest-xdist
+# (`make test` runs `-n 2 --dist loadgroup`) every file that uses one goes to the same worker, so each is built once.
+_SHARED_SESSION_FIXTURES = {"smollm2_compiled", "hf_smollm2", "smollm2_checkpoint"}
+
+
+@pytest.hookimpl(tryfirst=True)  # NOTE: before xdist's own hook, which reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    """Under --dist loadgroup, one work unit per test file (module-scoped fixtures stay shared, as with
+    --dist loadfile), except that the files using a shared SmolLM2 session fixture form one unit together."""
+    def shares(item):  # a file's own module-scoped fixture of the same name (test_smollm2_quant.py) is not shared
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        return any(defs.get(name) and defs[name][-1].scope == "session" for name in _SHARED_SESSION_FIXTURES)
+
+    shared_files = {item.nodeid.split("::")[0] for item in items if shares(item)}
+    for item in items:
+        if any(item.iter_markers("xdist_group")):
+            continue
+        path = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group("smollm2" if path in shared_files else path))
