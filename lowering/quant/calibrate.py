@@ -218,7 +218,11 @@ class GraphRunner:
 
     def no_flags(self) -> QuantFlags:
         layers = max(len(self.kv_nodes), 1)
-        heads, dim = self.graph.types[self.graph.state[0]].shape[2:4] if self.graph.state else (1, 1)
+        # heads and head_dim from the K pool of a KV layer that flags can quantize (the graph's first state
+        # buffer may be an already-quantized pool, e.g. packed nvfp4 with head_dim / 2 bytes per row, when a
+        # guard kept some layers unquantized)
+        pool = self.kv_nodes[0].inputs[3] if self.kv_nodes else None
+        heads, dim = self.graph.types[pool].shape[2:4] if pool is not None else (1, 1)
         return QuantFlags(np.zeros(len(self.linear_nodes), np.float32), np.zeros(layers, np.int32),
                           np.ones((layers, 2, heads), np.float32), np.ones((layers, 2), np.float32),
                           np.zeros((layers, heads, dim), np.float32))

@@ -333,3 +333,19 @@ def test_nvfp4_kv_centers_keys_on_their_calibration_mean(model, base):
         mean = stats[name] / runner.num_tokens
         np.testing.assert_allclose(cm.params[f"kv.{layer}.k_center"], mean, rtol=1e-5, atol=1e-6)
         assert cm.params[f"kv.{layer}.k_center"].shape == (CFG.num_kv_heads, hd)
+
+
+def test_runner_on_a_graph_with_some_kv_layers_already_nvfp4(base):
+    """The final measurement after a guard kept some KV layers unquantized: the graph's first pools are packed
+    nvfp4 (head_dim / 2 bytes a row) while a later layer's kv_write is still plain; the runner's flags must
+    take their shape from the plain layer's pool."""
+    gs = formats.nvfp4_global_scale(8.0)
+    graph, params = passes.apply_kv_quantization(base.graph, dict(base.params), {0: "nvfp4"}, {0: (gs, gs)})
+    assert graph.types[graph.state[0]].shape[-1] == CFG.head_dim // 2
+    runner = calibrate.GraphRunner(graph, params, CALIB[:2])
+    flags = runner.no_flags()
+    assert flags.kv_center.shape == (CFG.num_layers - 1, CFG.num_kv_heads, CFG.head_dim)
+    loss = runner.loss()
+    assert np.isfinite(loss)
+    base_loss = calibrate.GraphRunner(base.graph, base.params, CALIB[:2]).loss()
+    assert abs(loss - base_loss) < 0.5  # one 4-bit KV layer perturbs, but does not wreck, the tiny model
