@@ -736,12 +736,7 @@ def paged_attention(
     num_splits = int(num_splits)
     split_kv = num_splits > 1
 
-    if split_kv:
-        part_out = torch.empty((num_splits, num_tokens, num_q_heads, head_dim), dtype=torch.float32, device=q.device)
-        part_m = torch.empty((num_splits, num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
-        part_l = torch.empty_like(part_m)
-    else:
-        part_out = part_m = part_l = out  # unused placeholders
+    part_out, part_m, part_l, part_strides, ml_strides = _split_buffers(out, num_splits)
     dummy = seq_lens
     k_bs = k_block_scale if k_block_scale is not None else dummy
     v_bs = v_block_scale if v_block_scale is not None else dummy
@@ -749,8 +744,6 @@ def paged_attention(
     vs = v_scale if v_scale is not None else dummy
     k_bs_strides = k_bs.stride() if k_block_scale is not None else (0, 0, 0, 0)
     v_bs_strides = v_bs.stride() if v_block_scale is not None else (0, 0, 0, 0)
-    part_strides = part_out.stride()[:3] if split_kv else (0, 0, 0)
-    ml_strides = part_m.stride()[:2] if split_kv else (0, 0)
     dot_f32 = _interpreting() or q.dtype == torch.float32
 
     grid_order = tiles.get("grid_order", 0)
@@ -779,13 +772,31 @@ def paged_attention(
         num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **launch_opts,
     )
     if split_kv:
-        paged_attention_reduce_kernel[(num_tokens, num_q_heads)](
-            out, part_out, part_m, part_l,
-            num_splits, head_dim,
-            *out.stride(), *part_strides, *ml_strides,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-        )
+        _reduce_splits(out, part_out, part_m, part_l, part_strides, ml_strides, num_splits, block_d)
     return out
+
+
+def _split_buffers(out, num_splits: int):
+    """(part_out, part_m, part_l, part strides, m/l strides) for a split-KV launch writing into `out` [T, Hq, D]:
+    f32 partial outputs and running max / sum per split; with one split, placeholders (`out`, zero strides)."""
+    if num_splits <= 1:
+        return out, out, out, (0, 0, 0), (0, 0)
+    num_tokens, num_q_heads, head_dim = out.shape
+    part_out = torch.empty((num_splits, num_tokens, num_q_heads, head_dim), dtype=torch.float32, device=out.device)
+    part_m = torch.empty((num_splits, num_tokens, num_q_heads), dtype=torch.float32, device=out.device)
+    part_l = torch.empty_like(part_m)
+    return part_out, part_m, part_l, part_out.stride()[:3], part_m.stride()[:2]
+
+
+def _reduce_splits(out, part_out, part_m, part_l, part_strides, ml_strides, num_splits: int, block_d: int):
+    """Combine the split-KV partials into `out` (paged_attention_reduce_kernel, one program per (token, head))."""
+    num_tokens, num_q_heads, head_dim = out.shape
+    paged_attention_reduce_kernel[(num_tokens, num_q_heads)](
+        out, part_out, part_m, part_l,
+        num_splits, head_dim,
+        *out.stride(), *part_strides, *ml_strides,
+        SPLITS_PAD=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+    )
 
 
 def _grouped_tiles(q, k_cache, max_q_len: int, kv_format: str):
@@ -821,14 +832,7 @@ def _grouped_decode(q, k_cache, v_cache, query_start, seq_lens, block_tables, ti
     _check(int(num_splits) >= 1, f"num_splits must be >= 1, got {num_splits}")
     num_splits = int(num_splits)
     split_kv = num_splits > 1
-    if split_kv:
-        part_out = torch.empty((num_splits, num_tokens, num_q_heads, head_dim), dtype=torch.float32, device=q.device)
-        part_m = torch.empty((num_splits, num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
-        part_l = torch.empty_like(part_m)
-        part_strides, ml_strides = part_out.stride()[:3], part_m.stride()[:2]
-    else:
-        part_out = part_m = part_l = out  # unused placeholders
-        part_strides, ml_strides = (0, 0, 0), (0, 0)
+    part_out, part_m, part_l, part_strides, ml_strides = _split_buffers(out, num_splits)
     ks = k_scale if k_scale is not None else seq_lens
     vs = v_scale if v_scale is not None else seq_lens
     launch_opts = {"maxnreg": tiles["maxnreg"]} if tiles.get("maxnreg") and not _interpreting() else {}
@@ -846,12 +850,7 @@ def _grouped_decode(q, k_cache, v_cache, query_start, seq_lens, block_tables, ti
         num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **launch_opts,
     )
     if split_kv:
-        paged_attention_reduce_kernel[(num_tokens, num_q_heads)](
-            out, part_out, part_m, part_l,
-            num_splits, head_dim,
-            *out.stride(), *part_strides, *ml_strides,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-        )
+        _reduce_splits(out, part_out, part_m, part_l, part_strides, ml_strides, num_splits, block_d)
     return out
 
 
