@@ -33,48 +33,53 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, fmt: str, *, group_size: i
     group = (group_size or formats.int4_group_size(k) or formats.INT4_GROUP) if fmt == "int4" else formats.NVFP4_BLOCK
     formats.check_weight_format(fmt, (n, k), group_size)
     w, h = _prepare_hessian(w, hessian, damp)
-    # upper Cholesky factor of H^-1: row i holds the error-propagation weights for column i
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
-    w = w.astype(np.float32)  # the column sweep in f32 (as GPTQ does on GPUs); H^-1 factored in f64
-
     gs = formats.nvfp4_global_scale(np.abs(w).max()) if fmt == "nvfp4" else None
     codes = np.zeros((n, k), np.uint8)
     group_params: list = []
-    for i1 in range(0, k, BLOCK):
-        i2 = min(i1 + BLOCK, k)
-        w1 = w[:, i1:i2].copy()
-        err1 = np.zeros_like(w1)
-        h1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % group == 0:
-                wg = w1[:, i:i + group].astype(np.float32)
-                if fmt == "int4":
-                    scale, zero = formats.int4_group_params(wg)
-                    group_params.append((scale, zero))
-                else:
-                    bs = formats.nvfp4_block_scales(wg, gs)
-                    group_params.append(bs)
-            col_w = w1[:, i].astype(np.float32)
-            if fmt == "int4":
-                scale, zero = group_params[-1]
-                c = formats.int4_codes(col_w, scale, zero)
-                q = (c.astype(np.float32) - zero.astype(np.float32)) * scale.astype(np.float32)
-            else:
-                bs = group_params[-1]
-                c = formats.nvfp4_codes(col_w, bs, gs)
-                q = formats.e2m1_decode(c) * (bs.astype(np.float32) * np.float32(gs))
-            codes[:, col] = c
-            e = (w1[:, i] - q) / h1[i, i]
-            w1[:, i + 1:] -= e[:, None] * h1[i, i + 1:]
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    def quantize(col, w1, i):
+        if col % group == 0:  # group parameters from the error-updated weights of the group's columns
+            wg = w1[:, i:i + group].astype(np.float32)
+            group_params.append(formats.int4_group_params(wg) if fmt == "int4" else formats.nvfp4_block_scales(wg, gs))
+        col_w = w1[:, i].astype(np.float32)
+        if fmt == "int4":
+            scale, zero = group_params[-1]
+            c = formats.int4_codes(col_w, scale, zero)
+            q = (c.astype(np.float32) - zero.astype(np.float32)) * scale.astype(np.float32)
+        else:
+            bs = group_params[-1]
+            c = formats.nvfp4_codes(col_w, bs, gs)
+            q = formats.e2m1_decode(c) * (bs.astype(np.float32) * np.float32(gs))
+        codes[:, col] = c
+        return q
+
+    _sweep(w, h, quantize)
     packed = formats.pack_nibbles(codes)
     if fmt == "int4":
         return {"q": packed, "scale": np.stack([p[0] for p in group_params], axis=1),
                 "zero": np.stack([p[1] for p in group_params], axis=1)}
     return {"q": packed, "block_scale": np.stack(group_params, axis=1),
             "global_scale": np.asarray(gs, np.float32).reshape(())}
+
+
+def _sweep(w: np.ndarray, h: np.ndarray, quantize) -> None:
+    """The GPTQ column sweep over w f64[N, K] with damped H f64[K, K], in f32 with lazy batch updates of BLOCK
+    columns: quantize(col, w1, i) quantizes column col (= i of the current block w1, error-updated so far),
+    records its codes and returns its dequantized f32 values; the rounding error is spread over the columns
+    not yet quantized through the upper Cholesky factor of H^-1 (factored in f64)."""
+    k = w.shape[1]
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # row i: column i's propagation weights
+    w = w.astype(np.float32)  # the column sweep in f32, as GPTQ does on GPUs
+    for i1 in range(0, k, BLOCK):
+        i2 = min(i1 + BLOCK, k)
+        w1 = w[:, i1:i2].copy()
+        err1 = np.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            e = (w1[:, i] - quantize(i1 + i, w1, i)) / h1[i, i]
+            w1[:, i + 1:] -= e[:, None] * h1[i, i + 1:]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
 
 def _prepare_hessian(w: np.ndarray, hessian: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
@@ -105,21 +110,13 @@ def gptq_quantize_fp8(w: np.ndarray, hessian: np.ndarray, *, damp: float = FP8_D
     w, h = _prepare_hessian(w, hessian, damp)
     perm = np.argsort(-np.diag(h), kind="stable")
     w, h = w[:, perm], h[np.ix_(perm, perm)]
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
-    w = w.astype(np.float32)
     q = np.zeros((n, k), formats.FP8)
-    for i1 in range(0, k, BLOCK):
-        i2 = min(i1 + BLOCK, k)
-        w1 = w[:, i1:i2].copy()
-        err1 = np.zeros_like(w1)
-        h1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            c = formats.to_fp8(w1[:, i] / scale)
-            q[:, i1 + i] = c
-            e = (w1[:, i] - c.astype(np.float32) * scale) / h1[i, i]
-            w1[:, i + 1:] -= e[:, None] * h1[i, i + 1:]
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    def quantize(col, w1, i):
+        q[:, col] = formats.to_fp8(w1[:, i] / scale)
+        return q[:, col].astype(np.float32) * scale
+
+    _sweep(w, h, quantize)
     out = np.empty_like(q)
     out[:, perm] = q
     return {"q": out, "scale": scale}
