@@ -15,4 +15,6 @@ def compile_model(*args, **kwargs):
     return _compile_model(*args, **kwargs)
 
 
-__all__ = ["compile_model"]
+from lowering.speculation import Speculative  # noqa: E402  (plain dataclass, cheap)
+
+__all__ = ["compile_model", "Speculative"]

@@ -31,6 +31,7 @@ class CompiledModel(ProgramSource):
     tokenizer: Any = None
     pass_records: list[PassRecord] = dataclasses.field(default_factory=list)
     quant_report: Any = None  # lowering.quant.guard.QuantReport when quantization ran
+    speculative: Any = None  # lowering.passes.Speculative (with the draft model object, if any)
 
     def export(self, path: str | os.PathLike) -> Path:
         """Write manifest.json, graph.json, params/ (orbax) and tokenizer/ to `path`."""
@@ -44,8 +45,8 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int | None = 
                   max_model_len: int | None = None, tokenizer: Any = None, config: ModelConfig | None = None,
                   weights: Any = None, kv_cache: str | None = None, kv_rotation: bool = False,
                   quant_method: str = "auto", max_ppl_increase: float | None = 0.01, calibration: Any = None,
-                  calibration_windows: int = 8, calibration_window: int = 128,
-                  verbose: bool = False, progress: bool = True, dump_ir: str | None = None) -> CompiledModel:
+                  calibration_windows: int = 8, calibration_window: int = 128, speculative: Any = None,
+                  num_layers: int | None = None, verbose: bool = False, progress: bool = True, dump_ir: str | None = None) -> CompiledModel:
     """Compile a registry name, checkpoint path (GGUF file, HF or orbax dir) or Flax NNX model.
 
     A Flax model must be called as model(token_ids i32[T], positions i32[T], query_start i32[S+1],
@@ -62,7 +63,27 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int | None = 
     in the model dtype until perplexity on `calibration` (None: llmc's bundled text; a str, path or token
     windows) rises by at most `max_ppl_increase` (relative; None turns the guard off). The plan and the
     measured deltas are printed and stored in `quant_report` (and the artifact manifest).
+    `speculative=Speculative(method="ngram" | "draft" | "medusa" | "eagle", num_tokens=k, ...)` (from
+    lowering.passes) runs insert_speculation last: the Engine then drafts and verifies up to k tokens a step
+    (runtime/speculative.py); a dict of Speculative's fields works too.
+    `num_layers=N` (checkpoint sources) keeps the first N decoder layers and the model's own final norm and
+    lm_head: a layer-truncated copy of a model, e.g. a draft model for speculative decoding.
     """
+    from lowering.speculation import Speculative
+
+    if isinstance(speculative, dict):
+        try:
+            speculative = Speculative(**speculative)
+        except TypeError as e:
+            raise OptionsError(f"bad speculative options: {e}") from None
+    if speculative is not None and not isinstance(speculative, Speculative):
+        raise OptionsError(f"speculative must be a lowering.passes.Speculative, a dict or None, "
+                           f"got {type(speculative).__name__}")
+    if speculative is not None:
+        try:
+            speculative.validate()
+        except ValueError as e:
+            raise OptionsError(str(e)) from None
     from flax import nnx
 
     model_dtype = None  # a Flax model given without dtype keeps its own parameter dtype
@@ -79,7 +100,8 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int | None = 
     options = CompileOptions(target=target, block_size=block_size, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                              fuse_projections=fuse_projections, max_model_len=max_model_len, weights=weights,
                              kv_cache=kv_cache, kv_rotation=kv_rotation, quant_method=quant_method,
-                             max_ppl_increase=max_ppl_increase).validate()
+                             max_ppl_increase=max_ppl_increase,
+                             speculative=speculative.to_json() if speculative is not None else None).validate()
 
     from lowering import frontend
     from lowering.models import llama, nnx_params
@@ -95,11 +117,15 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int | None = 
 
         ckpt = load_checkpoint(source, progress=progress, keep_native=options.weights == GGUF_WEIGHTS)
         cfg = ckpt.config
+        if num_layers is not None:
+            ckpt, cfg = _truncate_layers(ckpt, num_layers)
         tokenizer = tokenizer if tokenizer is not None else ckpt.tokenizer
         model = llama.build_model(cfg, ckpt.weights, dtype=jnp.dtype(dtype))
     else:
         raise OptionsError(f"cannot compile a {type(source).__name__}: pass a registry name, a checkpoint path "
                            "or a Flax NNX model")
+    if num_layers is not None and isinstance(source, nnx.Module):
+        raise OptionsError("num_layers= truncates a checkpoint; build the Flax model with fewer layers instead")
     if options.max_model_len and cfg and options.max_model_len > cfg.max_position_embeddings:
         raise OptionsError(f"max_model_len {options.max_model_len} exceeds the model's "
                            f"max_position_embeddings {cfg.max_position_embeddings}")
@@ -147,7 +173,31 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int | None = 
         dump_graph(dump_ir, len(records), "quantize", graph)
         if not quiet:
             print(report.format(), file=sys.stderr)
-    return CompiledModel(graph, params, options, cfg, tokenizer, records, report)
+    if speculative is not None:  # last (DESIGN.md's order): after quantization, whose runners read one output
+        from lowering.ir import verify
+        from lowering.passes.insert_speculation import insert_speculation
+
+        s_start = time.perf_counter()
+        graph = insert_speculation(graph, speculative)
+        verify(graph, check_types=True)
+        records.append(PassRecord("insert_speculation", time.perf_counter() - s_start, len(graph.nodes)))
+        dump_graph(dump_ir, len(records), "insert_speculation", graph)
+    return CompiledModel(graph, params, options, cfg, tokenizer, records, report, speculative)
+
+
+def _truncate_layers(ckpt, num_layers: int):
+    """The checkpoint with only its first num_layers decoder layers (weights and native blocks)."""
+    import re
+
+    total = ckpt.config.num_layers
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or not 1 <= num_layers <= total:
+        raise OptionsError(f"num_layers must be an integer in [1, {total}] for this model, got {num_layers!r}")
+    keep = lambda name: (m := re.match(r"model\.layers\.(\d+)\.", name)) is None or int(m.group(1)) < num_layers  # noqa: E731
+    cfg = dataclasses.replace(ckpt.config, num_layers=num_layers)
+    changes = {"config": cfg, "weights": {k: v for k, v in ckpt.weights.items() if keep(k)}}
+    if getattr(ckpt, "native", None):
+        changes["native"] = {k: v for k, v in ckpt.native.items() if keep(k)}
+    return dataclasses.replace(ckpt, **changes), cfg
 
 
 def _float_param_dtype(model) -> str | None:

@@ -46,13 +46,16 @@ def export_artifact(cm, path: Path) -> Path:
         save_params(tmp / "params", cm.params)
         if cm.tokenizer is not None:
             cm.tokenizer.save(tmp / "tokenizer")
+        options = cm.options.to_json()
+        if options.get("speculative") is not None:
+            options["speculative"] = _export_speculation(getattr(cm, "speculative", None), options["speculative"], tmp)
         manifest = {
             "format": ARTIFACT_FORMAT,
             "version": ARTIFACT_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": {"llmc": _llmc_version(), "jax": jax.__version__},
             "target": cm.target,
-            "options": cm.options.to_json(),
+            "options": options,
             "config": cm.config.to_json() if cm.config is not None else None,
             "params": {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in cm.params.items()},
             "has_tokenizer": cm.tokenizer is not None,
@@ -67,6 +70,32 @@ def export_artifact(cm, path: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+ARTIFACT_PREFIX = "artifact:"  # a speculative draft / heads path inside the artifact directory
+
+
+def _export_speculation(spec, data: dict, tmp: Path) -> dict:
+    """Write what speculation needs into the artifact: a draft model object as the nested artifact `draft/`,
+    trained heads as `spec_heads/`; their options then name them as "artifact:<dir>"."""
+    data = dict(data)
+    draft = getattr(spec, "draft", None)
+    if draft is not None and not isinstance(draft, (str, os.PathLike)):
+        if hasattr(draft, "export"):  # a CompiledModel
+            draft.export(tmp / "draft")
+        elif hasattr(draft, "path") and (Path(draft.path) / "manifest.json").is_file():  # a loaded artifact
+            shutil.copytree(draft.path, tmp / "draft")
+        else:
+            raise ValueError(f"cannot export the speculative draft model (a {type(draft).__name__}): pass a compiled "
+                             "model, a loaded artifact or a checkpoint path")
+        data["draft"] = ARTIFACT_PREFIX + "draft"
+    if data.get("heads") is not None and not str(data["heads"]).startswith(ARTIFACT_PREFIX):
+        heads = Path(data["heads"])
+        if not heads.is_dir():
+            raise FileNotFoundError(f"speculative heads directory {heads} does not exist")
+        shutil.copytree(heads, tmp / "spec_heads")
+        data["heads"] = ARTIFACT_PREFIX + "spec_heads"
+    return data
 
 
 def _llmc_version() -> str:

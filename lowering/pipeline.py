@@ -34,6 +34,8 @@ class CompileOptions:
     kv_rotation: bool = False
     quant_method: str = "auto"
     max_ppl_increase: float | None = 0.01
+    # speculative decoding (lowering/passes/insert_speculation.py): Speculative.to_json(), or None
+    speculative: dict | None = None
 
     def validate(self) -> "CompileOptions":
         if self.target not in TARGETS:
@@ -52,9 +54,18 @@ class CompileOptions:
                                "'fp8' instead")
         try:
             self.quant_options().validate()
+            self.speculation()
         except ValueError as e:
             raise OptionsError(str(e)) from None
         return self
+
+    def speculation(self):
+        """The Speculative these options ask for (a draft model object shows as "<object>"), or None."""
+        if self.speculative is None:
+            return None
+        from lowering.speculation import Speculative
+
+        return Speculative.from_json(dict(self.speculative))
 
     def quant_options(self, **extra):
         from lowering.quant.passes import QuantOptions

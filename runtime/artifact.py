@@ -36,6 +36,21 @@ class LoadedModel(ProgramSource):
     path: Path
     quant_report: dict | None = None  # the compile-time quantization plan and measured accuracy (manifest)
 
+    @property
+    def speculative(self):
+        """The compile-time Speculative (lowering.passes), its draft / heads resolved inside the artifact; or None."""
+        spec = self.options.speculation()
+        if spec is None:
+            return None
+        from lowering.export import ARTIFACT_PREFIX
+
+        changes = {}
+        if isinstance(spec.draft, str) and spec.draft.startswith(ARTIFACT_PREFIX):
+            changes["draft"] = load(self.path / spec.draft[len(ARTIFACT_PREFIX):])
+        if isinstance(spec.heads, str) and spec.heads.startswith(ARTIFACT_PREFIX):
+            changes["heads"] = str(self.path / spec.heads[len(ARTIFACT_PREFIX):])
+        return dataclasses.replace(spec, **changes) if changes else spec
+
 
 def load(path: str | os.PathLike, *, verify_hashes: bool = True) -> LoadedModel:
     path = Path(path)

@@ -64,6 +64,7 @@ class EngineStats:
     failed_requests: int = 0
     ttft_s: list[float] = dataclasses.field(default_factory=list)  # drained by the reader
     itl_s: list[float] = dataclasses.field(default_factory=list)
+    speculative: dict | None = None  # SpecStats.to_json() when the engine speculates
 
 
 class AsyncEngine:
@@ -155,6 +156,8 @@ class AsyncEngine:
             snap.num_running, snap.num_waiting = len(sched.running), len(sched.waiting)
             snap.num_blocks_used = self.num_blocks_used()
             snap.num_preemptions = sched.num_preemptions
+            if getattr(self.engine, "speculative", None) is not None:
+                snap.speculative = self.engine.spec_stats.to_json()
         return snap
 
     def num_blocks_used(self) -> int:

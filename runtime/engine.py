@@ -5,6 +5,7 @@ import bisect
 import dataclasses
 import enum
 import itertools
+import time
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence, Union
 
 import numpy as np
@@ -17,6 +18,8 @@ from runtime.step import Program, StepInput
 
 if TYPE_CHECKING:
     from lowering.models.config import ModelConfig
+    from lowering.speculation import Speculative
+    from runtime.speculative import Draft
 
 Prompt = Union[str, Sequence[int]]
 
@@ -130,6 +133,8 @@ class Request:
     finish_reason: str | None = None
     device_seed: int | None = None  # seed of device-side sampling (Programs with step_sample)
     output_logprobs: list = dataclasses.field(default_factory=list)  # with params.logprobs, one per output token
+    spec_token_ids: list[int] = dataclasses.field(default_factory=list)  # draft to verify in the next step
+    spec_draft: "Draft | None" = None  # the proposal behind spec_token_ids (with its probabilities, if any)
 
     @property
     def num_tokens(self) -> int:
@@ -152,11 +157,12 @@ class ScheduledChunk:
     start: int
     num_tokens: int
     num_cached_tokens: int = 0  # tokens of a request admitted this step found in the prefix cache (== start)
+    num_spec: int = 0  # the chunk's last num_spec tokens are the request's draft (spec_token_ids), verified here
 
     @property
     def wants_logits(self) -> bool:
         """True when the chunk reaches the request's last token, so the step samples its next one."""
-        return self.start + self.num_tokens == self.request.num_tokens
+        return self.start + self.num_tokens - self.num_spec == self.request.num_tokens
 
 
 @dataclasses.dataclass
@@ -219,6 +225,7 @@ class Scheduler:
         self.running: list[Request] = []  # sorted by arrival
         self.num_preemptions = 0
         self.num_scheduled_tokens = 0
+        self.on_release: list = []  # callables(request) run when a request finishes, is aborted or preempted
 
     @property
     def allocator(self) -> BlockPool:
@@ -259,6 +266,12 @@ class Scheduler:
         self.kv.free(req)
         self.running.remove(req)
         req.status = RequestStatus.FINISHED
+        self._release(req)
+
+    def _release(self, req: Request) -> None:
+        req.spec_token_ids, req.spec_draft = [], None
+        for fn in self.on_release:
+            fn(req)
 
     def abort_request(self, req: Request) -> None:
         """Drop a running or waiting request, freeing its blocks (a finished one is left alone)."""
@@ -267,6 +280,7 @@ class Scheduler:
         elif req in self.waiting:  # waiting requests hold no blocks (preemption freed them)
             self.waiting.remove(req)
             req.status = RequestStatus.FINISHED
+            self._release(req)
 
     def abort_all_requests(self) -> None:
         for req in self.running + self.waiting:
@@ -281,11 +295,16 @@ class Scheduler:
         for req in decodes + prefills:
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this step
                 continue
-            num_new = min(req.num_uncomputed_tokens, self._budget_left(scheduled))
+            # a decode runs its last token and its draft (speculative decoding), as much of it as the budget allows
+            num_spec = len(req.spec_token_ids) if req.num_uncomputed_tokens == 1 else 0
+            num_new = min(req.num_uncomputed_tokens + num_spec, self._budget_left(scheduled))
             if num_new == 0:
                 break
+            num_spec = max(0, num_new - req.num_uncomputed_tokens)
+            if num_spec < len(req.spec_token_ids):
+                req.spec_token_ids = req.spec_token_ids[:num_spec]
             if self._grow_blocks(req, num_new, scheduled, preempted):
-                scheduled[req.arrival] = ScheduledChunk(req, req.num_computed_tokens, num_new)
+                scheduled[req.arrival] = ScheduledChunk(req, req.num_computed_tokens, num_new, num_spec=num_spec)
 
         # NOTE: a step that had to preempt is short of blocks; admitting now would only thrash.
         while self.waiting and not preempted and len(self.running) < self.max_num_seqs:
@@ -331,6 +350,7 @@ class Scheduler:
         return True
 
     def _preempt(self, req: Request, scheduled: dict[int, ScheduledChunk], preempted: list[Request]) -> None:
+        self._release(req)
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -363,6 +383,9 @@ def build_step_input(
         slot_mapping:  block_ids[pos // block_size] * block_size + pos % block_size
         seq_lens[s]:   start + n
         logit row:     query_start[s + 1] - 1, only if the chunk reaches r's last token
+        a draft:       a decode chunk with num_spec = k runs r's last token then r.spec_token_ids[:k], and
+                       gets the k + 1 logit rows query_start[s + 1] - 1 - k .. query_start[s + 1] - 1
+    Returns the requests with logit rows, in row order (one per request, however many rows it has).
     """
     num_seqs = len(chunks)
     q_lens = np.array([c.num_tokens for c in chunks], dtype=np.int32)  # i32[S]
@@ -372,7 +395,8 @@ def build_step_input(
     seq_lens = starts + q_lens  # i32[S]
 
     token_ids = np.concatenate(
-        [np.asarray(c.request.token_ids[c.start : c.start + c.num_tokens], dtype=np.int32) for c in chunks]
+        [np.asarray(c.request.token_ids[c.start : c.start + c.num_tokens - c.num_spec]
+                    + c.request.spec_token_ids[: c.num_spec], dtype=np.int32) for c in chunks]
     )  # i32[T]
     seq_of_row = np.repeat(np.arange(num_seqs, dtype=np.int32), q_lens)  # i32[T]
     positions = (np.arange(token_ids.shape[0], dtype=np.int32) - query_start[seq_of_row]) + starts[seq_of_row]  # i32[T]
@@ -389,8 +413,10 @@ def build_step_input(
     block_of_row = block_tables[seq_of_row, positions // block_size]  # i32[T]
     slot_mapping = block_of_row * block_size + positions % block_size  # i32[T]
 
-    wants_logits = np.array([c.wants_logits for c in chunks], dtype=bool)  # bool[S]
-    logit_rows = (query_start[1:] - 1)[wants_logits].astype(np.int32)  # i32[L]
+    # the last row of a chunk that reaches its request's last token; with a draft of k tokens, its k + 1 rows
+    logit_rows = np.array([row for s, c in enumerate(chunks) if c.wants_logits
+                           for row in range(query_start[s + 1] - 1 - c.num_spec, query_start[s + 1])],
+                          dtype=np.int32)  # i32[L]
     sampled = [c.request for c in chunks if c.wants_logits]
 
     step = StepInput(
@@ -426,10 +452,13 @@ class Engine:
         max_model_len: int | None = None,
         program_options: dict | None = None,
         enable_prefix_caching: bool = True,
+        speculative: "Speculative | bool | None" = None,
     ):
         """program_options: extra keyword arguments for the target's Program (e.g. gpu_memory_fraction,
         cuda_graphs for target="cuda"; kv_cache_bytes for both). enable_prefix_caching: reuse the K/V of
-        full blocks that earlier requests computed for the same leading tokens (see runtime/block_pool.py)."""
+        full blocks that earlier requests computed for the same leading tokens (see runtime/block_pool.py).
+        speculative: None uses what the model was compiled with (compile_model(speculative=...)), False turns
+        speculation off, a lowering.Speculative overrides it (runtime/speculative.py)."""
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -473,6 +502,37 @@ class Engine:
         )
         self.num_steps = 0
         self._request_counter = itertools.count()
+        self._setup_speculation(model, speculative, max_num_seqs, program_options)
+
+    def _setup_speculation(self, model, speculative, max_num_seqs: int, program_options: dict | None) -> None:
+        from runtime import speculative as spec_lib
+
+        if speculative is None:
+            speculative = getattr(model, "speculative", None)
+        if speculative is True:
+            raise ValueError("speculative=True is ambiguous: pass a lowering.Speculative(method=...)")
+        self.speculative = speculative or None
+        self.proposer = None
+        self.spec_stats = spec_lib.SpecStats()
+        self.draft_controller = None
+        if self.speculative is None:
+            return
+        if not isinstance(self.speculative, spec_lib.Speculative):
+            raise ValueError(f"speculative must be a lowering.Speculative, False or None, got {type(speculative).__name__}")
+        self.speculative.validate()
+        graph = getattr(model, "graph", None)
+        if self.speculative.needs_hidden and graph is not None and len(graph.outputs) < 2:
+            raise ValueError(f"speculative method {self.speculative.method!r} reads the target's hidden states: compile "
+                             f"the model with compile_model(..., speculative=Speculative(method="
+                             f"{self.speculative.method!r}, ...))")
+        self.proposer = spec_lib.make_proposer(self.speculative, target=model, program=self.program,
+                                               max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
+                                               program_options=program_options)
+        self.draft_controller = spec_lib.DraftLengthController(self.speculative.num_tokens,
+                                                               adaptive=self.speculative.adaptive)
+        self.spec_stats.method = self.speculative.method
+        self.scheduler.on_release.append(self.proposer.release)
+        self.scheduler.on_release.append(self.draft_controller.release)
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -519,24 +579,84 @@ class Engine:
     # -- one step --------------------------------------------------------------------------------
 
     def _step(self, on_token=None) -> list[Request]:
-        """Schedule, run the Program once, sample, and append; return the requests that finished."""
+        """Schedule, run the Program once, sample (or verify drafts), append; return the requests that finished."""
         sched = self.scheduler.schedule()
         if not sched.chunks:
             raise RuntimeError("the scheduler could not schedule any request (this is a bug)")
         step, sampled = build_step_input(
             sched.chunks, block_size=self.block_size, max_blocks_per_seq=self.program.max_blocks_per_seq
         )
+        groups = [c for c in sched.chunks if c.wants_logits]  # one per sampled request, in logit-row order
+        num_spec = [c.num_spec for c in groups]
+        with_hidden = self.proposer is not None and self.proposer.needs_hidden
+        start = time.perf_counter()
+        new_tokens, logits, hidden = self._run_program(step, sampled, any(num_spec), with_hidden)
+        if self.draft_controller is not None:
+            self.draft_controller.record_step(step.num_tokens, time.perf_counter() - start)
+        self.num_steps += 1
+
+        # rows -> emitted tokens per request (one, or the accepted drafts and one more)
+        emitted: list[list[int]] = []
+        row = 0
+        plain = [i for i, k in enumerate(num_spec) if k == 0]
+        if logits is not None and plain:  # rows without a draft: the sampler (penalties, logprobs) as before
+            rows = [sum(k + 1 for k in num_spec[:i]) for i in plain]
+            picked = sample(logits[rows], [sampled[i].params for i in plain], [sampled[i].generator for i in plain],
+                            [sampled[i].output_token_ids for i in plain])
+            plain_tokens = dict(zip(plain, picked.tolist()))
+        for i, (req, k) in enumerate(zip(sampled, num_spec)):
+            if k == 0:
+                token = plain_tokens[i] if logits is not None else int(new_tokens[row])
+                if logits is not None and req.params.logprobs is not None:
+                    req.output_logprobs.append(token_logprobs(logits[row], token, req.params.logprobs))
+                emitted.append([token])
+            else:
+                emitted.append(self._verify(req, k, row, new_tokens, logits))
+            row += k + 1
+
+        # rejected drafts: their K/V lie past the accepted tokens and are overwritten later
+        for chunk, out in zip(groups, emitted):
+            if chunk.num_spec:
+                chunk.request.num_computed_tokens -= chunk.num_spec - (len(out) - 1)
+        if with_hidden:
+            self._observe(sched.chunks, step, hidden, dict(zip(map(id, groups), emitted)))
+        self.scheduler.update_after_step(sched)  # the step wrote its K/V: cache the blocks it filled
+
+        finished = []
+        for req, out in zip(sampled, emitted):
+            req.spec_token_ids, req.spec_draft = [], None
+            for token in out:
+                self._append_token(req, token)
+                if on_token is not None:
+                    on_token(req.request_id, token)
+                if req.finish_reason is not None:
+                    break
+            if req.finish_reason is not None:
+                self.scheduler.finish_request(req)
+                finished.append(req)
+        if self.proposer is not None:
+            self._propose()
+        return finished
+
+    def _run_program(self, step: StepInput, sampled: list[Request], has_drafts: bool, with_hidden: bool):
+        """-> (tokens i32[L] or None, logits f32[L, V] or None, hidden f32[T, D] or None)."""
         step_greedy = getattr(self.program, "step_greedy", None)
         step_sample = getattr(self.program, "step_sample", None)
-        new_tokens = logits = None
+        hidden = None
+        kw = {"with_hidden": True} if with_hidden else {}
         if any(r.params.needs_host_logits for r in sampled):  # penalties and logprobs read the logits here
             step_greedy = step_sample = None
         if step_greedy is not None and all(r.params.temperature == 0 for r in sampled):
             # every row is greedy: the Program picks the tokens where the logits are (no logits copy back)
-            new_tokens = np.asarray(step_greedy(step))  # i32[L]
-        elif step_sample is not None:
+            out = step_greedy(step, **kw)
+            tokens, hidden = out if with_hidden else (out, None)
+            tokens = np.asarray(tokens)
+            if tokens.shape != (step.logit_rows.shape[0],):
+                raise RuntimeError(f"the Program returned {tokens.shape} tokens, expected ({step.logit_rows.shape[0]},)")
+            return tokens, None, hidden
+        if step_sample is not None and not has_drafts and not with_hidden:
             # the Program samples on its device: Philox keyed by each request's seed, counter = tokens so far
-            new_tokens = np.asarray(step_sample(
+            tokens = np.asarray(step_sample(
                 step,
                 temperature=[r.params.temperature for r in sampled],
                 top_k=[r.params.top_k if r.params.top_k > 0 else 0 for r in sampled],
@@ -545,31 +665,87 @@ class Engine:
                 seeds=[self._device_seed(r) for r in sampled],
                 offsets=[len(r.output_token_ids) for r in sampled],
             ))
-        if new_tokens is not None:
-            if new_tokens.shape != (len(sampled),):
-                raise RuntimeError(f"the Program returned {new_tokens.shape} tokens, expected ({len(sampled)},)")
-        else:
-            logits = np.asarray(self.program.step(step))  # f32[L, V]
-            if logits.ndim != 2 or logits.shape[0] != len(sampled):
-                raise RuntimeError(f"Program.step returned logits of shape {logits.shape}, expected ({len(sampled)}, V)")
-            new_tokens = sample(logits, [r.params for r in sampled], [r.generator for r in sampled],
-                                [r.output_token_ids for r in sampled])  # i32[L]
-        if logits is not None:
-            for row, (req, token) in enumerate(zip(sampled, new_tokens.tolist())):
-                if req.params.logprobs is not None:
-                    req.output_logprobs.append(token_logprobs(logits[row], token, req.params.logprobs))
-        self.num_steps += 1
-        self.scheduler.update_after_step(sched)  # the step wrote its K/V: cache the blocks it filled
+            if tokens.shape != (len(sampled),):
+                raise RuntimeError(f"the Program returned {tokens.shape} tokens, expected ({len(sampled)},)")
+            return tokens, None, None
+        out = self.program.step(step, **kw)
+        logits, hidden = out if with_hidden else (out, None)
+        logits = np.asarray(logits)  # f32[L, V]
+        if logits.ndim != 2 or logits.shape[0] != step.logit_rows.shape[0]:
+            raise RuntimeError(f"Program.step returned logits of shape {logits.shape}, expected "
+                               f"({step.logit_rows.shape[0]}, V)")
+        return None, logits, hidden
 
-        finished = []
-        for req, token in zip(sampled, new_tokens.tolist()):
-            self._append_token(req, token)
-            if on_token is not None:
-                on_token(req.request_id, token)
-            if req.finish_reason is not None:
-                self.scheduler.finish_request(req)
-                finished.append(req)
-        return finished
+    def _verify(self, req: Request, k: int, row: int, tokens, logits) -> list[int]:
+        """Accept rule for one request's k-token draft on rows row..row+k; returns the tokens it emits."""
+        from runtime import speculative as spec_lib
+
+        draft = req.spec_draft
+        draft_tokens = req.spec_token_ids[:k]
+        if req.params.is_greedy:
+            targets = tokens[row:row + k + 1] if logits is None else np.argmax(logits[row:row + k + 1], axis=-1)
+            out = spec_lib.accept_greedy(targets, draft_tokens)
+        else:
+            probs = draft.probs[:k] if draft is not None and draft.probs is not None else None
+            out = spec_lib.accept_sampled(logits[row:row + k + 1, :self.vocab_size],
+                                          spec_lib.Draft(draft_tokens, probs), req.params, req.generator)
+        accepted = len(out) - 1
+        stats = self.spec_stats
+        stats.num_verifications += 1
+        stats.num_draft_tokens += k
+        stats.num_accepted_tokens += accepted
+        stats.num_emitted_tokens += len(out)
+        self.draft_controller.record_acceptance(req, k, accepted)
+        return out
+
+    def _observe(self, chunks: list[ScheduledChunk], step: StepInput, hidden, emitted_by_chunk: dict) -> None:
+        """Give a hidden-state proposer the rows this step computed for each request."""
+        from runtime.speculative import StepRows
+
+        hidden = np.asarray(hidden)
+        rows = []
+        for s, chunk in enumerate(chunks):
+            if chunk.request.status is not RequestStatus.RUNNING:
+                continue
+            a, b = int(step.query_start[s]), int(step.query_start[s + 1])
+            out = emitted_by_chunk.get(id(chunk))
+            num_valid = chunk.num_tokens - (chunk.num_spec - (len(out) - 1) if out is not None else 0)
+            rows.append(StepRows(chunk.request, chunk.start, step.token_ids[a:b], hidden[a:b], num_valid,
+                                 out[-1] if out is not None else None))
+        if rows:
+            self.proposer.observe(rows)
+
+    def _propose(self) -> None:
+        """Draft for the requests the next step decodes; the draft length comes from the controller."""
+        ready, caps = [], []
+        for req in self.scheduler.running:
+            if req.num_uncomputed_tokens != 1 or req.params.needs_host_logits:
+                continue
+            cap = min(self.speculative.num_tokens, req.params.max_tokens - len(req.output_token_ids) - 1,
+                      self.max_model_len - req.num_tokens - 1)
+            if cap >= 1:
+                ready.append(req)
+                caps.append(cap)
+        if not ready:
+            return
+        k = self.draft_controller.choose(ready)
+        stats = self.spec_stats
+        stats.num_steps += 1
+        stats.draft_length_steps[k] = stats.draft_length_steps.get(k, 0) + 1
+        stats.last_draft_length = k
+        if k == 0:
+            return
+        lengths = [min(k, c) for c in caps]
+        start = time.perf_counter()
+        drafts = self.proposer.propose(ready, lengths)
+        self.draft_controller.record_draft(k, time.perf_counter() - start)
+        for req, n, draft in zip(ready, lengths, drafts):
+            tokens = [int(t) for t in draft.tokens[:n]]
+            bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+            if bad:
+                raise RuntimeError(f"the {self.proposer.name} proposer drafted token ids outside the vocabulary: {bad[:3]}")
+            req.spec_token_ids = tokens
+            req.spec_draft = draft
 
     @staticmethod
     def _device_seed(req: Request) -> int:

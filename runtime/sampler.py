@@ -152,13 +152,18 @@ def token_logprobs(logits: np.ndarray, token: int, top_n: int) -> tuple[float, l
 
 def sample_row(logits: np.ndarray, params: SamplingParams, generator: np.random.Generator) -> int:  # f32[V]
     """Temperature, then top-k, then top-p over the renormalised rest, then min-p, then one inverse-CDF draw."""
+    return draw_token(sampling_weights(logits, params), generator.random())
+
+
+def sampling_weights(logits: np.ndarray, params: SamplingParams) -> np.ndarray:  # f32[V] -> f64[V]
+    """The unnormalised distribution sample_row draws from (removed tokens weigh 0; the best weighs 1)."""
     scaled = logits.astype(np.float64) / params.temperature  # f64[V]
     if params.top_k > 0 or params.top_p < 1.0:
         scaled = filter_top_k_top_p(scaled, params.top_k, params.top_p)
     weights = np.exp(scaled - np.max(scaled))  # f64[V]  unnormalised; removed tokens weigh 0
     if params.min_p > 0:  # the best token has weight 1: keep tokens of weight >= min_p
         weights = np.where(weights >= params.min_p, weights, 0.0)
-    return draw_token(weights, generator.random())
+    return weights
 
 
 def filter_top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:  # f64[V] -> f64[V]

@@ -190,6 +190,18 @@ class Metrics:
                                 ["endpoint", "status"], registry=self.registry)
         self.tokens_per_s = Gauge("llmc_generation_tokens_per_second", "Generated tokens per second since the last scrape",
                                   registry=self.registry)
+        self.spec_acceptance = Gauge("llmc_spec_acceptance_rate", "Speculative decoding: accepted / drafted tokens",
+                                     registry=self.registry)
+        self.spec_mean_len = Gauge("llmc_spec_mean_accepted_length", "Speculative decoding: tokens emitted per "
+                                   "verification (accepted drafts + one)", registry=self.registry)
+        self.spec_draft_len = Gauge("llmc_spec_draft_length", "Speculative decoding: the draft length the last step "
+                                    "chose (0 = off)", registry=self.registry)
+        self.spec_mean_draft_len = Gauge("llmc_spec_mean_draft_length", "Speculative decoding: mean chosen draft length",
+                                         registry=self.registry)
+        self.spec_draft_tokens = Gauge("llmc_spec_draft_tokens_total", "Speculative decoding: drafted tokens verified",
+                                       registry=self.registry)
+        self.spec_accepted_tokens = Gauge("llmc_spec_accepted_tokens_total", "Speculative decoding: accepted tokens",
+                                          registry=self.registry)
         self._last = (time.perf_counter(), 0)
 
     def render(self) -> bytes:
@@ -207,6 +219,14 @@ class Metrics:
         self.preemptions.set(s.num_preemptions)
         self.prompt_tokens.set(s.prompt_tokens)
         self.generation_tokens.set(s.generation_tokens)
+        if s.speculative is not None:
+            sp = s.speculative
+            self.spec_acceptance.set(sp["acceptance_rate"])
+            self.spec_mean_len.set(sp["mean_accepted_length"])
+            self.spec_draft_len.set(sp["last_draft_length"])
+            self.spec_mean_draft_len.set(sp["mean_draft_length"])
+            self.spec_draft_tokens.set(sp["num_draft_tokens"])
+            self.spec_accepted_tokens.set(sp["num_accepted_tokens"])
         sched = self.engine.engine.scheduler
         queries = getattr(sched, "prefix_cache_queries", 0)
         if queries:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowering import ops
+from lowering.backends.patterns import check_hidden_output
 from lowering.ir import Graph, IRError, Node, eval_dim, interpret, kv_bytes_per_block, run_reference
 from runtime.step import StepInput
 
@@ -60,11 +61,30 @@ class CpuProgram:
         env = {"N": self.num_blocks}
         self.state = {s: jnp.full(tuple(eval_dim(d, env) for d in graph.types[s].shape), pool_fill,
                                   dtype=graph.types[s].dtype) for s in graph.state}
-        self._step = jax.jit(self._run, donate_argnums=(1,), static_argnums=(3,))
+        self._step = self._step_function()
+
+    def _step_function(self):
+        """The jitted step. Plain CPU programs of one graph share it (kept on the graph object), so engines
+        built over the same compiled model reuse its compiled shapes instead of compiling them again."""
+        if type(self) is not CpuProgram:  # subclasses' kernels may depend on the instance
+            return jax.jit(self._run, donate_argnums=(1,), static_argnums=(3,))
+        key = hash(self.graph.dumps())  # a graph edited in place after a program was built gets a new function
+        cached = self.graph.__dict__.get("_cpu_step_fn")
+        shared = cached[1] if cached is not None and cached[0] == key else None
+        if shared is None:
+            graph = self.graph
+
+            def run(params, state, inputs, max_q_len):
+                outs, new_state = interpret(graph, inputs, params, state, impls=cpu_impls(max_q_len))
+                return tuple(outs), new_state
+
+            shared = jax.jit(run, donate_argnums=(1,), static_argnums=(3,))
+            self.graph.__dict__["_cpu_step_fn"] = (key, shared)
+        return shared
 
     def _run(self, params, state, inputs, max_q_len):
         outs, new_state = interpret(self.graph, inputs, params, state, impls=self._impls(params, max_q_len))
-        return outs[0], new_state
+        return tuple(outs), new_state
 
     def _impls(self, params, max_q_len: int) -> dict:
         """The op implementations of one trace (a subclass swaps in its kernels)."""
@@ -77,12 +97,21 @@ class CpuProgram:
     def kv_cache_bytes(self) -> int:
         return sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in self.state.values())
 
-    def step(self, inp: StepInput) -> np.ndarray:
-        """Run one ragged step; pads every dim to a bucket (few compiled shapes), returns f32[L, V]."""
+    def step(self, inp: StepInput, *, with_hidden: bool = False):
+        """Run one ragged step; pads every dim to a bucket (few compiled shapes), returns f32[L, V].
+
+        with_hidden (graphs compiled for medusa / eagle speculation): returns (logits f32[L, V], hidden
+        f32[T, D]), the final-norm hidden state of every token row."""
+        if with_hidden:
+            check_hidden_output(self.graph)
         inp.validate(block_size=self.block_size, num_blocks=self.num_blocks)
         padded = pad_step(inp, max_blocks_per_seq=self.max_blocks_per_seq)
-        logits, self.state = self._step(self.params, self.state, padded, self._max_q_len_key(padded))
-        return np.asarray(logits[: inp.logit_rows.shape[0]])
+        outs, self.state = self._step(self.params, self.state, padded, self._max_q_len_key(padded))
+        logits = np.asarray(outs[0][: inp.logit_rows.shape[0]])
+        if not with_hidden:
+            return logits
+        return logits, np.asarray(outs[1][: inp.num_tokens], np.float32)
+
 
 
 def pad_step(inp: StepInput, *, max_blocks_per_seq: int) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from lowering.backends.patterns import fusable_norm
+from lowering.backends.patterns import check_hidden_output, fusable_norm
 from lowering.ir import (Graph, IRError, Node, bind_symbols, decode_param, eval_dim, generic_primitive,
                          kv_bytes_per_block)
 
@@ -258,15 +258,18 @@ class CudaProgram:
             if used.size and (used.min() < 0 or used.max() >= self.num_blocks):
                 raise ValueError(f"StepInput.block_tables names a block outside [0, {self.num_blocks})")
 
-    def step(self, inp) -> np.ndarray:
-        """Run one ragged step; returns f32[L, V] logits on the host."""
-        logits, _ = self._step_device(inp)
-        return logits.float().cpu().numpy()
+    def step(self, inp, *, with_hidden: bool = False):
+        """Run one ragged step; returns f32[L, V] logits on the host (with_hidden: and f32[T, D] hidden states)."""
+        logits, _, hidden = self._step_device(inp, greedy=False, hidden=with_hidden)
+        logits = logits.float().cpu().numpy()
+        return (logits, hidden.float().cpu().numpy()) if with_hidden else logits
 
-    def step_greedy(self, inp) -> np.ndarray:
-        """Run one ragged step and pick argmax tokens on the device (ties: lowest id); returns i32[L]."""
-        _, tokens = self._step_device(inp)
-        return tokens.cpu().numpy()
+    def step_greedy(self, inp, *, with_hidden: bool = False):
+        """Run one ragged step and pick argmax tokens on the device (ties: lowest id); returns i32[L]
+        (with_hidden: and the f32[T, D] final-norm hidden states of every token row)."""
+        _, tokens, hidden = self._step_device(inp, hidden=with_hidden)
+        tokens = tokens.cpu().numpy()
+        return (tokens, hidden.float().cpu().numpy()) if with_hidden else tokens
 
     def step_sample(self, inp, *, temperature, top_k, top_p, seeds, offsets, min_p=None) -> np.ndarray:
         """Run one ragged step and sample on the device with per-row parameters; returns i32[L].
@@ -288,18 +291,22 @@ class CudaProgram:
             if a.shape != (num_rows,):
                 raise ValueError(f"step_sample: {name} must have one value per logit row ({num_rows}), got shape {a.shape}")
         check_sampling_values(*(torch.from_numpy(host[k]) for k in ("temperature", "top_k", "top_p", "min_p")))
-        logits, _ = self._step_device(inp, greedy=False)
+        logits, _, _ = self._step_device(inp, greedy=False)
         dev = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in host.items()}
         return sample(logits, **dev).cpu().numpy()
 
-    def _step_device(self, inp, *, greedy: bool = True):
-        """-> (logits f32[L, V], greedy tokens i32[L] or None), both on the device."""
+    def _step_device(self, inp, *, greedy: bool = True, hidden: bool = False):
+        """-> (logits f32[L, V], greedy tokens i32[L] or None, hidden [T, D] or None), all on the device.
+
+        hidden: the graph's second output (insert_speculation for medusa / eagle); such steps run eagerly."""
+        if hidden:
+            check_hidden_output(self.graph)
         self._check_step(inp)
         num_rows = int(inp.logit_rows.shape[0])
         q_lens = np.diff(inp.query_start)
         decode = (inp.num_tokens == inp.num_seqs and inp.num_seqs > 0 and bool(np.all(q_lens == 1))
                   and num_rows == inp.num_seqs)
-        if self.cuda_graphs and decode and inp.num_seqs <= self.graph_batch_buckets[-1]:
+        if self.cuda_graphs and decode and not hidden and inp.num_seqs <= self.graph_batch_buckets[-1]:
             logits, tokens = self._replay_decode(inp)
             self.num_graph_replays += 1
         else:
@@ -308,7 +315,8 @@ class CudaProgram:
             logits = self._run_eager(arrays)
             tokens = _argmax(logits) if greedy else None
             self.num_eager_steps += 1
-        return logits[:num_rows], (tokens[:num_rows] if tokens is not None else None)
+        hidden_rows = self._extra_outputs[0][: inp.num_tokens] if hidden else None
+        return logits[:num_rows], (tokens[:num_rows] if tokens is not None else None), hidden_rows
 
     def _run_eager(self, arrays: Mapping[str, np.ndarray]):
         packed, views = _pack_inputs(arrays, self.graph.inputs)
@@ -337,6 +345,7 @@ class CudaProgram:
             values.update(zip(outs, results))
         for s in self.graph.state:  # kernels update the pools in place; keep whatever tensor holds them
             self.state[s] = values[self.graph.state_updates.get(s, s)]
+        self._extra_outputs = [values[o] for o in self.graph.outputs[1:]]  # the hidden states (speculation)
         return values[self.graph.outputs[0]]
 
     # -- CUDA graphs for decode ------------------------------------------------------------------------

@@ -30,3 +30,10 @@ def fusable_norm(graph: Graph, add: Node, users, position) -> Node | None:
     if any(position[id(u)] < position[id(norm)] for u in users.get(out, []) if u is not norm):
         return None
     return norm
+
+
+def check_hidden_output(graph) -> None:
+    """Raise ValueError unless the graph returns hidden states after its logits (insert_speculation)."""
+    if len(graph.outputs) < 2:
+        raise ValueError("this program has no hidden-state output: compile with "
+                         "speculative=Speculative(method='medusa' | 'eagle', ...) to get one")

@@ -283,3 +283,29 @@ def test_staggered_arrivals_give_the_tokens_of_each_request_alone():
     alone = [make_engine().generate([p], params)[0].token_ids for p in prompts]
     assert got == alone
     async_engine.shutdown()
+
+
+def test_speculative_server_streams_the_same_text_and_reports_metrics(client):
+    """A server whose engine speculates (prompt lookup) streams what the plain server does; /metrics shows the
+    acceptance rate, mean accepted length and chosen draft length; aborted streams free their blocks."""
+    from lowering import Speculative
+
+    async_engine = AsyncEngine(make_engine(speculative=Speculative("ngram", num_tokens=4, adaptive=False)))
+    server = LiveServer(async_engine)
+    try:
+        spec_client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        prompt = "Hello there! The capital"
+        want = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0).choices[0].text
+        chunks = spec_client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in chunks) == want
+        with httpx.stream("POST", server.url + "/v1/completions",
+                          json={"model": MODEL, "prompt": prompt, "max_tokens": 200, "stream": True}) as r:
+            next(r.iter_lines())  # disconnect after the first event
+        assert wait_idle(async_engine) and blocks_in_use(async_engine) == 0
+        metrics = httpx.get(server.url + "/metrics").text
+        rate = float(next(line.split()[1] for line in metrics.splitlines()
+                          if line.startswith("llmc_spec_acceptance_rate ")))
+        assert 0 < rate <= 1
+        assert "llmc_spec_mean_accepted_length" in metrics and "llmc_spec_draft_length 4.0" in metrics
+    finally:
+        server.stop()

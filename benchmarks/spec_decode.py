@@ -1,0 +1,168 @@
+"""Speculative decoding on SmolLM2-135M (CPU target): acceptance and speed-up of each proposer, same run.
+
+Batch 1 (default): held-out prompts — the last GSM8K train questions and the even-numbered MT-Bench
+questions (draft heads train on the first GSM8K lines and the odd ones) — run one request at a time,
+greedy, EOS ignored, `--max-tokens` new tokens each. For each method the same prompts run without
+speculation and with it, in alternating order (machine drift hits both), after a warm-up that compiles
+every step shape; the outputs must be token-identical, and the table shows generated tokens/s, the
+speed-up, the acceptance rate (accepted / drafted tokens), the mean accepted length (tokens emitted per
+verification, bonus included) and the mean draft length the controller chose.
+
+`--batch N` (e.g. 64) runs N prompts together instead, speculation off vs adaptive vs fixed length: the
+adaptive controller must not be slower than off by more than 5% (issue 7).
+
+Methods: ngram (prompt lookup); draft (SmolLM2 truncated to its first `--draft-layers` layers);
+medusa / eagle (heads trained by `llmc train-draft`, given with --medusa-heads / --eagle-heads).
+Prints a table and writes JSON (default bench_results/spec_decode.json).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def held_out_prompts(per_set: int) -> list[tuple[str, str]]:
+    """(dataset, question) pairs: the last GSM8K train questions, the even-numbered MT-Bench questions."""
+    gsm = [json.loads(x)["question"] for x in (DATA / "gsm8k_train.jsonl").read_text().splitlines() if x.strip()]
+    mt = [json.loads(x) for x in (DATA / "mt_bench_questions.jsonl").read_text().splitlines() if x.strip()]
+    mt = [r["turns"][0] for r in mt if r["question_id"] % 2 == 0]
+    return [("gsm8k", q) for q in gsm[-per_set:]] + [("mt_bench", q) for q in mt[:per_set]]
+
+
+def build(args):
+    from lowering import Speculative, compile_model
+
+    kw = dict(target="cpu", progress=False)
+    if args.weights:
+        kw["weights"] = args.weights
+    methods = {}
+    for m in args.methods.split(","):
+        if m == "ngram":
+            methods[m] = Speculative("ngram", num_tokens=args.num_tokens, adaptive=args.adaptive)
+        elif m == "draft":
+            draft = compile_model(args.model, num_layers=args.draft_layers, **kw)
+            methods[m] = Speculative("draft", num_tokens=args.num_tokens, adaptive=args.adaptive, draft=draft)
+        elif m in ("medusa", "eagle"):
+            heads = getattr(args, f"{m}_heads")
+            if heads is None:
+                print(f"skipping {m}: pass --{m}-heads DIR (from `llmc train-draft --method {m}`)")
+                continue
+            methods[m] = Speculative(m, num_tokens=args.num_tokens, adaptive=args.adaptive, heads=heads)
+        else:
+            raise SystemExit(f"unknown method {m}")
+    needs_hidden = any(s.needs_hidden for s in methods.values())
+    # one target graph for all methods: with the hidden-state output when a head method runs (it costs nothing
+    # for the others); each engine gets its Speculative
+    target = compile_model(args.model, speculative=next((s for s in methods.values() if s.needs_hidden), None),
+                           **kw) if needs_hidden else compile_model(args.model, **kw)
+    return target, methods
+
+
+def run_batch1(engine, prompts, params):
+    tokens, start = 0, time.perf_counter()
+    outs = []
+    for p in prompts:
+        o = engine.generate([p], params, chat=True)[0]
+        outs.append(o.token_ids)
+        tokens += len(o.token_ids)
+    return tokens / (time.perf_counter() - start), outs
+
+
+def run_batch(engine, prompts, params):
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params, chat=True)
+    return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start), [o.token_ids for o in outs]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--weights", default=None, help="compile_model weights= (e.g. gguf: the native Q4_1 kernel)")
+    ap.add_argument("--methods", default="ngram,draft,medusa,eagle")
+    ap.add_argument("--num-tokens", type=int, default=4, help="the longest draft (k)")
+    ap.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--draft-layers", type=int, default=6)
+    ap.add_argument("--medusa-heads", default=None)
+    ap.add_argument("--eagle-heads", default=None)
+    ap.add_argument("--prompts", type=int, default=6, help="prompts per dataset (batch 1)")
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--batch", type=int, default=1, help="1: one request at a time; N: N prompts together")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--json", default="bench_results/spec_decode.json")
+    args = ap.parse_args()
+
+    from runtime import Engine, SamplingParams
+
+    target, methods = build(args)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    engine_kw = dict(max_model_len=1024, max_num_seqs=max(args.batch, 1), max_num_batched_tokens=2048)
+    if args.batch == 1:
+        pairs = held_out_prompts(args.prompts)
+        prompts = [q for _, q in pairs]
+        run = run_batch1
+    else:
+        pairs = held_out_prompts(-(-args.batch // 2))[: args.batch]
+        prompts = [q for _, q in pairs]
+        run = run_batch
+    base = Engine(target, speculative=False, **engine_kw)
+    run(base, prompts[:2], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))  # compile
+    rows, results = [], {}
+    variants = dict(methods)
+    if args.batch > 1:  # at high load: adaptive vs fixed-length speculation, each method
+        variants = {}
+        for name, spec in methods.items():
+            variants[f"{name} adaptive"] = spec.__class__(**{**spec.__dict__, "adaptive": True})
+            variants[f"{name} fixed k={spec.num_tokens}"] = spec.__class__(**{**spec.__dict__, "adaptive": False})
+    for name, spec in variants.items():
+        engine = Engine(target, speculative=spec, **engine_kw)
+        run(engine, prompts[:2], params)  # warm-up: compiles the verification shapes, trains the controller
+        engine.spec_stats.__init__(method=spec.method)
+        off_rates, on_rates = [], []
+        for _ in range(args.repeats):
+            off_rate, off_ids = run(base, prompts, params)
+            on_rate, on_ids = run(engine, prompts, params)
+            off_rates.append(off_rate)
+            on_rates.append(on_rate)
+            if on_ids != off_ids:
+                bad = sum(a != b for a, b in zip(on_ids, off_ids))
+                raise SystemExit(f"{name}: {bad} of {len(prompts)} outputs differ from the target alone")
+        s = engine.spec_stats
+        off, on = max(off_rates), max(on_rates)
+        results[name] = {"tok_s_off": off, "tok_s_on": on, "speedup": on / off, **s.to_json()}
+        rows.append((name, off, on, on / off, s.acceptance_rate, s.mean_accepted_length, s.mean_draft_length))
+        per_set = {}
+        if args.batch == 1:  # acceptance per dataset, from a separate pass over each set
+            for ds in ("gsm8k", "mt_bench"):
+                e = Engine(target, speculative=spec, **engine_kw)
+                run(e, [q for d, q in pairs if d == ds], params)
+                per_set[ds] = {"acceptance_rate": e.spec_stats.acceptance_rate,
+                               "mean_accepted_length": e.spec_stats.mean_accepted_length}
+            results[name]["per_dataset"] = per_set
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"\nSmolLM2 speculative decoding, CPU ({os.cpu_count()} cores), batch {args.batch}, {len(prompts)} prompts, "
+          f"{args.max_tokens} new tokens, k <= {args.num_tokens}, weights={args.weights or 'float32'}")
+    print(f"{'method':<22s} {'off tok/s':>10s} {'on tok/s':>10s} {'speed-up':>9s} {'accept':>7s} {'mean len':>9s} "
+          f"{'mean k':>7s}")
+    for name, off, on, sp, acc, mlen, mk in rows:
+        print(f"{name:<22s} {off:10.1f} {on:10.1f} {sp:8.2f}x {acc:7.2f} {mlen:9.2f} {mk:7.2f}")
+    for name, r in results.items():
+        if "per_dataset" in r:
+            print(f"  {name}: " + ", ".join(f"{d} accept {v['acceptance_rate']:.2f} / mean len "
+                                           f"{v['mean_accepted_length']:.2f}" for d, v in r["per_dataset"].items()))
+    out = {"date": datetime.date.today().isoformat(), "commit": commit, "machine": platform.processor() or platform.machine(),
+           "cpu_count": os.cpu_count(), "args": vars(args), "results": results}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
