@@ -1,4 +1,5 @@
-"""Command line: `llmc compile SOURCE -o OUT`, `llmc generate SOURCE --prompt TEXT`, `llmc serve SOURCE`."""
+"""Command line: `llmc compile SOURCE -o OUT`, `llmc generate SOURCE --prompt TEXT`, `llmc serve SOURCE`,
+`llmc train-draft SOURCE --method medusa|eagle -o HEADS_DIR`."""
 from __future__ import annotations
 
 import argparse
@@ -64,6 +65,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="OUT", help="also write the full result as JSON to OUT")
     add_compile_arguments(p)
     p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("train-draft", help="train Medusa heads or an EAGLE head for speculative decoding")
+    p.add_argument("source", metavar="SOURCE", help="registry name or checkpoint path of the target model")
+    p.add_argument("--method", required=True, choices=["medusa", "eagle"])
+    p.add_argument("-o", "--output", required=True, metavar="HEADS_DIR", help="directory to write the heads to")
+    p.add_argument("--num-heads", type=int, default=4, help="Medusa heads K (default 4)")
+    p.add_argument("--prompts", type=int, default=48, help="GSM8K train prompts, lines [0:N) (default 48)")
+    p.add_argument("--mt-bench-prompts", type=int, default=16,
+                   help="MT-Bench first turns of odd question_id (default 16)")
+    p.add_argument("--eval-prompts", type=int, default=12,
+                   help="held-out prompts for the accuracy report: N GSM8K lines from the file's end and N/3 "
+                        "even-id MT-Bench questions (default 12; 0 = no report)")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the data (default: medusa 3, eagle 5)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="medusa: positions per step (default 256); eagle: sequences per step (default 4)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: medusa 1e-3, eagle 2e-3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None, metavar="DIR", help="folder with gsm8k_train.jsonl and "
+                   "mt_bench_questions.jsonl (default: $LLMC_DATA, else ../shared/data next to the llmc checkout)")
+    p.add_argument("--generations", default=None, metavar="FILE.npz",
+                   help="reuse the target's generations from this file when it matches, else write them there "
+                        "(lets medusa and eagle training share one generation run)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests generated together (default 64)")
+    p.add_argument("--quiet", action="store_true", help="print only the final summary")
+    p.set_defaults(func=run_train_draft)
     return parser
 
 
@@ -221,6 +248,36 @@ def run_eval(args: argparse.Namespace) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2, ensure_ascii=False)
             f.write("\n")
+    return 0
+
+
+def run_train_draft(args: argparse.Namespace) -> int:
+    import json
+
+    from runtime import draft_heads as dh
+
+    for flag, value, low in (("--num-heads", args.num_heads, 1), ("--prompts", args.prompts, 0),
+                             ("--mt-bench-prompts", args.mt_bench_prompts, 0), ("--eval-prompts", args.eval_prompts, 0),
+                             ("--max-tokens", args.max_tokens, 2), ("--max-num-seqs", args.max_num_seqs, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.num_heads > 16:
+        raise ValueError(f"--num-heads must be <= 16, got {args.num_heads}")
+    if args.prompts + args.mt_bench_prompts < 1:
+        raise ValueError("no training prompts: --prompts and --mt-bench-prompts are both 0")
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.lr is not None and not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    result = dh.train_draft_heads(
+        args.source, method=args.method, output=args.output, num_heads=args.num_heads, num_gsm8k=args.prompts,
+        num_mt_bench=args.mt_bench_prompts, num_eval=args.eval_prompts, max_tokens=args.max_tokens,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, data=args.data,
+        generations=args.generations, max_num_seqs=args.max_num_seqs,
+        log=None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)))
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -14,12 +14,12 @@ from runtime.block_pool import BlockPool
 from runtime.block_pool import blocks_needed
 from runtime.kv_manager import KVCacheManager, PrefixCacheStats
 from runtime.sampler import SamplingParams, find_stop_string, make_generator, sample, token_logprobs
+from runtime.speculative import Draft
 from runtime.step import Program, StepInput
 
 if TYPE_CHECKING:
     from lowering.models.config import ModelConfig
     from lowering.speculation import Speculative
-    from runtime.speculative import Draft
 
 Prompt = Union[str, Sequence[int]]
 
@@ -686,16 +686,18 @@ class Engine:
             targets = tokens[row:row + k + 1] if logits is None else np.argmax(logits[row:row + k + 1], axis=-1)
             out = spec_lib.accept_greedy(targets, draft_tokens)
         else:
-            probs = draft.probs[:k] if draft is not None and draft.probs is not None else None
+            probs = draft.probs[:k] if draft is not None and draft.probs is not None else None  # filler rows included
             out = spec_lib.accept_sampled(logits[row:row + k + 1, :self.vocab_size],
                                           spec_lib.Draft(draft_tokens, probs), req.params, req.generator)
-        accepted = len(out) - 1
-        stats = self.spec_stats
-        stats.num_verifications += 1
-        stats.num_draft_tokens += k
-        stats.num_accepted_tokens += accepted
-        stats.num_emitted_tokens += len(out)
-        self.draft_controller.record_acceptance(req, k, accepted)
+        real = min(k, len(draft.tokens) - draft.num_filler) if draft is not None else k  # proposed, not filler
+        if real > 0:
+            accepted = min(len(out) - 1, real)
+            stats = self.spec_stats
+            stats.num_verifications += 1
+            stats.num_draft_tokens += real
+            stats.num_accepted_tokens += accepted
+            stats.num_emitted_tokens += accepted + 1
+            self.draft_controller.record_acceptance(req, real, accepted)
         return out
 
     def _observe(self, chunks: list[ScheduledChunk], step: StepInput, hidden, emitted_by_chunk: dict) -> None:
@@ -717,9 +719,12 @@ class Engine:
 
     def _propose(self) -> None:
         """Draft for the requests the next step decodes; the draft length comes from the controller."""
-        ready, caps = [], []
+        ready, caps, num_decoding = [], [], 0
         for req in self.scheduler.running:
-            if req.num_uncomputed_tokens != 1 or req.params.needs_host_logits:
+            if req.num_uncomputed_tokens != 1:
+                continue
+            num_decoding += 1
+            if req.params.needs_host_logits:
                 continue
             cap = min(self.speculative.num_tokens, req.params.max_tokens - len(req.output_token_ids) - 1,
                       self.max_model_len - req.num_tokens - 1)
@@ -729,6 +734,11 @@ class Engine:
         if not ready:
             return
         k = self.draft_controller.choose(ready)
+        # a Program that replays CUDA graphs for uniform steps (every sequence the same number of rows) gets one
+        # draft length for all: a ragged verification step would run eagerly, several times slower there
+        uniform = bool(getattr(self.program, "prefers_uniform_drafts", False))
+        if uniform:
+            k = min(k, min(caps)) if len(ready) == num_decoding else 0
         stats = self.spec_stats
         stats.num_steps += 1
         stats.draft_length_steps[k] = stats.draft_length_steps.get(k, 0) + 1
@@ -739,11 +749,21 @@ class Engine:
         start = time.perf_counter()
         drafts = self.proposer.propose(ready, lengths)
         self.draft_controller.record_draft(k, time.perf_counter() - start)
+        # ... and every draft filled up to that length
         for req, n, draft in zip(ready, lengths, drafts):
             tokens = [int(t) for t in draft.tokens[:n]]
             bad = [t for t in tokens if not 0 <= t < self.vocab_size]
             if bad:
                 raise RuntimeError(f"the {self.proposer.name} proposer drafted token ids outside the vocabulary: {bad[:3]}")
+            if uniform and len(tokens) < n:
+                filler = n - len(tokens)
+                probs = draft.probs[: len(tokens)] if draft.probs is not None else None
+                tokens += [tokens[-1] if tokens else req.token_ids[-1]] * filler
+                if probs is not None:  # a filler token is a deterministic guess: q is one-hot on it
+                    one_hot = np.zeros((filler, probs.shape[1]), np.float32)
+                    one_hot[:, tokens[-1]] = 1.0
+                    probs = np.concatenate([probs, one_hot])
+                draft = Draft(tokens, probs, num_filler=filler)
             req.spec_token_ids = tokens
             req.spec_draft = draft
 

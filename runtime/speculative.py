@@ -41,6 +41,9 @@ class Draft:
     # f32[len(tokens), V]: the distribution each token was drawn from (sampling requests of a
     # stochastic proposer); None for a deterministic proposal (q is one-hot on the token).
     probs: np.ndarray | None = None
+    # trailing tokens the engine appended so every sequence verifies the same number of rows (a CUDA graph per
+    # row count); they are deterministic guesses (q one-hot), so accepting one is still exact
+    num_filler: int = 0
 
 
 @dataclasses.dataclass

@@ -34,6 +34,9 @@ DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20  # device="cpu" (interpreter tests): 256 
 GRAPH_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFILL_FAST_PATH_MIN_TOKENS = 64  # a step whose longest new sequence is shorter stays on the paged kernel
 MIN_CONTEXT_BUCKET = 256  # decode graphs are keyed by the step's longest context, rounded up to a power of two
+# CUDA graphs also serve uniform verification steps: every sequence runs q tokens (its last token and a q-1 token
+# draft) with logits for all rows; q up to this many
+MAX_GRAPH_QUERY = 9
 
 _TORCH_DTYPES: dict[str, Any] = {}
 
@@ -126,6 +129,7 @@ class CudaProgram:
         self.block_size = int(graph.meta["block_size"])
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.max_num_seqs = max_num_seqs
+
         out_type = graph.types[graph.outputs[0]]
         self.vocab_size = int(out_type.shape[-1])
         missing = set(graph.params) - set(params)
@@ -167,11 +171,16 @@ class CudaProgram:
         # every bucket below max_num_seqs, then max_num_seqs itself (at most 256 sequences per graph)
         largest = min(max_num_seqs, GRAPH_BATCH_BUCKETS[-1])
         self.graph_batch_buckets = tuple(b for b in GRAPH_BATCH_BUCKETS if b < largest) + (largest,)
-        self._graphs: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
+        self._graphs: dict[tuple[int, int, int], tuple[Any, ...]] = {}  # (batch, q, ctx bucket) -> graph, outputs
         self._graph_pool = None
         self._static = None
         self.num_graph_replays = 0
         self.num_eager_steps = 0
+
+    @property
+    def prefers_uniform_drafts(self) -> bool:
+        """Speculating engines fill drafts to one length per step, so verification steps replay CUDA graphs."""
+        return self.cuda_graphs
 
     # -- memory --------------------------------------------------------------------------------
 
@@ -303,20 +312,33 @@ class CudaProgram:
             check_hidden_output(self.graph)
         self._check_step(inp)
         num_rows = int(inp.logit_rows.shape[0])
-        q_lens = np.diff(inp.query_start)
-        decode = (inp.num_tokens == inp.num_seqs and inp.num_seqs > 0 and bool(np.all(q_lens == 1))
-                  and num_rows == inp.num_seqs)
-        if self.cuda_graphs and decode and not hidden and inp.num_seqs <= self.graph_batch_buckets[-1]:
-            logits, tokens = self._replay_decode(inp)
+        q = self._uniform_query(inp)
+        if self.cuda_graphs and q and inp.num_seqs <= self.graph_batch_buckets[-1]:
+            logits, tokens, extra = self._replay(inp, q)
             self.num_graph_replays += 1
-        else:
-            arrays = {k: getattr(inp, k) for k in ("token_ids", "positions", "slot_mapping", "query_start", "seq_lens",
-                                                    "block_tables", "logit_rows")}
-            logits = self._run_eager(arrays)
-            tokens = _argmax(logits) if greedy else None
-            self.num_eager_steps += 1
+            hidden_rows = extra[0][: inp.num_tokens] if hidden else None
+            return logits[:num_rows], tokens[:num_rows], hidden_rows
+        arrays = {k: getattr(inp, k) for k in ("token_ids", "positions", "slot_mapping", "query_start", "seq_lens",
+                                                "block_tables", "logit_rows")}
+        logits = self._run_eager(arrays)
+        tokens = _argmax(logits) if greedy else None
+        self.num_eager_steps += 1
         hidden_rows = self._extra_outputs[0][: inp.num_tokens] if hidden else None
         return logits[:num_rows], (tokens[:num_rows] if tokens is not None else None), hidden_rows
+
+    @staticmethod
+    def _uniform_query(inp) -> int:
+        """q when every sequence runs q <= MAX_GRAPH_QUERY new tokens with logits for all rows in order (a decode
+        step: q = 1; a verification step with equal draft lengths: q = k + 1); else 0. Such steps replay graphs."""
+        s, t = inp.num_seqs, inp.num_tokens
+        if s == 0 or t % s or not 1 <= t // s <= MAX_GRAPH_QUERY:
+            return 0
+        q = t // s
+        if not np.array_equal(inp.query_start, np.arange(s + 1, dtype=np.int32) * q):
+            return 0
+        if not (inp.logit_rows.shape[0] == t and np.array_equal(inp.logit_rows, np.arange(t, dtype=np.int32))):
+            return 0
+        return q
 
     def _run_eager(self, arrays: Mapping[str, np.ndarray]):
         packed, views = _pack_inputs(arrays, self.graph.inputs)
@@ -355,8 +377,9 @@ class CudaProgram:
 
         if self._static is None:
             max_b = self.graph_batch_buckets[-1]
-            fields = [("token_ids", max_b), ("positions", max_b), ("slot_mapping", max_b), ("query_start", max_b + 1),
-                      ("seq_lens", max_b), ("logit_rows", max_b), ("block_tables", max_b * self.max_blocks_per_seq)]
+            rows = max_b * MAX_GRAPH_QUERY
+            fields = [("token_ids", rows), ("positions", rows), ("slot_mapping", rows), ("query_start", max_b + 1),
+                      ("seq_lens", max_b), ("logit_rows", rows), ("block_tables", max_b * self.max_blocks_per_seq)]
             offsets, at = {}, 0
             for name, size in fields:
                 offsets[name] = at
@@ -367,28 +390,31 @@ class CudaProgram:
             self._graph_pool = torch.cuda.graph_pool_handle()
         return self._static
 
-    def _fill_decode(self, host: np.ndarray, offsets: dict, b: int, inp=None) -> int:
-        """Write a decode step padded to batch b into the packed host buffer; returns how many ints to copy."""
+    def _fill_decode(self, host: np.ndarray, offsets: dict, b: int, inp=None, q: int = 1) -> int:
+        """Write a uniform step (q tokens a sequence, all rows logit rows) padded to batch b into the packed host
+        buffer; returns how many ints to copy. Pad sequences own q rows that write nowhere and see q
+        positions of block 0 (their rows are computed and dropped)."""
         width = self.max_blocks_per_seq
         s = 0 if inp is None else inp.num_seqs
-        host[offsets["token_ids"]: offsets["token_ids"] + b] = 0
-        host[offsets["positions"]: offsets["positions"] + b] = 0
-        host[offsets["slot_mapping"]: offsets["slot_mapping"] + b] = -1
-        host[offsets["query_start"]: offsets["query_start"] + b + 1] = np.arange(b + 1, dtype=np.int32)
-        host[offsets["seq_lens"]: offsets["seq_lens"] + b] = 0  # pad sequences see no context
-        host[offsets["logit_rows"]: offsets["logit_rows"] + b] = np.arange(b, dtype=np.int32)
+        rows = b * q
+        host[offsets["token_ids"]: offsets["token_ids"] + rows] = 0
+        host[offsets["positions"]: offsets["positions"] + rows] = np.tile(np.arange(q, dtype=np.int32), b)
+        host[offsets["slot_mapping"]: offsets["slot_mapping"] + rows] = -1
+        host[offsets["query_start"]: offsets["query_start"] + b + 1] = np.arange(b + 1, dtype=np.int32) * q
+        host[offsets["seq_lens"]: offsets["seq_lens"] + b] = q if q > 1 else 0  # a decode pad sees no context
+        host[offsets["logit_rows"]: offsets["logit_rows"] + rows] = np.arange(rows, dtype=np.int32)
         tables = host[offsets["block_tables"]: offsets["block_tables"] + b * width].reshape(b, width)
         tables[:] = 0
         if inp is not None:
-            host[offsets["token_ids"]: offsets["token_ids"] + s] = inp.token_ids
-            host[offsets["positions"]: offsets["positions"] + s] = inp.positions
-            host[offsets["slot_mapping"]: offsets["slot_mapping"] + s] = inp.slot_mapping
+            t = inp.num_tokens
+            host[offsets["token_ids"]: offsets["token_ids"] + t] = inp.token_ids
+            host[offsets["positions"]: offsets["positions"] + t] = inp.positions
+            host[offsets["slot_mapping"]: offsets["slot_mapping"] + t] = inp.slot_mapping
             host[offsets["seq_lens"]: offsets["seq_lens"] + s] = inp.seq_lens
-            host[offsets["logit_rows"]: offsets["logit_rows"] + s] = inp.logit_rows
             tables[:s, : inp.block_tables.shape[1]] = inp.block_tables
         return offsets["block_tables"] + b * width
 
-    def _decode_views(self, b: int):
+    def _decode_views(self, b: int, q: int = 1):
         device_buf, _, offsets = self._static_buffers()
         width = self.max_blocks_per_seq
 
@@ -396,36 +422,38 @@ class CudaProgram:
             t = device_buf[offsets[name]: offsets[name] + n]
             return t.view(shape) if shape else t
 
-        return {"token_ids": view("token_ids", b), "positions": view("positions", b),
-                "slot_mapping": view("slot_mapping", b), "query_start": view("query_start", b + 1),
-                "seq_lens": view("seq_lens", b), "logit_rows": view("logit_rows", b),
+        rows = b * q
+        return {"token_ids": view("token_ids", rows), "positions": view("positions", rows),
+                "slot_mapping": view("slot_mapping", rows), "query_start": view("query_start", b + 1),
+                "seq_lens": view("seq_lens", b), "logit_rows": view("logit_rows", rows),
                 "block_tables": view("block_tables", b * width, (b, width))}
 
-    def _replay_decode(self, inp):
+    def _replay(self, inp, q: int = 1):
+        """Replay the graph of this uniform step's (batch bucket, q, context bucket); -> logits, tokens, extra outputs."""
         s = inp.num_seqs
         b = next(x for x in self.graph_batch_buckets if x >= s)
         ctx_bucket = min(_bucket_pow2(int(inp.seq_lens.max()), MIN_CONTEXT_BUCKET),
                          _bucket_pow2(self.max_blocks_per_seq * self.block_size))
-        key = (b, ctx_bucket)
+        key = (b, q, ctx_bucket)
         if key not in self._graphs:
-            self._capture(b, ctx_bucket)
-        graph, logits, tokens = self._graphs[key]
+            self._capture(b, ctx_bucket, q)
+        graph, logits, tokens, extra = self._graphs[key]
         device_buf, host_buf, offsets = self._static
         host = host_buf.numpy()
-        n = self._fill_decode(host, offsets, b, inp)
+        n = self._fill_decode(host, offsets, b, inp, q)
         device_buf[:n].copy_(host_buf[:n], non_blocking=True)
         graph.replay()
-        return logits, tokens
+        return logits, tokens, extra
 
-    def _capture(self, b: int, ctx_bucket: int) -> None:
+    def _capture(self, b: int, ctx_bucket: int, q: int = 1) -> None:
         import torch
 
         device_buf, host_buf, offsets = self._static_buffers()
         torch.cuda.synchronize(self.device)
-        n = self._fill_decode(host_buf.numpy(), offsets, b)  # safe inputs: nothing written, no context
+        n = self._fill_decode(host_buf.numpy(), offsets, b, q=q)  # safe inputs: nothing written
         device_buf[:n].copy_(host_buf[:n])
-        inputs = self._decode_views(b)
-        ctx = _StepContext(env=self._env(inputs), max_q_len=1, max_seq_len=ctx_bucket)
+        inputs = self._decode_views(b, q)
+        ctx = _StepContext(env=self._env(inputs), max_q_len=q, max_seq_len=ctx_bucket)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -433,11 +461,13 @@ class CudaProgram:
                 _argmax(self._execute(inputs, ctx))
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # NOTE: thread_local: a CUDA call from another thread (JAX's runtime, a proposer) must not void the capture
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             logits = self._execute(inputs, ctx)
             tokens = _argmax(logits)
+            extra = list(self._extra_outputs)  # the hidden states (speculation), in the graph's memory
         torch.cuda.synchronize(self.device)
-        self._graphs[(b, ctx_bucket)] = (graph, logits, tokens)
+        self._graphs[(b, q, ctx_bucket)] = (graph, logits, tokens, extra)
 
     def capture_decode_graphs(self, context_len: int | None = None) -> int:
         """Capture every batch bucket's decode graph up front (else each is captured on first use)."""
@@ -446,7 +476,7 @@ class CudaProgram:
         ctx = context_len or MIN_CONTEXT_BUCKET
         ctx_bucket = min(_bucket_pow2(ctx, MIN_CONTEXT_BUCKET), _bucket_pow2(self.max_blocks_per_seq * self.block_size))
         for b in sorted(self.graph_batch_buckets, reverse=True):  # largest first: smaller ones reuse its pool
-            if (b, ctx_bucket) not in self._graphs:
+            if (b, 1, ctx_bucket) not in self._graphs:
                 self._capture(b, ctx_bucket)
         return len(self._graphs)
 

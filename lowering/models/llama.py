@@ -101,11 +101,15 @@ class LlamaForCausalLM(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False,
                                                                     dtype=dtype, rngs=rngs)
 
-    def __call__(self, token_ids, positions, query_start, logit_rows):
+    def hidden_states(self, token_ids, positions, query_start):
+        """The final-norm hidden states f32[T, D] (the lm_head's input; the features draft heads read)."""
         x = self.model.embed_tokens(token_ids)  # [T, D]
         for layer in self.model.layers:
             x = layer(x, positions, query_start)
-        x = self.model.norm(x)
+        return self.model.norm(x)
+
+    def __call__(self, token_ids, positions, query_start, logit_rows):
+        x = self.hidden_states(token_ids, positions, query_start)  # [T, D]
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return ops.compute_logits(x, logit_rows, head[...])  # f32[L, V]
 

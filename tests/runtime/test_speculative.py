@@ -287,3 +287,22 @@ def test_engine_refuses_hidden_state_methods_without_hidden_output():
 
     with pytest.raises(ValueError, match="hidden states"):
         Engine(Handle(), speculative=Speculative("medusa", heads="/nonexistent"))
+
+
+def test_uniform_drafts_are_filled_and_still_exact(baseline):
+    """A Program that prefers uniform steps (the CUDA program replays a graph per row count) gets every draft
+    filled to the step's length with guesses; output stays identical and stats count only proposed tokens."""
+    class UniformToy(ToyModel):
+        def make_program(self, **kw):
+            program = super().make_program(**kw)
+            program.prefers_uniform_drafts = True
+            return program
+
+    engine = Engine(UniformToy(seed=3), speculative=Speculative("ngram", num_tokens=3, adaptive=False))
+    outs = engine.generate(PROMPTS, _greedy())
+    assert [o.token_ids for o in outs] == baseline
+    program = engine.program
+    q_lens = [s.num_tokens // s.num_seqs for s in program.steps if s.num_tokens == s.num_logit_rows]
+    assert 4 in q_lens  # verification steps of 4 rows a sequence
+    s = engine.spec_stats
+    assert 0 < s.acceptance_rate <= 1 and s.num_emitted_tokens == s.num_accepted_tokens + s.num_verifications
