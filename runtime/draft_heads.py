@@ -869,24 +869,28 @@ def train_medusa(data: TrainingSet, heads: DraftHeads, lm_head: np.ndarray, *, e
 
     params = {name: jnp.asarray(v) for name, v in heads.params.items()}
     opt_state = opt.init(params)
-    rng = np.random.default_rng(seed)
-    losses, done, t0 = [], 0, time.time()
-    while done < total:
-        perm = rng.permutation(n)
-        for s in range(steps_per_epoch):
-            if done >= total:
-                break
-            idx = perm[s * batch_size:(s + 1) * batch_size]
-            params, opt_state, loss, (per_head, correct, count) = step(params, opt_state, lm, feats[idx], targets[idx],
-                                                                  soft_ids[idx], soft_probs[idx])
-            losses.append(float(loss))
-            done += 1
-            if done % 20 == 0 or done == total:
-                acc = np.asarray(correct) / np.maximum(np.asarray(count), 1)
-                log(f"medusa step {done}/{total} loss {float(loss):.3f} train top-1 "
-                    f"{' '.join(f'{a:.2f}' for a in acc)} ({time.time() - t0:.0f}s)")
+    losses, t0 = [], time.time()
+    for done, idx in enumerate(_minibatches(n, batch_size, steps_per_epoch, total, seed), start=1):
+        params, opt_state, loss, (per_head, correct, count) = step(params, opt_state, lm, feats[idx], targets[idx],
+                                                              soft_ids[idx], soft_probs[idx])
+        losses.append(float(loss))
+        if done % 20 == 0 or done == total:
+            acc = np.asarray(correct) / np.maximum(np.asarray(count), 1)
+            log(f"medusa step {done}/{total} loss {float(loss):.3f} train top-1 "
+                f"{' '.join(f'{a:.2f}' for a in acc)} ({time.time() - t0:.0f}s)")
     trained = DraftHeads("medusa", dict(heads.config), {name: np.asarray(v) for name, v in params.items()})
     return trained, losses
+
+
+def _minibatches(n: int, batch_size: int, steps_per_epoch: int, total: int, seed: int):
+    """`total` index arrays of batch_size examples out of n, a fresh permutation every epoch."""
+    rng = np.random.default_rng(seed)
+    done = 0
+    while done < total:
+        perm = rng.permutation(n)
+        for s in range(min(steps_per_epoch, total - done)):
+            yield perm[s * batch_size:(s + 1) * batch_size]
+        done += min(steps_per_epoch, total - done)
 
 
 def _eagle_batches(data: TrainingSet, lm_head: np.ndarray, seq_len: int):
@@ -982,22 +986,15 @@ def train_eagle(data: TrainingSet, heads: DraftHeads, embed: np.ndarray, lm_head
 
     params = {name: jnp.asarray(v) for name, v in heads.params.items()}
     opt_state = opt.init(params)
-    rng = np.random.default_rng(seed)
     key = jax.random.PRNGKey(seed)
-    losses, done, t0 = [], 0, time.time()
-    while done < total:
-        perm = rng.permutation(n)
-        for s in range(steps_per_epoch):
-            if done >= total:
-                break
-            key, sub = jax.random.split(key)
-            batch = make_batch(perm[s * batch_size:(s + 1) * batch_size])
-            params, opt_state, loss, (reg, ce, correct, count) = step(params, opt_state, emb, lm, *batch, sub)
-            losses.append(float(loss))
-            done += 1
-            if done % 20 == 0 or done == total:
-                log(f"eagle step {done}/{total} loss {float(loss):.3f} (reg {float(reg):.3f} ce {float(ce):.3f}) "
-                    f"train top-1 {float(correct) / max(float(count), 1):.2f} ({time.time() - t0:.0f}s)")
+    losses, t0 = [], time.time()
+    for done, idx in enumerate(_minibatches(n, batch_size, steps_per_epoch, total, seed), start=1):
+        key, sub = jax.random.split(key)
+        params, opt_state, loss, (reg, ce, correct, count) = step(params, opt_state, emb, lm, *make_batch(idx), sub)
+        losses.append(float(loss))
+        if done % 20 == 0 or done == total:
+            log(f"eagle step {done}/{total} loss {float(loss):.3f} (reg {float(reg):.3f} ce {float(ce):.3f}) "
+                f"train top-1 {float(correct) / max(float(count), 1):.2f} ({time.time() - t0:.0f}s)")
     trained = DraftHeads("eagle", dict(heads.config), {name: np.asarray(v) for name, v in params.items()})
     return trained, losses
 

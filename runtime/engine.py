@@ -292,24 +292,27 @@ class Scheduler:
 
         decodes = [r for r in self.running if r.num_uncomputed_tokens == 1]
         prefills = [r for r in self.running if r.num_uncomputed_tokens > 1]
+        used = 0  # tokens scheduled so far (recounted after a preemption gives some back)
         for req in decodes + prefills:
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this step
                 continue
             # a decode runs its last token and its draft (speculative decoding), as much of it as the budget allows
             num_spec = len(req.spec_token_ids) if req.num_uncomputed_tokens == 1 else 0
-            num_new = min(req.num_uncomputed_tokens + num_spec, self._budget_left(scheduled))
+            num_new = min(req.num_uncomputed_tokens + num_spec, self.max_num_batched_tokens - used)
             if num_new == 0:
                 break
             num_spec = max(0, num_new - req.num_uncomputed_tokens)
             if num_spec < len(req.spec_token_ids):
                 req.spec_token_ids = req.spec_token_ids[:num_spec]
+            num_preempted = len(preempted)
             if self._grow_blocks(req, num_new, scheduled, preempted):
                 scheduled[req.arrival] = ScheduledChunk(req, req.num_computed_tokens, num_new, num_spec=num_spec)
+            used = used + num_new if len(preempted) == num_preempted else self._used(scheduled)
 
         # NOTE: a step that had to preempt is short of blocks; admitting now would only thrash.
         while self.waiting and not preempted and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            budget = self._budget_left(scheduled)
+            budget = self.max_num_batched_tokens - used
             if budget == 0:
                 break
             computed_blocks = self.kv.get_computed_blocks(req)
@@ -321,6 +324,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             bisect.insort(self.running, req, key=_arrival)
             scheduled[req.arrival] = ScheduledChunk(req, num_cached, num_new, num_cached_tokens=num_cached)
+            used += num_new
 
         chunks = list(scheduled.values())
         for chunk in chunks:
@@ -335,8 +339,9 @@ class Scheduler:
             if chunk.request.status is RequestStatus.RUNNING:
                 self.kv.cache_full_blocks(chunk.request)
 
-    def _budget_left(self, scheduled: dict[int, ScheduledChunk]) -> int:
-        return self.max_num_batched_tokens - sum(c.num_tokens for c in scheduled.values())
+    @staticmethod
+    def _used(scheduled: dict[int, ScheduledChunk]) -> int:
+        return sum(c.num_tokens for c in scheduled.values())
 
     def _grow_blocks(
         self, req: Request, num_new: int, scheduled: dict[int, ScheduledChunk], preempted: list[Request]
@@ -720,14 +725,16 @@ class Engine:
     def _propose(self) -> None:
         """Draft for the requests the next step decodes; the draft length comes from the controller."""
         ready, caps, num_decoding = [], [], 0
+        k_max, max_len = self.speculative.num_tokens, self.max_model_len - 1
         for req in self.scheduler.running:
-            if req.num_uncomputed_tokens != 1:
+            n = len(req.token_ids)
+            if n - req.num_computed_tokens != 1:
                 continue
             num_decoding += 1
-            if req.params.needs_host_logits:
+            params = req.params
+            if params.needs_host_logits:
                 continue
-            cap = min(self.speculative.num_tokens, req.params.max_tokens - len(req.output_token_ids) - 1,
-                      self.max_model_len - req.num_tokens - 1)
+            cap = min(k_max, params.max_tokens - len(req.output_token_ids) - 1, max_len - n)
             if cap >= 1:
                 ready.append(req)
                 caps.append(cap)
@@ -750,10 +757,11 @@ class Engine:
         drafts = self.proposer.propose(ready, lengths)
         self.draft_controller.record_draft(k, time.perf_counter() - start)
         # ... and every draft filled up to that length
+        vocab = self.vocab_size
         for req, n, draft in zip(ready, lengths, drafts):
-            tokens = [int(t) for t in draft.tokens[:n]]
-            bad = [t for t in tokens if not 0 <= t < self.vocab_size]
-            if bad:
+            tokens = list(map(int, draft.tokens[:n]))
+            if tokens and (min(tokens) < 0 or max(tokens) >= vocab):
+                bad = [t for t in tokens if not 0 <= t < vocab]
                 raise RuntimeError(f"the {self.proposer.name} proposer drafted token ids outside the vocabulary: {bad[:3]}")
             if uniform and len(tokens) < n:
                 filler = n - len(tokens)

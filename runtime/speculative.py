@@ -17,7 +17,6 @@ K/V of rejected drafts stay in the pool but past the sequence's length: the next
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
