@@ -596,7 +596,7 @@ class Engine:
         with_hidden = self.proposer is not None and self.proposer.needs_hidden
         start = time.perf_counter()
         new_tokens, logits, hidden = self._run_program(step, sampled, any(num_spec), with_hidden)
-        if self.draft_controller is not None:
+        if self.draft_controller is not None and not getattr(self.program, "last_step_compiled", False):
             self.draft_controller.record_step(step.num_tokens, time.perf_counter() - start)
         self.num_steps += 1
 
@@ -740,7 +740,11 @@ class Engine:
                 caps.append(cap)
         if not ready:
             return
-        k = self.draft_controller.choose(ready)
+        # the next step also runs prefill chunks (requests still prefilling, then waiting ones) within its budget
+        pending = sum(len(r.token_ids) - r.num_computed_tokens for r in self.scheduler.running) - num_decoding
+        pending += sum(len(r.token_ids) for r in self.scheduler.waiting[: self.max_num_seqs])
+        k = self.draft_controller.choose(ready, prefill_tokens=pending,
+                                         max_tokens=self.scheduler.max_num_batched_tokens)
         # a Program that replays CUDA graphs for uniform steps (every sequence the same number of rows) gets one
         # draft length for all: a ragged verification step would run eagerly, several times slower there
         uniform = bool(getattr(self.program, "prefers_uniform_drafts", False))
@@ -755,9 +759,9 @@ class Engine:
         lengths = [min(k, c) for c in caps]
         start = time.perf_counter()
         drafts = self.proposer.propose(ready, lengths)
-        self.draft_controller.record_draft(k, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
         # ... and every draft filled up to that length
-        vocab = self.vocab_size
+        vocab, drafted = self.vocab_size, 0
         for req, n, draft in zip(ready, lengths, drafts):
             tokens = list(map(int, draft.tokens[:n]))
             if tokens and (min(tokens) < 0 or max(tokens) >= vocab):
@@ -774,6 +778,8 @@ class Engine:
                 draft = Draft(tokens, probs, num_filler=filler)
             req.spec_token_ids = tokens
             req.spec_draft = draft
+            drafted += len(tokens)
+        self.draft_controller.record_draft(k, seconds, fill=drafted / (k * len(ready)))
 
     @staticmethod
     def _device_seed(req: Request) -> int:

@@ -349,8 +349,9 @@ class DraftLengthController:
     (a chain stops at the first rejection). The controller picks the k maximising sum_r E_r(k) / (c + d),
     so speculation is used while verification rows are cheap (low batch) and dropped when every row costs
     (high batch). A k whose step size was never measured is tried once; unmeasured sizes between measured
-    ones are interpolated, larger ones extrapolated in proportion to T. The first sample of each size is
-    dropped (it may include compiling the step), later ones enter a decayed mean with outliers clipped (a
+    ones are interpolated, larger ones extrapolated in proportion to T (prefill chunks sharing the step count
+    too). Steps the Program reports as compiling a new shape (`last_step_compiled`) are not recorded; of the
+    rest, the first sample of each size is dropped, later ones enter a decayed mean with outliers clipped (a
     stall of the machine must not switch speculation off for good). a_r is a decayed count of
     accepted / tried draft tokens per request, starting from the running average of all requests.
     """
@@ -365,6 +366,8 @@ class DraftLengthController:
         self.step_cost: dict[int, float] = {}  # cost bucket -> seconds (decayed mean)
         self.draft_cost: dict[int, float] = {}  # k -> seconds of one propose() call
         self._seen: set = set()  # (table, key) whose first sample was dropped: it may include a jit compile
+        self._explored: dict[int, int] = {}  # step-size bucket -> times tried for it (a step may land elsewhere)
+        self.fill = 1.0  # drafted tokens / (requests x k): proposers may return shorter drafts (decayed mean)
         self._acc: dict[Any, list[float]] = {}  # request -> [accepted, tried] (decayed)
         self._global = [self.PRIOR_ACCEPTANCE, 1.0]
 
@@ -373,8 +376,11 @@ class DraftLengthController:
     def record_step(self, num_tokens: int, seconds: float) -> None:
         self._update(self.step_cost, cost_bucket(num_tokens), seconds)
 
-    def record_draft(self, k: int, seconds: float) -> None:
+    def record_draft(self, k: int, seconds: float, fill: float | None = None) -> None:
+        """A propose() call for length k took `seconds`; `fill` = tokens drafted / (requests x k)."""
         self._update(self.draft_cost, k, seconds)
+        if fill is not None:
+            self.fill = self.DECAY * self.fill + (1 - self.DECAY) * min(max(fill, 0.0), 1.0)
 
     def record_acceptance(self, request, num_drafted: int, num_accepted: int) -> None:
         """A verification accepted num_accepted of num_drafted tokens (a chain: one rejection ends it)."""
@@ -394,19 +400,30 @@ class DraftLengthController:
 
     # -- the choice --------------------------------------------------------------------------------
 
-    def choose(self, requests: Sequence[Any], prefill_tokens: int = 0) -> int:
-        """The draft length for this step's decoding requests (before each request's own cap)."""
+    def choose(self, requests: Sequence[Any], prefill_tokens: int = 0, max_tokens: int | None = None) -> int:
+        """The draft length for this step's decoding requests (before each request's own cap). The step also
+        runs up to prefill_tokens prompt tokens, all within max_tokens (the engine's token budget)."""
         if not self.adaptive or not requests:
             return self.max_len
         b = len(requests)
+
+        def rows(k):  # the step's expected rows: decodes, their drafts (as long as proposals tend to be), prefill
+            decode = b + round(b * k * self.fill)
+            t = prefill_tokens + decode
+            return min(t, max(max_tokens, decode)) if max_tokens else t
+
         for k in (self.max_len, 0):  # explore the two ends first, once per step size
-            if cost_bucket(prefill_tokens + b * (k + 1)) not in self.step_cost:
+            bucket = cost_bucket(rows(k))
+            if bucket not in self.step_cost and self._explored.get(bucket, 0) < 2:  # the first sample is dropped
+                self._explored[bucket] = self._explored.get(bucket, 0) + 1
                 return k
+        if not self.step_cost:
+            return self.max_len
         alphas = np.array([self.acceptance(r) for r in requests])
         best_k, best = 0, -1.0
         for k in range(self.max_len + 1):
             emitted = float(np.sum((1.0 - alphas ** (k + 1)) / (1.0 - alphas)))
-            cost = self._step_estimate(prefill_tokens + b * (k + 1)) + (self._draft_estimate(k) if k else 0.0)
+            cost = self._step_estimate(rows(k)) + (self._draft_estimate(k) if k else 0.0)
             rate = emitted / max(cost, 1e-9)
             if rate > best:
                 best_k, best = k, rate

@@ -106,12 +106,20 @@ class CpuProgram:
             check_hidden_output(self.graph)
         inp.validate(block_size=self.block_size, num_blocks=self.num_blocks)
         padded = pad_step(inp, max_blocks_per_seq=self.max_blocks_per_seq)
+        compiled = _cache_size(self._step)
         outs, self.state = self._step(self.params, self.state, padded, self._max_q_len_key(padded))
+        # a step that compiled a new shape took seconds: cost models (speculation) skip its time
+        self.last_step_compiled = _cache_size(self._step) != compiled
         logits = np.asarray(outs[0][: inp.logit_rows.shape[0]])
         if not with_hidden:
             return logits
         return logits, np.asarray(outs[1][: inp.num_tokens], np.float32)
 
+
+
+def _cache_size(fn) -> int:
+    size = getattr(fn, "_cache_size", None)
+    return size() if size is not None else -1
 
 
 def pad_step(inp: StepInput, *, max_blocks_per_seq: int) -> dict[str, np.ndarray]:

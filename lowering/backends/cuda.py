@@ -320,6 +320,7 @@ class CudaProgram:
             return logits[:num_rows], tokens[:num_rows], hidden_rows
         arrays = {k: getattr(inp, k) for k in ("token_ids", "positions", "slot_mapping", "query_start", "seq_lens",
                                                 "block_tables", "logit_rows")}
+        self.last_step_compiled = False  # (a Triton kernel's first compile is not detected)
         logits = self._run_eager(arrays)
         tokens = _argmax(logits) if greedy else None
         self.num_eager_steps += 1
@@ -435,7 +436,8 @@ class CudaProgram:
         ctx_bucket = min(_bucket_pow2(int(inp.seq_lens.max()), MIN_CONTEXT_BUCKET),
                          _bucket_pow2(self.max_blocks_per_seq * self.block_size))
         key = (b, q, ctx_bucket)
-        if key not in self._graphs:
+        self.last_step_compiled = key not in self._graphs  # a capture (and its warm-up runs): not a step's cost
+        if self.last_step_compiled:
             self._capture(b, ctx_bucket, q)
         graph, logits, tokens, extra = self._graphs[key]
         device_buf, host_buf, offsets = self._static
