@@ -602,14 +602,14 @@ class Engine:
 
         # rows -> emitted tokens per request (one, or the accepted drafts and one more)
         emitted: list[list[int]] = []
-        row = 0
+        first_rows = np.cumsum([0] + [k + 1 for k in num_spec[:-1]])  # each request's first logit row
         plain = [i for i, k in enumerate(num_spec) if k == 0]
         if logits is not None and plain:  # rows without a draft: the sampler (penalties, logprobs) as before
-            rows = [sum(k + 1 for k in num_spec[:i]) for i in plain]
-            picked = sample(logits[rows], [sampled[i].params for i in plain], [sampled[i].generator for i in plain],
-                            [sampled[i].output_token_ids for i in plain])
+            picked = sample(logits[first_rows[plain]], [sampled[i].params for i in plain],
+                            [sampled[i].generator for i in plain], [sampled[i].output_token_ids for i in plain])
             plain_tokens = dict(zip(plain, picked.tolist()))
         for i, (req, k) in enumerate(zip(sampled, num_spec)):
+            row = int(first_rows[i])
             if k == 0:
                 token = plain_tokens[i] if logits is not None else int(new_tokens[row])
                 if logits is not None and req.params.logprobs is not None:
@@ -617,7 +617,6 @@ class Engine:
                 emitted.append([token])
             else:
                 emitted.append(self._verify(req, k, row, new_tokens, logits))
-            row += k + 1
 
         # rejected drafts: their K/V lie past the accepted tokens and are overwritten later
         for chunk, out in zip(groups, emitted):
