@@ -89,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the target's generations from this file when it matches, else write them there "
                         "(lets medusa and eagle training share one generation run)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests generated together (default 64)")
+    p.add_argument("--mt-bench-samples", type=int, default=0,
+                   help="also continue each MT-Bench training prompt N times with temperature 0.8 sampling (more "
+                        "varied chat contexts; the heads still learn the target's greedy tokens) (default 0)")
+    p.add_argument("--depth", type=int, default=3,
+                   help="eagle: chain steps trained on the head's own predicted features, as drafting feeds them "
+                        "(default 3; 1 = teacher forcing only)")
+    p.add_argument("--target", default="cpu", choices=["cpu", "cuda", "tpu"],
+                   help="compile target whose Program generates the training sequences and computes their "
+                        "features (default cpu; cuda on a GPU machine: the bf16 features drafting will read); "
+                        "training runs in JAX on its default device")
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
     p.set_defaults(func=run_train_draft)
     return parser
@@ -258,7 +268,8 @@ def run_train_draft(args: argparse.Namespace) -> int:
 
     for flag, value, low in (("--num-heads", args.num_heads, 1), ("--prompts", args.prompts, 0),
                              ("--mt-bench-prompts", args.mt_bench_prompts, 0), ("--eval-prompts", args.eval_prompts, 0),
-                             ("--max-tokens", args.max_tokens, 2), ("--max-num-seqs", args.max_num_seqs, 1)):
+                             ("--max-tokens", args.max_tokens, 2), ("--max-num-seqs", args.max_num_seqs, 1),
+                             ("--depth", args.depth, 1), ("--mt-bench-samples", args.mt_bench_samples, 0)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     if args.num_heads > 16:
@@ -275,7 +286,8 @@ def run_train_draft(args: argparse.Namespace) -> int:
         args.source, method=args.method, output=args.output, num_heads=args.num_heads, num_gsm8k=args.prompts,
         num_mt_bench=args.mt_bench_prompts, num_eval=args.eval_prompts, max_tokens=args.max_tokens,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, data=args.data,
-        generations=args.generations, max_num_seqs=args.max_num_seqs,
+        generations=args.generations, max_num_seqs=args.max_num_seqs, target=args.target,
+        depth=args.depth, mt_bench_samples=args.mt_bench_samples,
         log=None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)))
     print(json.dumps(result, indent=2))
     return 0

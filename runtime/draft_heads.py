@@ -302,6 +302,26 @@ def _eagle_inputs(params, embed, tokens, feats):
     return x @ params["fc.weight"].T + params["fc.bias"]
 
 
+def _eagle_qkv(params, lay, x, positions):
+    """The head layer's queries f32[B, Q, Hkv, G, Dh] and keys / values f32[B, Q, Hkv*Dh] (keys after RoPE)."""
+    hq, hkv, dh = lay["num_heads"], lay["num_kv_heads"], lay["head_dim"]
+    b, q_len, _ = x.shape
+    h = _rms(x, params["input_layernorm.weight"], lay["rms_norm_eps"])
+    q = _rope(h @ params["q_proj.weight"].T, positions, lay, hq)
+    k = _rope(h @ params["k_proj.weight"].T, positions, lay, hkv)
+    v = h @ params["v_proj.weight"].T
+    return q.reshape(b, q_len, hkv, hq // hkv, dh), k, v
+
+
+def _eagle_finish(params, lay, x, o):
+    """The head layer after attention: x f32[B, Q, D] + o_proj(o), then the MLP."""
+    import jax
+
+    x = x + o @ params["o_proj.weight"].T
+    h = _rms(x, params["post_attention_layernorm.weight"], lay["rms_norm_eps"])
+    return x + (jax.nn.silu(h @ params["gate_proj.weight"].T) * (h @ params["up_proj.weight"].T)) @ params["down_proj.weight"].T
+
+
 def _eagle_layer(params, lay, x, positions, ctx_k=None, ctx_v=None, ctx_len=None):
     """The head's decoder layer. x f32[B, Q, D] at positions i32[B, Q].
 
@@ -312,13 +332,9 @@ def _eagle_layer(params, lay, x, positions, ctx_k=None, ctx_v=None, ctx_len=None
     import jax
     import jax.numpy as jnp
 
-    hq, hkv, dh = lay["num_heads"], lay["num_kv_heads"], lay["head_dim"]
-    eps = lay["rms_norm_eps"]
+    hkv, dh = lay["num_kv_heads"], lay["head_dim"]
     b, q_len, _ = x.shape
-    h = _rms(x, params["input_layernorm.weight"], eps)
-    q = _rope(h @ params["q_proj.weight"].T, positions, lay, hq)
-    k = _rope(h @ params["k_proj.weight"].T, positions, lay, hkv)
-    v = h @ params["v_proj.weight"].T
+    qh, k, v = _eagle_qkv(params, lay, x, positions)
     if ctx_k is None:
         keys, values = k, v
         limit = jnp.broadcast_to(jnp.arange(q_len)[None, :], (b, q_len))  # row q sees keys <= q
@@ -329,19 +345,70 @@ def _eagle_layer(params, lay, x, positions, ctx_k=None, ctx_v=None, ctx_len=None
         keys, values = ctx_k, ctx_v
         limit = ctx_len[:, None] + jnp.arange(q_len)[None, :]
     c = keys.shape[1]
-    g = hq // hkv
-    qh = q.reshape(b, q_len, hkv, g, dh)
     kh = keys.reshape(b, c, hkv, dh)
     vh = values.reshape(b, c, hkv, dh)
     scores = jnp.einsum("bqkgd,bckd->bkgqc", qh, kh) / math.sqrt(dh)
     mask = jnp.arange(c)[None, None, :] <= limit[:, :, None]  # [B, Q, C]
     scores = jnp.where(mask[:, None, None], scores, -1e30)
     probs = jax.nn.softmax(scores, axis=-1)
-    o = jnp.einsum("bkgqc,bckd->bqkgd", probs, vh).reshape(b, q_len, hq * dh)
-    x = x + o @ params["o_proj.weight"].T
-    h = _rms(x, params["post_attention_layernorm.weight"], eps)
-    x = x + (jax.nn.silu(h @ params["gate_proj.weight"].T) * (h @ params["up_proj.weight"].T)) @ params["down_proj.weight"].T
-    return x, ctx_k, ctx_v
+    o = jnp.einsum("bkgqc,bckd->bqkgd", probs, vh).reshape(b, q_len, -1)
+    return _eagle_finish(params, lay, x, o), ctx_k, ctx_v
+
+
+def _shift_right(x, n: int):
+    """x [B, W, ...] -> y with y[:, u] = x[:, u - n] (zeros for u < n)."""
+    import jax.numpy as jnp
+
+    if n == 0:
+        return x
+    pad = jnp.zeros((x.shape[0], n) + x.shape[2:], x.dtype)
+    return jnp.concatenate([pad, x[:, :-n]], axis=1)
+
+
+def _eagle_unrolled(params, lay, embed, tokens_next, feats, positions, depth: int):
+    """The head run as drafting runs it, for training ("training-time test", EAGLE-3): depth 1 reads the
+    target's features; depth m > 1 reads depth m-1's predicted feature of the previous position, as chain
+    step m-1 does. A depth-m query at u attends to real entries <= u-m+1 (the last real entry the chain
+    started from) and to the chain's own entries of depths 2..m at positions u-m+2..u.
+
+    tokens_next i32[B, W] (the token after each position), feats f32[B, W, D], positions i32[B, W] -> a list of
+    `depth` outputs f32[B, W, D]; every depth predicts the same thing at u (the feature at u+1)."""
+    import jax
+    import jax.numpy as jnp
+
+    hkv, dh = lay["num_kv_heads"], lay["head_dim"]
+    b, w, _ = feats.shape
+    e = jnp.take(embed, tokens_next, axis=0)
+
+    def inputs(f):
+        return jnp.concatenate([e, f], axis=-1) @ params["fc.weight"].T + params["fc.bias"]
+
+    x = inputs(feats)
+    q1, k1, v1 = _eagle_qkv(params, lay, x, positions)
+    k1h, v1h = k1.reshape(b, w, hkv, dh), v1.reshape(b, w, hkv, dh)
+    real = jnp.einsum("bqkgd,bckd->bkgqc", q1, k1h) / math.sqrt(dh)
+    causal = jnp.arange(w)[None, :] <= jnp.arange(w)[:, None]  # [Q, C]
+    probs = jax.nn.softmax(jnp.where(causal, real, -1e30), axis=-1)
+    o = jnp.einsum("bkgqc,bckd->bqkgd", probs, v1h).reshape(b, w, -1)
+    outs = [_eagle_finish(params, lay, x, o)]
+    chain_k, chain_v = [], []  # depth 2.. keys / values [B, W, Hkv, Dh]
+    for m in range(2, depth + 1):
+        x = inputs(_shift_right(outs[-1], 1))
+        qm, km, vm = _eagle_qkv(params, lay, x, positions)
+        chain_k.append(km.reshape(b, w, hkv, dh))
+        chain_v.append(vm.reshape(b, w, hkv, dh))
+        real = jnp.einsum("bqkgd,bckd->bkgqc", qm, k1h) / math.sqrt(dh)
+        seen = jnp.arange(w)[None, :] <= jnp.arange(w)[:, None] - (m - 1)
+        real = jnp.where(seen, real, -1e30)
+        ks = [_shift_right(kd, m - d) for d, kd in enumerate(chain_k, start=2)]
+        vs = [_shift_right(vd, m - d) for d, vd in enumerate(chain_v, start=2)]
+        diag = jnp.stack([jnp.einsum("bqkgd,bqkd->bkgq", qm, kd) for kd in ks], axis=-1) / math.sqrt(dh)
+        probs = jax.nn.softmax(jnp.concatenate([real, diag], axis=-1), axis=-1)
+        o = jnp.einsum("bkgqc,bckd->bqkgd", probs[..., :w], v1h)
+        for j, vd in enumerate(vs):
+            o = o + jnp.einsum("bkgq,bqkd->bqkgd", probs[..., w + j], vd)
+        outs.append(_eagle_finish(params, lay, x, o.reshape(b, w, -1)))
+    return outs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +416,12 @@ def _eagle_layer(params, lay, x, positions, ctx_k=None, ctx_v=None, ctx_len=None
 
 
 _JIT_CACHE: dict[Any, Any] = {}
+
+
+def _jit_cache_size(fn) -> int:
+    """Shapes a jitted function has compiled (-1 where JAX does not say): a change means a call compiled."""
+    size = getattr(fn, "_cache_size", None)
+    return int(size()) if callable(size) else -1
 
 
 def _medusa_fns():
@@ -365,32 +438,72 @@ def _medusa_fns():
     return _JIT_CACHE["medusa"]
 
 
-def _eagle_fns(lay_json: str):
-    """(run, gather) for an EAGLE layer description, jitted once per process and description.
+def _eagle_device_fns(lay_json: str):
+    """(first, step) for an EAGLE layer description, jitted once per process and description.
 
-    run(params, embed, lm_head, tokens i32[B, Q], feats f32[B, Q, D], positions i32[B, Q], ctx_k, ctx_v
-        f32[B, C, KV] (donated), ctx_len i32[B], last i32[B], want_logits) -> (ctx_k, ctx_v, the predicted
-        feature of row `last` f32[B, D], its argmax token i32[B], its logits f32[B, V] or None)
-    gather(ctx i32[B, C, KV], at i32[B], n) -> [B, n, KV] rows at..at+n-1 of each.
+    The head's K/V of every request live in two device slabs kc, vc f32[S, C, KV] (a slot per request).
+
+    first(params, embed, lm_head, kc, vc (both donated), ints i32[B, 3 + 2Q] (slots, ctx_len, last, tokens
+          i32[Q], positions i32[Q] side by side), feats f32[B, Q, D], c, n_chain, want_logits)
+        runs the rows not yet in a request's cache (features of real tokens) over its first ctx_len[b]
+        entries, writes their K/V into the slabs (rows past last[b] and padding batch rows are dropped),
+        then drafts greedily: n_chain tokens, feeding each predicted feature and token back. Only the
+        real rows are written to the slabs; the drafted rows' K/V stay in a local copy of c entries.
+        -> (kc, vc, tokens i32[B, n_chain], extra) where extra is None or, with want_logits (n_chain = 1),
+        the state `step` continues from: (local_k, local_v, feature f32[B, D], logits f32[B, V]).
+    step(params, embed, lm_head, local_k, local_v (donated), tokens i32[B, 1], feature f32[B, D],
+         positions i32[B, 1], ctx_len i32[B]) -> (local_k, local_v, feature, logits): one more chain step
+        (sampling drafts, where the host draws each token).
     """
-    key = ("eagle", lay_json)
+    key = ("eagle-device", lay_json)
     if key not in _JIT_CACHE:
         import jax
         import jax.numpy as jnp
 
         lay = json.loads(lay_json)
 
-        def run(params, emb, lm, tokens, feats, positions, ctx_k, ctx_v, ctx_len, last, want_logits):
+        def chain_step(params, emb, lm, lk, lv, tok, pred, pos, cur_len):
+            x = _eagle_inputs(params, emb, tok[:, None], pred[:, None, :])
+            out, lk, lv = _eagle_layer(params, lay, x, pos[:, None], lk, lv, cur_len)
+            pred = out[:, 0]
+            logits = pred @ lm.T
+            return lk, lv, pred, logits
+
+        def first(params, emb, lm, kc, vc, ints, feats, c, n_chain, want_logits):
+            num_slots, cap = kc.shape[0], kc.shape[1]
+            q = feats.shape[1]
+            # one host-to-device copy for every integer input: [slots | ctx_len | last | tokens (q) | positions (q)]
+            slots, ctx_len, last = ints[:, 0], ints[:, 1], ints[:, 2]
+            tokens, positions = ints[:, 3:3 + q], ints[:, 3 + q:]
+            lk = jnp.take(kc, slots, axis=0, mode="clip")[:, :c]
+            lv = jnp.take(vc, slots, axis=0, mode="clip")[:, :c]
             x = _eagle_inputs(params, emb, tokens, feats)
-            out, ctx_k, ctx_v = _eagle_layer(params, lay, x, positions, ctx_k, ctx_v, ctx_len)
+            out, lk, lv = _eagle_layer(params, lay, x, positions, lk, lv, ctx_len)
+            # the real rows' K/V into the slabs; anything else goes out of bounds and is dropped
+            rows = jnp.arange(q)[None, :]
+            at = jnp.where(rows <= last[:, None], ctx_len[:, None] + rows, cap)
+            slot = jnp.where((slots >= 0)[:, None], slots[:, None], num_slots) + 0 * rows
+            take = jax.vmap(lambda pool, start: jax.lax.dynamic_slice_in_dim(pool, start, q, axis=0))
+            kc = kc.at[slot, at].set(take(lk, ctx_len), mode="drop")
+            vc = vc.at[slot, at].set(take(lv, ctx_len), mode="drop")
             pred = jnp.take_along_axis(out, last[:, None, None], axis=1)[:, 0]  # [B, D]
             logits = pred @ lm.T
-            top = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            return ctx_k, ctx_v, pred, top, (logits if want_logits else None)
+            tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            pos = jnp.take_along_axis(positions, last[:, None], axis=1)[:, 0]
+            cur_len = ctx_len + last + 1
+            drafted = [tok]
+            for j in range(1, n_chain):
+                lk, lv, pred, logits = chain_step(params, emb, lm, lk, lv, tok, pred, pos + j, cur_len + j - 1)
+                tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+                drafted.append(tok)
+            extra = (lk, lv, pred, logits) if want_logits else None
+            return kc, vc, jnp.stack(drafted, axis=1), extra
 
-        gather = jax.vmap(lambda pool, at, n: jax.lax.dynamic_slice_in_dim(pool, at, n, axis=0), in_axes=(0, 0, None))
-        _JIT_CACHE[key] = (jax.jit(run, static_argnums=(10,), donate_argnums=(6, 7)),
-                           jax.jit(gather, static_argnums=(2,)))
+        def step(params, emb, lm, lk, lv, tokens, pred, positions, ctx_len):
+            return chain_step(params, emb, lm, lk, lv, tokens[:, 0], pred, positions[:, 0], ctx_len)
+
+        _JIT_CACHE[key] = (jax.jit(first, static_argnums=(7, 8, 9), donate_argnums=(3, 4)),
+                           jax.jit(step, donate_argnums=(3, 4)))
     return _JIT_CACHE[key]
 
 
@@ -420,6 +533,7 @@ class MedusaProposer:
         self._params = {k: jnp.asarray(v) for k, v in heads.params.items()}
         self._lm_head = jnp.asarray(lm_head)
         self._last: dict[Any, tuple[int, np.ndarray]] = {}  # request -> (position, feature f32[D])
+        self.last_propose_compiled = False  # the last propose() compiled a new shape (not a cost to learn from)
         self._logits, self._argmax = _medusa_fns()
 
     def observe(self, rows) -> None:
@@ -449,11 +563,13 @@ class MedusaProposer:
         for row, i in enumerate(active):
             h[row] = self._last[requests[i]][1]
         sampling = [i for i in active if not requests[i].params.is_greedy]
+        before = _jit_cache_size(self._logits) + _jit_cache_size(self._argmax)
         if sampling:
             logits = np.asarray(self._logits(self._params, self._lm_head, h))  # [B, K, V]
             tokens = np.argmax(logits, axis=-1)
         else:
             logits, tokens = None, np.asarray(self._argmax(self._params, self._lm_head, h))
+        self.last_propose_compiled = _jit_cache_size(self._logits) + _jit_cache_size(self._argmax) != before
         for row, i in enumerate(active):
             req, k = requests[i], min(int(lengths[i]), self.num_heads)
             if req.params.is_greedy:
@@ -470,45 +586,98 @@ class MedusaProposer:
 
 @dataclasses.dataclass(eq=False)
 class _EagleState:
-    """One request's EAGLE state: real features of positions offset.. and the head's K/V entries over them.
+    """One request's EAGLE state: real features of positions offset.. and how many of them the head's K/V
+    slab slot holds.
 
     Entry i (position offset + i) is the head's row for (feature f_{offset+i}, token at offset+i+1); it
     can be computed once that token exists, so n_cached <= n_feats.
     """
 
+    slot: int
     offset: int
     feats: np.ndarray  # f32[cap, D]
-    keys: np.ndarray  # f32[cap, Hkv*Dh]  (after RoPE)
-    values: np.ndarray  # f32[cap, Hkv*Dh]
     n_feats: int = 0
     n_cached: int = 0
 
     def reserve(self, n: int) -> None:
         cap = self.feats.shape[0]
-        if n <= cap:
-            return
-        new = max(n, 2 * cap)
-        for name in ("feats", "keys", "values"):
-            old = getattr(self, name)
-            grown = np.zeros((new, old.shape[1]), np.float32)
-            grown[:cap] = old
-            setattr(self, name, grown)
+        if n > cap:
+            grown = np.zeros((max(n, 2 * cap), self.feats.shape[1]), np.float32)
+            grown[:cap] = self.feats
+            self.feats = grown
+
+
+class _JaxEagleBackend:
+    """The EAGLE head in JAX: K/V slabs on the JAX device, one jitted call per greedy proposal."""
+
+    def __init__(self, heads: DraftHeads, embed: np.ndarray, lm_head: np.ndarray, lay: dict):
+        import jax.numpy as jnp
+
+        self.kv_width = lay["num_kv_heads"] * lay["head_dim"]
+        self._params = {k: jnp.asarray(v) for k, v in heads.params.items()}
+        self._embed = jnp.asarray(embed)
+        self._lm_head = self._embed if lm_head is embed else jnp.asarray(lm_head)  # tied embeddings: one copy
+        self._kc = self._vc = None  # f32[S, C, KV] slabs, made on first use
+        self._first, self._step = _eagle_device_fns(json.dumps(lay, sort_keys=True))
+
+    def slab_shape(self) -> tuple[int, int]:
+        return (0, 0) if self._kc is None else (int(self._kc.shape[0]), int(self._kc.shape[1]))
+
+    def grow(self, s1: int, c1: int) -> None:
+        import jax.numpy as jnp
+
+        s0, c0 = self.slab_shape()
+        kc = jnp.zeros((s1, c1, self.kv_width), jnp.float32)
+        vc = jnp.zeros((s1, c1, self.kv_width), jnp.float32)
+        if self._kc is not None:
+            kc, vc = kc.at[:s0, :c0].set(self._kc), vc.at[:s0, :c0].set(self._vc)
+        self._kc, self._vc = kc, vc
+
+    def keys(self, slot: int, n: int) -> np.ndarray:
+        return np.asarray(self._kc[slot, :n])
+
+    def num_compiled(self) -> int:
+        return _jit_cache_size(self._first) + _jit_cache_size(self._step)
+
+    def first(self, ints: np.ndarray, feats: np.ndarray, c: int, n_chain: int, want_logits: bool):
+        """-> (drafted tokens i32[B, n_chain] on the host, sampling state or None)."""
+        self._kc, self._vc, top, extra = self._first(self._params, self._embed, self._lm_head, self._kc, self._vc,
+                                                     ints, feats, c, n_chain, want_logits)
+        return np.asarray(top), extra
+
+    def step(self, state, tokens: np.ndarray, positions: np.ndarray, cur_len: np.ndarray):
+        """One more chain step for sampling: -> (state, logits f32[B, V] on the host)."""
+        lk, lv, pred, _ = state
+        lk, lv, pred, logits = self._step(self._params, self._embed, self._lm_head, lk, lv, tokens, pred, positions,
+                                          cur_len)
+        return (lk, lv, pred, logits), np.asarray(logits)
+
+    @staticmethod
+    def logits_of(state) -> np.ndarray:
+        return np.asarray(state[3])
 
 
 class EagleProposer:
-    """EAGLE-1 style chain drafting with a one-layer head over the target's features and its own K/V cache."""
+    """EAGLE-1 style chain drafting with a one-layer head over the target's features and its own K/V cache.
+
+    The head's K/V stay on the device in slabs with a slot per request; a greedy proposal for the whole batch
+    is one call: the rows the target just computed, then the chain. Only the token ids come back to the host.
+    With `device=None` the head runs in JAX (on the GPU where JAX has one); with a torch device (the CUDA
+    Program's) it runs in torch on that device, each greedy proposal shape replayed as one CUDA graph
+    (runtime/eagle_torch.py).
+    """
 
     name = "eagle"
     needs_hidden = True
 
     def __init__(self, heads: DraftHeads, *, embed: np.ndarray, lm_head: np.ndarray, config=None,
-                 max_len: int = MAX_DRAFT):
-        import jax.numpy as jnp
-
+                 max_len: int = MAX_DRAFT, device=None):
         if heads.method != "eagle":
             raise ValueError(f"EagleProposer needs eagle heads, got {heads.method!r}")
         shape = (heads.vocab_size, heads.hidden_size)
-        embed, lm_head = np.asarray(embed, np.float32), np.asarray(lm_head, np.float32)
+        same = lm_head is embed
+        embed = np.asarray(embed, np.float32)
+        lm_head = embed if same else np.asarray(lm_head, np.float32)
         if embed.shape != shape or lm_head.shape != shape:
             raise ValueError(f"embedding {embed.shape} / lm_head {lm_head.shape} do not match the heads' {shape}")
         if config is not None:
@@ -517,11 +686,38 @@ class EagleProposer:
         self.max_len = int(max_len)
         self.lay = dict(heads.config["layer"])
         self.kv_width = self.lay["num_kv_heads"] * self.lay["head_dim"]
-        self._params = {k: jnp.asarray(v) for k, v in heads.params.items()}
-        self._embed = jnp.asarray(embed)
-        self._lm_head = self._embed if lm_head is embed else jnp.asarray(lm_head)  # tied embeddings: one copy
+        if device is None:
+            self._backend = _JaxEagleBackend(heads, embed, lm_head, self.lay)
+        else:
+            from runtime.eagle_torch import TorchEagleBackend
+
+            self._backend = TorchEagleBackend(heads, embed, lm_head, self.lay, device)
         self._states: dict[Any, _EagleState] = {}
-        self._run, self._gather = _eagle_fns(json.dumps(self.lay, sort_keys=True))
+        self._free: list[int] = []
+        self.last_propose_compiled = False  # the last propose() compiled a new shape (not a cost to learn from)
+
+    # -- the K/V slabs ------------------------------------------------------------------------------
+
+    def _ensure_slab(self, slots: int, cap: int) -> None:
+        """Grow the slabs (powers of two) to hold `slots` slots of `cap` entries each, keeping what they hold."""
+        s0, c0 = self._backend.slab_shape()
+        if slots <= s0 and cap <= c0:
+            return
+        self._backend.grow(max(s0, _bucket(slots, 4)), max(c0, _bucket(cap, 256)))
+
+    def _new_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        return len(self._states)  # slots are dense: every live state holds one of 0..len-1
+
+    def cached_keys(self, request) -> np.ndarray:
+        """The head's cached keys f32[n_cached, KV] of a request (for tests and debugging)."""
+        st = self._states[request]
+        if self._backend.slab_shape()[0] == 0 or st.n_cached == 0:
+            return np.zeros((0, self.kv_width), np.float32)
+        return self._backend.keys(st.slot, st.n_cached)
+
+    # -- Proposer protocol --------------------------------------------------------------------------
 
     def observe(self, rows) -> None:
         d = self.heads.hidden_size
@@ -533,10 +729,9 @@ class EagleProposer:
             start = int(r.start)
             if st is None or start < st.offset or start > st.offset + st.n_feats:
                 # new request, or a gap (e.g. the prompt's start came from the prefix cache): start over here
+                slot = st.slot if st is not None else self._new_slot()
                 cap = max(64, _bucket(n + 16))
-                st = self._states[r.request] = _EagleState(start, np.zeros((cap, d), np.float32),
-                                                           np.zeros((cap, self.kv_width), np.float32),
-                                                           np.zeros((cap, self.kv_width), np.float32))
+                st = self._states[r.request] = _EagleState(slot, start, np.zeros((cap, d), np.float32))
             at = start - st.offset  # rows from `at` on are (re)computed by this step; later ones are gone
             st.reserve(at + n)
             st.feats[at:at + n] = np.asarray(r.hidden[:n], np.float32)
@@ -544,7 +739,9 @@ class EagleProposer:
             st.n_cached = min(st.n_cached, at)
 
     def release(self, request) -> None:
-        self._states.pop(request, None)
+        st = self._states.pop(request, None)
+        if st is not None:
+            self._free.append(st.slot)
 
     def propose(self, requests, lengths) -> list:
         from runtime.speculative import Draft
@@ -559,50 +756,51 @@ class EagleProposer:
                 active.append((i, st, k))
         if not active:
             return drafts
-        d, kvw = self.heads.hidden_size, self.kv_width
+        d = self.heads.hidden_size
         b = _bucket(len(active))
         k_max = max(k for *_, k in active)
-        pending = [st.n_feats - st.n_cached for _, st, _ in active]
-        q = _bucket(max(pending))
-        c = _bucket(max(st.n_cached for _, st, _ in active) + q + k_max)
-        tokens = np.zeros((b, q), np.int32)
+        # few shapes (each is an XLA compile): at least 8 new rows (a verification brings up to k + 1) and a
+        # context of at least 256 entries
+        q = _bucket(max(st.n_feats - st.n_cached for _, st, _ in active), 8)
+        c = _bucket(max(st.n_cached for _, st, _ in active) + q + k_max, 256)
+        self._ensure_slab(max(st.slot for _, st, _ in active) + 1, c)
+        ints = np.zeros((b, 3 + 2 * q), np.int32)
+        ints[:, 0] = -1
+        slots, ctx_len, last = ints[:, 0], ints[:, 1], ints[:, 2]  # views
+        tokens, positions = ints[:, 3:3 + q], ints[:, 3 + q:]
         feats = np.zeros((b, q, d), np.float32)
-        positions = np.zeros((b, q), np.int32)
-        ctx_k = np.zeros((b, c, kvw), np.float32)
-        ctx_v = np.zeros((b, c, kvw), np.float32)
-        ctx_len = np.zeros(b, np.int32)
-        last = np.zeros(b, np.int32)
         for row, (i, st, _) in enumerate(active):
             ids = requests[i].token_ids
             a, n = st.n_cached, st.n_feats - st.n_cached
+            slots[row] = st.slot
             tokens[row, :n] = ids[st.offset + a + 1: st.offset + st.n_feats + 1]
             feats[row, :n] = st.feats[a:st.n_feats]
             positions[row, :n] = st.offset + a + np.arange(n)
-            positions[row, n:] = positions[row, n - 1] if n else st.offset + a
-            ctx_k[row, :a], ctx_v[row, :a] = st.keys[:a], st.values[:a]
+            positions[row, n:] = positions[row, n - 1]
             ctx_len[row], last[row] = a, n - 1
-        greedy = all(requests[i].params.is_greedy for i, _, _ in active)
-        ctx_k, ctx_v, pred, top, logits = self._run(self._params, self._embed, self._lm_head, tokens, feats, positions,
-                                                    ctx_k, ctx_v, ctx_len, last, not greedy)
-        # keep the real entries just computed
-        new_k = np.asarray(self._gather(ctx_k, ctx_len, q))
-        new_v = np.asarray(self._gather(ctx_v, ctx_len, q))
-        for row, (i, st, _) in enumerate(active):
-            a, n = st.n_cached, st.n_feats - st.n_cached
-            st.keys[a:a + n], st.values[a:a + n] = new_k[row, :n], new_v[row, :n]
+        for _, st, _ in active:
             st.n_cached = st.n_feats
+        greedy = all(requests[i].params.is_greedy for i, _, _ in active)
+        before = self._backend.num_compiled()
+        top, state = self._backend.first(ints, feats, c, k_max if greedy else 1, not greedy)
+        if greedy:
+            self.last_propose_compiled = self._backend.num_compiled() != before
+            for row, (i, _, k) in enumerate(active):
+                drafts[i].tokens = [int(t) for t in top[row, :k]]
+            return drafts
+        # sampling: the host draws each token from the request's processed distribution, one step at a time
+        logits_np = self._backend.logits_of(state)
         probs: dict[int, list[np.ndarray]] = {i: [] for i, _, _ in active}
-        cur_len = ctx_len + last + 1  # entries in the context now (padding rows: anything in range)
+        step_pos = np.asarray([st.offset + st.n_feats for _, st, _ in active] + [0] * (b - len(active)), np.int32)
+        cur_len = ctx_len + last + 1
         for j in range(k_max):
-            top = np.asarray(top)
-            logits_np = None if logits is None else np.asarray(logits)
             step_tokens = np.zeros((b, 1), np.int32)
             for row, (i, st, k) in enumerate(active):
                 if j >= k:
                     continue
                 req = requests[i]
                 if req.params.is_greedy:
-                    tok = int(top[row])
+                    tok = int(np.argmax(logits_np[row]))
                 else:
                     tok, qd = _sample_rows(logits_np[row], req)
                     probs[i].append(qd)
@@ -610,21 +808,18 @@ class EagleProposer:
                 step_tokens[row, 0] = tok
             if j + 1 >= k_max:
                 break
-            step_pos = np.zeros((b, 1), np.int32)
-            for row, (i, st, _) in enumerate(active):
-                step_pos[row, 0] = st.offset + st.n_feats + j
-            ctx_k, ctx_v, pred, top, logits = self._run(
-                self._params, self._embed, self._lm_head, step_tokens, pred[:, None, :], step_pos,
-                ctx_k, ctx_v, cur_len.astype(np.int32), np.zeros(b, np.int32), not greedy)
-            cur_len = cur_len + 1
+            state, logits_np = self._backend.step(state, step_tokens, (step_pos + j)[:, None],
+                                                  (cur_len + j).astype(np.int32))
         for i, _, _ in active:
             if probs[i]:
                 drafts[i].probs = np.stack(probs[i])
+        self.last_propose_compiled = self._backend.num_compiled() != before
         return drafts
 
 
-def make_head_proposer(method: str, heads_path: str, target_params: dict, config):
-    """The Proposer for `llmc train-draft` heads at heads_path over a target with HF-named parameters."""
+def make_head_proposer(method: str, heads_path: str, target_params: dict, config, device=None):
+    """The Proposer for `llmc train-draft` heads at heads_path over a target with HF-named parameters.
+    device: the target Program's torch device (CUDA programs), where the EAGLE head then runs; None: JAX."""
     if method not in HEAD_METHODS:
         raise ValueError(f"unknown draft-head method {method!r}; expected one of {', '.join(HEAD_METHODS)}")
     if config is None:
@@ -636,7 +831,7 @@ def make_head_proposer(method: str, heads_path: str, target_params: dict, config
     heads.check_target(config, embed)
     if method == "medusa":
         return MedusaProposer(heads, lm_head=lm_head)
-    return EagleProposer(heads, embed=embed, lm_head=lm_head, config=config)
+    return EagleProposer(heads, embed=embed, lm_head=lm_head, config=config, device=device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,13 +896,23 @@ def chat_prompt_ids(tokenizer, questions: Sequence[str]) -> list[list[int]]:
 
 
 def generate_sequences(compiled, prompt_ids: Sequence[Sequence[int]], *, max_tokens: int,
-                       max_num_seqs: int = 64, max_num_batched_tokens: int = 2048) -> list[np.ndarray]:
-    """prompt + the target's greedy continuation (llmc's Engine, all prompts in one continuously batched run)."""
+                       max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, samples: int = 0,
+                       temperature: float = 0.8) -> list[np.ndarray]:
+    """prompt + the target's greedy continuation (llmc's Engine, all prompts in one continuously batched run),
+    then `samples` sampled continuations of each prompt (seeded; more varied contexts of the same domain; the
+    heads still learn the target's greedy token at every position of them)."""
     from runtime import Engine, SamplingParams
 
     engine = Engine(compiled, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                     speculative=False)
-    outs = engine.generate([list(p) for p in prompt_ids], SamplingParams(max_tokens=max_tokens, temperature=0))
+    prompts = [list(p) for p in prompt_ids]
+    params = [SamplingParams(max_tokens=max_tokens, temperature=0)] * len(prompts)
+    for j in range(samples):
+        params += [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=1000 * j + i)
+                   for i in range(len(prompt_ids))]
+    outs = engine.generate(prompts * (1 + samples), params)
+    del engine
+    _release_torch_gpu_memory()  # the engine's KV pool (on the GPU: most of the card)
     return [np.asarray(list(o.prompt_token_ids) + list(o.token_ids), np.int32) for o in outs]
 
 
@@ -752,6 +957,65 @@ def compute_features(model, sequences: Sequence[np.ndarray], *, tokens_per_batch
         used += len(sequences[i])
     if batch:
         flush()
+    return out  # type: ignore[return-value]
+
+
+def compute_features_with_program(compiled, sequences: Sequence[np.ndarray], *,
+                                  tokens_per_step: int = 8192) -> list[np.ndarray]:
+    """Teacher-forced features f32[L, D] from the compiled Program itself: on the GPU these are the bf16 CUDA
+    program's hidden states, the very features drafting reads at run time (the float32 JAX model's differ by
+    bf16 rounding). Sequences are prefilled together in ragged steps of up to tokens_per_step rows (a longer
+    sequence gets a step of its own), each on fresh blocks of a private KV pool."""
+    from lowering.backends import build_program
+    from lowering.passes.insert_speculation import expose_hidden
+    from runtime.step import StepInput
+
+    if not len(sequences):
+        return []
+    bs = compiled.block_size
+    longest = max(len(s) for s in sequences)
+    if longest > compiled.max_model_len:
+        raise ValueError(f"a sequence of {longest} tokens is longer than the model's {compiled.max_model_len}")
+    budget = max(int(tokens_per_step), longest)
+    max_seqs = max(1, budget // 8)
+    graph = compiled.graph if len(compiled.graph.outputs) > 1 else expose_hidden(compiled.graph, "draft-head features")
+    program = build_program(compiled.target, graph, compiled.params, num_blocks=budget // bs + max_seqs + 1,
+                            max_num_seqs=max_seqs, max_model_len=compiled.max_model_len)
+    width = program.max_blocks_per_seq
+    out: list[np.ndarray | None] = [None] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+
+    def run(batch: list[int]) -> None:
+        lens = [len(sequences[i]) for i in batch]
+        starts = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        tokens = np.concatenate([np.asarray(sequences[i], np.int32) for i in batch])
+        positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lens])
+        tables = np.zeros((len(batch), width), np.int32)
+        slots, first = [], 0
+        for s, n in enumerate(lens):
+            nb = -(-n // bs)
+            tables[s, :nb] = np.arange(first, first + nb)
+            slots.append(first * bs + np.arange(n, dtype=np.int32))
+            first += nb
+        inp = StepInput(tokens, positions, np.concatenate(slots).astype(np.int32), starts,
+                        np.asarray(lens, np.int32), tables, (starts[1:] - 1).astype(np.int32))
+        _, hidden = program.step(inp, with_hidden=True)
+        hidden = np.asarray(hidden, np.float32)
+        for s, i in enumerate(batch):
+            out[i] = np.array(hidden[starts[s]:starts[s + 1]])
+
+    batch: list[int] = []
+    used = 0
+    for i in order:
+        n = len(sequences[i])
+        if batch and (used + n > budget or len(batch) == max_seqs):
+            run(batch)
+            batch, used = [], 0
+        batch.append(i)
+        used += n
+    if batch:
+        run(batch)
+    del program
     return out  # type: ignore[return-value]
 
 
@@ -897,9 +1161,7 @@ def _eagle_batches(data: TrainingSet, lm_head: np.ndarray, seq_len: int):
     """Fixed-length windows for EAGLE training: per window tokens i32[W+1], features f32[W+1, D], the target's
     greedy token after each feature i32[W+1], and a mask of rows that count."""
     windows = []
-    lm = np.asarray(lm_head, np.float32)
-    for toks, p, f in zip(data.tokens, data.prompt_lens, data.features):
-        pred = np.argmax(f @ lm.T, axis=-1).astype(np.int32)  # the target's own next token at every position
+    for toks, p, f, pred in zip(data.tokens, data.prompt_lens, data.features, _greedy_tokens(data.features, lm_head)):
         length = len(toks)
         for a in range(0, max(length - 1, 1), seq_len):
             b = min(a + seq_len + 1, length)
@@ -909,7 +1171,26 @@ def _eagle_batches(data: TrainingSet, lm_head: np.ndarray, seq_len: int):
     return windows
 
 
-def _eagle_loss_fn(lay, cls_weight: float, noise: float):
+def _greedy_tokens(features: Sequence[np.ndarray], lm_head: np.ndarray, rows: int = 4096) -> list[np.ndarray]:
+    """The target's own greedy next token after every feature, argmax(f @ lm_head.T), computed with JAX in
+    blocks of `rows` positions (on the GPU where there is one)."""
+    import jax
+    import jax.numpy as jnp
+
+    lm = jnp.asarray(np.asarray(lm_head, np.float32))
+    top = jax.jit(lambda f, lm: jnp.argmax(f @ lm.T, axis=-1).astype(jnp.int32))
+    flat = np.concatenate([np.asarray(f, np.float32) for f in features]) if features else np.zeros((0, lm.shape[1]))
+    out = np.zeros(len(flat), np.int32)
+    for a in range(0, len(flat), rows):
+        block = flat[a:a + rows]
+        n = len(block)
+        if n < rows:  # one shape for every block
+            block = np.concatenate([block, np.zeros((rows - n, block.shape[1]), np.float32)])
+        out[a:a + n] = np.asarray(top(block, lm))[:n]
+    return list(np.split(out, np.cumsum([len(f) for f in features])[:-1])) if features else []
+
+
+def _eagle_loss_fn(lay, cls_weight: float, noise: float, depth: int = 1, depth_decay: float = 0.8):
     import jax
     import jax.numpy as jnp
 
@@ -918,31 +1199,41 @@ def _eagle_loss_fn(lay, cls_weight: float, noise: float):
         f_in = feats[:, :-1]
         if noise > 0:
             f_in = f_in + jax.random.uniform(key, f_in.shape, minval=-noise, maxval=noise)
-        x = _eagle_inputs(params, embed, tokens[:, 1:], f_in)
-        out, _, _ = _eagle_layer(params, lay, x, positions[:, :-1])
+        outs = _eagle_unrolled(params, lay, embed, tokens[:, 1:], f_in, positions[:, :-1], depth)
         target = feats[:, 1:]
-        diff = jnp.abs(out - target)
-        reg = jnp.mean(jnp.where(diff < 1.0, 0.5 * diff * diff, diff - 0.5), axis=-1)  # smooth L1  [B, W]
-        logits = out @ lm_head.T
-        logp = jax.nn.log_softmax(logits, axis=-1)
         y = preds[:, 1:]
-        ce = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
-        m = mask[:, 1:]
-        count = jnp.maximum(jnp.sum(m), 1.0)
-        reg_l = jnp.sum(reg * m) / count
-        ce_l = jnp.sum(ce * m) / count
-        correct = jnp.sum((jnp.argmax(logits, axis=-1) == y) * m)
-        return reg_l + cls_weight * ce_l, (reg_l, ce_l, correct, jnp.sum(m))
+        m1 = mask[:, 1:]
+        total = reg_sum = ce_sum = 0.0
+        correct = count = None
+        weight_sum = 0.0
+        for m, out in enumerate(outs, start=1):
+            wgt = depth_decay ** (m - 1)
+            mk = m1 * (jnp.arange(m1.shape[1]) >= m - 1)[None, :]  # depth m starts from a real entry at u-m+1
+            cnt = jnp.maximum(jnp.sum(mk), 1.0)
+            diff = jnp.abs(out - target)
+            reg = jnp.mean(jnp.where(diff < 1.0, 0.5 * diff * diff, diff - 0.5), axis=-1)  # smooth L1  [B, W]
+            logits = out @ lm_head.T
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            ce = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+            reg_l, ce_l = jnp.sum(reg * mk) / cnt, jnp.sum(ce * mk) / cnt
+            total = total + wgt * (reg_l + cls_weight * ce_l)
+            weight_sum += wgt
+            if m == 1:
+                reg_sum, ce_sum = reg_l, ce_l
+                correct, count = jnp.sum((jnp.argmax(logits, axis=-1) == y) * mk), jnp.sum(mk)
+        return total / weight_sum, (reg_sum, ce_sum, correct, count)
 
     return loss_fn
 
 
 def train_eagle(data: TrainingSet, heads: DraftHeads, embed: np.ndarray, lm_head: np.ndarray, *, epochs: int = 2,
                 batch_size: int = 4, seq_len: int = 512, lr: float = 2e-3, cls_weight: float = 1.0,
-                noise: float = 0.05, seed: int = 0, max_steps: int | None = None,
+                noise: float = 0.05, depth: int = 1, seed: int = 0, max_steps: int | None = None,
                 log: Callable[[str], None] | None = None) -> tuple[DraftHeads, list[float]]:
     """Train an EAGLE head: smooth-L1 regression of the next feature + cls_weight x cross-entropy of the target's
-    greedy token, with uniform noise on the input features (Li et al. 2024). Returns (heads, step losses)."""
+    greedy token, with uniform noise on the input features (Li et al. 2024). depth > 1 also trains chain steps
+    2..depth on the head's own predicted features, as drafting feeds them (EAGLE-3's training-time test),
+    with weights 0.8^(m-1). Returns (heads, step losses)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -959,7 +1250,9 @@ def train_eagle(data: TrainingSet, heads: DraftHeads, embed: np.ndarray, lm_head
     steps_per_epoch = max(1, n // batch_size)
     total = steps_per_epoch * epochs if max_steps is None else max_steps
     opt = _optimizer(lr, total)
-    loss_fn = _eagle_loss_fn(lay, cls_weight, noise)
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    loss_fn = _eagle_loss_fn(lay, cls_weight, noise, depth)
     emb = jnp.asarray(np.asarray(embed, np.float32))
     lm = emb if lm_head is embed else jnp.asarray(np.asarray(lm_head, np.float32))
 
@@ -1138,13 +1431,28 @@ def _save_generations(path: str, key: dict, seqs: Sequence[np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
+def _release_torch_gpu_memory() -> None:
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def train_draft_heads(source: str, *, method: str, output: str, num_heads: int = 4, num_gsm8k: int = 48,
                       num_mt_bench: int = 16, num_eval: int = 12, max_tokens: int = 128, epochs: int | None = None,
                       batch_size: int | None = None, lr: float | None = None, seed: int = 0, data: str | None = None,
-                      generations: str | None = None, max_num_seqs: int = 64,
+                      generations: str | None = None, max_num_seqs: int = 64, target: str = "cpu", depth: int = 3,
+                      mt_bench_samples: int = 0,
                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Generate with the target, compute features, train, evaluate on held-out prompts, save to `output`.
-    Returns a summary (also stored under "training" in the heads' config.json)."""
+    Returns a summary (also stored under "training" in the heads' config.json).
+
+    `target` is the compile target that generates the training sequences ("cuda" on a GPU machine: the
+    same greedy tokens at thousands of tokens a second); features and training run in JAX on its default
+    device (the GPU where JAX has one)."""
     from lowering import compile_model
     from lowering.checkpoints import load_checkpoint
     from lowering.models.llama import build_model
@@ -1162,29 +1470,47 @@ def train_draft_heads(source: str, *, method: str, output: str, num_heads: int =
     model = build_model(config, ckpt.weights)
     embed, lm_head = lm_head_of(ckpt.weights, config)
     prompts = chat_prompt_ids(ckpt.tokenizer, list(train_q) + list(eval_q))
-    key = {"target": target_fingerprint(config, embed), "max_tokens": max_tokens,
-           "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}
+    num_mt = len(load_prompts(data, num_gsm8k=0, num_mt_bench=num_mt_bench, split="train")) if num_mt_bench else 0
+    mt_prompts = prompts[len(train_q) - num_mt:len(train_q)] if mt_bench_samples > 0 else []
+    key = {"target": target_fingerprint(config, embed), "max_tokens": max_tokens, "compile_target": target,
+           "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "mt_bench_samples": mt_bench_samples}
     seqs = _load_generations(generations, key) if generations else None
+    compiled = None
     t0 = time.time()
-    if seqs is None or len(seqs) != len(prompts):
+    num_sampled = len(mt_prompts) * mt_bench_samples
+    if seqs is None or len(seqs) != len(prompts) + num_sampled:
         log(f"generating {max_tokens} tokens for {len(prompts)} prompts ({len(train_q)} train, {len(eval_q)} held out)")
-        compiled = compile_model(source, target="cpu", progress=False)
+        compiled = compile_model(source, target=target, progress=False)
         seqs = generate_sequences(compiled, prompts, max_tokens=max_tokens, max_num_seqs=max_num_seqs)
-        del compiled
+        if mt_prompts:  # sampled continuations of the MT-Bench training prompts (their greedy ones are above)
+            seqs += generate_sequences(compiled, mt_prompts, max_tokens=max_tokens, max_num_seqs=max_num_seqs,
+                                       samples=mt_bench_samples)[len(mt_prompts):]
+        _release_torch_gpu_memory()  # the generating engine's KV pool
         if generations:
             _save_generations(generations, key, seqs)
         gen_s = time.time() - t0
-        log(f"generated {sum(len(s) - len(p) for s, p in zip(seqs, prompts))} tokens in {gen_s:.1f}s")
+        lens = [len(p) for p in prompts] + [len(p) for p in mt_prompts] * mt_bench_samples
+        log(f"generated {sum(len(s) - n for s, n in zip(seqs, lens))} tokens ({num_sampled} sampled sequences) "
+            f"in {gen_s:.1f}s")
     else:
         gen_s = 0.0
         log(f"reusing the generations in {generations}")
     t0 = time.time()
-    feats = compute_features(model, seqs)
+    if target == "cpu":  # the float32 flax model: the CPU program's own numbers
+        feats = compute_features(model, seqs)
+    else:  # the Program that will run drafting (bf16 on the GPU) gives the features drafting will see
+        if compiled is None:
+            compiled = compile_model(source, target=target, progress=False)
+        feats = compute_features_with_program(compiled, seqs)
+    compiled = None
+    _release_torch_gpu_memory()  # the Programs' KV pools, before JAX trains on the GPU
     feat_s = time.time() - t0
-    log(f"features of {sum(map(len, seqs))} tokens in {feat_s:.1f}s")
-    n_train = len(train_q)
-    train = TrainingSet(seqs[:n_train], [len(p) for p in prompts[:n_train]], feats[:n_train])
-    held = TrainingSet(seqs[n_train:], [len(p) for p in prompts[n_train:]], feats[n_train:])
+    log(f"features of {sum(map(len, seqs))} tokens ({target} program) in {feat_s:.1f}s")
+    n_train, n_all = len(train_q), len(prompts)
+    sampled_lens = [len(p) for p in mt_prompts] * mt_bench_samples
+    train = TrainingSet(seqs[:n_train] + seqs[n_all:], [len(p) for p in prompts[:n_train]] + sampled_lens,
+                        feats[:n_train] + feats[n_all:])
+    held = TrainingSet(seqs[n_train:n_all], [len(p) for p in prompts[n_train:]], feats[n_train:n_all])
     t0 = time.time()
     if method == "medusa":
         heads = init_medusa(config, embed, num_heads, seed=seed)
@@ -1193,10 +1519,10 @@ def train_draft_heads(source: str, *, method: str, output: str, num_heads: int =
     else:
         heads = init_eagle(config, embed, seed=seed)
         heads, losses = train_eagle(train, heads, embed, lm_head, epochs=epochs or 5, batch_size=batch_size or 4,
-                                    lr=lr or 2e-3, seed=seed, log=log)
+                                    lr=lr or 2e-3, depth=depth, seed=seed, log=log)
     train_s = time.time() - t0
     summary: dict[str, Any] = {
-        "source": str(source), "train_prompts": n_train, "heldout_prompts": len(eval_q), "max_tokens": max_tokens,
+        "source": str(source), "generated_on": target, "mt_bench_samples": mt_bench_samples, **({"depth": depth} if method == "eagle" else {}), "train_prompts": n_train, "heldout_prompts": len(eval_q), "max_tokens": max_tokens,
         "train_generated_tokens": train.num_generated, "final_loss": losses[-1] if losses else None,
         "steps": len(losses), "generate_seconds": round(gen_s, 1), "features_seconds": round(feat_s, 1),
         "train_seconds": round(train_s, 1)}

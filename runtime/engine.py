@@ -520,6 +520,10 @@ class Engine:
         self.proposer = None
         self.spec_stats = spec_lib.SpecStats()
         self.draft_controller = None
+        # hidden-state proposers: whether the next step computes the features they read (off while the adaptive
+        # controller keeps choosing no drafts; one step after it wants drafts again they are back)
+        self._hidden_next = True
+        self._last_had_hidden = False
         if self.speculative is None:
             return
         if not isinstance(self.speculative, spec_lib.Speculative):
@@ -585,6 +589,7 @@ class Engine:
 
     def _step(self, on_token=None) -> list[Request]:
         """Schedule, run the Program once, sample (or verify drafts), append; return the requests that finished."""
+        step_start = time.perf_counter()
         sched = self.scheduler.schedule()
         if not sched.chunks:
             raise RuntimeError("the scheduler could not schedule any request (this is a bug)")
@@ -593,11 +598,10 @@ class Engine:
         )
         groups = [c for c in sched.chunks if c.wants_logits]  # one per sampled request, in logit-row order
         num_spec = [c.num_spec for c in groups]
-        with_hidden = self.proposer is not None and self.proposer.needs_hidden
-        start = time.perf_counter()
+        with_hidden = self.proposer is not None and self.proposer.needs_hidden and self._hidden_next
+        self._last_had_hidden = with_hidden
         new_tokens, logits, hidden = self._run_program(step, sampled, any(num_spec), with_hidden)
-        if self.draft_controller is not None and not getattr(self.program, "last_step_compiled", False):
-            self.draft_controller.record_step(step.num_tokens, time.perf_counter() - start)
+        compiled = bool(getattr(self.program, "last_step_compiled", False))
         self.num_steps += 1
 
         # rows -> emitted tokens per request (one, or the accepted drafts and one more)
@@ -638,6 +642,10 @@ class Engine:
             if req.finish_reason is not None:
                 self.scheduler.finish_request(req)
                 finished.append(req)
+        if self.draft_controller is not None and not compiled:
+            # the whole step (scheduling, the Program, the accept rule, appending): verification rows cost host
+            # time too, which the controller must weigh; proposing is measured apart
+            self.draft_controller.record_step(step.num_tokens, time.perf_counter() - step_start)
         if self.proposer is not None:
             self._propose()
         return finished
@@ -723,6 +731,16 @@ class Engine:
 
     def _propose(self) -> None:
         """Draft for the requests the next step decodes; the draft length comes from the controller."""
+        if self.draft_controller.hold_off():
+            # the controller chose no drafts a moment ago and re-decides only every few steps: at high load this
+            # step-by-step decision (a pass over every request) would cost more than it could gain
+            stats = self.spec_stats
+            stats.num_steps += 1
+            stats.draft_length_steps[0] = stats.draft_length_steps.get(0, 0) + 1
+            stats.last_draft_length = 0
+            if self.proposer.needs_hidden:
+                self._hidden_next = False
+            return
         ready, caps, num_decoding = [], [], 0
         k_max, max_len = self.speculative.num_tokens, self.max_model_len - 1
         for req in self.scheduler.running:
@@ -744,11 +762,21 @@ class Engine:
         pending += sum(len(r.token_ids) for r in self.scheduler.waiting[: self.max_num_seqs])
         k = self.draft_controller.choose(ready, prefill_tokens=pending,
                                          max_tokens=self.scheduler.max_num_batched_tokens)
+        if self.proposer.needs_hidden and self.draft_controller.adaptive:
+            # no drafts chosen: the next step skips the hidden states (their copy and observe() cost host time);
+            # drafts chosen right after such a step wait one step for the features to be back
+            self._hidden_next = k > 0
+            if not self._last_had_hidden:
+                k = 0
         # a Program that replays CUDA graphs for uniform steps (every sequence the same number of rows) gets one
         # draft length for all: a ragged verification step would run eagerly, several times slower there
         uniform = bool(getattr(self.program, "prefers_uniform_drafts", False))
         if uniform:
             k = min(k, min(caps)) if len(ready) == num_decoding else 0
+        would_compile = getattr(self.program, "would_compile", None)
+        if k and self.draft_controller.probing and would_compile is not None and \
+                would_compile(len(ready), k + 1, max(len(r.token_ids) for r in ready) + k):
+            k = 0  # a probe is worth one step, not a CUDA graph capture; it comes again once the shape exists
         stats = self.spec_stats
         stats.num_steps += 1
         stats.draft_length_steps[k] = stats.draft_length_steps.get(k, 0) + 1
@@ -778,7 +806,8 @@ class Engine:
             req.spec_token_ids = tokens
             req.spec_draft = draft
             drafted += len(tokens)
-        self.draft_controller.record_draft(k, seconds, fill=drafted / (k * len(ready)))
+        compiled = bool(getattr(self.proposer, "last_propose_compiled", False))  # a JAX compile is no cost to learn
+        self.draft_controller.record_draft(k, None if compiled else seconds, fill=drafted / (k * len(ready)))
 
     @staticmethod
     def _device_seed(req: Request) -> int:

@@ -161,7 +161,8 @@ class NgramProposer:
 
     def _lookup(self, req, k: int) -> list[int]:
         tokens = req.token_ids
-        done, tables = self._index.get(req, (0, [dict() for _ in self.sizes]))
+        entry = self._index.get(req)
+        done, tables = entry if entry is not None else (0, [{} for _ in self.sizes])
         # an n-gram ending before position e (exclusive) is indexed once token e exists: its continuation
         for e in range(max(done, 1), len(tokens)):
             for n, table in zip(self.sizes, tables):
@@ -343,22 +344,34 @@ def cost_bucket(num_tokens: int) -> int:
 class DraftLengthController:
     """Chooses each step's draft length k in 0..max_len from measured costs and acceptance.
 
-    For B decoding requests a step with drafts of k tokens runs T = B (k + 1) rows and costs c(T) (the
-    target step, measured per cost bucket from every step the engine runs) plus d(k) (proposing, measured
-    per k). Request r with per-token acceptance a_r emits E_r(k) = 1 + a_r + ... + a_r^k tokens on average
-    (a chain stops at the first rejection). The controller picks the k maximising sum_r E_r(k) / (c + d),
-    so speculation is used while verification rows are cheap (low batch) and dropped when every row costs
-    (high batch). A k whose step size was never measured is tried once; unmeasured sizes between measured
-    ones are interpolated, larger ones extrapolated in proportion to T (prefill chunks sharing the step count
-    too). Steps the Program reports as compiling a new shape (`last_step_compiled`) are not recorded; of the
-    rest, the first sample of each size is dropped, later ones enter a decayed mean with outliers clipped (a
-    stall of the machine must not switch speculation off for good). a_r is a decayed count of
-    accepted / tried draft tokens per request, starting from the running average of all requests.
+    For B decoding requests a step with drafts of k tokens runs T = B (k + 1) rows and costs c(T) plus d(k).
+    c(T) is the engine's whole step (scheduling, the Program, the accept rule, appending tokens), measured per
+    cost bucket of T from every step that did not compile: verification rows cost host time too. d(k) is a
+    propose() call, measured per k (calls that compiled a new shape are not samples). Request r with per-token
+    acceptance a_r emits E_r(k) = 1 + a_r + ... + a_r^k tokens on average (a chain stops at the first
+    rejection). The controller picks the k maximising sum_r E_r(k) / (c + d), so speculation is used while
+    verification rows are cheap (low batch) and dropped when every row costs (high batch).
+
+    Guards against what the model does not see: k > 0 must beat k = 0 by GAIN_MARGIN (a new step shape may
+    cost a compile or a CUDA graph capture); the last choice is kept while within STICKY of the best (no
+    flapping between shapes); after PROBE_EVERY choices of 0 it drafts once, since acceptance is learned only
+    from verifications; after choosing 0 it decides again only every RECHECK_EVERY steps (the decision is a pass
+    over every request). The two ends (k = max_len, 0) are explored at most twice per batch-size bucket while
+    their step size is unmeasured; unmeasured sizes between measured ones are interpolated, larger ones
+    extrapolated in proportion to T (prefill chunks sharing the step count too). The first sample of each
+    size is dropped, later ones enter a decayed mean with outliers clipped (a stall of the machine must not
+    switch speculation off for good) and replaced outright by a sample many times smaller (the estimate held
+    an unseen compile). a_r is a decayed count of accepted / tried draft tokens per request, starting from the
+    running average of all requests.
     """
 
     DECAY = 0.8  # weight of the old estimate per update
     PRIOR_ACCEPTANCE = 0.5
     OUTLIER = 4.0  # a sample over this many times the estimate counts as this many times (a stall, a GC)
+    STICKY = 0.03  # keep the last draft length while its expected rate is within this fraction of the best
+    GAIN_MARGIN = 0.08  # speculate only where the predicted rate beats no drafts by this fraction
+    PROBE_EVERY = 64  # after this many steps without drafts, draft once to refresh the acceptance estimates
+    RECHECK_EVERY = 8  # after choosing no drafts, decide again only every this many steps
 
     def __init__(self, max_len: int, *, adaptive: bool = True):
         self.max_len = max_len
@@ -370,15 +383,21 @@ class DraftLengthController:
         self.fill = 1.0  # drafted tokens / (requests x k): proposers may return shorter drafts (decayed mean)
         self._acc: dict[Any, list[float]] = {}  # request -> [accepted, tried] (decayed)
         self._global = [self.PRIOR_ACCEPTANCE, 1.0]
+        self._last_k: int | None = None  # the last length chosen by the cost model (not an exploration)
+        self._idle = 0  # choices of no drafts since the last verification (see PROBE_EVERY)
+        self.probing = False  # the last choice was a probe (the engine may skip one whose shape must compile)
+        self._hold = 0  # steps left before the next re-decision after choosing no drafts
 
     # -- measurements ----------------------------------------------------------------------------
 
     def record_step(self, num_tokens: int, seconds: float) -> None:
         self._update(self.step_cost, cost_bucket(num_tokens), seconds)
 
-    def record_draft(self, k: int, seconds: float, fill: float | None = None) -> None:
-        """A propose() call for length k took `seconds`; `fill` = tokens drafted / (requests x k)."""
-        self._update(self.draft_cost, k, seconds)
+    def record_draft(self, k: int, seconds: float | None, fill: float | None = None) -> None:
+        """A propose() call for length k took `seconds` (None: it compiled, no cost sample); `fill` = tokens
+        drafted / (requests x k)."""
+        if seconds is not None:
+            self._update(self.draft_cost, k, seconds)
         if fill is not None:
             self.fill = self.DECAY * self.fill + (1 - self.DECAY) * min(max(fill, 0.0), 1.0)
 
@@ -386,6 +405,7 @@ class DraftLengthController:
         """A verification accepted num_accepted of num_drafted tokens (a chain: one rejection ends it)."""
         if num_drafted <= 0:
             return
+        self._idle = 0
         tried = num_accepted + (1 if num_accepted < num_drafted else 0)
         for acc in (self._acc.setdefault(request, list(self._global)), self._global):
             acc[0] = self.DECAY * acc[0] + num_accepted
@@ -403,6 +423,7 @@ class DraftLengthController:
     def choose(self, requests: Sequence[Any], prefill_tokens: int = 0, max_tokens: int | None = None) -> int:
         """The draft length for this step's decoding requests (before each request's own cap). The step also
         runs up to prefill_tokens prompt tokens, all within max_tokens (the engine's token budget)."""
+        self.probing = False
         if not self.adaptive or not requests:
             return self.max_len
         b = len(requests)
@@ -412,22 +433,49 @@ class DraftLengthController:
             t = prefill_tokens + decode
             return min(t, max(max_tokens, decode)) if max_tokens else t
 
-        for k in (self.max_len, 0):  # explore the two ends first, once per step size
-            bucket = cost_bucket(rows(k))
-            if bucket not in self.step_cost and self._explored.get(bucket, 0) < 2:  # the first sample is dropped
-                self._explored[bucket] = self._explored.get(bucket, 0) + 1
+        batch = cost_bucket(b)
+        for k in (self.max_len, 0):  # explore the two ends first: twice per batch-size bucket (the first is dropped)
+            if cost_bucket(rows(k)) not in self.step_cost and self._explored.get((batch, k), 0) < 2:
+                self._explored[(batch, k)] = self._explored.get((batch, k), 0) + 1
                 return k
         if not self.step_cost:
             return self.max_len
         alphas = np.array([self.acceptance(r) for r in requests])
-        best_k, best = 0, -1.0
+        rates = []
         for k in range(self.max_len + 1):
             emitted = float(np.sum((1.0 - alphas ** (k + 1)) / (1.0 - alphas)))
             cost = self._step_estimate(rows(k)) + (self._draft_estimate(k) if k else 0.0)
-            rate = emitted / max(cost, 1e-9)
-            if rate > best:
-                best_k, best = k, rate
+            rates.append(emitted / max(cost, 1e-9))
+        best_k = int(np.argmax(rates))
+        # speculation must clearly win: it has costs the step model does not see (a new step shape's compile or
+        # CUDA graph capture, the variance of acceptance), so a small predicted gain is not taken
+        if best_k and rates[best_k] < (1.0 + self.GAIN_MARGIN) * rates[0]:
+            best_k = 0
+        # hysteresis: keep the last length unless another is clearly better, so lengths do not flap between
+        # near-equal options (each may be another shape to compile)
+        last = self._last_k
+        if last is not None and last <= self.max_len and rates[last] >= (1.0 - self.STICKY) * rates[best_k] \
+                and (last == 0 or rates[last] >= (1.0 + self.GAIN_MARGIN) * rates[0]):
+            best_k = last
+        self._last_k = best_k
+        if best_k == 0:
+            # acceptance is learned only from verifications: now and then draft anyway, so a request whose
+            # drafts would be accepted more than assumed is found
+            self._idle += 1
+            if self._idle > self.PROBE_EVERY:
+                self.probing = True
+                return self.max_len
+            self._hold = self.RECHECK_EVERY - 1
         return best_k
+
+    def hold_off(self) -> bool:
+        """True for the steps after a choice of no drafts until the next re-decision (RECHECK_EVERY): the engine
+        then drafts nothing without asking choose()."""
+        if self._hold <= 0 or not self.adaptive:
+            return False
+        self._hold -= 1
+        self._idle += 1
+        return True
 
     def _step_estimate(self, num_tokens: int) -> float:
         bucket = cost_bucket(num_tokens)
@@ -457,7 +505,10 @@ class DraftLengthController:
             self._seen.add((id(table), key))
             return
         old = table.get(key)
-        table[key] = seconds if old is None else self.DECAY * old + (1 - self.DECAY) * min(seconds, self.OUTLIER * old)
+        if old is None or seconds * self.OUTLIER < old:  # first, or the estimate held a stall (an unseen compile)
+            table[key] = seconds
+        else:
+            table[key] = self.DECAY * old + (1 - self.DECAY) * min(seconds, self.OUTLIER * old)
 
 
 @dataclasses.dataclass
@@ -523,7 +574,10 @@ def make_proposer(spec: Speculative, *, target, program, max_num_seqs: int, max_
         return DraftModelProposer(draft_program, vocab_size=vocab)
     from runtime.draft_heads import make_head_proposer  # medusa, eagle
 
-    return make_head_proposer(spec.method, spec.heads, target.params, target.config)
+    device = getattr(program, "device", None)  # a CUDA Program's torch device: the EAGLE head runs there too
+    if device is not None and type(device).__module__.split(".")[0] != "torch":
+        device = None
+    return make_head_proposer(spec.method, spec.heads, target.params, target.config, device=device)
 
 
 def _check_same_tokenizer(target, draft) -> None:

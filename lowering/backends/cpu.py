@@ -62,6 +62,9 @@ class CpuProgram:
         self.state = {s: jnp.full(tuple(eval_dim(d, env) for d in graph.types[s].shape), pool_fill,
                                   dtype=graph.types[s].dtype) for s in graph.state}
         self._step = self._step_function()
+        # padded step shapes already run (would_compile); shared like the jitted step, per pool size
+        seen = self.graph.__dict__.setdefault("_cpu_seen_shapes", {}) if type(self) is CpuProgram else {}
+        self._seen_shapes: set = seen.setdefault((hash(self.graph.dumps()), self.num_blocks), set())
 
     def _step_function(self):
         """The jitted step. Plain CPU programs of one graph share it (kept on the graph object), so engines
@@ -97,6 +100,17 @@ class CpuProgram:
     def kv_cache_bytes(self) -> int:
         return sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in self.state.values())
 
+    def would_compile(self, num_seqs: int, rows_per_seq: int, max_seq_len: int) -> bool:
+        """Whether a uniform step (num_seqs sequences of rows_per_seq rows, logits for all, the longest max_seq_len
+        tokens after it) has a padded shape this Program has not run, so XLA would compile it (seconds)."""
+        s, q = int(num_seqs), int(rows_per_seq)
+        width = max(1, -(-int(max_seq_len) // self.block_size))
+        probe = StepInput(np.zeros(s * q, np.int32), np.zeros(s * q, np.int32), np.full(s * q, -1, np.int32),
+                          (np.arange(s + 1) * q).astype(np.int32), np.full(s, q, np.int32),
+                          np.zeros((s, width), np.int32), np.arange(s * q, dtype=np.int32))
+        padded = pad_step(probe, max_blocks_per_seq=self.max_blocks_per_seq)
+        return _shape_key(padded, self._max_q_len_key(padded)) not in self._seen_shapes
+
     def step(self, inp: StepInput, *, with_hidden: bool = False):
         """Run one ragged step; pads every dim to a bucket (few compiled shapes), returns f32[L, V].
 
@@ -107,7 +121,9 @@ class CpuProgram:
         inp.validate(block_size=self.block_size, num_blocks=self.num_blocks)
         padded = pad_step(inp, max_blocks_per_seq=self.max_blocks_per_seq)
         compiled = _cache_size(self._step)
-        outs, self.state = self._step(self.params, self.state, padded, self._max_q_len_key(padded))
+        key = self._max_q_len_key(padded)
+        self._seen_shapes.add(_shape_key(padded, key))
+        outs, self.state = self._step(self.params, self.state, padded, key)
         # a step that compiled a new shape took seconds: cost models (speculation) skip its time
         self.last_step_compiled = _cache_size(self._step) != compiled
         logits = np.asarray(outs[0][: inp.logit_rows.shape[0]])
@@ -115,6 +131,10 @@ class CpuProgram:
             return logits
         return logits, np.asarray(outs[1][: inp.num_tokens], np.float32)
 
+
+
+def _shape_key(padded: dict, max_q_len_key: int) -> tuple:
+    return tuple(int(padded[n].shape[-1]) for n in sorted(padded)) + (max_q_len_key,)
 
 
 def _cache_size(fn) -> int:

@@ -429,6 +429,16 @@ class CudaProgram:
                 "seq_lens": view("seq_lens", b), "logit_rows": view("logit_rows", rows),
                 "block_tables": view("block_tables", b * width, (b, width))}
 
+    def would_compile(self, num_seqs: int, rows_per_seq: int, max_seq_len: int) -> bool:
+        """Whether a uniform step (num_seqs sequences of rows_per_seq rows, the longest max_seq_len tokens after it)
+        has no CUDA graph yet, so running it would capture one (tens to hundreds of milliseconds)."""
+        if not (self.cuda_graphs and 1 <= rows_per_seq <= MAX_GRAPH_QUERY and num_seqs <= self.graph_batch_buckets[-1]):
+            return False
+        b = next(x for x in self.graph_batch_buckets if x >= num_seqs)
+        ctx_bucket = min(_bucket_pow2(int(max_seq_len), MIN_CONTEXT_BUCKET),
+                         _bucket_pow2(self.max_blocks_per_seq * self.block_size))
+        return (b, rows_per_seq, ctx_bucket) not in self._graphs
+
     def _replay(self, inp, q: int = 1):
         """Replay the graph of this uniform step's (batch bucket, q, context bucket); -> logits, tokens, extra outputs."""
         s = inp.num_seqs

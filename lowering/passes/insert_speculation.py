@@ -18,14 +18,20 @@ from lowering.speculation import Speculative
 
 def insert_speculation(graph: Graph, spec: Speculative) -> Graph:
     spec.validate()
-    graph = graph.copy()
     if "block_size" not in graph.meta:
         raise IRError("insert_speculation needs the step contract: run insert_paged_kv first")
+    graph = expose_hidden(graph, spec.method) if spec.needs_hidden else graph.copy()
     graph.meta["speculative"] = spec.to_json()
-    if spec.needs_hidden and len(graph.outputs) == 1:
+    return graph
+
+
+def expose_hidden(graph: Graph, why: str = "hidden") -> Graph:
+    """A copy of graph whose second output is the lm_head's input (the final-norm hidden state of every row)."""
+    graph = graph.copy()
+    if len(graph.outputs) == 1:
         heads = [n for n in graph.nodes if n.op in ("logits", "qlogits") and graph.outputs[0] in n.outputs]
         if not heads:
-            raise IRError(f"speculative method {spec.method!r} reads the hidden states that feed the logits, but the "
-                          "graph's output is not made by a logits op")
+            raise IRError(f"{why}: reading the hidden states that feed the logits needs the graph's output to be made "
+                          "by a logits op")
         graph.outputs = [graph.outputs[0], heads[0].inputs[0]]
     return graph

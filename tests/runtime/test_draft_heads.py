@@ -249,7 +249,7 @@ def test_eagle_observe_with_rejections_matches_one_observe(eagle, data, arrays):
     # the head's cache holds the same entries either way
     sa, sb = a._states[ra], b._states[rb]
     assert sa.n_cached == sb.n_cached == n - 1
-    np.testing.assert_allclose(sa.keys[:sa.n_cached], sb.keys[:sb.n_cached], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(a.cached_keys(ra), b.cached_keys(rb), rtol=1e-4, atol=1e-4)
     b.release(rb)
     assert rb not in b._states
 
@@ -305,3 +305,95 @@ def test_engine_with_heads_is_token_identical(tmp_path, model, arrays, method):
     engine = Engine(compile_model(model, config=CFG, progress=False, speculative=spec))
     assert [o.token_ids for o in engine.generate(prompts, params)] == ref
     assert engine.spec_stats.num_draft_tokens > 0
+
+
+def test_eagle_unrolled_training_matches_chain_drafting(data, arrays):
+    """Depth m of the training-time unroll at position u is chain step m-1 started from the real entry u-m+1."""
+    import jax
+
+    embed = arrays["model.embed_tokens.weight"]
+    heads = dh.init_eagle(CFG, embed, seed=1)
+    rng = np.random.default_rng(3)  # random weights everywhere (init_eagle starts some at zero)
+    params = {k: jnp.asarray(rng.normal(0, 0.2, v.shape).astype(np.float32)) for k, v in heads.params.items()}
+    lay = dict(heads.config["layer"])
+    seq, f = data.tokens[1], data.features[1]
+    w = len(seq) - 1
+    tokens_next = jnp.asarray(seq[1:][None])
+    pos = jnp.arange(w, dtype=jnp.int32)[None]
+    outs = jax.jit(lambda p: dh._eagle_unrolled(p, lay, jnp.asarray(embed), tokens_next, jnp.asarray(f[None, :w]),
+                                                pos, 3))(params)
+    full, _, _ = dh._eagle_layer(params, lay, dh._eagle_inputs(params, embed, tokens_next, jnp.asarray(f[None, :w])), pos)
+    np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(full), rtol=1e-5, atol=1e-5)
+    for u in (2, 7, w - 1):
+        t = u - 2  # the chain starts from the real entry at t
+        c = 32
+        ck = jnp.zeros((1, c, lay["num_kv_heads"] * lay["head_dim"]), jnp.float32)
+        cv = jnp.zeros_like(ck)
+        x = dh._eagle_inputs(params, embed, tokens_next[:, :t + 1], jnp.asarray(f[None, :t + 1]))
+        out, ck, cv = dh._eagle_layer(params, lay, x, pos[:, :t + 1], ck, cv, jnp.zeros(1, jnp.int32))
+        pred = out[:, t]
+        for j in (1, 2):  # chain steps at positions t+1, t+2 with the real next tokens (all accepted)
+            x = dh._eagle_inputs(params, embed, tokens_next[:, t + j:t + j + 1], pred[:, None])
+            out, ck, cv = dh._eagle_layer(params, lay, x, pos[:, t + j:t + j + 1], ck, cv,
+                                          jnp.asarray([t + j], jnp.int32))
+            pred = out[:, 0]
+            np.testing.assert_allclose(np.asarray(pred[0]), np.asarray(outs[j][0, t + j]), rtol=1e-4, atol=1e-4)
+
+
+def test_eagle_training_with_depth_reduces_loss(data, arrays):
+    embed = arrays["model.embed_tokens.weight"]
+    heads = dh.init_eagle(CFG, embed, seed=0)
+    _, losses = dh.train_eagle(data, heads, embed, embed, batch_size=2, lr=3e-3, max_steps=15, depth=3)
+    assert np.all(np.isfinite(losses)) and np.mean(losses[-4:]) < losses[0]
+    with pytest.raises(ValueError, match="depth"):
+        dh.train_eagle(data, heads, embed, embed, depth=0)
+
+
+def test_features_from_the_program_match_the_model(model, data):
+    """compute_features_with_program (the compiled Program's own hidden output, ragged prefills on a private
+    pool) gives the flax model's features; several steps when the sequences exceed tokens_per_step."""
+    from lowering import compile_model
+
+    compiled = compile_model(model, config=CFG, progress=False)
+    got = dh.compute_features_with_program(compiled, data.tokens, tokens_per_step=64)
+    assert len(got) == len(data.features)
+    for g, f in zip(got, data.features):
+        np.testing.assert_allclose(g, f, rtol=2e-4, atol=2e-4)
+    assert len(compiled.graph.outputs) == 1  # the compiled model itself is left as it was
+
+
+def test_torch_eagle_backend_matches_jax(eagle, data, arrays):
+    """The torch head (what a CUDA Program's engine uses; here on the CPU, eagerly) drafts what the JAX head does,
+    through prefill, growing slabs, verification windows and sampling."""
+    embed = arrays["model.embed_tokens.weight"]
+    jx = dh.EagleProposer(eagle, embed=embed, lm_head=embed, config=CFG)
+    pt = dh.EagleProposer(eagle, embed=embed, lm_head=embed, config=CFG, device="cpu")
+    reqs = {}
+    for p in (jx, pt):
+        rs = []
+        for s in range(4):
+            seq, f = data.tokens[s], data.features[s]
+            params = SamplingParams(max_tokens=8, temperature=0 if s != 2 else 0.8)
+            r = Req(seq[:10], params, seed=s)
+            rs.append(r)
+            p.observe([StepRows(r, 0, seq[:9], f[:9], 9, int(seq[9]))])
+        reqs[id(p)] = rs
+    for rnd in range(3):
+        outs = []
+        for p in (jx, pt):
+            rs = reqs[id(p)]
+            greedy = [r for r in rs if r.params.is_greedy]
+            d = p.propose(greedy, [3, 2, 4])
+            ds = p.propose(rs, [2, 2, 2, 2])  # a sampling request in the batch: the stepwise path
+            outs.append(([x.tokens for x in d], [x.tokens for x in ds], ds[2].probs))
+            for s, r in enumerate(rs):  # accept one token, then observe the 2-row window
+                seq, f = data.tokens[s], data.features[s]
+                n = len(r.token_ids)
+                r.token_ids = list(seq[:n + 2])
+                r.generator = np.random.default_rng(100 + rnd)
+                p.observe([StepRows(r, n - 1, seq[n - 1:n + 1], f[n - 1:n + 1], 2, int(seq[n + 1]))])
+        assert outs[0][0] == outs[1][0]
+        assert outs[0][1] == outs[1][1]
+        np.testing.assert_allclose(outs[0][2], outs[1][2], rtol=1e-4, atol=1e-6)
+    for rj, rt in zip(reqs[id(jx)], reqs[id(pt)]):
+        np.testing.assert_allclose(jx.cached_keys(rj), pt.cached_keys(rt), rtol=1e-4, atol=1e-5)

@@ -259,6 +259,32 @@ def test_controller_speculates_at_low_load_and_not_at_high_load():
         assert ctl.choose(reqs) == want, (batch, ctl.step_cost)
 
 
+def test_controller_needs_a_clear_gain_probes_and_forgets_stalls():
+    """A predicted gain under GAIN_MARGIN is not taken; after PROBE_EVERY steps without drafts it drafts once
+    (acceptance is only learned from verifications); a cost estimate that held a stall is replaced by a sample
+    many times smaller."""
+    reqs = [object() for _ in range(8)]
+    ctl = DraftLengthController(1)
+    # acceptance 0.5 (the prior): k=1 emits 1.5 tokens a step; a step of 16 rows costs 1.45x one of 8 rows,
+    # so drafting is predicted ~3% faster: not enough
+    ctl.step_cost = {cost_bucket(8): 1.0, cost_bucket(16): 1.45}
+    ctl.draft_cost = {1: 0.0}
+    ctl._explored = {(cost_bucket(8), 1): 2, (cost_bucket(8), 0): 2}
+    picks = [ctl.choose(reqs) for _ in range(DraftLengthController.PROBE_EVERY + 1)]
+    assert picks[:-1] == [0] * DraftLengthController.PROBE_EVERY and picks[-1] == 1  # the probe
+    ctl.record_acceptance(reqs[0], 1, 0)  # the probe's draft was rejected (acceptance ~0.22); the counter resets
+    assert ctl.choose(reqs) == 0
+    ctl.step_cost[cost_bucket(16)] = 1.0  # verification rows now free: 1.22 tokens a step for the same cost
+    assert ctl.choose(reqs) == 1
+    # a stall: the first kept sample of a size was 100x the real cost; the next small one replaces it
+    ctl = DraftLengthController(2)
+    for seconds in (9.0, 5.0, 0.05):
+        ctl.record_step(40, seconds)
+    assert ctl.step_cost[cost_bucket(40)] == pytest.approx(0.05)
+    ctl.record_draft(2, None, fill=0.5)  # a propose() that compiled: no cost sample, only the fill ratio
+    assert 2 not in ctl.draft_cost and ctl.fill < 1.0
+
+
 def test_controller_non_adaptive_and_buckets():
     ctl = DraftLengthController(3, adaptive=False)
     assert ctl.choose([object()] * 100) == 3
@@ -306,3 +332,19 @@ def test_uniform_drafts_are_filled_and_still_exact(baseline):
     assert 4 in q_lens  # verification steps of 4 rows a sequence
     s = engine.spec_stats
     assert 0 < s.acceptance_rate <= 1 and s.num_emitted_tokens == s.num_accepted_tokens + s.num_verifications
+
+
+def test_cpu_program_reports_which_uniform_shapes_would_compile():
+    """Program.would_compile: the engine skips a probe whose step shape the Program has never run."""
+    from lowering import compile_model
+    from lowering.models import llama
+    from tests.lowering.helpers import tiny_config
+
+    cfg = tiny_config()
+    cm = compile_model(llama.build_model(cfg, seed=0), config=cfg, progress=False, max_model_len=64)
+    program = cm.make_program(num_blocks=16)
+    assert program.would_compile(2, 3, 20)
+    engine = Engine(cm, num_blocks=16, speculative=False)
+    engine.generate([[1, 2, 3], [4, 5, 6, 7]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert not cm.make_program(num_blocks=16).would_compile(2, 1, 6)  # decodes of this engine (shared shapes)
+    assert cm.make_program(num_blocks=16).would_compile(2, 5, 6)

@@ -82,3 +82,68 @@ def test_uniform_verification_steps_replay_cuda_graphs(models):
     step = layout.step([(0, [3, 14, 15, 92], 4), (1, [5, 35, 8, 9], 2)])
     step.logit_rows = np.arange(8, dtype=np.int32)
     assert prog._uniform_query(step) == 4
+
+
+def _eagle_heads(tmp_path, cfg, cm):
+    from runtime import draft_heads as dh
+
+    embed = np.asarray(cm.params["model.embed_tokens.weight"], np.float32)
+    heads = dh.init_eagle(cfg, embed, seed=3)
+    rng = np.random.default_rng(0)  # non-zero everywhere: drafts that depend on every weight
+    heads = dh.DraftHeads("eagle", heads.config, {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32)
+                                                  for k, v in heads.params.items()})
+    dh.save_heads(str(tmp_path / "eagle"), heads)
+    return str(tmp_path / "eagle")
+
+
+def test_cuda_engine_eagle_head_runs_in_torch(models, tmp_path):
+    """On a CUDA Program the EAGLE head runs in torch on the Program's device (CUDA graphs on a GPU); greedy output
+    equals the target alone."""
+    from runtime.eagle_torch import TorchEagleBackend
+
+    cfg, _, cuda_cm = models
+    heads = _eagle_heads(tmp_path, cfg, cuda_cm)
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10, 11, 9, 10], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    opts = {"device": DEVICE, "cuda_graphs": HAS_GPU}
+    base = Engine(cuda_cm, num_blocks=60, program_options=opts, speculative=False).generate(prompts, params)
+    engine = Engine(cuda_cm, num_blocks=60, program_options=opts,
+                    speculative=Speculative("eagle", num_tokens=3, heads=heads, adaptive=False))
+    assert isinstance(engine.proposer._backend, TorchEagleBackend)
+    outs = engine.generate(prompts, params)
+    assert engine.spec_stats.num_draft_tokens > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in base]
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="CUDA graphs need a GPU")
+def test_torch_eagle_graph_replay_matches_eager(models, tmp_path):
+    """A greedy proposal replayed from a CUDA graph drafts what the eager torch head drafts."""
+    from runtime import draft_heads as dh
+    from runtime.speculative import StepRows
+
+    cfg, _, cuda_cm = models
+    heads = dh.load_heads(_eagle_heads(tmp_path, cfg, cuda_cm))
+    embed = np.asarray(cuda_cm.params["model.embed_tokens.weight"], np.float32)
+    rng = np.random.default_rng(1)
+
+    class Req:
+        def __init__(self, ids):
+            self.token_ids = list(ids)
+            self.params = SamplingParams(max_tokens=8, temperature=0)
+
+    props = [dh.EagleProposer(heads, embed=embed, lm_head=embed, config=cfg, device="cuda") for _ in range(2)]
+    props[1]._backend.use_graphs = False  # the same arithmetic, eager
+    seqs = [rng.integers(1, cfg.vocab_size, 30) for _ in range(3)]
+    feats = [rng.normal(0, 1, (30, cfg.hidden_size)).astype(np.float32) for _ in range(3)]
+    reqs = [[Req(s[:10]) for s in seqs] for _ in props]
+    for p, rs in zip(props, reqs):
+        p.observe([StepRows(r, 0, s[:9], f[:9], 9, int(s[9])) for r, s, f in zip(rs, seqs, feats)])
+    for rnd in range(4):  # the first round captures, later rounds replay
+        drafts = [[d.tokens for d in p.propose(rs, [3, 3, 3])] for p, rs in zip(props, reqs)]
+        assert drafts[0] == drafts[1]
+        for p, rs in zip(props, reqs):
+            for r, s, f in zip(rs, seqs, feats):
+                n = len(r.token_ids)
+                r.token_ids = list(s[:n + 1])
+                p.observe([StepRows(r, n - 1, s[n - 1:n], f[n - 1:n], 1, int(s[n]))])
+    assert props[0]._backend.graphs
