@@ -760,23 +760,25 @@ class Engine:
         # the next step also runs prefill chunks (requests still prefilling, then waiting ones) within its budget
         pending = sum(len(r.token_ids) - r.num_computed_tokens for r in self.scheduler.running) - num_decoding
         pending += sum(len(r.token_ids) for r in self.scheduler.waiting[: self.max_num_seqs])
-        k = self.draft_controller.choose(ready, prefill_tokens=pending,
-                                         max_tokens=self.scheduler.max_num_batched_tokens)
-        if self.proposer.needs_hidden and self.draft_controller.adaptive:
+        # a Program that replays CUDA graphs for uniform steps (every sequence the same number of rows) gets one
+        # draft length for all: a ragged verification step would run eagerly, several times slower there
+        uniform = bool(getattr(self.program, "prefers_uniform_drafts", False))
+        ctl = self.draft_controller
+        k = ctl.choose(ready, prefill_tokens=pending, max_tokens=self.scheduler.max_num_batched_tokens,
+                       uniform=uniform)
+        if uniform:
+            k = min(k, min(caps)) if len(ready) == num_decoding else 0
+        would_compile = getattr(self.program, "would_compile", None)
+        if k and ctl.probing and would_compile is not None and \
+                would_compile(len(ready), k + 1, max(len(r.token_ids) for r in ready) + k):
+            k = 0  # a probe is worth one step, not a CUDA graph capture or an XLA compile
+            ctl.skip_probe()
+        if self.proposer.needs_hidden and ctl.adaptive:
             # no drafts chosen: the next step skips the hidden states (their copy and observe() cost host time);
             # drafts chosen right after such a step wait one step for the features to be back
             self._hidden_next = k > 0
             if not self._last_had_hidden:
                 k = 0
-        # a Program that replays CUDA graphs for uniform steps (every sequence the same number of rows) gets one
-        # draft length for all: a ragged verification step would run eagerly, several times slower there
-        uniform = bool(getattr(self.program, "prefers_uniform_drafts", False))
-        if uniform:
-            k = min(k, min(caps)) if len(ready) == num_decoding else 0
-        would_compile = getattr(self.program, "would_compile", None)
-        if k and self.draft_controller.probing and would_compile is not None and \
-                would_compile(len(ready), k + 1, max(len(r.token_ids) for r in ready) + k):
-            k = 0  # a probe is worth one step, not a CUDA graph capture; it comes again once the shape exists
         stats = self.spec_stats
         stats.num_steps += 1
         stats.draft_length_steps[k] = stats.draft_length_steps.get(k, 0) + 1

@@ -420,16 +420,19 @@ class DraftLengthController:
 
     # -- the choice --------------------------------------------------------------------------------
 
-    def choose(self, requests: Sequence[Any], prefill_tokens: int = 0, max_tokens: int | None = None) -> int:
+    def choose(self, requests: Sequence[Any], prefill_tokens: int = 0, max_tokens: int | None = None,
+               uniform: bool = False) -> int:
         """The draft length for this step's decoding requests (before each request's own cap). The step also
-        runs up to prefill_tokens prompt tokens, all within max_tokens (the engine's token budget)."""
+        runs up to prefill_tokens prompt tokens, all within max_tokens (the engine's token budget). uniform: the
+        engine fills every draft to the chosen length (CUDA graphs), so a step runs B (k + 1) rows however
+        full the proposals are."""
         self.probing = False
         if not self.adaptive or not requests:
             return self.max_len
         b = len(requests)
 
         def rows(k):  # the step's expected rows: decodes, their drafts (as long as proposals tend to be), prefill
-            decode = b + round(b * k * self.fill)
+            decode = b + (b * k if uniform else round(b * k * self.fill))
             t = prefill_tokens + decode
             return min(t, max(max_tokens, decode)) if max_tokens else t
 
@@ -443,7 +446,8 @@ class DraftLengthController:
         alphas = np.array([self.acceptance(r) for r in requests])
         rates = []
         for k in range(self.max_len + 1):
-            emitted = float(np.sum((1.0 - alphas ** (k + 1)) / (1.0 - alphas)))
+            # a request without a proposal (a fraction 1 - fill of them) emits its one token
+            emitted = b + self.fill * float(np.sum((1.0 - alphas ** (k + 1)) / (1.0 - alphas) - 1.0))
             cost = self._step_estimate(rows(k)) + (self._draft_estimate(k) if k else 0.0)
             rates.append(emitted / max(cost, 1e-9))
         best_k = int(np.argmax(rates))
@@ -467,6 +471,12 @@ class DraftLengthController:
                 return self.max_len
             self._hold = self.RECHECK_EVERY - 1
         return best_k
+
+    def skip_probe(self) -> None:
+        """The engine did not run the probe just chosen (its step shape would compile): wait a full period."""
+        self.probing = False
+        self._idle = 0
+        self._hold = self.RECHECK_EVERY - 1
 
     def hold_off(self) -> bool:
         """True for the steps after a choice of no drafts until the next re-decision (RECHECK_EVERY): the engine

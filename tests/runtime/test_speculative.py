@@ -272,6 +272,10 @@ def test_controller_needs_a_clear_gain_probes_and_forgets_stalls():
     ctl._explored = {(cost_bucket(8), 1): 2, (cost_bucket(8), 0): 2}
     picks = [ctl.choose(reqs) for _ in range(DraftLengthController.PROBE_EVERY + 1)]
     assert picks[:-1] == [0] * DraftLengthController.PROBE_EVERY and picks[-1] == 1  # the probe
+    assert ctl.probing
+    ctl.skip_probe()  # the engine skipped it (its shape would compile): a whole period passes before the next
+    picks = [0 if ctl.hold_off() else ctl.choose(reqs) for _ in range(DraftLengthController.PROBE_EVERY)]
+    assert picks == [0] * DraftLengthController.PROBE_EVERY and ctl.choose(reqs) == 1 and ctl.probing
     ctl.record_acceptance(reqs[0], 1, 0)  # the probe's draft was rejected (acceptance ~0.22); the counter resets
     assert ctl.choose(reqs) == 0
     ctl.step_cost[cost_bucket(16)] = 1.0  # verification rows now free: 1.22 tokens a step for the same cost
@@ -283,6 +287,24 @@ def test_controller_needs_a_clear_gain_probes_and_forgets_stalls():
     assert ctl.step_cost[cost_bucket(40)] == pytest.approx(0.05)
     ctl.record_draft(2, None, fill=0.5)  # a propose() that compiled: no cost sample, only the fill ratio
     assert 2 not in ctl.draft_cost and ctl.fill < 1.0
+
+
+def test_controller_uniform_steps_pay_for_filled_rows():
+    """Half-empty proposals: a ragged step runs only the drafted rows, a uniform (CUDA graph) step runs all
+    B (k + 1); either way only the real half can be accepted. Verification rows cost as much as decode rows
+    here, so drafting pays only on the ragged Program."""
+    reqs = [object() for _ in range(16)]
+    ctl = DraftLengthController(1)
+    ctl.fill = 0.5
+    for r in reqs:
+        for _ in range(20):
+            ctl.record_acceptance(r, 1, 1)  # acceptance ~1
+    ctl.step_cost = {cost_bucket(16): 1.0, cost_bucket(24): 1.2, cost_bucket(32): 2.0}
+    ctl.draft_cost = {1: 0.0}
+    ctl._explored = {(cost_bucket(16), 1): 2, (cost_bucket(16), 0): 2}
+    assert ctl.choose(reqs) == 1  # 16 + 8 rows emit ~24 tokens for 1.2: beats 16 for 1.0
+    ctl._last_k = None
+    assert ctl.choose(reqs, uniform=True) == 0  # 32 rows emit ~24 tokens for 2.0
 
 
 def test_controller_non_adaptive_and_buckets():
