@@ -124,9 +124,10 @@ def run_llmc(model, jobs, args):
 
 
 def _num_compiled(program):
-    step = getattr(program, "_step", None)
-    size = getattr(step, "_cache_size", None)
-    return size() if callable(size) else None
+    from lowering.backends.cpu import jit_cache_size
+
+    size = jit_cache_size(getattr(program, "_step", None))
+    return size if size >= 0 else None
 
 
 async def _warm(url, args):

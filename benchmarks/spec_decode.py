@@ -163,12 +163,15 @@ def main() -> None:
         rows.append((name, off, on, on / off, s.acceptance_rate, s.mean_accepted_length, s.mean_draft_length,
                      same["identical"]))
         per_set = {}
-        if args.batch == 1:  # acceptance per dataset, from a separate pass over each set
+        if args.batch == 1:  # acceptance and speed per dataset, from a separate pass over each set
             for ds in ("gsm8k", "mt_bench"):
+                subset = [q for d, q in pairs if d == ds]
+                off_rate, _ = run(base, subset, params)
                 engine.spec_stats.__init__(method=spec.method)
-                run(engine, [q for d, q in pairs if d == ds], params)
+                on_rate, _ = run(engine, subset, params)
                 per_set[ds] = {"acceptance_rate": engine.spec_stats.acceptance_rate,
-                               "mean_accepted_length": engine.spec_stats.mean_accepted_length}
+                               "mean_accepted_length": engine.spec_stats.mean_accepted_length,
+                               "tok_s_off": off_rate, "tok_s_on": on_rate, "speedup": on_rate / off_rate}
             results[name]["per_dataset"] = per_set
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -186,7 +189,8 @@ def main() -> None:
                   + "; proposal ms by k " + ", ".join(f"{k}:{v * 1e3:.2f}" for k, v in r["draft_cost_s"].items()))
         if "per_dataset" in r:
             print(f"  {name}: " + ", ".join(f"{d} accept {v['acceptance_rate']:.2f} / mean len "
-                                           f"{v['mean_accepted_length']:.2f}" for d, v in r["per_dataset"].items()))
+                                           f"{v['mean_accepted_length']:.2f} / speed-up {v['speedup']:.2f}x"
+                                           for d, v in r["per_dataset"].items()))
     out = {"date": datetime.date.today().isoformat(), "commit": commit, "target": args.target,
            "machine": (platform.processor() or platform.machine()) if args.target == "cpu" else _gpu_name(),
            "cpu_count": os.cpu_count(), "args": vars(args), "results": results}

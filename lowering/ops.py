@@ -142,6 +142,12 @@ def ref_rms_norm(x, weight, *, eps):
     return weight.astype(x.dtype) * normed
 
 
+def ref_head_rms_norm(x, weight, *, eps, head_dim):
+    # x: [T, H*Dh]  weight: [Dh]  ->  [T, H*Dh]; RMSNorm of each head's vector (Qwen3's QK-norm), float32 statistics
+    heads = x.reshape(x.shape[0], x.shape[1] // head_dim, head_dim)
+    return ref_rms_norm(heads, weight, eps=eps).reshape(x.shape)
+
+
 def _same_as_first(ts, attrs):
     return [ts[0]]
 
@@ -424,6 +430,7 @@ paged_attention = _register("paged_attention", ref_paged_attention, _same_as_fir
 qlinear = _register("qlinear", ref_qlinear, _qlinear_shape, QUANT_ATTRS, optional_attrs=("group_size", "act_format"))
 qlogits = _register("qlogits", ref_qlogits, _qlogits_shape, QUANT_ATTRS, optional_attrs=("group_size", "act_format"))
 rotate_heads = _register("rotate_heads", ref_rotate_heads, _same_as_first, {"num_heads": (int,), "head_dim": (int,)})
+head_rms_norm = _register("head_rms_norm", ref_head_rms_norm, _same_as_first, {"eps": (float,), "head_dim": (int,)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,6 +444,10 @@ def embed_tokens(token_ids, table):
 
 def rms_normalize(x, weight, eps: float):
     return _bind(rms_norm, x, weight, eps=float(eps))
+
+
+def head_rms_normalize(x, weight, eps: float, head_dim: int):
+    return _bind(head_rms_norm, x, weight, eps=float(eps), head_dim=int(head_dim))
 
 
 def project(x, weight, bias=None):

@@ -419,9 +419,9 @@ _JIT_CACHE: dict[Any, Any] = {}
 
 
 def _jit_cache_size(fn) -> int:
-    """Shapes a jitted function has compiled (-1 where JAX does not say): a change means a call compiled."""
-    size = getattr(fn, "_cache_size", None)
-    return int(size()) if callable(size) else -1
+    from lowering.backends.cpu import jit_cache_size
+
+    return jit_cache_size(fn)
 
 
 def _medusa_fns():

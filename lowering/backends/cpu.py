@@ -120,12 +120,12 @@ class CpuProgram:
             check_hidden_output(self.graph)
         inp.validate(block_size=self.block_size, num_blocks=self.num_blocks)
         padded = pad_step(inp, max_blocks_per_seq=self.max_blocks_per_seq)
-        compiled = _cache_size(self._step)
+        compiled = jit_cache_size(self._step)
         key = self._max_q_len_key(padded)
         self._seen_shapes.add(_shape_key(padded, key))
         outs, self.state = self._step(self.params, self.state, padded, key)
         # a step that compiled a new shape took seconds: cost models (speculation) skip its time
-        self.last_step_compiled = _cache_size(self._step) != compiled
+        self.last_step_compiled = jit_cache_size(self._step) != compiled
         logits = np.asarray(outs[0][: inp.logit_rows.shape[0]])
         if not with_hidden:
             return logits
@@ -137,9 +137,10 @@ def _shape_key(padded: dict, max_q_len_key: int) -> tuple:
     return tuple(int(padded[n].shape[-1]) for n in sorted(padded)) + (max_q_len_key,)
 
 
-def _cache_size(fn) -> int:
+def jit_cache_size(fn) -> int:
+    """How many shapes a jax.jit function has compiled (-1 where JAX does not say): a change means a call compiled."""
     size = getattr(fn, "_cache_size", None)
-    return size() if size is not None else -1
+    return int(size()) if callable(size) else -1
 
 
 def pad_step(inp: StepInput, *, max_blocks_per_seq: int) -> dict[str, np.ndarray]:

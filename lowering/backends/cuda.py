@@ -728,6 +728,19 @@ def _lower_rms_norm(node, graph, program, producers, users) -> Fn:
     return run
 
 
+def _lower_head_rms_norm(node, graph, program, producers, users) -> Fn:
+    """QK-norm: the RMSNorm kernel over rows of head_dim (x [T, H*Dh] viewed as [T*H, Dh])."""
+    from kernels_gpu.norms import add_rms_norm
+
+    eps, dh = node.attrs["eps"], node.attrs["head_dim"]
+
+    def run(ctx, x, weight):
+        x = x.contiguous()
+        return (add_rms_norm(x.view(-1, dh), None, weight, eps)[0].view(x.shape),)
+
+    return run
+
+
 def _lower_linear(node, graph, program, producers, users) -> Fn:
     import torch.nn.functional as F
 
@@ -920,6 +933,7 @@ def _lower_constant(node, graph, program, producers, users) -> Fn:
 _LOWERINGS: dict[str, Callable[..., Fn]] = {
     "embed": _lower_embed,
     "rms_norm": _lower_rms_norm,
+    "head_rms_norm": _lower_head_rms_norm,
     "linear": _lower_linear,
     "logits": _lower_logits,
     "rope": _lower_rope,

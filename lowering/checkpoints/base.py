@@ -67,6 +67,9 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"{p}.self_attn.k_proj.weight"] = (kv_dim, d)
         shapes[f"{p}.self_attn.v_proj.weight"] = (kv_dim, d)
         shapes[f"{p}.self_attn.o_proj.weight"] = (d, q_dim)
+        if config.qk_norm:
+            shapes[f"{p}.self_attn.q_norm.weight"] = (config.head_dim,)
+            shapes[f"{p}.self_attn.k_norm.weight"] = (config.head_dim,)
         if config.attention_bias:
             shapes[f"{p}.self_attn.q_proj.bias"] = (q_dim,)
             shapes[f"{p}.self_attn.k_proj.bias"] = (kv_dim,)

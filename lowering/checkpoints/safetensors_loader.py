@@ -14,7 +14,7 @@ from lowering.checkpoints.base import Checkpoint, CheckpointError, check_weights
 from lowering.checkpoints.tokenizer import Tokenizer
 from lowering.models.config import ConfigError, ModelConfig
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64),
@@ -87,7 +87,7 @@ def config_from_hf(cfg: dict[str, Any], source: str, generation_cfg: dict[str, A
     sliding_window = None
     if model_type == "mistral":
         sliding_window = cfg.get("sliding_window")
-    elif model_type == "qwen2" and cfg.get("use_sliding_window"):
+    elif model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
         sliding_window = cfg.get("sliding_window")
         layer_types = set(cfg.get("layer_types") or ())
         if len(layer_types) > 1:
@@ -118,6 +118,7 @@ def config_from_hf(cfg: dict[str, Any], source: str, generation_cfg: dict[str, A
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
             sliding_window=int(sliding_window) if sliding_window else None,
             bos_token_id=None if cfg.get("bos_token_id") is None else int(cfg["bos_token_id"]),
             eos_token_ids=tuple(dict.fromkeys(eos_ids)),

@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3/3.1, SmolLM2, Mistral, Qwen2) in Flax NNX, built from llmc's semantic ops."""
+"""The Llama family (Llama 2/3/3.1, SmolLM2, Mistral, Qwen2, Qwen3) in Flax NNX, built from llmc's semantic ops."""
 from __future__ import annotations
 
 from typing import Mapping
@@ -50,13 +50,20 @@ class SelfAttention(nnx.Module):
         self.k_proj = Linear(d, cfg.num_kv_heads * dh, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(d, cfg.num_kv_heads * dh, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(cfg.num_heads * dh, d, bias=False, dtype=dtype, rngs=rngs)
+        if cfg.qk_norm:  # Qwen3: each head's query and key RMS-normalised (weights [Dh]) before RoPE
+            self.q_norm = RMSNorm(dh, cfg.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(dh, cfg.rms_norm_eps, dtype=dtype)
 
     def __call__(self, x, positions, query_start):
         # x: [T, D]  positions: i32[T]  query_start: i32[S+1]  ->  [T, D]
         cfg = self.cfg
         rope = dict(head_dim=cfg.head_dim, theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling)
-        q = ops.apply_rope(self.q_proj(x), positions, num_heads=cfg.num_heads, **rope)  # [T, Hq*Dh]
-        k = ops.apply_rope(self.k_proj(x), positions, num_heads=cfg.num_kv_heads, **rope)  # [T, Hkv*Dh]
+        q, k = self.q_proj(x), self.k_proj(x)
+        if cfg.qk_norm:
+            q = ops.head_rms_normalize(q, self.q_norm.weight[...], cfg.rms_norm_eps, cfg.head_dim)
+            k = ops.head_rms_normalize(k, self.k_norm.weight[...], cfg.rms_norm_eps, cfg.head_dim)
+        q = ops.apply_rope(q, positions, num_heads=cfg.num_heads, **rope)  # [T, Hq*Dh]
+        k = ops.apply_rope(k, positions, num_heads=cfg.num_kv_heads, **rope)  # [T, Hkv*Dh]
         v = self.v_proj(x)  # [T, Hkv*Dh]
         o = ops.causal_attention(q, k, v, query_start, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                                  head_dim=cfg.head_dim)

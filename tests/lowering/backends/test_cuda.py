@@ -30,6 +30,7 @@ CONFIGS = {
     "llama31": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
     "qwen2": dict(architecture="qwen2", attention_bias=True, tie_word_embeddings=True),
+    "qwen3": dict(architecture="qwen3", qk_norm=True, tie_word_embeddings=True),
 }
 
 

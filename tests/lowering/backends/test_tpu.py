@@ -41,6 +41,18 @@ def test_tpu_program_matches_cpu_target_on_ragged_steps(models):
         assert relerr(got, want) < 1e-4
 
 
+def test_tpu_program_runs_qwen3_qk_norm():
+    """Qwen3's per-head QK-norm (head_rms_norm) in the TPU program: its reference op between the Pallas kernels."""
+    cfg = small_config(architecture="qwen3", qk_norm=True, tie_word_embeddings=True)
+    model = llama.build_model(cfg, seed=5)
+    cpu_prog = compile_model(model, config=cfg, progress=False, max_model_len=64).make_program(num_blocks=24)
+    tpu_prog = compile_model(model, config=cfg, target="tpu", dtype="float32", progress=False,
+                             max_model_len=64).make_program(num_blocks=24, pool_fill=float("nan"))
+    for want, got in zip(run_steps(cpu_prog, 1, 16, num_blocks=24), run_steps(tpu_prog, 1, 16, num_blocks=24)):
+        assert np.isfinite(got).all()
+        assert relerr(got, want) < 1e-4
+
+
 def test_tpu_program_runs_its_kernels(models):
     from tests.lowering.helpers import PagedLayout
 
