@@ -1179,15 +1179,31 @@ def _greedy_tokens(features: Sequence[np.ndarray], lm_head: np.ndarray, rows: in
 
     lm = jnp.asarray(np.asarray(lm_head, np.float32))
     top = jax.jit(lambda f, lm: jnp.argmax(f @ lm.T, axis=-1).astype(jnp.int32))
-    flat = np.concatenate([np.asarray(f, np.float32) for f in features]) if features else np.zeros((0, lm.shape[1]))
-    out = np.zeros(len(flat), np.int32)
-    for a in range(0, len(flat), rows):
-        block = flat[a:a + rows]
-        n = len(block)
-        if n < rows:  # one shape for every block
-            block = np.concatenate([block, np.zeros((rows - n, block.shape[1]), np.float32)])
-        out[a:a + n] = np.asarray(top(block, lm))[:n]
-    return list(np.split(out, np.cumsum([len(f) for f in features])[:-1])) if features else []
+    out = [np.zeros(len(f), np.int32) for f in features]
+    block = np.zeros((rows, lm.shape[1]), np.float32)  # one shape for every block (the last one zero-padded)
+    pieces: list[tuple[int, int, int, int]] = []  # (sequence, its first row, rows, where in the block)
+    used = 0
+
+    def flush():
+        picked = np.asarray(top(block, lm))
+        for i, a, n, at in pieces:
+            out[i][a:a + n] = picked[at:at + n]
+        pieces.clear()
+
+    for i, f in enumerate(features):  # fill blocks straight from the sequences (no copy of all features)
+        a = 0
+        while a < len(f):
+            n = min(rows - used, len(f) - a)
+            block[used:used + n] = f[a:a + n]
+            pieces.append((i, a, n, used))
+            used, a = used + n, a + n
+            if used == rows:
+                flush()
+                used = 0
+    if pieces:
+        block[used:] = 0.0
+        flush()
+    return out
 
 
 def _eagle_loss_fn(lay, cls_weight: float, noise: float, depth: int = 1, depth_decay: float = 0.8):
@@ -1485,7 +1501,6 @@ def train_draft_heads(source: str, *, method: str, output: str, num_heads: int =
         if mt_prompts:  # sampled continuations of the MT-Bench training prompts (their greedy ones are above)
             seqs += generate_sequences(compiled, mt_prompts, max_tokens=max_tokens, max_num_seqs=max_num_seqs,
                                        samples=mt_bench_samples)[len(mt_prompts):]
-        _release_torch_gpu_memory()  # the generating engine's KV pool
         if generations:
             _save_generations(generations, key, seqs)
         gen_s = time.time() - t0

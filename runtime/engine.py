@@ -734,10 +734,7 @@ class Engine:
         if self.draft_controller.hold_off():
             # the controller chose no drafts a moment ago and re-decides only every few steps: at high load this
             # step-by-step decision (a pass over every request) would cost more than it could gain
-            stats = self.spec_stats
-            stats.num_steps += 1
-            stats.draft_length_steps[0] = stats.draft_length_steps.get(0, 0) + 1
-            stats.last_draft_length = 0
+            self.spec_stats.record_draft_length(0)
             if self.proposer.needs_hidden:
                 self._hidden_next = False
             return
@@ -779,10 +776,7 @@ class Engine:
             self._hidden_next = k > 0
             if not self._last_had_hidden:
                 k = 0
-        stats = self.spec_stats
-        stats.num_steps += 1
-        stats.draft_length_steps[k] = stats.draft_length_steps.get(k, 0) + 1
-        stats.last_draft_length = k
+        self.spec_stats.record_draft_length(k)
         if k == 0:
             return
         lengths = [min(k, c) for c in caps]

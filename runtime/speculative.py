@@ -534,6 +534,12 @@ class SpecStats:
     draft_length_steps: dict[int, int] = dataclasses.field(default_factory=dict)  # chosen k -> steps
     last_draft_length: int = 0
 
+    def record_draft_length(self, k: int) -> None:
+        """An engine step with decoding requests drafted k tokens each (0: none)."""
+        self.num_steps += 1
+        self.draft_length_steps[k] = self.draft_length_steps.get(k, 0) + 1
+        self.last_draft_length = k
+
     @property
     def acceptance_rate(self) -> float:
         """Accepted / drafted tokens."""
