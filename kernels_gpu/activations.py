@@ -1,4 +1,10 @@
-"""Fused SiLU-and-multiply for gated MLPs: out = silu(gate) * up, computed in fp32."""
+"""Fused activation-and-multiply for gated MLPs, computed in fp32: out = act(gate) * up.
+
+silu_and_mul: SwiGLU (Llama family), act = SiLU.
+gelu_tanh_and_mul: GeGLU (Gemma), act = GELU with the tanh approximation (torch's approximate="tanh").
+"""
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -7,38 +13,47 @@ import triton.language as tl
 SILU_BLOCK_F = 1024
 SILU_NUM_WARPS = 4
 
+# 0.5 * (1 + tanh(u)) == sigmoid(2u): GELU-tanh is x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3)).
+_GELU_TANH_2K = tl.constexpr(2.0 * math.sqrt(2.0 / math.pi))
+_GELU_TANH_CUBIC = tl.constexpr(0.044715)
+
 
 @triton.jit
 def silu_and_mul_kernel(
     gate_up_ptr, out_ptr,
     num_features,
     stride_gt, stride_ot,
-    BLOCK_F: tl.constexpr,
+    GELU_TANH: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    """One program per (token, BLOCK_F output columns): out[t, f] = silu(gate[t, f]) * up[t, f]."""
+    """One program per (token, BLOCK_F output columns): out[t, f] = act(gate[t, f]) * up[t, f], act = SiLU,
+    or GELU-tanh when GELU_TANH."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)  # i32[BLOCK_F]
     mask = cols < num_features
     gate = tl.load(gate_up_ptr + row * stride_gt + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + row * stride_gt + num_features + cols, mask=mask, other=0.0).to(tl.float32)
-    out = gate / (1.0 + tl.exp(-gate)) * up  # f32[BLOCK_F]
-    tl.store(out_ptr + row * stride_ot + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if GELU_TANH:
+        inner = _GELU_TANH_2K * (gate + _GELU_TANH_CUBIC * gate * gate * gate)
+        # NOTE: exp's argument is capped where the result is 0 to f32 precision anyway (no inf in between)
+        act = gate / (1.0 + tl.exp(tl.minimum(-inner, 80.0)))  # f32[BLOCK_F]
+    else:
+        act = gate / (1.0 + tl.exp(-gate))  # f32[BLOCK_F]
+    tl.store(out_ptr + row * stride_ot + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _validate(gate_up):
+def _validate(gate_up, name):
     if gate_up.dim() != 2:
-        raise ValueError(f"silu_and_mul: gate_up must be [T, 2F], got shape {tuple(gate_up.shape)}")
+        raise ValueError(f"{name}: gate_up must be [T, 2F], got shape {tuple(gate_up.shape)}")
     if gate_up.shape[1] % 2:
-        raise ValueError(f"silu_and_mul: last dim must be even (gate then up), got {gate_up.shape[1]}")
+        raise ValueError(f"{name}: last dim must be even (gate then up), got {gate_up.shape[1]}")
     if gate_up.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"silu_and_mul: unsupported dtype {gate_up.dtype} (bf16, fp16, fp32)")
+        raise ValueError(f"{name}: unsupported dtype {gate_up.dtype} (bf16, fp16, fp32)")
     if gate_up.shape[1] and gate_up.stride(1) != 1:
-        raise ValueError("silu_and_mul: gate_up's last dim must be contiguous")
+        raise ValueError(f"{name}: gate_up's last dim must be contiguous")
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[T, 2F] (gate | up) -> [T, F] = silu(gate) * up, silu in fp32, output in gate_up's dtype."""
-    _validate(gate_up)
+def _act_and_mul(gate_up: torch.Tensor, *, gelu_tanh: bool, name: str) -> torch.Tensor:
+    _validate(gate_up, name)
     num_tokens, num_features = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty((num_tokens, num_features), dtype=gate_up.dtype, device=gate_up.device)  # [T, F]
     if num_tokens == 0 or num_features == 0:
@@ -49,12 +64,29 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         gate_up, out,
         num_features,
         gate_up.stride(0), out.stride(0),
-        BLOCK_F=block_f, num_warps=SILU_NUM_WARPS,
+        GELU_TANH=gelu_tanh, BLOCK_F=block_f, num_warps=SILU_NUM_WARPS,
     )
     return out
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2F] (gate | up) -> [T, F] = silu(gate) * up, silu in fp32, output in gate_up's dtype."""
+    return _act_and_mul(gate_up, gelu_tanh=False, name="silu_and_mul")
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2F] (gate | up) -> [T, F] = gelu_tanh(gate) * up, GELU (tanh approximation) in fp32, output in
+    gate_up's dtype."""
+    return _act_and_mul(gate_up, gelu_tanh=True, name="gelu_tanh_and_mul")
 
 
 def ref_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """float64 reference of silu_and_mul: [T, 2F] -> float64[T, F]."""
     gate, up = gate_up.double().chunk(2, dim=-1)  # f64[T, F] each
     return gate * torch.sigmoid(gate) * up
+
+
+def ref_gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """float64 reference of gelu_tanh_and_mul: [T, 2F] -> float64[T, F]."""
+    gate, up = gate_up.double().chunk(2, dim=-1)  # f64[T, F] each
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up

@@ -1,4 +1,4 @@
-"""Fused residual-add + RMSNorm (Hugging Face LlamaRMSNorm semantics), fp32 statistics."""
+"""Fused residual-add + RMSNorm (Hugging Face LlamaRMSNorm semantics, or Gemma's (1 + w) form), fp32 statistics."""
 import torch
 import triton
 import triton.language as tl
@@ -11,12 +11,13 @@ NORM_NUM_WARPS = ((1024, 4), (4096, 8), (NORM_MAX_HIDDEN, 16))  # (max padded wi
 @triton.jit
 def add_rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
-    hidden_size, eps,
+    hidden_size, eps, weight_offset,
     stride_xt, stride_rt, stride_ot, stride_rot,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """One program per token row: h = x (+ residual, rounded to its dtype);
-    out = w * cast(h * rsqrt(mean(h^2) + eps))."""
+    out = w * cast(h * rsqrt(mean(h^2) + eps)), or with HAS_OFFSET (Gemma)
+    out = cast(h * rsqrt(mean(h^2) + eps) * (weight_offset + w))."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)  # i32[BLOCK_H]
     mask = cols < hidden_size
@@ -29,9 +30,12 @@ def add_rms_norm_kernel(
         h = summed.to(tl.float32)
     variance = tl.sum(h * h, axis=0) / hidden_size
     normed = h * (1.0 / tl.sqrt(variance + eps))  # f32[BLOCK_H]
-    # NOTE: HF casts the normalized row to the input dtype *before* multiplying by the weight.
-    normed = normed.to(out_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_OFFSET:  # Gemma: the whole product in fp32, rounded once
+        w = w + weight_offset
+    else:
+        # NOTE: HF Llama casts the normalized row to the input dtype *before* multiplying by the weight.
+        normed = normed.to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * stride_ot + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -64,11 +68,13 @@ def _validate(x, residual, weight):
             raise ValueError(f"add_rms_norm: {name}'s last dim must be contiguous")
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 weight_offset: float | None = None):
     """x: [T, H]; residual: [T, H] or None; weight: [H] -> (normed [T, H] in x's dtype, new_residual or None).
 
     new_residual = x + residual (in residual's dtype); normed = weight * cast_x(h / rms(h)) with h the
-    new residual (or x when residual is None). Nothing is updated in place.
+    new residual (or x when residual is None); with weight_offset (Gemma's 1.0),
+    normed = cast_x(h / rms(h) * (weight_offset + weight)) in fp32. Nothing is updated in place.
     """
     _validate(x, residual, weight)
     num_tokens, hidden = x.shape
@@ -81,15 +87,16 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     has_residual = residual is not None
     add_rms_norm_kernel[(num_tokens,)](
         x, residual if has_residual else x, weight, out, residual_out if has_residual else out,
-        hidden, float(eps),
+        hidden, float(eps), float(weight_offset or 0.0),
         x.stride(0), residual.stride(0) if has_residual else 0, out.stride(0),
         residual_out.stride(0) if has_residual else 0,
-        HAS_RESIDUAL=has_residual, BLOCK_H=block_h, num_warps=num_warps,
+        HAS_RESIDUAL=has_residual, HAS_OFFSET=weight_offset is not None, BLOCK_H=block_h, num_warps=num_warps,
     )
     return out, residual_out
 
 
-def ref_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def ref_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     weight_offset: float | None = None):
     """float64 reference of add_rms_norm -> (f64[T, H] normed, new residual in residual's dtype or None).
 
     The residual sum is rounded to the residual dtype (the kernel stores it there, then normalizes it);
@@ -101,4 +108,4 @@ def ref_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
         new_residual = (x.double() + residual.double()).to(residual.dtype)
         h = new_residual.double()
     rms = torch.sqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps)  # f64[T, 1]
-    return h / rms * weight.double(), new_residual
+    return h / rms * (weight.double() + (weight_offset or 0.0)), new_residual

@@ -1,4 +1,6 @@
 """Unified paged attention over the ragged step (prefill chunks, decodes, verify rows) for bf16/fp8/nvfp4 KV."""
+import numbers
+
 import torch
 import triton
 import triton.language as tl
@@ -164,22 +166,29 @@ def _load_nvfp4_tile(cache_ptr, block_scale_ptr, row, srow, n_valid, head_dim, s
 
 
 @triton.jit
-def _attend_block(acc, acc_odd, m_i, l_i, q, q_odd, q_pos, start, kv_hi, qk_scale, bt_row, k_head, v_head, kv_head,
+def _attend_block(acc, acc_odd, m_i, l_i, q, q_odd, q_pos, start, kv_hi, kv_from, window, qk_scale, bt_row, k_head,
+                  v_head, kv_head,
                   k_cache_ptr, v_cache_ptr, k_block_scale_ptr, v_block_scale_ptr, block_size, head_dim,
                   stride_kn, stride_kb, stride_kd, stride_vn, stride_vb, stride_vd,
                   stride_ksn, stride_ksb, stride_ksh, stride_ksd, stride_vsn, stride_vsb, stride_vsh, stride_vsd,
                   stride_btb,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KV_FORMAT: tl.constexpr, DOT_F32: tl.constexpr,
                   PAGE: tl.constexpr, NVFP4_ASM: tl.constexpr, SCALE_ALIGN: tl.constexpr,
-                  EVEN_D: tl.constexpr, MASKED: tl.constexpr):
+                  EVEN_D: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr):
     """One step of the online softmax over context positions start .. start + BLOCK_N - 1.
 
     MASKED=False: every position is < kv_hi and visible to every row (no load masks, no causal mask).
+    WINDOW (sliding window, MASKED steps): positions before kv_from (the first one the tile's earliest row
+    sees) are never loaded, as their pages may be freed; a row at q_pos sees only positions > q_pos - window.
     """
+    if WINDOW:
+        start = tl.multiple_of(start, BLOCK_N)  # the window's min/max bounds hide what every step start is
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     if MASKED:
         n_valid = offs_n < kv_hi
+        if WINDOW:
+            n_valid = n_valid & (offs_n >= kv_from)
     else:
         n_valid = offs_n < 2147483647  # all true (only the column masks of an odd head_dim use it)
     d_valid = offs_d < head_dim
@@ -221,6 +230,8 @@ def _attend_block(acc, acc_odd, m_i, l_i, q, q_odd, q_pos, start, kv_hi, qk_scal
     s = s * qk_scale
     if MASKED:
         visible = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if WINDOW:
+            visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
 
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -266,6 +277,7 @@ def paged_attention_kernel(
     seq_lens_ptr,  # i32[S]
     block_tables_ptr,  # i32[S, B]
     sm_scale, num_seqs, block_size, head_dim, num_tiles, num_kv_heads, num_splits,
+    window,  # sliding window (WINDOW): a row at context index p sees positions > p - window
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
     stride_kn, stride_kb, stride_kh, stride_kd,
@@ -283,6 +295,7 @@ def paged_attention_kernel(
     NVFP4_ASM: tl.constexpr,  # E2M1 decode through inline PTX into f16 (GPU); else portable f32 code
     SCALE_ALIGN: tl.constexpr,  # every nvfp4 block-scale row starts at a multiple of this many elements
     EVEN_D: tl.constexpr = False,  # head_dim == BLOCK_D: no column masks
+    WINDOW: tl.constexpr = False,  # sliding-window attention (`window` is read only then)
 ):
     if GRID_ORDER == 0:
         pid_tile = tl.program_id(0)
@@ -362,13 +375,22 @@ def paged_attention_kernel(
         q_odd = (q_odd.to(tl.float32) * sm_scale).to(tl.float16)
         qk_scale = k_scale * 1.4426950408889634
 
-    # Context range: causal bound of the tile's last row, cut to this split's slice.
+    # Context range: causal bound of the tile's last row, cut to this split's slice. With a sliding window it
+    # starts at the BLOCK_N step holding kv_from, the first position the tile's first row sees: the pages
+    # wholly before it may be freed, so nothing before kv_from is ever loaded.
     last_tok = tl.minimum(first_tok + BLOCK_Q, q_len) - 1
     kv_hi = ctx_offset + last_tok + 1
     kv_lo = kv_hi * 0
+    kv_from = kv_lo
+    if WINDOW:
+        kv_from = tl.maximum(ctx_offset + first_tok - window + 1, 0)
+        kv_lo = kv_from // BLOCK_N * BLOCK_N
     if SPLIT_KV:
-        chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-        kv_lo = split * chunk
+        if WINDOW:
+            chunk = tl.cdiv(tl.cdiv(kv_hi - kv_lo, num_splits), BLOCK_N) * BLOCK_N
+        else:
+            chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        kv_lo = kv_lo + split * chunk
         kv_hi = tl.minimum(kv_hi, kv_lo + chunk)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -384,23 +406,35 @@ def paged_attention_kernel(
     v_head = kv_head.to(tl.int64) * stride_vh
 
     # Blocks wholly inside every row's causal window and the context need no masks: run them in one loop,
-    # then the (at most a few) blocks at the end of the context with the masks.
+    # then the (at most a few) blocks at the end of the context with the masks. With a sliding window the
+    # steps before the first BLOCK_N boundary that the tile's last row's window covers take the masks too.
+    head_end = kv_lo
+    if WINDOW:
+        win_last = tl.maximum(ctx_offset + last_tok - window + 1, 0)  # first position the last row sees
+        head_end = tl.minimum(tl.maximum(tl.cdiv(win_last, BLOCK_N) * BLOCK_N, kv_lo), kv_hi)
+        for start in range(kv_lo, head_end, BLOCK_N):
+            acc, acc_odd, m_i, l_i = _attend_block(
+                acc, acc_odd, m_i, l_i, q, q_odd, q_pos, start, kv_hi, kv_from, window, qk_scale, bt_row, k_head,
+                v_head, kv_head, k_cache_ptr, v_cache_ptr, k_block_scale_ptr, v_block_scale_ptr, block_size,
+                head_dim, stride_kn, stride_kb, stride_kd, stride_vn, stride_vb, stride_vd, stride_ksn, stride_ksb,
+                stride_ksh, stride_ksd, stride_vsn, stride_vsb, stride_vsh, stride_vsd, stride_btb,
+                BLOCK_N, BLOCK_D, KV_FORMAT, DOT_F32, PAGE, NVFP4_ASM, SCALE_ALIGN, EVEN_D, True, True)
     main_hi = tl.minimum(kv_hi, ctx_offset + first_tok + 1)
-    main_end = kv_lo + tl.maximum(main_hi - kv_lo, 0) // BLOCK_N * BLOCK_N
-    for start in range(kv_lo, main_end, BLOCK_N):
+    main_end = head_end + tl.maximum(main_hi - head_end, 0) // BLOCK_N * BLOCK_N
+    for start in range(head_end, main_end, BLOCK_N):
         acc, acc_odd, m_i, l_i = _attend_block(
-            acc, acc_odd, m_i, l_i, q, q_odd, q_pos, start, kv_hi, qk_scale, bt_row, k_head, v_head, kv_head,
-            k_cache_ptr, v_cache_ptr, k_block_scale_ptr, v_block_scale_ptr, block_size, head_dim,
+            acc, acc_odd, m_i, l_i, q, q_odd, q_pos, start, kv_hi, kv_from, window, qk_scale, bt_row, k_head,
+            v_head, kv_head, k_cache_ptr, v_cache_ptr, k_block_scale_ptr, v_block_scale_ptr, block_size, head_dim,
             stride_kn, stride_kb, stride_kd, stride_vn, stride_vb, stride_vd, stride_ksn, stride_ksb, stride_ksh,
             stride_ksd, stride_vsn, stride_vsb, stride_vsh, stride_vsd, stride_btb,
-            BLOCK_N, BLOCK_D, KV_FORMAT, DOT_F32, PAGE, NVFP4_ASM, SCALE_ALIGN, EVEN_D, False)
+            BLOCK_N, BLOCK_D, KV_FORMAT, DOT_F32, PAGE, NVFP4_ASM, SCALE_ALIGN, EVEN_D, False, WINDOW)
     for start in range(main_end, kv_hi, BLOCK_N):
         acc, acc_odd, m_i, l_i = _attend_block(
-            acc, acc_odd, m_i, l_i, q, q_odd, q_pos, start, kv_hi, qk_scale, bt_row, k_head, v_head, kv_head,
-            k_cache_ptr, v_cache_ptr, k_block_scale_ptr, v_block_scale_ptr, block_size, head_dim,
+            acc, acc_odd, m_i, l_i, q, q_odd, q_pos, start, kv_hi, kv_from, window, qk_scale, bt_row, k_head,
+            v_head, kv_head, k_cache_ptr, v_cache_ptr, k_block_scale_ptr, v_block_scale_ptr, block_size, head_dim,
             stride_kn, stride_kb, stride_kd, stride_vn, stride_vb, stride_vd, stride_ksn, stride_ksb, stride_ksh,
             stride_ksd, stride_vsn, stride_vsb, stride_vsh, stride_vsd, stride_btb,
-            BLOCK_N, BLOCK_D, KV_FORMAT, DOT_F32, PAGE, NVFP4_ASM, SCALE_ALIGN, EVEN_D, True)
+            BLOCK_N, BLOCK_D, KV_FORMAT, DOT_F32, PAGE, NVFP4_ASM, SCALE_ALIGN, EVEN_D, True, WINDOW)
 
     acc = acc * v_scale
     acc_odd = acc_odd * v_scale
@@ -459,14 +493,21 @@ def paged_attention_reduce_kernel(
 
 
 @triton.jit
-def _grouped_step(acc, m_i, l_i, q, qk_scale, start, kv_hi, bt_row, kvh, offs_d, d_valid,
+def _grouped_step(acc, m_i, l_i, q, qk_scale, start, kv_hi, kv_from, bt_row, kvh, offs_d, d_valid,
                   k_cache_ptr, v_cache_ptr, stride_kn, stride_kb, stride_kh, stride_kd,
                   stride_vn, stride_vb, stride_vh, stride_vd, stride_btb,
                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DOT_F32: tl.constexpr, EVEN_D: tl.constexpr,
-                  MASKED: tl.constexpr, KV_EVICT: tl.constexpr, KV_CACHE: tl.constexpr):
-    """One BLOCK_N step of paged_decode_grouped_kernel for its HG kv heads at once (3-D dots)."""
+                  MASKED: tl.constexpr, KV_EVICT: tl.constexpr, KV_CACHE: tl.constexpr, WINDOW: tl.constexpr):
+    """One BLOCK_N step of paged_decode_grouped_kernel for its HG kv heads at once (3-D dots).
+
+    MASKED steps see positions kv_from (WINDOW; else 0) .. kv_hi - 1; nothing outside is loaded.
+    """
+    if WINDOW:
+        start = tl.multiple_of(start, BLOCK_N)  # the window's min/max bounds hide what every step start is
     offs_n = start + tl.arange(0, BLOCK_N)
     n_valid = offs_n < kv_hi
+    if WINDOW:
+        n_valid = n_valid & (offs_n >= kv_from)
     if MASKED:
         blk = tl.load(bt_row + (offs_n // PAGE) * stride_btb, mask=n_valid, other=0).to(tl.int64)
     else:
@@ -521,6 +562,7 @@ def paged_decode_grouped_kernel(
     seq_lens_ptr,  # i32[S]
     block_tables_ptr,  # i32[S, B]
     sm_scale, head_dim, num_splits,
+    window,  # sliding window (WINDOW)
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
     stride_kn, stride_kb, stride_kh, stride_kd,
@@ -531,6 +573,7 @@ def paged_decode_grouped_kernel(
     GROUP: tl.constexpr, ROWS: tl.constexpr, HG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, KV_FORMAT: tl.constexpr, SPLIT_KV: tl.constexpr, DOT_F32: tl.constexpr,
     EVEN_D: tl.constexpr, KV_EVICT: tl.constexpr = "", KV_CACHE: tl.constexpr = "",
+    WINDOW: tl.constexpr = False,  # sliding window: the token sees positions > seq_len - 1 - window
 ):
     """Decode (one new token per sequence): one program = one sequence's split of the context for HG kv heads.
 
@@ -573,27 +616,53 @@ def paged_decode_grouped_kernel(
         if DOT_F32:
             q = q.to(tl.float32)
 
+    # Context positions kv_lo .. kv_hi - 1 of this split; with a sliding window the walk starts at the BLOCK_N
+    # step holding kv_from (pages wholly before it may be freed and are never read) and the splits share out
+    # the window only.
     kv_lo = seq_len * 0
     kv_hi = seq_len
+    kv_from = kv_lo
+    if WINDOW:
+        kv_from = tl.maximum(seq_len - window, 0)
+        kv_lo = kv_from // BLOCK_N * BLOCK_N
     if SPLIT_KV:
-        chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-        kv_lo = split * chunk
+        chunk = tl.cdiv(tl.cdiv(seq_len - kv_lo, num_splits), BLOCK_N) * BLOCK_N
+        kv_lo = kv_lo + split * chunk
         kv_hi = tl.minimum(seq_len, kv_lo + chunk)
-    main_end = kv_lo + tl.maximum(kv_hi - kv_lo, 0) // BLOCK_N * BLOCK_N
     m_i = tl.full([HG, ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([HG, ROWS], dtype=tl.float32)
     acc = tl.zeros([HG, ROWS, BLOCK_D], dtype=tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bts
-    for start in range(kv_lo, main_end, BLOCK_N):
-        acc, m_i, l_i = _grouped_step(acc, m_i, l_i, q, qk_scale, start, kv_hi, bt_row, kvh, offs_d, d_valid,
-                                      k_cache_ptr, v_cache_ptr, stride_kn, stride_kb, stride_kh, stride_kd,
-                                      stride_vn, stride_vb, stride_vh, stride_vd, stride_btb,
-                                      BLOCK_N, PAGE, DOT_F32, EVEN_D, False, KV_EVICT, KV_CACHE)
-    for start in range(main_end, kv_hi, BLOCK_N):
-        acc, m_i, l_i = _grouped_step(acc, m_i, l_i, q, qk_scale, start, kv_hi, bt_row, kvh, offs_d, d_valid,
-                                      k_cache_ptr, v_cache_ptr, stride_kn, stride_kb, stride_kh, stride_kd,
-                                      stride_vn, stride_vb, stride_vh, stride_vd, stride_btb,
-                                      BLOCK_N, PAGE, DOT_F32, EVEN_D, True, KV_EVICT, KV_CACHE)
+    main_end = kv_lo + tl.maximum(kv_hi - kv_lo, 0) // BLOCK_N * BLOCK_N
+    if WINDOW:
+        # The step holding kv_from (the first split's) and the context's last partial step take the masks; both
+        # run after the unmasked ones (the online softmax takes steps in any order) in one loop of <= 2 steps, so
+        # the kernel holds one masked and one unmasked copy of the step, as without a window.
+        head_end = tl.minimum(tl.maximum(tl.cdiv(kv_from, BLOCK_N) * BLOCK_N, kv_lo), kv_hi)
+        main_end = head_end + tl.maximum(kv_hi - head_end, 0) // BLOCK_N * BLOCK_N
+        num_head = (kv_lo < head_end).to(tl.int32)
+        for start in range(head_end, main_end, BLOCK_N):
+            acc, m_i, l_i = _grouped_step(acc, m_i, l_i, q, qk_scale, start, kv_hi, kv_from, bt_row, kvh, offs_d,
+                                          d_valid, k_cache_ptr, v_cache_ptr, stride_kn, stride_kb, stride_kh,
+                                          stride_kd, stride_vn, stride_vb, stride_vh, stride_vd, stride_btb,
+                                          BLOCK_N, PAGE, DOT_F32, EVEN_D, False, KV_EVICT, KV_CACHE, True)
+        for i in range(0, num_head + tl.cdiv(tl.maximum(kv_hi - main_end, 0), BLOCK_N)):
+            start = tl.where(i < num_head, kv_lo, main_end)
+            acc, m_i, l_i = _grouped_step(acc, m_i, l_i, q, qk_scale, start, kv_hi, kv_from, bt_row, kvh, offs_d,
+                                          d_valid, k_cache_ptr, v_cache_ptr, stride_kn, stride_kb, stride_kh,
+                                          stride_kd, stride_vn, stride_vb, stride_vh, stride_vd, stride_btb,
+                                          BLOCK_N, PAGE, DOT_F32, EVEN_D, True, KV_EVICT, KV_CACHE, True)
+    else:
+        for start in range(kv_lo, main_end, BLOCK_N):
+            acc, m_i, l_i = _grouped_step(acc, m_i, l_i, q, qk_scale, start, kv_hi, kv_from, bt_row, kvh, offs_d,
+                                          d_valid, k_cache_ptr, v_cache_ptr, stride_kn, stride_kb, stride_kh,
+                                          stride_kd, stride_vn, stride_vb, stride_vh, stride_vd, stride_btb,
+                                          BLOCK_N, PAGE, DOT_F32, EVEN_D, False, KV_EVICT, KV_CACHE, False)
+        for start in range(main_end, kv_hi, BLOCK_N):
+            acc, m_i, l_i = _grouped_step(acc, m_i, l_i, q, qk_scale, start, kv_hi, kv_from, bt_row, kvh, offs_d,
+                                          d_valid, k_cache_ptr, v_cache_ptr, stride_kn, stride_kb, stride_kh,
+                                          stride_kd, stride_vn, stride_vb, stride_vh, stride_vd, stride_btb,
+                                          BLOCK_N, PAGE, DOT_F32, EVEN_D, True, KV_EVICT, KV_CACHE, False)
     acc = acc * v_scale[:, None, None]
     if SPLIT_KV:
         prow = split.to(tl.int64) * stride_ps + tok * stride_pt + head * stride_ph  # [HG, ROWS]
@@ -629,6 +698,13 @@ def choose_num_splits(num_tiles: int, num_kv_heads: int, max_seq_len: int, targe
 def _check(cond: bool, msg: str):
     if not cond:
         raise ValueError(f"paged_attention: {msg}")
+
+
+def _check_window(window) -> int | None:
+    """window as a Python int (or None); ValueError unless it is a positive integer or None."""
+    _check(window is None or (isinstance(window, numbers.Integral) and not isinstance(window, bool) and window >= 1),
+           f"window must be a positive int or None, got {window!r}")
+    return None if window is None else int(window)
 
 
 def _validate(q, k_cache, v_cache, query_start, seq_lens, block_tables, kv_format, k_scale, v_scale,
@@ -694,14 +770,20 @@ def paged_attention(
     max_q_len=None,
     max_seq_len=None,
     out=None,  # [T, Hq, D] q dtype
+    window: int | None = None,
 ):
     """Causal attention of each new token over its own sequence's paged context; returns out [T, Hq, D].
 
     Pass max_q_len and max_seq_len (host ints) to avoid device syncs (and when capturing CUDA graphs);
-    rows past query_start[S] are left unwritten.
+    rows past query_start[S] are left unwritten. window (sliding-window attention): a token at context index
+    p sees only positions > p - window; pages wholly before the window of a sequence's first new token are
+    never read (their block-table entries may point anywhere). A max_seq_len passed must bound every seq_len.
     """
     _validate(q, k_cache, v_cache, query_start, seq_lens, block_tables, kv_format, k_scale, v_scale,
               k_block_scale, v_block_scale, out)
+    window = _check_window(window)
+    if window is not None and max_seq_len is not None and window >= int(max_seq_len):
+        window = None  # NOTE: every position is inside every window: the unwindowed kernels are the same, faster
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -717,7 +799,7 @@ def paged_attention(
     if grouped is not None:
         return _grouped_decode(q, k_cache, v_cache, query_start, seq_lens, block_tables, grouped, scale=scale,
                                kv_format=kv_format, k_scale=k_scale, v_scale=v_scale, num_splits=num_splits,
-                               max_seq_len=max_seq_len, out=out)
+                               max_seq_len=max_seq_len, out=out, window=window)
     tiles = _tile_sizes(q.device, head_dim, max_q_len, kv_format)
     group = num_q_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
@@ -731,7 +813,8 @@ def paged_attention(
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max().item())
         live_tiles = min(num_tiles, num_seqs * triton.cdiv(max_q_len, block_q))
-        num_splits = choose_num_splits(live_tiles, num_kv_heads, int(max_seq_len), tiles.get("target_programs"))
+        span = int(max_seq_len) if window is None else min(int(max_seq_len), window + block_q)  # a tile's positions
+        num_splits = choose_num_splits(live_tiles, num_kv_heads, span, tiles.get("target_programs"))
     _check(int(num_splits) >= 1, f"num_splits must be >= 1, got {num_splits}")
     num_splits = int(num_splits)
     split_kv = num_splits > 1
@@ -761,14 +844,14 @@ def paged_attention(
         out, part_out, part_m, part_l,
         q, k_cache, v_cache, k_bs, v_bs, ks, vs,
         query_start, seq_lens, block_tables,
-        float(scale), num_seqs, block_size, head_dim, num_tiles, num_kv_heads, num_splits,
+        float(scale), num_seqs, block_size, head_dim, num_tiles, num_kv_heads, num_splits, window or 0,
         *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(),
         *k_bs_strides, *v_bs_strides, *block_tables.stride(),
         *part_strides, *ml_strides,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         KV_FORMAT=KV_FORMATS[kv_format], SPLIT_KV=split_kv, DOT_F32=dot_f32,
         PAGE=page, GRID_ORDER=grid_order, NVFP4_ASM=not _interpreting() and q.device.type == "cuda",
-        SCALE_ALIGN=scale_align, EVEN_D=head_dim == block_d,
+        SCALE_ALIGN=scale_align, EVEN_D=head_dim == block_d, WINDOW=window is not None,
         num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **launch_opts,
     )
     if split_kv:
@@ -818,7 +901,7 @@ def _grouped_tiles(q, k_cache, max_q_len: int, kv_format: str):
 
 
 def _grouped_decode(q, k_cache, v_cache, query_start, seq_lens, block_tables, tiles, *, scale, kv_format,
-                    k_scale, v_scale, num_splits, max_seq_len, out):
+                    k_scale, v_scale, num_splits, max_seq_len, out, window=None):
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -828,7 +911,8 @@ def _grouped_decode(q, k_cache, v_cache, query_start, seq_lens, block_tables, ti
     if num_splits is None:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max().item())
-        num_splits = choose_num_splits(num_seqs, num_kv_heads // hg, int(max_seq_len), tiles.get("target_programs"))
+        span = int(max_seq_len) if window is None else min(int(max_seq_len), window)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads // hg, span, tiles.get("target_programs"))
     _check(int(num_splits) >= 1, f"num_splits must be >= 1, got {num_splits}")
     num_splits = int(num_splits)
     split_kv = num_splits > 1
@@ -840,13 +924,13 @@ def _grouped_decode(q, k_cache, v_cache, query_start, seq_lens, block_tables, ti
     cache = tiles.get("kv_cache", "") if not _interpreting() else ""
     paged_decode_grouped_kernel[(num_kv_heads // hg, num_splits, num_seqs)](
         out, part_out, part_m, part_l, q, k_cache, v_cache, ks, vs, query_start, seq_lens, block_tables,
-        float(scale), head_dim, num_splits,
+        float(scale), head_dim, num_splits, window or 0,
         *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(),
         *part_strides, *ml_strides,
         GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), HG=hg, BLOCK_N=tiles["BLOCK_N"], BLOCK_D=block_d,
         PAGE=block_size, KV_FORMAT=KV_FORMATS[kv_format], SPLIT_KV=split_kv,
         DOT_F32=_interpreting() or q.dtype == torch.float32, EVEN_D=head_dim == block_d,
-        KV_EVICT=evict, KV_CACHE=cache,
+        KV_EVICT=evict, KV_CACHE=cache, WINDOW=window is not None,
         num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **launch_opts,
     )
     if split_kv:
@@ -876,9 +960,14 @@ def ref_paged_attention(
     kv_format: str = "bf16",
     k_scale=None, v_scale=None,
     k_block_scale=None, v_block_scale=None,
+    window: int | None = None,
     **unused,
 ):
-    """Float64 reference: dequantize the whole pool, gather each sequence through its block table, causal softmax."""
+    """Float64 reference: dequantize the whole pool, gather each sequence through its block table, causal softmax.
+
+    With a sliding window only the positions some new token of the sequence sees are gathered (the pages before
+    them may hold anything) and each token sees positions > its own - window.
+    """
     k_all = _dequantize_cache(k_cache, k_scale, k_block_scale, kv_format)  # f64[N, bs, Hkv, D]
     v_all = _dequantize_cache(v_cache, v_scale, v_block_scale, kv_format)
     block_size = k_cache.shape[1]
@@ -889,13 +978,17 @@ def ref_paged_attention(
         t0, t1 = qs[s], qs[s + 1]
         if t1 == t0:
             continue
-        idx = torch.arange(seq_len, device=q.device)
+        first = 0 if window is None else max(seq_len - (t1 - t0) - window + 1, 0)
+        idx = torch.arange(first, seq_len, device=q.device)
         blocks = block_tables[s, idx // block_size].long()
         k = k_all[blocks, idx % block_size].repeat_interleave(group, dim=1)  # f64[ctx, Hq, D]
         v = v_all[blocks, idx % block_size].repeat_interleave(group, dim=1)
         qq = q[t0:t1].double()  # f64[q_len, Hq, D]
         scores = torch.einsum("thd,chd->htc", qq, k) * scale  # f64[Hq, q_len, ctx]
         pos = seq_len - (t1 - t0) + torch.arange(t1 - t0, device=q.device)
-        scores = scores.masked_fill(idx[None, None, :] > pos[None, :, None], float("-inf"))
+        hidden = idx[None, :] > pos[:, None]  # bool[q_len, ctx]
+        if window is not None:
+            hidden = hidden | (idx[None, :] <= pos[:, None] - window)
+        scores = scores.masked_fill(hidden[None], float("-inf"))
         out[t0:t1] = torch.einsum("htc,chd->thd", torch.softmax(scores, dim=-1), v)
     return out

@@ -14,6 +14,8 @@ sequence stores through a masked pointer store instead). On an H100 the d=128 de
 per SM (128x64 tiles, 2 stages, 96 KB shared memory, maxnreg=128), so one program's softmax overlaps the
 other's tensor-core work.
 """
+import numbers
+
 import torch
 import triton
 import triton.language as tl
@@ -94,10 +96,14 @@ def _scores(q, k, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _causal_mask(s, offs_m, start, BLOCK_N: tl.constexpr):
-    # keys past the sequence end sit above every valid row's diagonal, so this masks them too
+def _causal_mask(s, offs_m, start, window, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+    # keys past the sequence end sit above every valid row's diagonal, so this masks them too; with a sliding
+    # window, row m also drops the keys at or before m - window
     offs_n = start + tl.arange(0, BLOCK_N)
-    return tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+    keep = offs_m[:, None] >= offs_n[None, :]
+    if WINDOW:
+        keep = keep & (offs_n[None, :] > offs_m[:, None] - window)
+    return tl.where(keep, s, float("-inf"))
 
 
 @triton.jit
@@ -106,8 +112,9 @@ def _softmax_pv(acc, l_i, m_i, s, v, qk_scale, LAZY_RESCALE: tl.constexpr, DOT_F
 
     m_i is a running max of log2-scaled scores. Every row has seen at least one key by the time it gets
     here (its own diagonal or an earlier tile), so m_new is finite and exp2(-inf - m_new) == 0 needs no
-    guard. LAZY_RESCALE keeps a stale max (and skips rescaling acc) until some row's max grows by more
-    than 2^8: p stays <= 256, harmless in f32 sums and in the bf16 P of the PV product.
+    guard (with a sliding window a row may see no key of a tile: there m_i starts at a finite -1e30 instead).
+    LAZY_RESCALE keeps a stale max (and skips rescaling acc) until some row's max grows by more than 2^8:
+    p stays <= 256, harmless in f32 sums and in the bf16 P of the PV product.
     """
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     if LAZY_RESCALE:
@@ -132,16 +139,17 @@ def _softmax_pv(acc, l_i, m_i, s, v, qk_scale, LAZY_RESCALE: tl.constexpr, DOT_F
 
 
 @triton.jit
-def _kv_step(acc, l_i, m_i, q, k_ptr, v_ptr, k_desc, v_desc, start, offs_m, seq_len, qk_scale,
+def _kv_step(acc, l_i, m_i, q, k_ptr, v_ptr, k_desc, v_desc, start, offs_m, seq_len, window, qk_scale,
              stride_kt, stride_vt, row_off, k_col, v_col,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-             MASKED: tl.constexpr, USE_TMA: tl.constexpr, LAZY_RESCALE: tl.constexpr, DOT_F32: tl.constexpr):
+             MASKED: tl.constexpr, USE_TMA: tl.constexpr, LAZY_RESCALE: tl.constexpr, DOT_F32: tl.constexpr,
+             WINDOW: tl.constexpr):
     """One BLOCK_N key tile of the online softmax; returns the updated (acc, l_i, m_i)."""
     k = _load_tile(k_ptr, k_desc, start, seq_len, stride_kt, row_off, k_col, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED,
                    USE_TMA)
     s = _scores(q, k, DOT_F32)
     if MASKED:
-        s = _causal_mask(s, offs_m, start, BLOCK_N)
+        s = _causal_mask(s, offs_m, start, window, BLOCK_N, WINDOW)
     v = _load_tile(v_ptr, v_desc, start, seq_len, stride_vt, row_off, v_col, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED,
                    USE_TMA)
     return _softmax_pv(acc, l_i, m_i, s, v, qk_scale, LAZY_RESCALE, DOT_F32)
@@ -155,6 +163,7 @@ def prefill_attention_kernel(
     q_hdesc, k_hdesc, v_hdesc, o_hdesc,  # host tensor descriptors over [T, H*D] (USE_TMA == 2), else unused
     cu_seqlens_ptr,  # i32[S+1]
     sm_scale, num_m_tiles,
+    window,  # sliding window (WINDOW): row m sees keys m - window + 1 .. m
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -162,7 +171,7 @@ def prefill_attention_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, ORDER: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     LAZY_RESCALE: tl.constexpr, PIPELINE_QK: tl.constexpr, DOT_F32: tl.constexpr,
-    ONE_LOOP: tl.constexpr = False, DIAG_STAGES: tl.constexpr = 0,
+    ONE_LOOP: tl.constexpr = False, DIAG_STAGES: tl.constexpr = 0, WINDOW: tl.constexpr = False,
 ):
     if ORDER == 0:
         tile_rank = tl.program_id(0)
@@ -225,26 +234,47 @@ def prefill_attention_kernel(
         q = q.to(tl.float32)
 
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): softmax via exp2
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if WINDOW:
+        # a row may see no key of a whole tile (before its window): a finite start keeps exp2(m_i - m_new) NaN-free
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # Part 1: key tiles entirely below the first row of the tile (no mask, no bounds: all < m0 <= seq_len).
     # Part 2: the diagonal tiles, causal mask; they stop at the tile's last row or the sequence end.
+    # Sliding window: part 1 starts at kv_lo, the tile holding the first row's first key (earlier tiles are
+    # skipped); its tiles before win_end (where the last row's window begins) take the window mask first.
     diag_lo = (m0 // BLOCK_N) * BLOCK_N
     diag_hi = tl.minimum(m0 + BLOCK_M, seq_len)
+    kv_lo = 0
+    win_end = 0
+    if WINDOW:
+        kv_lo = tl.maximum(m0 - window + 1, 0) // BLOCK_N * BLOCK_N
+        win_end = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(diag_hi - window, 0), BLOCK_N) * BLOCK_N, kv_lo), diag_lo)
+        if not ONE_LOOP:
+            for start in range(kv_lo, win_end, BLOCK_N):
+                start = tl.multiple_of(start, BLOCK_N)
+                acc, l_i, m_i = _kv_step(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start, offs_m, seq_len,
+                                         window, qk_scale, stride_kt, stride_vt, row_off, k_col, v_col, BLOCK_N,
+                                         BLOCK_D, HEAD_DIM, True, USE_TMA, LAZY_RESCALE, DOT_F32, True)
+            kv_lo = win_end
     if ONE_LOOP:
         # One software-pipelined loop over every key tile (TMA loads need no bounds masks; pointer loads keep
         # them); only the diagonal tiles take the causal mask, through a branch, so the load pipeline does not
         # drain before them.
         LOAD_MASK: tl.constexpr = USE_TMA == 0
-        for start in range(0, diag_hi, BLOCK_N):
+        for start in range(kv_lo, diag_hi, BLOCK_N):
             start = tl.multiple_of(start, BLOCK_N)
             k = _load_tile(k_base, k_desc, start, seq_len, stride_kt, row_off, k_col, BLOCK_N, BLOCK_D, HEAD_DIM,
                            LOAD_MASK, USE_TMA)
             s = _scores(q, k, DOT_F32)
-            if start >= diag_lo:
-                s = _causal_mask(s, offs_m, start, BLOCK_N)
+            masked = start >= diag_lo
+            if WINDOW:
+                masked = masked | (start < win_end)
+            if masked:
+                s = _causal_mask(s, offs_m, start, window, BLOCK_N, WINDOW)
             v = _load_tile(v_base, v_desc, start, seq_len, stride_vt, row_off, v_col, BLOCK_N, BLOCK_D, HEAD_DIM,
                            LOAD_MASK, USE_TMA)
             acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, qk_scale, LAZY_RESCALE, DOT_F32)
@@ -252,9 +282,9 @@ def prefill_attention_kernel(
     elif PIPELINE_QK:
         # q k^T of the next tile is issued before the softmax of this one, so the tensor cores can work on
         # it while the exp2s run; the last prefetch is the first diagonal tile (rows past seq_len masked).
-        s = _scores(q, _load_tile(k_base, k_desc, 0, seq_len, stride_kt, row_off, k_col, BLOCK_N, BLOCK_D, HEAD_DIM,
-                                  True, USE_TMA), DOT_F32)
-        for start in range(0, diag_lo, BLOCK_N):
+        s = _scores(q, _load_tile(k_base, k_desc, kv_lo, seq_len, stride_kt, row_off, k_col, BLOCK_N, BLOCK_D,
+                                  HEAD_DIM, True, USE_TMA), DOT_F32)
+        for start in range(kv_lo, diag_lo, BLOCK_N):
             start = tl.multiple_of(start, BLOCK_N)
             k_next = _load_tile(k_base, k_desc, start + BLOCK_N, seq_len, stride_kt, row_off, k_col, BLOCK_N, BLOCK_D,
                                 HEAD_DIM, True, USE_TMA)
@@ -263,36 +293,38 @@ def prefill_attention_kernel(
                            False, USE_TMA)
             acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, qk_scale, LAZY_RESCALE, DOT_F32)
             s = s_next
-        s = _causal_mask(s, offs_m, diag_lo, BLOCK_N)
+        s = _causal_mask(s, offs_m, diag_lo, window, BLOCK_N, WINDOW)
         v = _load_tile(v_base, v_desc, diag_lo, seq_len, stride_vt, row_off, v_col, BLOCK_N, BLOCK_D, HEAD_DIM,
                        True, USE_TMA)
         acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, qk_scale, LAZY_RESCALE, DOT_F32)
         diag_lo += BLOCK_N
     elif WARP_SPEC:
-        for start in tl.range(0, diag_lo, BLOCK_N, warp_specialize=True):
+        for start in tl.range(kv_lo, diag_lo, BLOCK_N, warp_specialize=True):
             start = tl.multiple_of(start, BLOCK_N)
             acc, l_i, m_i = _kv_step(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start, offs_m, seq_len,
-                                     qk_scale, stride_kt, stride_vt, row_off, k_col, v_col, BLOCK_N, BLOCK_D,
-                                     HEAD_DIM, False, USE_TMA, LAZY_RESCALE, DOT_F32)
+                                     window, qk_scale, stride_kt, stride_vt, row_off, k_col, v_col, BLOCK_N, BLOCK_D,
+                                     HEAD_DIM, False, USE_TMA, LAZY_RESCALE, DOT_F32, WINDOW)
     else:
-        for start in range(0, diag_lo, BLOCK_N):
+        for start in range(kv_lo, diag_lo, BLOCK_N):
             start = tl.multiple_of(start, BLOCK_N)
             acc, l_i, m_i = _kv_step(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start, offs_m, seq_len,
-                                     qk_scale, stride_kt, stride_vt, row_off, k_col, v_col, BLOCK_N, BLOCK_D,
-                                     HEAD_DIM, False, USE_TMA, LAZY_RESCALE, DOT_F32)
+                                     window, qk_scale, stride_kt, stride_vt, row_off, k_col, v_col, BLOCK_N, BLOCK_D,
+                                     HEAD_DIM, False, USE_TMA, LAZY_RESCALE, DOT_F32, WINDOW)
     if DIAG_STAGES > 0:
         for start in tl.range(diag_lo, diag_hi, BLOCK_N, num_stages=DIAG_STAGES):
             start = tl.multiple_of(start, BLOCK_N)
             acc, l_i, m_i = _kv_step(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start, offs_m, seq_len,
-                                     qk_scale, stride_kt, stride_vt, row_off, k_col, v_col, BLOCK_N, BLOCK_D,
-                                     HEAD_DIM, True, USE_TMA, LAZY_RESCALE, DOT_F32)
+                                     window, qk_scale, stride_kt, stride_vt, row_off, k_col, v_col, BLOCK_N, BLOCK_D,
+                                     HEAD_DIM, True, USE_TMA, LAZY_RESCALE, DOT_F32, WINDOW)
     else:
         for start in range(diag_lo, diag_hi, BLOCK_N):
             start = tl.multiple_of(start, BLOCK_N)
             acc, l_i, m_i = _kv_step(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start, offs_m, seq_len,
-                                     qk_scale, stride_kt, stride_vt, row_off, k_col, v_col, BLOCK_N, BLOCK_D,
-                                     HEAD_DIM, True, USE_TMA, LAZY_RESCALE, DOT_F32)
+                                     window, qk_scale, stride_kt, stride_vt, row_off, k_col, v_col, BLOCK_N, BLOCK_D,
+                                     HEAD_DIM, True, USE_TMA, LAZY_RESCALE, DOT_F32, WINDOW)
 
+    if WINDOW:
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows past the sequence end may see no key in their window
     out = (acc / l_i[:, None]).to(out_ptr.dtype.element_ty)
     if USE_TMA == 2:
         if m0 + BLOCK_M <= seq_len:
@@ -392,14 +424,18 @@ def prefill_attention(
     max_seqlen: int | None = None,
     out=None,  # [T, Hq, D] q dtype, last dim contiguous
     tiles: dict | None = None,  # overrides of the TILE_SIZES entry (tuning, tests)
+    window: int | None = None,
 ):
     """Causal self-attention of each sequence's new tokens (all starting at position 0); returns out.
 
     Pass max_seqlen (a host int >= the longest sequence) to avoid a device sync (and when capturing CUDA
-    graphs). Rows past cu_seqlens[S] are left unwritten.
+    graphs). Rows past cu_seqlens[S] are left unwritten. window (sliding-window attention): token m sees only
+    tokens > m - window; key tiles wholly before a query tile's window are skipped.
     """
     _validate(q, k, v, cu_seqlens, out)
     _check(scale > 0, f"scale must be > 0, got {scale}")
+    _check(window is None or (isinstance(window, numbers.Integral) and not isinstance(window, bool) and window >= 1),
+           f"window must be a positive int or None, got {window!r}")
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     num_seqs = cu_seqlens.numel() - 1
@@ -412,6 +448,8 @@ def prefill_attention(
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
     max_seqlen = int(max_seqlen)
     _check(max_seqlen >= 0, f"max_seqlen must be >= 0, got {max_seqlen}")
+    if window is not None and window >= max_seqlen:
+        window = None  # every key is inside every window
     if max_seqlen == 0:
         return out
 
@@ -437,7 +475,7 @@ def prefill_attention(
     launch_opts = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and not _interpreting() else {}
     prefill_attention_kernel[grid](
         out, q, k, v, *descs, cu_seqlens,
-        float(scale), num_m_tiles,
+        float(scale), num_m_tiles, 0 if window is None else int(window),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         GROUP=num_q_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
@@ -445,14 +483,15 @@ def prefill_attention(
         WARP_SPEC=bool(cfg["WARP_SPEC"]) and not _interpreting(), LAZY_RESCALE=bool(cfg["LAZY_RESCALE"]),
         PIPELINE_QK=bool(cfg["PIPELINE_QK"]), DOT_F32=dot_f32,
         ONE_LOOP=bool(cfg.get("ONE_LOOP", False)) and not cfg["PIPELINE_QK"],
-        DIAG_STAGES=int(cfg.get("DIAG_STAGES", 0)) if not _interpreting() else 0,
+        DIAG_STAGES=int(cfg.get("DIAG_STAGES", 0)) if not _interpreting() else 0, WINDOW=window is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_opts,
     )
     return out
 
 
-def ref_prefill_attention(q, k, v, cu_seqlens, *, scale: float, **unused):
-    """Float64 reference: per sequence, causal softmax(q k^T * scale) v with K/V heads repeated for GQA."""
+def ref_prefill_attention(q, k, v, cu_seqlens, *, scale: float, window: int | None = None, **unused):
+    """Float64 reference: per sequence, causal softmax(q k^T * scale) v with K/V heads repeated for GQA; with a
+    sliding window token m sees tokens m - window + 1 .. m only."""
     group = q.shape[1] // k.shape[1]
     out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)  # f64[T, Hq, D]
     bounds = cu_seqlens.tolist()
@@ -464,6 +503,8 @@ def ref_prefill_attention(q, k, v, cu_seqlens, *, scale: float, **unused):
         vv = v[t0:t1].double().repeat_interleave(group, dim=1)
         scores = torch.einsum("thd,chd->htc", qq, kk) * scale  # f64[Hq, L, L]
         causal = torch.ones(t1 - t0, t1 - t0, dtype=torch.bool, device=q.device).triu(1)
+        if window is not None:
+            causal = causal | torch.ones_like(causal).tril(-window)
         scores = scores.masked_fill(causal, float("-inf"))
         out[t0:t1] = torch.einsum("htc,chd->thd", torch.softmax(scores, dim=-1), vv)
     return out

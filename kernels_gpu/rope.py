@@ -1,4 +1,8 @@
-"""Rotary position embedding (rotate-half / Hugging Face convention) with cos/sin computed in-kernel in fp32."""
+"""Rotary position embedding (rotate-half / Hugging Face convention) with cos/sin computed in-kernel in fp32.
+
+Also LongRoPE (Phi-3: a second frequency set for positions >= long_from, cos/sin scaled by an attention
+factor) and partial rotation (only each head's first rotary_dim features rotate; Phi-4-mini).
+"""
 import math
 
 import torch
@@ -32,20 +36,26 @@ def _rotate_heads(
 
 @triton.jit
 def rope_kernel(
-    q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, inv_freq_ptr,
-    num_q_heads, num_k_heads, half_dim,
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, inv_freq_ptr, long_inv_freq_ptr,
+    num_q_heads, num_k_heads, half_dim, long_from, attention_factor,
     stride_qt, stride_qh, stride_kt, stride_kh,
     stride_qot, stride_qoh, stride_kot, stride_koh,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    HAS_LONG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
-    """One program per token: angle = f32(position) * inv_freq (fp32, as HF), then rotate all q and k heads."""
+    """One program per token: angle = f32(position) * inv_freq (fp32, as HF), then rotate all q and k heads.
+
+    half_dim is half the rotated features (rotary_dim / 2); HAS_LONG: positions >= long_from use long_inv_freq.
+    """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)  # i32[BLOCK_HALF]
-    pos = tl.load(positions_ptr + row).to(tl.float32)
+    position = tl.load(positions_ptr + row)
     inv_freq = tl.load(inv_freq_ptr + cols, mask=cols < half_dim, other=0.0)  # f32[BLOCK_HALF]
-    angle = (pos * inv_freq)[None, :]  # f32[1, BLOCK_HALF]
-    cos = tl.cos(angle)
-    sin = tl.sin(angle)
+    if HAS_LONG:
+        long_inv_freq = tl.load(long_inv_freq_ptr + cols, mask=cols < half_dim, other=0.0)
+        inv_freq = tl.where(position >= long_from, long_inv_freq, inv_freq)
+    angle = (position.to(tl.float32) * inv_freq)[None, :]  # f32[1, BLOCK_HALF]
+    cos = tl.cos(angle) * attention_factor
+    sin = tl.sin(angle) * attention_factor
     _rotate_heads(q_ptr + row * stride_qt, q_out_ptr + row * stride_qot, cos, sin,
                   num_q_heads, half_dim, stride_qh, stride_qoh, BLOCK_H, BLOCK_HALF)
     _rotate_heads(k_ptr + row * stride_kt, k_out_ptr + row * stride_kot, cos, sin,
@@ -55,7 +65,7 @@ def rope_kernel(
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _validate(q, k, positions, inv_freq):
+def _validate(q, k, positions, inv_freq, long_inv_freq, rotary_dim):
     for name, t in (("q", q), ("k", k)):
         if t.dim() != 3:
             raise ValueError(f"apply_rope: {name} must be [T, H, D], got shape {tuple(t.shape)}")
@@ -70,39 +80,53 @@ def _validate(q, k, positions, inv_freq):
         raise ValueError(f"apply_rope: k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in T or D")
     if head_dim % 2:
         raise ValueError(f"apply_rope: head_dim must be even, got {head_dim}")
+    if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+        raise ValueError(f"apply_rope: rotary_dim must be even and in (0, {head_dim}], got {rotary_dim}")
     if positions.shape != (num_tokens,) or positions.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"apply_rope: positions must be i32/i64[{num_tokens}], got "
                          f"{positions.dtype}{list(positions.shape)}")
-    if inv_freq.shape != (head_dim // 2,) or inv_freq.dtype != torch.float32:
-        raise ValueError(f"apply_rope: inv_freq must be f32[{head_dim // 2}], got "
-                         f"{inv_freq.dtype}{list(inv_freq.shape)}")
-    for name, t in (("positions", positions), ("inv_freq", inv_freq)):
+    tables = [("inv_freq", inv_freq)] + ([] if long_inv_freq is None else [("long_inv_freq", long_inv_freq)])
+    for name, t in tables:
+        if t.shape != (rotary_dim // 2,) or t.dtype != torch.float32:
+            raise ValueError(f"apply_rope: {name} must be f32[{rotary_dim // 2}], got {t.dtype}{list(t.shape)}")
+    for name, t in [("positions", positions)] + tables:
         if t.device != q.device:
             raise ValueError(f"apply_rope: {name} is on {t.device}, q on {q.device}")
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-               *, inplace: bool = False):
-    """q: [T, Hq, D], k: [T, Hk, D], positions: i32/i64[T], inv_freq: f32[D/2] -> (q_rot, k_rot).
+               *, inplace: bool = False, rotary_dim: int | None = None, long_inv_freq: torch.Tensor | None = None,
+               long_from: int = 0, attention_factor: float = 1.0):
+    """q: [T, Hq, D], k: [T, Hk, D], positions: i32/i64[T], inv_freq: f32[R/2] -> (q_rot, k_rot).
 
-    inplace=True rotates q and k in place and returns them; otherwise new tensors are returned.
+    rotary_dim R (default D): only each head's first R features rotate, the rest are copied. LongRoPE:
+    long_inv_freq f32[R/2] replaces inv_freq for tokens at positions >= long_from; cos and sin are multiplied
+    by attention_factor. inplace=True rotates q and k in place and returns them; otherwise new tensors are
+    returned.
     """
-    _validate(q, k, positions, inv_freq)
+    rotary_dim = q.shape[-1] if rotary_dim is None else int(rotary_dim)
+    _validate(q, k, positions, inv_freq, long_inv_freq, rotary_dim)
     num_tokens, num_q_heads, head_dim = q.shape
     num_k_heads = k.shape[1]
     q_out = q if inplace else torch.empty_like(q, memory_format=torch.contiguous_format)  # [T, Hq, D]
     k_out = k if inplace else torch.empty_like(k, memory_format=torch.contiguous_format)  # [T, Hk, D]
     if num_tokens == 0 or head_dim == 0:
         return q_out, k_out
+    if rotary_dim < head_dim and not inplace:  # the features the kernel does not rotate
+        q_out[..., rotary_dim:] = q[..., rotary_dim:]
+        k_out[..., rotary_dim:] = k[..., rotary_dim:]
     positions = positions.contiguous()
     inv_freq = inv_freq.contiguous()
-    half_dim = head_dim // 2
+    has_long = long_inv_freq is not None
+    long_inv_freq = long_inv_freq.contiguous() if has_long else inv_freq
+    half_dim = rotary_dim // 2
     rope_kernel[(num_tokens,)](
-        q, k, q_out, k_out, positions, inv_freq,
-        num_q_heads, num_k_heads, half_dim,
+        q, k, q_out, k_out, positions, inv_freq, long_inv_freq,
+        num_q_heads, num_k_heads, half_dim, int(long_from), float(attention_factor),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-        BLOCK_H=ROPE_BLOCK_H, BLOCK_HALF=triton.next_power_of_2(half_dim), num_warps=ROPE_NUM_WARPS,
+        HAS_LONG=has_long, BLOCK_H=ROPE_BLOCK_H, BLOCK_HALF=triton.next_power_of_2(half_dim),
+        num_warps=ROPE_NUM_WARPS,
     )
     return q_out, k_out
 
@@ -131,19 +155,26 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, devi
     raise ValueError(f"rope_inv_freq: unsupported rope scaling {kind!r} (default, linear, llama3)")
 
 
-def ref_apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor):
-    """float64 reference of apply_rope -> (f64[T, Hq, D], f64[T, Hk, D]).
+def ref_apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                   *, rotary_dim: int | None = None, long_inv_freq: torch.Tensor | None = None, long_from: int = 0,
+                   attention_factor: float = 1.0):
+    """float64 reference of apply_rope (same arguments) -> (f64[T, Hq, D], f64[T, Hk, D]).
 
     The angle is the fp32 product position * inv_freq (the kernel's and HF's definition); cos, sin
     and the rotation are float64.
     """
-    angle = (positions.float()[:, None] * inv_freq.float()[None, :]).double()  # f64[T, D/2]
-    cos = torch.cat([angle.cos(), angle.cos()], dim=-1)[:, None, :]  # f64[T, 1, D]
-    sin = torch.cat([angle.sin(), angle.sin()], dim=-1)[:, None, :]
+    rotary_dim = q.shape[-1] if rotary_dim is None else int(rotary_dim)
+    freqs = inv_freq.float()[None, :].expand(positions.shape[0], -1)  # f32[T, R/2]
+    if long_inv_freq is not None:
+        freqs = torch.where((positions >= long_from)[:, None], long_inv_freq.float()[None, :], freqs)
+    angle = (positions.float()[:, None] * freqs).double()  # f64[T, R/2]
+    cos = torch.cat([angle.cos(), angle.cos()], dim=-1)[:, None, :] * attention_factor  # f64[T, 1, R]
+    sin = torch.cat([angle.sin(), angle.sin()], dim=-1)[:, None, :] * attention_factor
 
     def rotate(x):
         x = x.double()
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        x1, x2 = x[..., :rotary_dim].chunk(2, dim=-1)
+        rotated = x[..., :rotary_dim] * cos + torch.cat([-x2, x1], dim=-1) * sin
+        return torch.cat([rotated, x[..., rotary_dim:]], dim=-1)
 
     return rotate(q), rotate(k)

@@ -3,8 +3,8 @@ prefix and k+1-token verification rows, all in one flat ragged batch.
 
 Semantics are exactly those of `lowering.ops.ref_paged_attention`: token row t of sequence s sits at context
 index seq_lens[s] - (query_start[s+1] - t) and attends causally to the cached keys 0..that index, read through
-`block_tables[s]`. Rows that belong to no sequence (t >= query_start[S], or the padding of the last query
-block) come out as 0.
+`block_tables[s]`; with `window` (sliding-window attention) only to the keys at indices > that index - window.
+Rows that belong to no sequence (t >= query_start[S], or the padding of the last query block) come out as 0.
 
 Block structure
 ---------------
@@ -32,8 +32,10 @@ Block structure
   sequence, or the first block of the next sequence with work, so decode rows do not expose one DMA
   latency per sequence) is started before waiting on the current one: double buffering. Each grid step
   therefore exposes one KV DMA (its first pair's) and its last pair's compute, not one per sequence. Pages past a
-  sequence's needed length are never copied, so garbage table entries are never dereferenced. Nothing is
-  prefetched across grid steps (the axis is "parallel", megacore-shardable).
+  sequence's needed length are never copied, so garbage table entries are never dereferenced. With a sliding
+  window the walk of a sequence starts at the KV block holding the first index its first row in this block
+  sees, and the pages wholly before that index (which the block manager may have freed) are not copied either.
+  Nothing is prefetched across grid steps (the axis is "parallel", megacore-shardable).
 * Online softmax in f32 scratch: m, l [Hkv, G*bq, 1] and acc [Hkv, G*bq, Dh]; rows of different
   sequences occupy disjoint scratch rows, so one scratch serves the whole ragged block. Masked scores are a
   finite -1e30 and their probabilities are forced to exactly 0; V rows at context indices the block's rows
@@ -55,6 +57,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -152,7 +155,7 @@ def _head_tile(buf, slot, head, kv_rows, dtype):
 
 
 def _kernel(qs_ref, sl_ref, bt_ref, lo_ref, hi_ref, q_ref, k_hbm, v_hbm, *rest, num_kv_heads, group, head_dim,
-            block_size, pages_per_block, queries_per_block, table_width, scale, kv_format, mxu_dtype):
+            block_size, pages_per_block, queries_per_block, table_width, scale, kv_format, mxu_dtype, window):
     if kv_format == "nvfp4":
         ks_hbm, vs_hbm, kgs_ref, vgs_ref, o_ref, kbuf, vbuf, ksbuf, vsbuf, sem, m_ref, l_ref, acc_ref = rest
         srcs, bufs = (k_hbm, v_hbm, ks_hbm, vs_hbm), (kbuf, vbuf, ksbuf, vsbuf)
@@ -176,33 +179,51 @@ def _kernel(qs_ref, sl_ref, bt_ref, lo_ref, hi_ref, q_ref, k_hbm, v_hbm, *rest, 
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     def seq_info(s):
-        """Scalars of sequence s for this query block: (q_begin, q_end, seq_len, kv_need, n_blocks)."""
+        """Scalars of sequence s for this query block: (q_begin, q_end, seq_len, kv_need, kv_from, n_blocks)."""
         q_begin = qs_ref[s]
         q_end = qs_ref[s + 1]
         seq_len = sl_ref[s]
+        row_lo = jnp.maximum(q_begin, t0)
         row_hi = jnp.minimum(q_end, t0 + bq)
-        has_rows = row_hi > jnp.maximum(q_begin, t0)
-        # Context indices [0, kv_need) cover every row of s inside this block (its last row here sits at
-        # seq_len - (q_end - row_hi)), clipped to the table's width like the reference.
+        has_rows = row_hi > row_lo
+        # Context indices [kv_from, kv_need) cover every row of s inside this block (its last row here sits at
+        # seq_len - (q_end - row_hi)), clipped to the table's width like the reference. kv_from is 0, or with a
+        # sliding window the first index the block's first row of s sees: the pages wholly before it may be
+        # freed (their table entries point anywhere) and are never copied.
         kv_need = jnp.where(has_rows, jnp.clip(seq_len - q_end + row_hi, 0, num_ctx), 0)
-        return q_begin, q_end, seq_len, kv_need, _cdiv_i32(kv_need, kvb)
+        kv_from = jnp.int32(0)
+        if window is not None:
+            kv_from = jnp.clip(seq_len - q_end + row_lo - (window - 1), 0, kv_need)
+        return q_begin, q_end, seq_len, kv_need, kv_from, _cdiv_i32(kv_need, kvb)
 
     seq_end = hi_ref[qb]
 
+    def first_block(s):
+        """The first KV block to visit of sequence s (clamped into this block's range): the one holding kv_from."""
+        if window is None:
+            return jnp.int32(0)
+        return lax.div(seq_info(jnp.maximum(jnp.minimum(s, seq_end - 1), 0))[4], jnp.int32(kvb))
+
     def first_busy_seq(s):
         """The first sequence >= s (or seq_end) that has KV blocks to visit in this query block."""
-        return lax.while_loop(lambda x: (x < seq_end) & (seq_info(jnp.maximum(jnp.minimum(x, seq_end - 1), 0))[4] == 0),
-                              lambda x: x + 1, s)
+        def idle(x):
+            return seq_info(jnp.maximum(jnp.minimum(x, seq_end - 1), 0))[5] <= first_block(x)
+
+        return lax.while_loop(lambda x: (x < seq_end) & idle(x), lambda x: x + 1, s)
 
     def block_copies(s, blk, slot):
         """[(needed, [copies])] for each page of KV block blk of sequence s, into VMEM slot `slot`."""
-        n_pages = _cdiv_i32(seq_info(s)[3], bs)
+        info = seq_info(s)
+        n_pages = _cdiv_i32(info[3], bs)
         out = []
         for j in range(ppb):
             page = blk * ppb + j
             page_id = bt_ref[s * table_width + jnp.minimum(page, table_width - 1)]
-            out.append((page < n_pages, [pltpu.make_async_copy(src.at[page_id], buf.at[slot, j], sem.at[slot, n])
-                                         for n, (src, buf) in enumerate(zip(srcs, bufs))]))
+            needed = page < n_pages
+            if window is not None:
+                needed = needed & (page >= lax.div(info[4], jnp.int32(bs)))  # not wholly before the window
+            out.append((needed, [pltpu.make_async_copy(src.at[page_id], buf.at[slot, j], sem.at[slot, n])
+                                 for n, (src, buf) in enumerate(zip(srcs, bufs))]))
         return out
 
     def start(s, blk, slot):
@@ -222,18 +243,23 @@ def _kernel(qs_ref, sl_ref, bt_ref, lo_ref, hi_ref, q_ref, k_hbm, v_hbm, *rest, 
     # One walk over the (sequence, KV block) pairs of this query block; the copy of the next pair (the next
     # KV block, or the first block of the next sequence with work) is in flight while the current one computes.
     s_first = first_busy_seq(lo_ref[qb])
+    blk_first = first_block(s_first)
 
     @pl.when(s_first < seq_end)
     def _():
-        start(s_first, 0, 0)
+        start(s_first, blk_first, 0)
 
-    def compute(blk, slot, q_begin, q_end, seq_len, kv_need):
+    def compute(blk, slot, q_begin, q_end, seq_len, kv_need, kv_from):
         c0 = blk * kvb
         t = t0 + lax.broadcasted_iota(jnp.int32, (group, bq, kvb), 1).reshape(rows, kvb)
         col = c0 + lax.broadcasted_iota(jnp.int32, (group, bq, kvb), 2).reshape(rows, kvb)
         pos = seq_len - (q_end - t)
         mask = (t >= q_begin) & (t < q_end) & (col <= pos) & (col < kv_need)
-        v_ok = (c0 + lax.broadcasted_iota(jnp.int32, (kvb, 1), 0)) < kv_need
+        v_row = c0 + lax.broadcasted_iota(jnp.int32, (kvb, 1), 0)
+        v_ok = v_row < kv_need
+        if window is not None:
+            mask = mask & (col > pos - window)
+            v_ok = v_ok & (v_row >= kv_from)  # pages before kv_from were not copied: stale VMEM
         if kv_format == "nvfp4":
             nb = head_dim // NVFP4_BLOCK
             expand = (lax.shift_right_logical(lax.broadcasted_iota(jnp.int32, (nb, half), 1), 3)
@@ -279,20 +305,20 @@ def _kernel(qs_ref, sl_ref, bt_ref, lo_ref, hi_ref, q_ref, k_hbm, v_hbm, *rest, 
 
     def walk_body(state):
         s, blk, slot = state
-        q_begin, q_end, seq_len, kv_need, n_blocks = seq_info(s)
+        q_begin, q_end, seq_len, kv_need, kv_from, n_blocks = seq_info(s)
         more = blk + 1 < n_blocks
         s_next = jnp.where(more, s, first_busy_seq(s + 1))
-        blk_next = jnp.where(more, blk + 1, 0)
+        blk_next = jnp.where(more, blk + 1, first_block(s_next))
 
         @pl.when(s_next < seq_end)
         def _():
             start(s_next, blk_next, 1 - slot)
 
         wait(s, blk, slot)
-        compute(blk, slot, q_begin, q_end, seq_len, kv_need)
+        compute(blk, slot, q_begin, q_end, seq_len, kv_need, kv_from)
         return s_next, blk_next, 1 - slot
 
-    lax.while_loop(walk_cond, walk_body, (s_first, jnp.int32(0), jnp.int32(0)))
+    lax.while_loop(walk_cond, walk_body, (s_first, blk_first, jnp.int32(0)))
 
     for h in range(num_kv_heads):
         l = l_ref[h]
@@ -306,17 +332,20 @@ def _nvfp4_perm(head_dim):
 
 
 def ragged_paged_attention(q, k_pool, v_pool, query_start, seq_lens, block_tables, *kv_extras, num_heads,
-                           num_kv_heads, head_dim, scale, kv_format=None, pages_per_block=None,
+                           num_kv_heads, head_dim, scale, kv_format=None, window=None, pages_per_block=None,
                            queries_per_block=None, interpret=None):
     """Drop-in for `lowering.ops.ref_paged_attention` on TPU; see the module docstring.
 
     q [T, Hq*Dh]; pools [N, Bs, Hkv, Dh] (nvfp4: u8 [N, Bs, Hkv, Dh/2]); query_start i32[S+1]; seq_lens
     i32[S]; block_tables i32[S, B]; kv_extras: () | (k_scale, v_scale) f32[Hkv] for "fp8" |
     (k_block_scale, v_block_scale, k_scale, v_scale) for "nvfp4". -> [T, Hq*Dh] in q.dtype.
+    window: sliding-window attention (a row at context index p sees indices > p - window), None for full.
     interpret: None = interpret mode unless running on a TPU; True / pltpu.InterpretParams / False.
     """
     if kv_format not in (None, "fp8", "nvfp4"):
         raise ValueError(f"unknown kv_format {kv_format!r}")
+    if window is not None and (not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     if kv_format == "nvfp4" and head_dim % NVFP4_BLOCK:
@@ -390,7 +419,8 @@ def ragged_paged_attention(q, k_pool, v_pool, query_start, seq_lens, block_table
     kernel = functools.partial(
         _kernel, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, block_size=block_size,
         pages_per_block=ppb, queries_per_block=bq, table_width=table_width, scale=float(scale),
-        kv_format=kv_format, mxu_dtype=jnp.bfloat16 if plain_bf16 else jnp.float32)
+        kv_format=kv_format, mxu_dtype=jnp.bfloat16 if plain_bf16 else jnp.float32,
+        window=None if window is None else int(window))
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),

@@ -39,6 +39,9 @@ BLOCK_SIZES: dict[str, dict[str, dict[str, int]]] = {
         "v6e": {"block_rows": 64},  # roofline pick (benchmarks/tpu_roofline.py)
         "v7": {"block_rows": 128},  # roofline pick (benchmarks/tpu_roofline.py)
     },
+    "gmm": {
+        "default": {"block_m": 128, "block_n": 256, "block_k": 512},
+    },
     "kv_write": {
         "default": {"rows_per_step": 16},
         "v5e": {"rows_per_step": 64},  # roofline pick (benchmarks/tpu_roofline.py)

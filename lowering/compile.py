@@ -193,7 +193,9 @@ def _truncate_layers(ckpt, num_layers: int):
     if not isinstance(num_layers, int) or isinstance(num_layers, bool) or not 1 <= num_layers <= total:
         raise OptionsError(f"num_layers must be an integer in [1, {total}] for this model, got {num_layers!r}")
     keep = lambda name: (m := re.match(r"model\.layers\.(\d+)\.", name)) is None or int(m.group(1)) < num_layers  # noqa: E731
-    cfg = dataclasses.replace(ckpt.config, num_layers=num_layers)
+    layer_types = ckpt.config.layer_types
+    cfg = dataclasses.replace(ckpt.config, num_layers=num_layers,
+                              layer_types=None if layer_types is None else layer_types[:num_layers])
     changes = {"config": cfg, "weights": {k: v for k, v in ckpt.weights.items() if keep(k)}}
     if getattr(ckpt, "native", None):
         changes["native"] = {k: v for k, v in ckpt.native.items() if keep(k)}

@@ -88,8 +88,8 @@ class _Builder:
         if semantic is not None:
             attrs = {}
             for key, value in eqn.params.items():
-                if key in ops_lib._DICT_ATTRS and value is not None:
-                    value = dict(value)
+                if key in ops_lib._DICT_ATTRS and value is not None:  # lists inside too, as after a JSON round trip
+                    value = {k: list(v) if isinstance(v, tuple) else v for k, v in value}
                 elif isinstance(value, tuple):
                     value = list(value)
                 attrs[key] = value

@@ -546,8 +546,50 @@ def state_bytes_per_block(graph: Graph) -> dict[str, int]:
     return out
 
 
-def kv_bytes_per_block(graph: Graph) -> int:
-    return sum(state_bytes_per_block(graph).values())
+def kv_bytes_per_block(graph: Graph, pool: str | None = None) -> int:
+    """Bytes per block of every state buffer, or only of those whose first dim is `pool` ("N": the first KV
+    group's pools, "NW": the second group's, see insert_paged_kv)."""
+    per = state_bytes_per_block(graph)
+    return sum(b for name, b in per.items() if pool is None or graph.types[name].shape[0] == pool)
+
+
+def window_pool_blocks(graph: Graph, *, max_num_seqs: int, max_blocks_per_seq: int) -> int | None:
+    """Default size of the second KV group's pool (sliding-window layers beside global ones), or None if the
+    graph has no second group: every sequence's window (ceil((window - 1) / block_size) + 1 blocks) plus a
+    block of lookahead, and one max_model_len prefill chunk on top."""
+    window = graph.meta.get("kv_window_w")
+    if window is None:
+        return None
+    bs = int(graph.meta["block_size"])
+    per_seq = -(-(int(window) - 1) // bs) + 1
+    return max_num_seqs * (per_seq + 1) + max_blocks_per_seq
+
+
+def resolve_window_blocks(graph: Graph, num_blocks: int, num_blocks_w: int | None, sizes: dict) -> int | None:
+    """The second KV group's pool size (None without one): num_blocks_w, else its default capped at num_blocks."""
+    default = window_pool_blocks(graph, **sizes)
+    if default is None:
+        if num_blocks_w is not None:
+            raise ValueError("num_blocks_w is for graphs with a second KV group (sliding-window layers beside "
+                             "global ones); this graph has none")
+        return None
+    if num_blocks_w is None:
+        return int(min(default, num_blocks))
+    if not isinstance(num_blocks_w, int) or num_blocks_w < 1:
+        raise ValueError(f"num_blocks_w must be an integer >= 1, got {num_blocks_w!r}")
+    return int(num_blocks_w)
+
+
+def split_kv_blocks(graph: Graph, budget_bytes: int, *, max_num_seqs: int, max_blocks_per_seq: int,
+                    num_blocks_w: int | None = None) -> tuple[int, int | None]:
+    """(blocks of the first KV group, blocks of the second or None) that fit budget_bytes of KV pools: the second
+    group's pool takes its default size (window_pool_blocks) or num_blocks_w, the first group the rest."""
+    nw = num_blocks_w if num_blocks_w is not None else window_pool_blocks(
+        graph, max_num_seqs=max_num_seqs, max_blocks_per_seq=max_blocks_per_seq)
+    if nw is None:
+        return int(budget_bytes) // max(kv_bytes_per_block(graph), 1), None
+    n = (int(budget_bytes) - nw * kv_bytes_per_block(graph, "NW")) // max(kv_bytes_per_block(graph, "N"), 1)
+    return int(n), int(min(nw, max(n, 1))) if num_blocks_w is None else int(nw)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,8 +95,8 @@ def _clean_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     """Primitive params must be hashable: dicts become sorted tuples of pairs."""
     out = {}
     for k, v in attrs.items():
-        if isinstance(v, dict):
-            v = tuple(sorted((kk, vv) for kk, vv in v.items()))
+        if isinstance(v, dict):  # list values (LongRoPE's factors) become tuples too
+            v = tuple(sorted((kk, tuple(vv) if isinstance(vv, list) else vv) for kk, vv in v.items()))
         elif isinstance(v, list):
             v = tuple(v)
         out[k] = v
@@ -124,9 +124,13 @@ def _as_dict(value) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def ref_embed(token_ids, table):
+def ref_embed(token_ids, table, *, scale=None):
     # token_ids: i32[T]  table: [V, D]  ->  [T, D]
-    return jnp.take(table, token_ids, axis=0, mode="clip")
+    # scale (Gemma: sqrt(D)): every row times the scale, which is rounded to the table's dtype first, as HF does
+    rows = jnp.take(table, token_ids, axis=0, mode="clip")
+    if scale is None:
+        return rows
+    return rows * jnp.asarray(scale, dtype=table.dtype)
 
 
 def _embed_shape(ts, attrs):
@@ -134,18 +138,23 @@ def _embed_shape(ts, attrs):
     return [((ids_shape[0], tab_shape[1]), tab_dtype)]
 
 
-def ref_rms_norm(x, weight, *, eps):
+def ref_rms_norm(x, weight, *, eps, weight_offset=None):
     # x: [T, D]  weight: [D]  ->  [T, D]; statistics in float32 as Hugging Face does
+    # Llama form: the normalized row is rounded to x's dtype, then times the weight. With weight_offset (Gemma's
+    # 1.0): x / rms(x) * (weight_offset + weight) all in float32, rounded once to x's dtype.
     x32 = x.astype(jnp.float32)
     variance = jnp.mean(x32 * x32, axis=-1, keepdims=True)
-    normed = (x32 * jax.lax.rsqrt(variance + eps)).astype(x.dtype)
-    return weight.astype(x.dtype) * normed
+    normed32 = x32 * jax.lax.rsqrt(variance + eps)
+    if weight_offset is not None:
+        return (normed32 * (weight_offset + weight.astype(jnp.float32))).astype(x.dtype)
+    return weight.astype(x.dtype) * normed32.astype(x.dtype)
 
 
-def ref_head_rms_norm(x, weight, *, eps, head_dim):
-    # x: [T, H*Dh]  weight: [Dh]  ->  [T, H*Dh]; RMSNorm of each head's vector (Qwen3's QK-norm), float32 statistics
+def ref_head_rms_norm(x, weight, *, eps, head_dim, weight_offset=None):
+    # x: [T, H*Dh]  weight: [Dh]  ->  [T, H*Dh]; RMSNorm of each head's vector (Qwen3's and Gemma 3's QK-norm),
+    # float32 statistics; weight_offset as in ref_rms_norm
     heads = x.reshape(x.shape[0], x.shape[1] // head_dim, head_dim)
-    return ref_rms_norm(heads, weight, eps=eps).reshape(x.shape)
+    return ref_rms_norm(heads, weight, eps=eps, weight_offset=weight_offset).reshape(x.shape)
 
 
 def _same_as_first(ts, attrs):
@@ -169,18 +178,83 @@ def _linear_shape(ts, attrs):
     return [((x_shape[0], w_shape[0]), x_dtype)]
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
-    """f32[head_dim // 2] inverse frequencies, with Llama 3.1 or linear scaling applied."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
-    inv_freq = inv_freq.astype(np.float32)
-    if not scaling:
-        return inv_freq
+@dataclasses.dataclass(frozen=True)
+class RopeFrequencies:
+    """How a rope op rotates each head: its first `rotary_dim` features (the rest pass through), by the angle
+    position * inv_freq, with cos and sin multiplied by `attention_factor`.
+
+    LongRoPE (Phi-3) has a second set: a token at position >= `long_from` (original_max_position_embeddings)
+    rotates with `long_inv_freq`. NOTE: Hugging Face picks one set for a whole forward pass (long when the
+    pass's length max(position) + 1 exceeds original_max_position_embeddings); llmc decides per token, which is
+    the set HF uses for a pass that ends at that token. Below original_max_position_embeddings the two agree
+    exactly (short factors); beyond it llmc's cached keys keep the rotation they were written with (short for
+    positions below the threshold) where HF re-encodes the whole sequence with the long set.
+    """
+
+    rotary_dim: int
+    inv_freq: np.ndarray  # f32[rotary_dim // 2]
+    attention_factor: float = 1.0
+    long_inv_freq: np.ndarray | None = None  # f32[rotary_dim // 2]
+    long_from: int | None = None
+
+
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+
+
+def _rotary_dim(head_dim: int, scaling: dict) -> int:
+    """How many features of a head RoPE rotates: int(head_dim * partial_rotary_factor), as Hugging Face."""
+    fraction = scaling.get("partial_rotary_factor", 1.0)
+    if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise OpError(f"rope partial_rotary_factor must be in (0, 1], got {fraction!r}")
+    rotary_dim = int(head_dim * fraction)
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise OpError(f"rope rotates {rotary_dim} of {head_dim} head features (partial_rotary_factor {fraction}); "
+                      "it must be a positive even number")
+    return rotary_dim
+
+
+def _longrope_frequencies(rotary_dim: int, theta: float, scaling: dict) -> RopeFrequencies:
+    """Phi-3's LongRoPE: inv_freq = 1 / (factor_i * theta^(2i/R)), short and long factor lists."""
+    old_len = scaling.get("original_max_position_embeddings")
+    if not isinstance(old_len, int) or isinstance(old_len, bool) or old_len < 1:
+        raise OpError(f"longrope needs original_max_position_embeddings (a positive integer), got {old_len!r}")
+    sets = []
+    for key in ("short_factor", "long_factor"):
+        value = scaling.get(key)
+        factors = np.asarray(value if value is not None else [], dtype=np.float32)
+        if factors.shape != (rotary_dim // 2,) or not np.all(np.isfinite(factors)) or not np.all(factors > 0):
+            got = f"{len(value)} values" if isinstance(value, (list, tuple)) else repr(value)
+            raise OpError(f"longrope {key} must be {rotary_dim // 2} positive numbers (one per rotated pair), "
+                          f"got {got}")
+        base = theta ** (np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / rotary_dim)
+        sets.append((1.0 / (factors * base)).astype(np.float32))
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:  # Hugging Face's default, from the context extension factor
+        factor = scaling.get("factor")
+        if not isinstance(factor, (int, float)) or factor <= 0:
+            raise OpError("longrope needs attention_factor or factor (max_position_embeddings / "
+                          f"original_max_position_embeddings), got factor {factor!r}")
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_len))
+    if not isinstance(attention_factor, (int, float)) or attention_factor <= 0:
+        raise OpError(f"longrope attention_factor must be a positive number, got {attention_factor!r}")
+    return RopeFrequencies(rotary_dim, sets[0], float(attention_factor), sets[1], old_len)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> RopeFrequencies:
+    """The rotation a rope op with these attributes applies: default, linear, Llama 3.1 or LongRoPE scaling,
+    on all or (partial_rotary_factor) the first features of each head."""
+    scaling = _as_dict(scaling) or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return inv_freq
+    if kind not in ROPE_TYPES:
+        raise OpError(f"unsupported rope scaling type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
+    rotary_dim = _rotary_dim(head_dim, scaling)
+    if kind == "longrope":
+        return _longrope_frequencies(rotary_dim, theta, scaling)
+    inv_freq = 1.0 / (theta ** (np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / rotary_dim))
+    inv_freq = inv_freq.astype(np.float32)
     if kind == "linear":
-        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
-    if kind == "llama3":
+        inv_freq = (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    elif kind == "llama3":
         factor = float(scaling["factor"])
         low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
         old_len = float(scaling["original_max_position_embeddings"])
@@ -190,24 +264,50 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarr
         smooth = (old_len / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return np.where(is_medium, smoothed, scaled).astype(np.float32)
-    raise OpError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
+        inv_freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
+    return RopeFrequencies(rotary_dim, inv_freq)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
+    """f32[head_dim // 2] inverse frequencies of a plain rotation (default, linear or Llama 3.1 scaling).
+
+    LongRoPE (two sets, an attention factor) and partial rotation need `rope_frequencies`.
+    """
+    freqs = rope_frequencies(head_dim, theta, scaling)
+    if freqs.long_inv_freq is not None or freqs.attention_factor != 1.0 or freqs.rotary_dim != head_dim:
+        raise OpError("rope_inv_freq describes whole-head rotations with one frequency set; this rope scaling "
+                      f"({_as_dict(scaling)}) needs rope_frequencies")
+    return freqs.inv_freq
 
 
 def rope_tables(positions, dtype, *, head_dim, theta, rope_scaling=None):
-    """(cos, sin), each [T, 1, Dh] in `dtype`, computed in float32 from the positions i32[T]."""
-    inv_freq = jnp.asarray(rope_inv_freq(head_dim, theta, _as_dict(rope_scaling)))  # f32[Dh/2]
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # f32[T, Dh/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)  # f32[T, Dh]
-    return jnp.cos(emb).astype(dtype)[:, None, :], jnp.sin(emb).astype(dtype)[:, None, :]
+    """(cos, sin), each [T, 1, R] in `dtype` (R: the rotated features, head_dim unless partial), computed in
+    float32 from the positions i32[T] and scaled by the attention factor (LongRoPE), as Hugging Face does."""
+    freqs = rope_frequencies(head_dim, theta, rope_scaling)
+    inv_freq = jnp.asarray(freqs.inv_freq)[None, :]  # f32[1, R/2]
+    if freqs.long_inv_freq is not None:  # each token's set, by its own position (see RopeFrequencies)
+        long = (positions >= freqs.long_from)[:, None]  # bool[T, 1]
+        inv_freq = jnp.where(long, jnp.asarray(freqs.long_inv_freq)[None, :], inv_freq)  # f32[T, R/2]
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq  # f32[T, R/2]
+    emb = jnp.concatenate([angles, angles], axis=-1)  # f32[T, R]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if freqs.attention_factor != 1.0:
+        cos, sin = cos * freqs.attention_factor, sin * freqs.attention_factor
+    return cos.astype(dtype)[:, None, :], sin.astype(dtype)[:, None, :]
 
 
 def rotate_with_tables(x, cos, sin, *, num_heads, head_dim):
-    # x: [T, H * Dh]  cos, sin: [T, 1, Dh]  ->  [T, H * Dh]; rotate-half (Hugging Face) convention
+    # x: [T, H * Dh]  cos, sin: [T, 1, R] (R <= Dh)  ->  [T, H * Dh]; rotate-half (Hugging Face) convention
+    # on each head's first R features, the other Dh - R features unchanged (partial rotation)
     xh = x.reshape(x.shape[0], num_heads, head_dim)  # [T, H, Dh]
-    half = head_dim // 2
-    rotated = jnp.concatenate([-xh[..., half:], xh[..., :half]], axis=-1)
-    return (xh * cos + rotated * sin).reshape(x.shape)
+    rotary_dim = cos.shape[-1]
+    xr, passed = xh[..., :rotary_dim], xh[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+    out = xr * cos + rotated * sin
+    if rotary_dim < head_dim:
+        out = jnp.concatenate([out, passed], axis=-1)
+    return out.reshape(x.shape)
 
 
 def ref_rope(x, positions, *, num_heads, head_dim, theta, rope_scaling=None):
@@ -221,9 +321,10 @@ def segment_ids(query_start, num_tokens):
     return jnp.searchsorted(query_start[1:], jnp.arange(num_tokens, dtype=query_start.dtype), side="right")
 
 
-def ref_attention(q, k, v, query_start, *, num_heads, num_kv_heads, head_dim, scale):
+def ref_attention(q, k, v, query_start, *, num_heads, num_kv_heads, head_dim, scale, window=None):
     # q: [T, Hq*Dh]  k, v: [T, Hkv*Dh]  query_start: i32[S+1]  ->  [T, Hq*Dh]
     # Causal attention of every token to the earlier tokens of its own sequence (no cache).
+    # window (sliding-window attention): a query at position p sees only keys at positions > p - window.
     num_tokens = q.shape[0]
     group = num_heads // num_kv_heads
     qh = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)
@@ -232,6 +333,8 @@ def ref_attention(q, k, v, query_start, *, num_heads, num_kv_heads, head_dim, sc
     seg = segment_ids(query_start, num_tokens)  # i32[T]
     idx = jnp.arange(num_tokens)
     mask = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])  # bool[T, T]
+    if window is not None:
+        mask = mask & (idx[None, :] > idx[:, None] - window)
     scores = jnp.einsum("tkgd,skd->kgts", qh, kh) * scale  # f32[Hkv, G, T, T]
     scores = jnp.where(mask[None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
@@ -243,6 +346,63 @@ def ref_silu_mul(gate, up):
     # gate, up: [T, F] -> [T, F]
     g32 = gate.astype(jnp.float32)
     return (g32 * jax.nn.sigmoid(g32)).astype(gate.dtype) * up
+
+
+def ref_gelu_tanh_mul(gate, up):
+    # gate, up: [T, F] -> [T, F]; GeGLU (Gemma): GELU with the tanh approximation in float32, rounded, times up
+    return jax.nn.gelu(gate.astype(jnp.float32), approximate=True).astype(gate.dtype) * up
+
+
+def route_tokens(x, router, *, top_k, norm_topk_prob):
+    """The router of a mixture of experts, as Hugging Face computes it (Mixtral, Qwen2/3-MoE).
+
+    x: [T, D]  router: [E, D]  ->  (weights f32[T, K], experts i32[T, K]), K = top_k, best first.
+    Logits are x @ router^T in x's dtype (f32 accumulation), then softmax in float32 over all E experts,
+    the top k probabilities, and with norm_topk_prob those k renormalised to sum to one. The weights stay float32
+    as Mixtral keeps them (Qwen-MoE rounds them to the activation dtype: one bf16 rounding apart).
+    """
+    logits = jnp.einsum("td,ed->te", x, router.astype(x.dtype), preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits.astype(x.dtype).astype(jnp.float32), axis=-1)  # f32[T, E]
+    weights, experts = jax.lax.top_k(probs, top_k)  # f32[T, K], i32[T, K]
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts.astype(jnp.int32)
+
+
+def ref_moe(x, router, gate_up, down, *, top_k, norm_topk_prob):
+    # x: [T, D]  router: [E, D]  gate_up: [E, 2F, D] (each expert's gate rows, then its up rows)
+    # down: [E, D, F]  ->  [T, D]
+    # out[t] = sum over the top_k experts e of token t: weight[t, e] * down_e(silu(gate_e x_t) * up_e x_t), each
+    # expert's MLP in x's dtype as a dense MLP computes it (ref_linear, ref_silu_mul), the weighted sum in float32.
+    # NOTE: every expert runs on every token here (clear, E / top_k times the work): backends route sparsely.
+    num_experts, two_f = gate_up.shape[0], gate_up.shape[1]
+    weights, experts = route_tokens(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob)
+    combine = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.float32) * weights[..., None], axis=1)  # f32[T, E]
+    h = jnp.einsum("td,efd->tef", x, gate_up.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    act = ref_silu_mul(h[..., : two_f // 2], h[..., two_f // 2:])  # [T, E, F]
+    y = jnp.einsum("tef,edf->ted", act, down.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.einsum("te,ted->td", combine, y.astype(jnp.float32)).astype(x.dtype)
+
+
+def _moe_shape(ts, attrs):
+    (x_shape, x_dtype), (r_shape, _), (gu_shape, _), (dn_shape, _) = ts
+    if len(x_shape) != 2 or len(r_shape) != 2 or len(gu_shape) != 3 or len(dn_shape) != 3:
+        raise OpError(f"moe expects x [T, D], router [E, D], gate_up [E, 2F, D] and down [E, D, F], got "
+                      f"{x_shape}, {r_shape}, {gu_shape} and {dn_shape}")
+    num_experts, d = r_shape
+    two_f = gu_shape[1]
+    if not isinstance(two_f, int) or two_f % 2:
+        raise OpError(f"moe: gate_up's second dim must be an even 2F (gate rows then up rows), got {two_f}")
+    want = {"router": ((num_experts, d), r_shape), "gate_up": ((num_experts, two_f, d), gu_shape),
+            "down": ((num_experts, d, two_f // 2), dn_shape)}
+    for name, (expected, got) in want.items():
+        if tuple(expected) != tuple(got):
+            raise OpError(f"moe: {name} has shape {got}, x [T, {x_shape[1]}] and the router imply {expected}")
+    if isinstance(x_shape[1], int) and x_shape[1] != d:
+        raise OpError(f"moe: x has {x_shape[1]} features but the router expects {d}")
+    if not 1 <= attrs["top_k"] <= num_experts:
+        raise OpError(f"moe: top_k must be in [1, {num_experts}] (the number of experts), got {attrs['top_k']}")
+    return [((x_shape[0], d), x_dtype)]
 
 
 def ref_logits(x, rows, weight):
@@ -337,11 +497,13 @@ def gather_kv_blocks(pool, extras, kv_format, which, tables):
 
 
 def ref_paged_attention(q, k_pool, v_pool, query_start, seq_lens, block_tables, *kv_extras, num_heads,
-                        num_kv_heads, head_dim, scale, kv_format=None):
+                        num_kv_heads, head_dim, scale, kv_format=None, window=None):
     # q: [T, Hq*Dh]  pools: [N, Bs, Hkv, Dh] (nvfp4: u8[..., Dh/2])  query_start: i32[S+1]  seq_lens: i32[S]
     # block_tables: i32[S, B]  kv_extras: the scales of kv_format (see dequantize_kv)  ->  [T, Hq*Dh]
     # Token t of sequence s sits at context index seq_lens[s] - (query_start[s+1] - t) and attends
-    # to cached keys 0..that index of its own sequence, read through the block table.
+    # to cached keys 0..that index of its own sequence, read through the block table; with `window`
+    # (sliding-window attention) only to keys at index > that index - window. Blocks wholly before the
+    # window may be freed: their table entries are never read as values (masked, and zeroed below).
     num_tokens = q.shape[0]
     block_size = k_pool.shape[1]
     num_ctx = block_tables.shape[1] * block_size
@@ -356,6 +518,8 @@ def ref_paged_attention(q, k_pool, v_pool, query_start, seq_lens, block_tables, 
     q_end = jnp.take(query_start, seg + 1, mode="clip")
     pos = ctx_len - (q_end - jnp.arange(num_tokens))  # i32[T]: context index of each query
     mask = jnp.arange(num_ctx)[None, :] <= pos[:, None]  # bool[T, C]
+    if window is not None:
+        mask = mask & (jnp.arange(num_ctx)[None, :] > pos[:, None] - window)
     qh = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)
     scores = jnp.einsum("tkgd,tckd->tkgc", qh, keys) * scale
     scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
@@ -408,29 +572,35 @@ def ref_rotate_heads(x, rotation, *, num_heads, head_dim):
     return jnp.einsum("thd,de->the", xh, rotation.astype(jnp.float32)).reshape(x.shape).astype(x.dtype)
 
 
-ATTENTION_ATTRS = {"num_heads": (int,), "num_kv_heads": (int,), "head_dim": (int,), "scale": (float,)}
+ATTENTION_ATTRS = {"num_heads": (int,), "num_kv_heads": (int,), "head_dim": (int,), "scale": (float,),
+                   "window": (int,)}
 QUANT_ATTRS = {"format": (str,), "in_features": (int,), "out_features": (int,), "group_size": (int,),
                "act_format": (str,)}
 
-embed = _register("embed", ref_embed, _embed_shape, {})
-rms_norm = _register("rms_norm", ref_rms_norm, _same_as_first, {"eps": (float,)})
+embed = _register("embed", ref_embed, _embed_shape, {"scale": (float,)}, optional_attrs=("scale",))
+rms_norm = _register("rms_norm", ref_rms_norm, _same_as_first, {"eps": (float,), "weight_offset": (float,)},
+                     optional_attrs=("weight_offset",))
 linear = _register("linear", ref_linear, _linear_shape, {})
 rope = _register("rope", ref_rope, _same_as_first,
                  {"num_heads": (int,), "head_dim": (int,), "theta": (float,), "rope_scaling": (dict,)},
                  optional_attrs=("rope_scaling",))
-attention = _register("attention", ref_attention, _same_as_first, ATTENTION_ATTRS)
+attention = _register("attention", ref_attention, _same_as_first, ATTENTION_ATTRS, optional_attrs=("window",))
 silu_mul = _register("silu_mul", ref_silu_mul, _same_as_first, {})
+gelu_tanh_mul = _register("gelu_tanh_mul", ref_gelu_tanh_mul, _same_as_first, {})
 logits = _register("logits", ref_logits, _logits_shape, {})
 kv_write = _register("kv_write", ref_kv_write, _kv_write_shape, {"kv_format": (str,)}, num_outputs=2,
                      optional_attrs=("kv_format",))
 kv_write_nvfp4 = _register("kv_write_nvfp4", ref_kv_write_nvfp4, _kv_write_nvfp4_shape, {"scale_rule": (str,)},
                            num_outputs=4, optional_attrs=("scale_rule",))
 paged_attention = _register("paged_attention", ref_paged_attention, _same_as_first,
-                            {**ATTENTION_ATTRS, "kv_format": (str,)}, optional_attrs=("kv_format",))
+                            {**ATTENTION_ATTRS, "kv_format": (str,)}, optional_attrs=("kv_format", "window"))
 qlinear = _register("qlinear", ref_qlinear, _qlinear_shape, QUANT_ATTRS, optional_attrs=("group_size", "act_format"))
 qlogits = _register("qlogits", ref_qlogits, _qlogits_shape, QUANT_ATTRS, optional_attrs=("group_size", "act_format"))
 rotate_heads = _register("rotate_heads", ref_rotate_heads, _same_as_first, {"num_heads": (int,), "head_dim": (int,)})
-head_rms_norm = _register("head_rms_norm", ref_head_rms_norm, _same_as_first, {"eps": (float,), "head_dim": (int,)})
+head_rms_norm = _register("head_rms_norm", ref_head_rms_norm, _same_as_first,
+                          {"eps": (float,), "head_dim": (int,), "weight_offset": (float,)},
+                          optional_attrs=("weight_offset",))
+moe = _register("moe", ref_moe, _moe_shape, {"top_k": (int,), "norm_topk_prob": (bool,)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,16 +608,20 @@ head_rms_norm = _register("head_rms_norm", ref_head_rms_norm, _same_as_first, {"
 # ---------------------------------------------------------------------------------------------
 
 
-def embed_tokens(token_ids, table):
-    return _bind(embed, token_ids, table)
+def embed_tokens(token_ids, table, scale: float | None = None):
+    """scale: multiply the looked-up rows (Gemma's sqrt(hidden_size)), in the table's dtype."""
+    return _bind(embed, token_ids, table, scale=None if scale is None else float(scale))
 
 
-def rms_normalize(x, weight, eps: float):
-    return _bind(rms_norm, x, weight, eps=float(eps))
+def rms_normalize(x, weight, eps: float, weight_offset: float | None = None):
+    """weight_offset: Gemma's RMSNorm, x / rms(x) * (weight_offset + weight) in float32 (see ref_rms_norm)."""
+    offset = None if weight_offset is None else float(weight_offset)
+    return _bind(rms_norm, x, weight, eps=float(eps), weight_offset=offset)
 
 
-def head_rms_normalize(x, weight, eps: float, head_dim: int):
-    return _bind(head_rms_norm, x, weight, eps=float(eps), head_dim=int(head_dim))
+def head_rms_normalize(x, weight, eps: float, head_dim: int, weight_offset: float | None = None):
+    return _bind(head_rms_norm, x, weight, eps=float(eps), head_dim=int(head_dim),
+                 weight_offset=None if weight_offset is None else float(weight_offset))
 
 
 def project(x, weight, bias=None):
@@ -462,14 +636,28 @@ def apply_rope(x, positions, *, num_heads: int, head_dim: int, theta: float, rop
 
 
 def causal_attention(q, k, v, query_start, *, num_heads: int, num_kv_heads: int, head_dim: int,
-                     scale: float | None = None):
+                     scale: float | None = None, window: int | None = None):
+    """window: sliding-window attention (a query at position p sees keys at positions > p - window)."""
     scale = float(scale if scale is not None else 1.0 / math.sqrt(head_dim))
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise OpError(f"attention window must be a positive integer, got {window!r}")
     return _bind(attention, q, k, v, query_start, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                 head_dim=head_dim, scale=scale)
+                 head_dim=head_dim, scale=scale, window=window)
 
 
 def silu_and_mul(gate, up):
     return _bind(silu_mul, gate, up)
+
+
+def gelu_tanh_and_mul(gate, up):
+    return _bind(gelu_tanh_mul, gate, up)
+
+
+def mixture_of_experts(x, router, gate_up, down, *, top_k: int, norm_topk_prob: bool):
+    """x [T, D] through the top_k of E expert MLPs (see ref_moe): router [E, D], gate_up [E, 2F, D], down [E, D, F]."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise OpError(f"moe: top_k must be an integer, got {top_k!r}")
+    return _bind(moe, x, router, gate_up, down, top_k=top_k, norm_topk_prob=bool(norm_topk_prob))
 
 
 def compute_logits(x, rows, weight):

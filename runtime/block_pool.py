@@ -194,6 +194,10 @@ class BlockPool:
 
     # -- prefix cache ------------------------------------------------------------------------------
 
+    def cached_block(self, block_hash: BlockHash) -> int | None:
+        """The block cached under block_hash, or None; changes nothing."""
+        return self._cached.get(block_hash) if self.enable_caching else None
+
     def find_cached_prefix(self, block_hashes: Sequence[BlockHash]) -> list[int]:
         """The blocks cached under the longest leading run of block_hashes; changes nothing."""
         out = []

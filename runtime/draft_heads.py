@@ -968,7 +968,7 @@ def compute_features_with_program(compiled, sequences: Sequence[np.ndarray], *,
     sequence gets a step of its own), each on fresh blocks of a private KV pool."""
     from lowering.backends import build_program
     from lowering.passes.insert_speculation import expose_hidden
-    from runtime.step import StepInput
+    from runtime.step import StepInput, mirror_kv_groups, mirror_pool_options
 
     if not len(sequences):
         return []
@@ -979,8 +979,9 @@ def compute_features_with_program(compiled, sequences: Sequence[np.ndarray], *,
     budget = max(int(tokens_per_step), longest)
     max_seqs = max(1, budget // 8)
     graph = compiled.graph if len(compiled.graph.outputs) > 1 else expose_hidden(compiled.graph, "draft-head features")
-    program = build_program(compiled.target, graph, compiled.params, num_blocks=budget // bs + max_seqs + 1,
-                            max_num_seqs=max_seqs, max_model_len=compiled.max_model_len)
+    num_blocks = budget // bs + max_seqs + 1
+    program = build_program(compiled.target, graph, compiled.params, num_blocks=num_blocks, max_num_seqs=max_seqs,
+                            max_model_len=compiled.max_model_len, **mirror_pool_options(graph, num_blocks))
     width = program.max_blocks_per_seq
     out: list[np.ndarray | None] = [None] * len(sequences)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
@@ -997,8 +998,8 @@ def compute_features_with_program(compiled, sequences: Sequence[np.ndarray], *,
             tables[s, :nb] = np.arange(first, first + nb)
             slots.append(first * bs + np.arange(n, dtype=np.int32))
             first += nb
-        inp = StepInput(tokens, positions, np.concatenate(slots).astype(np.int32), starts,
-                        np.asarray(lens, np.int32), tables, (starts[1:] - 1).astype(np.int32))
+        inp = mirror_kv_groups(StepInput(tokens, positions, np.concatenate(slots).astype(np.int32), starts,
+                                         np.asarray(lens, np.int32), tables, (starts[1:] - 1).astype(np.int32)), program)
         _, hidden = program.step(inp, with_hidden=True)
         hidden = np.asarray(hidden, np.float32)
         for s, i in enumerate(batch):

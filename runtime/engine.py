@@ -127,6 +127,7 @@ class Request:
     text: str = ""
     num_computed_tokens: int = 0  # tokens whose K/V are in the pool
     block_ids: list[int] = dataclasses.field(default_factory=list)  # block table (kv_manager fills it)
+    block_ids_w: list[int] = dataclasses.field(default_factory=list)  # second KV group's table (sliding-window layers)
     block_hashes: list[bytes] = dataclasses.field(default_factory=list)  # prefix-cache hashes of full blocks
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
@@ -215,12 +216,14 @@ class Scheduler:
 
     def __init__(
         self, *, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-        enable_prefix_caching: bool = True,
+        enable_prefix_caching: bool = True, window: int | None = None, window_group: tuple[int, int] | None = None,
     ):
+        """window / window_group: the Program's sliding-window KV groups (see KVCacheManager)."""
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching, window=window,
+                                 window_group=window_group)
         self.waiting: list[Request] = []  # sorted by arrival
         self.running: list[Request] = []  # sorted by arrival
         self.num_preemptions = 0
@@ -375,13 +378,15 @@ def _arrival(req: Request) -> int:
 
 
 def build_step_input(
-    chunks: list[ScheduledChunk], *, block_size: int, max_blocks_per_seq: int
+    chunks: list[ScheduledChunk], *, block_size: int, max_blocks_per_seq: int, two_groups: bool = False
 ) -> tuple[StepInput, list[Request]]:
     """Flatten one step's chunks into a StepInput; also return the requests that get a logit row.
 
     Sequence s is chunks[s]; its tokens are flat rows query_start[s]:query_start[s+1]. Unused
     block-table entries are 0 (a valid block, so a kernel that over-reads stays in bounds); B is
-    the widest table this step's contexts need.
+    the widest table this step's contexts need. So are entries a sliding window freed (FREED), which
+    attention never reads. A Program with a second KV group (two_groups) also gets block_tables_w
+    and slot_mapping_w from each request's block_ids_w.
 
         chunk s:       request r, tokens [start, start + n)
         positions:     start .. start + n - 1
@@ -411,12 +416,17 @@ def build_step_input(
     width = int(max(1, (-(-seq_lens // block_size)).max()))
     if width > max_blocks_per_seq:
         raise ValueError(f"a sequence needs {width} blocks but the program allows {max_blocks_per_seq}")
-    block_tables = np.zeros((num_seqs, width), dtype=np.int32)  # i32[S, B]
-    for s, chunk in enumerate(chunks):
-        ids = chunk.request.block_ids[:width]
-        block_tables[s, : len(ids)] = ids
-    block_of_row = block_tables[seq_of_row, positions // block_size]  # i32[T]
-    slot_mapping = block_of_row * block_size + positions % block_size  # i32[T]
+    def tables_and_slots(attr: str):
+        tables = np.zeros((num_seqs, width), dtype=np.int32)  # i32[S, B]
+        for s, chunk in enumerate(chunks):
+            ids = getattr(chunk.request, attr)[:width]
+            tables[s, : len(ids)] = ids
+        np.maximum(tables, 0, out=tables)  # FREED (-1) entries -> block 0, never read
+        block_of_row = tables[seq_of_row, positions // block_size]  # i32[T]
+        return tables, (block_of_row * block_size + positions % block_size).astype(np.int32)  # i32[T]
+
+    block_tables, slot_mapping = tables_and_slots("block_ids")
+    block_tables_w, slot_mapping_w = tables_and_slots("block_ids_w") if two_groups else (None, None)
 
     # the last row of a chunk that reaches its request's last token; with a draft of k tokens, its k + 1 rows
     logit_rows = np.array([row for s, c in enumerate(chunks) if c.wants_logits
@@ -427,11 +437,13 @@ def build_step_input(
     step = StepInput(
         token_ids=token_ids,
         positions=positions,
-        slot_mapping=slot_mapping.astype(np.int32),
+        slot_mapping=slot_mapping,
         query_start=query_start,
         seq_lens=seq_lens,
         block_tables=block_tables,
         logit_rows=logit_rows,
+        block_tables_w=block_tables_w,
+        slot_mapping_w=slot_mapping_w,
     )
     return step, sampled
 
@@ -504,6 +516,9 @@ class Engine:
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching,
+            window=getattr(self.program, "kv_window", None),
+            window_group=((self.program.num_blocks_w, self.program.kv_window_w)
+                          if getattr(self.program, "num_blocks_w", None) is not None else None),
         )
         self.num_steps = 0
         self._request_counter = itertools.count()
@@ -594,7 +609,8 @@ class Engine:
         if not sched.chunks:
             raise RuntimeError("the scheduler could not schedule any request (this is a bug)")
         step, sampled = build_step_input(
-            sched.chunks, block_size=self.block_size, max_blocks_per_seq=self.program.max_blocks_per_seq
+            sched.chunks, block_size=self.block_size, max_blocks_per_seq=self.program.max_blocks_per_seq,
+            two_groups=getattr(self.program, "num_blocks_w", None) is not None,
         )
         groups = [c for c in sched.chunks if c.wants_logits]  # one per sampled request, in logit-row order
         num_spec = [c.num_spec for c in groups]

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lowering.ir import state_bytes_per_block
-from runtime.step import window_step
+from runtime.step import mirror_kv_groups, mirror_pool_options, window_step
 
 PPL_FILE = "tinyshakespeare.txt"
 GSM8K_FILE = "gsm8k_train.jsonl"
@@ -142,7 +142,8 @@ def perplexity(model, text: str, *, window: int = 256, num_windows: int = 16, ba
     blocks_per_window = -(-window // block_size)
     if program is None:
         program = model.make_program(num_blocks=batch * blocks_per_window, max_num_seqs=batch + 1,
-                                     max_model_len=blocks_per_window * block_size)
+                                     max_model_len=blocks_per_window * block_size,
+                                     **mirror_pool_options(model.graph, batch * blocks_per_window))
     else:
         if int(program.block_size) != block_size:
             raise ValueError(f"program has block_size {program.block_size} but the model {block_size}")
@@ -156,7 +157,8 @@ def perplexity(model, text: str, *, window: int = 256, num_windows: int = 16, ba
     window_nll = []
     for first in range(0, n, batch):
         chunk = windows[first : first + batch]  # i32[b, window]
-        logits = np.asarray(program.step(window_step(chunk, block_size=block_size)))  # f32[b*window, V]
+        step = mirror_kv_groups(window_step(chunk, block_size=block_size), program)
+        logits = np.asarray(program.step(step))  # f32[b*window, V]
         if logits.shape[0] != chunk.size:
             raise RuntimeError(f"Program.step returned {logits.shape[0]} logit rows, expected {chunk.size}")
         for s in range(chunk.shape[0]):

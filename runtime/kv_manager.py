@@ -18,7 +18,7 @@ Life of a request's blocks:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 from runtime.block_pool import BlockPool, hash_full_blocks
 from runtime.block_pool import blocks_needed
@@ -46,15 +46,67 @@ class PrefixCacheStats:
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
 
-class KVCacheManager:
-    """Block tables of requests over one BlockPool of num_blocks blocks of block_size tokens."""
+FREED = -1  # a block-table entry whose block fell out of a sliding window and was freed
 
-    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True):
+
+@dataclasses.dataclass(frozen=True)
+class KVGroup:
+    """Attention layers that share block tables: their own BlockPool, and a sliding window or None.
+
+    `attr` names the request field holding the group's block table ("block_ids" for the first group)."""
+
+    pool: BlockPool
+    window: int | None
+    attr: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedPrefix:
+    """Cached leading blocks a waiting request can start from: `num_blocks` full blocks, and for each KV group
+    the block ids that hold them (FREED where a sliding-window group does not need the block)."""
+
+    num_blocks: int = 0
+    tables: tuple[tuple[int, ...], ...] = ()
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+
+class KVCacheManager:
+    """Block tables of requests over one BlockPool of num_blocks blocks of block_size tokens per KV group.
+
+    Sliding-window models: `window` is the first group's window (every attention layer windowed, e.g.
+    Mistral), and `window_group=(num_blocks_w, window_w)` adds a second group of windowed layers with a
+    pool of its own (Gemma 3's local layers; the first group then holds the global layers). A windowed
+    group frees each block once it lies wholly before the window of the next token a request computes,
+    so it holds at most ceil((window - 1) / block_size) + 1 blocks per decoding request (plus the blocks
+    of a prefill chunk while it runs). Freed entries stay in the table as FREED; attention never reads
+    them. A freed block that was registered stays in the prefix cache (evictable) like any other.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True,
+                 window: int | None = None, window_group: tuple[int, int] | None = None):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        for w in (window, None if window_group is None else window_group[1]):
+            if w is not None and (not isinstance(w, int) or w < 1):
+                raise ValueError(f"a sliding window must be a positive integer, got {w!r}")
         self.pool = BlockPool(num_blocks, block_size, enable_caching=enable_prefix_caching)
+        self.groups = [KVGroup(self.pool, window, "block_ids")]
+        if window_group is not None:
+            pool_w = BlockPool(int(window_group[0]), block_size, enable_caching=enable_prefix_caching)
+            self.groups.append(KVGroup(pool_w, int(window_group[1]), "block_ids_w"))
         self.stats = PrefixCacheStats()
         self._num_cached: dict[Any, int] = {}  # request -> its leading blocks already cached (hit or registered)
+
+    @classmethod
+    def for_program(cls, program, *, enable_prefix_caching: bool = True) -> "KVCacheManager":
+        """The manager for a Program's KV groups (its `kv_window`, `num_blocks_w`, `kv_window_w`)."""
+        window = getattr(program, "kv_window", None)
+        nw = getattr(program, "num_blocks_w", None)
+        group = (nw, program.kv_window_w) if nw is not None else None
+        return cls(program.num_blocks, program.block_size, enable_prefix_caching=enable_prefix_caching,
+                   window=window, window_group=group)
 
     @property
     def num_free_blocks(self) -> int:
@@ -66,15 +118,31 @@ class KVCacheManager:
 
     # -- admission ---------------------------------------------------------------------------------
 
-    def get_computed_blocks(self, req) -> list[int]:
+    def get_computed_blocks(self, req) -> CachedPrefix:
         """The cached blocks a request that holds no blocks can start from; changes nothing.
 
         Only full blocks, and never all of the request's tokens: the blocks lie within its first
         num_tokens - 1 tokens, so at least its last token is computed and the step produces logits.
+        A windowed group needs only the cached blocks inside the window of the first token to compute.
         """
         if not self.enable_prefix_caching or req.block_ids:
-            return []
-        return self.pool.find_cached_prefix(self._hashes(req, self._max_hit_blocks(req)))
+            return CachedPrefix()
+        hashes = self._hashes(req, self._max_hit_blocks(req))
+        n = len(hashes)
+        for g in self.groups:
+            if g.window is None:
+                n = min(n, len(g.pool.find_cached_prefix(hashes[:n])))
+        for g in self.groups:
+            if g.window is not None:
+                while n > 0 and any(g.pool.cached_block(h) is None for h in hashes[self._window_start(g, n * self.block_size):n]):
+                    n -= 1
+        if n == 0:
+            return CachedPrefix()
+        tables = []
+        for g in self.groups:
+            lo = self._window_start(g, n * self.block_size)
+            tables.append(tuple([FREED] * lo + [g.pool.cached_block(h) for h in hashes[lo:n]]))
+        return CachedPrefix(n, tuple(tables))
 
     def get_computed_prefix(self, req) -> int:
         """How many of a waiting request's tokens are already in cached blocks (a multiple of block_size)."""
@@ -83,45 +151,60 @@ class KVCacheManager:
     # -- growing and freeing -----------------------------------------------------------------------
 
     def allocate_for(
-        self, req, num_new_tokens: int, num_lookahead: int = 0, *, computed_blocks: Sequence[int] | None = None
+        self, req, num_new_tokens: int, num_lookahead: int = 0, *, computed_blocks: CachedPrefix | None = None
     ) -> bool:
         """Give req room for num_new_tokens more tokens plus num_lookahead speculative slots.
 
         Admitting a waiting request: pass computed_blocks (get_computed_blocks(req), possibly empty);
-        they become the head of its table and req.num_computed_tokens starts after them. Returns
-        False, changing nothing, when the pool cannot hold the blocks (the scheduler then preempts or
-        waits).
+        they become the head of its tables and req.num_computed_tokens starts after them. Returns
+        False when a pool cannot hold the blocks (the scheduler then preempts or waits); only blocks
+        that fell out of a sliding window may have been freed then.
         """
         if num_new_tokens < 0 or num_lookahead < 0:
             raise ValueError(f"num_new_tokens and num_lookahead must be >= 0, got {num_new_tokens}, {num_lookahead}")
+        bs = self.block_size
         if computed_blocks is None:
+            self._free_out_of_window(req, req.num_computed_tokens)
             total = req.num_computed_tokens + num_new_tokens + num_lookahead
-            num_new_blocks = blocks_needed(total, self.block_size) - len(req.block_ids)
-            if num_new_blocks > self.pool.num_free_blocks:
+            wanted = [blocks_needed(total, bs) - len(getattr(req, g.attr)) for g in self.groups]
+            if any(n > g.pool.num_free_blocks for n, g in zip(wanted, self.groups)):
                 return False
-            if num_new_blocks > 0:
-                req.block_ids += self.pool.allocate(num_new_blocks)
+            for n, g in zip(wanted, self.groups):
+                if n > 0:
+                    getattr(req, g.attr).extend(g.pool.allocate(n))
             return True
 
-        if req.block_ids:
+        if not isinstance(computed_blocks, CachedPrefix):
+            if len(self.groups) > 1 or self.groups[0].window is not None:
+                raise TypeError("computed_blocks must come from get_computed_blocks() on a model with sliding windows")
+            computed_blocks = CachedPrefix(len(computed_blocks), (tuple(computed_blocks),))  # one plain table
+        if any(getattr(req, g.attr) for g in self.groups):
             raise ValueError(f"request {req.request_id} already holds blocks; computed_blocks is for admission")
-        computed_blocks = list(computed_blocks)
-        num_computed = len(computed_blocks) * self.block_size
+        n_cached = computed_blocks.num_blocks
+        tables = computed_blocks.tables or tuple(() for _ in self.groups)
+        num_computed = n_cached * bs
         total = num_computed + num_new_tokens + num_lookahead
-        num_new_blocks = blocks_needed(total, self.block_size) - len(computed_blocks)
-        num_revived = sum(self.pool.ref_count(b) == 0 for b in computed_blocks)  # evictable now, in use after
-        if num_new_blocks + num_revived > self.pool.num_free_blocks:
-            return False
-        if computed_blocks:
-            hashes = self._hashes(req, self._max_hit_blocks(req))
-            hit = self.pool.lookup_prefix(block_hashes=hashes)  # takes the references, counts blocks
-            if hit[: len(computed_blocks)] != computed_blocks:
-                self.pool.free(hit)
-                raise ValueError(f"computed_blocks {computed_blocks} are not request {req.request_id}'s cached prefix")
-            self.pool.free(hit[len(computed_blocks) :])  # the caller chose to use fewer
-        req.block_ids = computed_blocks + self.pool.allocate(max(num_new_blocks, 0))
+        num_new_blocks = blocks_needed(total, bs) - n_cached
+        for g, table in zip(self.groups, tables):
+            held = [b for b in table if b != FREED]
+            revived = sum(g.pool.ref_count(b) == 0 for b in held)  # evictable now, in use after
+            if num_new_blocks + revived > g.pool.num_free_blocks:
+                return False
+        if n_cached:
+            hashes = self._hashes(req, n_cached)
+            for g, table in zip(self.groups, tables):
+                if len(table) != n_cached or any(b != FREED and g.pool.block_hash(b) != hashes[i]
+                                                 for i, b in enumerate(table)):
+                    raise ValueError(f"computed_blocks are not request {req.request_id}'s cached prefix")
+        for g, table in zip(self.groups, tables):
+            held = [b for b in table if b != FREED]
+            g.pool.touch(held)
+            setattr(req, g.attr, list(table) + g.pool.allocate(max(num_new_blocks, 0)))
+        if n_cached:  # the pool's block counters, as BlockPool.lookup_prefix counts them
+            self.pool.num_prefix_queries += self._max_hit_blocks(req)
+            self.pool.num_prefix_hits += n_cached
         req.num_computed_tokens = num_computed
-        self._num_cached[req] = len(computed_blocks)
+        self._num_cached[req] = n_cached
 
         recompute = getattr(req, "num_preemptions", 0) > 0
         s = self.stats
@@ -137,9 +220,15 @@ class KVCacheManager:
 
     def free(self, req) -> None:
         """Drop the request's blocks (finish, abort or preemption); cached ones stay cached."""
-        blocks, req.block_ids = req.block_ids, []
+        for g in self.groups:
+            blocks = getattr(req, g.attr)
+            setattr(req, g.attr, [])
+            g.pool.free([b for b in blocks if b != FREED])
         self._num_cached.pop(req, None)
-        self.pool.free(blocks)
+
+    def num_held_blocks(self, req, group: int = 0) -> int:
+        """Blocks the request holds in KV group `group` (freed sliding-window entries not counted)."""
+        return sum(b != FREED for b in getattr(req, self.groups[group].attr))
 
     # -- registering full blocks -------------------------------------------------------------------
 
@@ -154,12 +243,34 @@ class KVCacheManager:
             return
         hashes = self._hashes(req, num_full)
         bs = self.block_size
-        for i in range(start, num_full):
-            parent = hashes[i - 1] if i > 0 else None
-            self.pool.cache_full_block(req.block_ids[i], parent, req.token_ids[i * bs : (i + 1) * bs])
+        for g in self.groups:
+            table = getattr(req, g.attr)
+            for i in range(start, num_full):
+                if table[i] != FREED:
+                    parent = hashes[i - 1] if i > 0 else None
+                    g.pool.cache_full_block(table[i], parent, req.token_ids[i * bs : (i + 1) * bs])
         self._num_cached[req] = num_full
 
     # -- helpers -----------------------------------------------------------------------------------
+
+    def _window_start(self, g: KVGroup, position: int) -> int:
+        """The first block a query at `position` reads in group g: 0 without a window."""
+        if g.window is None:
+            return 0
+        return max(0, position - g.window + 1) // self.block_size
+
+    def _free_out_of_window(self, req, position: int) -> None:
+        """Free the blocks of windowed groups that lie wholly before the window of a query at `position`
+        (the first token of the request's next step; later queries of any later step see no earlier key)."""
+        for g in self.groups:
+            if g.window is None:
+                continue
+            table = getattr(req, g.attr)
+            lo = min(self._window_start(g, position), len(table))
+            dropped = [b for b in table[:lo] if b != FREED]
+            if dropped:
+                table[:lo] = [FREED] * lo
+                g.pool.free(dropped)
 
     def _max_hit_blocks(self, req) -> int:
         return max(len(req.token_ids) - 1, 0) // self.block_size

@@ -211,6 +211,9 @@ class DraftModelProposer:
     def __init__(self, program, *, vocab_size: int):
         from runtime.kv_manager import KVCacheManager
 
+        if getattr(program, "kv_window", None) is not None or getattr(program, "num_blocks_w", None) is not None:
+            # NOTE: the draft cache rolls back to the last confirmed token, which may lie before blocks a window freed
+            raise ValueError("a draft model with sliding-window attention layers is not supported as a proposer")
         self.program = program
         self.vocab_size = vocab_size
         self.kv = KVCacheManager(program.num_blocks, program.block_size, enable_prefix_caching=False)

@@ -23,6 +23,10 @@ class StepInput:
     seq_lens: np.ndarray  # i32[S]   context length of each sequence after this step
     block_tables: np.ndarray  # i32[S, B]
     logit_rows: np.ndarray  # i32[L]  flat token rows whose logits are returned
+    # Programs with a second KV group (sliding-window layers beside global ones, e.g. Gemma 3): that group's
+    # block tables i32[S, B] and slots i32[T] in its own pool; None otherwise
+    block_tables_w: np.ndarray | None = None
+    slot_mapping_w: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -32,9 +36,25 @@ class StepInput:
     def num_seqs(self) -> int:
         return int(self.seq_lens.shape[0])
 
-    def validate(self, *, block_size: int, num_blocks: int) -> None:
-        """Raise ValueError naming the first inconsistency; cheap enough to run every step."""
+    def validate(self, *, block_size: int, num_blocks: int, num_blocks_w: int | None = None) -> None:
+        """Raise ValueError naming the first inconsistency; cheap enough to run every step.
+
+        num_blocks_w: the second KV group's pool size, for a Program that has one (None: it has not)."""
         t, s = self.num_tokens, self.num_seqs
+        if (num_blocks_w is None) != (self.block_tables_w is None) or (self.block_tables_w is None) != (
+                self.slot_mapping_w is None):
+            need = "needs" if num_blocks_w is not None else "takes no"
+            raise ValueError(f"this Program {need} a second KV group (block_tables_w and slot_mapping_w, sliding-window "
+                             f"layers); the StepInput has block_tables_w={self.block_tables_w is not None}, "
+                             f"slot_mapping_w={self.slot_mapping_w is not None}")
+        if num_blocks_w is not None:
+            if self.block_tables_w.shape != self.block_tables.shape:
+                raise ValueError(f"StepInput.block_tables_w has shape {self.block_tables_w.shape}, expected "
+                                 f"{self.block_tables.shape} (block_tables')")
+            if self.slot_mapping_w.shape != (t,):
+                raise ValueError(f"StepInput.slot_mapping_w has shape {self.slot_mapping_w.shape}, expected ({t},)")
+            if np.any((self.slot_mapping_w < -1) | (self.slot_mapping_w >= num_blocks_w * block_size)):
+                raise ValueError("StepInput.slot_mapping_w has a slot outside the second KV group's pool")
         for name in ("token_ids", "positions", "slot_mapping"):
             a = getattr(self, name)
             if a.shape != (t,):
@@ -60,12 +80,15 @@ class StepInput:
             raise ValueError("StepInput.logit_rows points outside the step's tokens")
 
 
-def window_step(windows, *, block_size: int, first_block: int = 0, all_rows: bool = True) -> StepInput:
+def window_step(windows, *, block_size: int, first_block: int = 0, all_rows: bool = True,
+                two_groups: bool = False) -> StepInput:
     """One ragged prefill step running each window (a sequence of 1-D token arrays, or the rows of an i32[b, w]
     array) as its own sequence from position 0.
 
     Sequence s gets the next ceil(len / block_size) blocks after those of sequence s-1, starting at
     `first_block`; logits come for every token row (all_rows) or for the last row of each window.
+    two_groups: a second KV group (sliding-window layers) uses the same block ids in its own pool, which must
+    then be as large as the first.
     """
     windows = [np.asarray(w, np.int32).reshape(-1) for w in windows]
     per_seq = [-(-w.size // block_size) for w in windows]
@@ -80,15 +103,31 @@ def window_step(windows, *, block_size: int, first_block: int = 0, all_rows: boo
         idx = np.arange(w.size, dtype=np.int32)
         positions.append(idx)
         slots.append(blocks[idx // block_size] * block_size + idx % block_size)
+    slot_mapping = np.concatenate(slots).astype(np.int32)
     return StepInput(
         token_ids=np.concatenate(windows),
         positions=np.concatenate(positions),
-        slot_mapping=np.concatenate(slots).astype(np.int32),
+        slot_mapping=slot_mapping,
         query_start=starts,
         seq_lens=np.diff(starts).astype(np.int32),
         block_tables=tables,
         logit_rows=np.arange(starts[-1], dtype=np.int32) if all_rows else (starts[1:] - 1).astype(np.int32),
+        block_tables_w=tables.copy() if two_groups else None,
+        slot_mapping_w=slot_mapping.copy() if two_groups else None,
     )
+
+
+def mirror_kv_groups(inp: StepInput, program) -> StepInput:
+    """A hand-built step (block ids laid out by the caller) for `program`: when the Program has a second KV group,
+    that group uses the same block ids in its own pool, which must hold them (see mirror_pool_options)."""
+    if getattr(program, "num_blocks_w", None) is None or inp.block_tables_w is not None:
+        return inp
+    return dataclasses.replace(inp, block_tables_w=inp.block_tables.copy(), slot_mapping_w=inp.slot_mapping.copy())
+
+
+def mirror_pool_options(graph, num_blocks: int) -> dict:
+    """Program options for a private pool whose steps mirror their block ids into the second KV group."""
+    return {"num_blocks_w": int(num_blocks)} if graph.meta.get("kv_window_w") is not None else {}
 
 
 class Program(Protocol):
@@ -98,6 +137,11 @@ class Program(Protocol):
     num_blocks: int
     max_blocks_per_seq: int
     vocab_size: int
+    # sliding windows (graph meta, see insert_paged_kv): the first KV group's window (None: full attention), and
+    # the second group's pool size and window (None: no second group)
+    kv_window: int | None
+    num_blocks_w: int | None
+    kv_window_w: int | None
 
     def step(self, inp: StepInput) -> np.ndarray:  # -> f32[L, V]
         ...

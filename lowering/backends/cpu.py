@@ -9,7 +9,8 @@ import numpy as np
 
 from lowering import ops
 from lowering.backends.patterns import check_hidden_output
-from lowering.ir import Graph, IRError, Node, eval_dim, interpret, kv_bytes_per_block, run_reference
+from lowering.ir import (Graph, IRError, Node, eval_dim, interpret, kv_bytes_per_block, resolve_window_blocks,
+                         run_reference, split_kv_blocks)
 from runtime.step import StepInput
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # 1 GiB of KV pool unless told otherwise
@@ -39,32 +40,38 @@ class CpuProgram:
 
     def __init__(self, graph: Graph, params: Mapping[str, Any], *, num_blocks: int | None = None,
                  max_num_seqs: int = 64, max_model_len: int = 2048, kv_cache_bytes: int | None = None,
-                 pool_fill: float = 0.0):
+                 pool_fill: float = 0.0, num_blocks_w: int | None = None):
+        """num_blocks_w: blocks of the second KV group's pool (sliding-window layers beside global ones, see
+        insert_paged_kv); by default every sequence's window plus one max_model_len prefill (window_pool_blocks)."""
         if "block_size" not in graph.meta:
             raise IRError("graph has no paged KV cache: run insert_paged_kv before building a program")
         self.graph = graph
         self.block_size = int(graph.meta["block_size"])
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.kv_window, self.kv_window_w = graph.meta.get("kv_window"), graph.meta.get("kv_window_w")
+        sizes = dict(max_num_seqs=max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq)
         if num_blocks is None:
             budget = kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
             wanted = max_num_seqs * self.max_blocks_per_seq
-            num_blocks = max(self.max_blocks_per_seq, min(wanted, budget // max(kv_bytes_per_block(graph), 1)))
+            fit, num_blocks_w = split_kv_blocks(graph, budget, num_blocks_w=num_blocks_w, **sizes)
+            num_blocks = max(self.max_blocks_per_seq, min(wanted, fit))
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = int(num_blocks)
+        self.num_blocks_w = resolve_window_blocks(graph, self.num_blocks, num_blocks_w, sizes)
         out_type = graph.types[graph.outputs[0]]
         self.vocab_size = int(out_type.shape[-1])
         self.params = {k: jnp.asarray(v) for k, v in params.items()}
         missing = set(graph.params) - set(self.params)
         if missing:
             raise IRError(f"program is missing params {sorted(missing)[:3]}")
-        env = {"N": self.num_blocks}
+        env = {"N": self.num_blocks, "NW": self.num_blocks_w}
         self.state = {s: jnp.full(tuple(eval_dim(d, env) for d in graph.types[s].shape), pool_fill,
                                   dtype=graph.types[s].dtype) for s in graph.state}
         self._step = self._step_function()
         # padded step shapes already run (would_compile); shared like the jitted step, per pool size
         seen = self.graph.__dict__.setdefault("_cpu_seen_shapes", {}) if type(self) is CpuProgram else {}
-        self._seen_shapes: set = seen.setdefault((hash(self.graph.dumps()), self.num_blocks), set())
+        self._seen_shapes: set = seen.setdefault((hash(self.graph.dumps()), self.num_blocks, self.num_blocks_w), set())
 
     def _step_function(self):
         """The jitted step. Plain CPU programs of one graph share it (kept on the graph object), so engines
@@ -105,9 +112,11 @@ class CpuProgram:
         tokens after it) has a padded shape this Program has not run, so XLA would compile it (seconds)."""
         s, q = int(num_seqs), int(rows_per_seq)
         width = max(1, -(-int(max_seq_len) // self.block_size))
+        two = self.num_blocks_w is not None
         probe = StepInput(np.zeros(s * q, np.int32), np.zeros(s * q, np.int32), np.full(s * q, -1, np.int32),
                           (np.arange(s + 1) * q).astype(np.int32), np.full(s, q, np.int32),
-                          np.zeros((s, width), np.int32), np.arange(s * q, dtype=np.int32))
+                          np.zeros((s, width), np.int32), np.arange(s * q, dtype=np.int32),
+                          np.zeros((s, width), np.int32) if two else None, np.full(s * q, -1, np.int32) if two else None)
         padded = pad_step(probe, max_blocks_per_seq=self.max_blocks_per_seq)
         return _shape_key(padded, self._max_q_len_key(padded)) not in self._seen_shapes
 
@@ -118,7 +127,7 @@ class CpuProgram:
         f32[T, D]), the final-norm hidden state of every token row."""
         if with_hidden:
             check_hidden_output(self.graph)
-        inp.validate(block_size=self.block_size, num_blocks=self.num_blocks)
+        inp.validate(block_size=self.block_size, num_blocks=self.num_blocks, num_blocks_w=self.num_blocks_w)
         padded = pad_step(inp, max_blocks_per_seq=self.max_blocks_per_seq)
         compiled = jit_cache_size(self._step)
         key = self._max_q_len_key(padded)
@@ -163,17 +172,24 @@ def pad_step(inp: StepInput, *, max_blocks_per_seq: int) -> dict[str, np.ndarray
     query_start[: s + 1] = inp.query_start
     seq_lens = np.zeros((s_pad,), np.int32)
     seq_lens[:s] = inp.seq_lens
-    tables = np.zeros((s_pad, b_pad), np.int32)
-    tables[:s, : inp.block_tables.shape[1]] = inp.block_tables[:, :b_pad]
-    return {
+    def pad_tables(block_tables):
+        tables = np.zeros((s_pad, b_pad), np.int32)
+        tables[:s, : block_tables.shape[1]] = block_tables[:, :b_pad]
+        return tables
+
+    out = {
         "token_ids": pad1(inp.token_ids, t_pad, 0),
         "positions": pad1(inp.positions, t_pad, 0),
         "slot_mapping": pad1(inp.slot_mapping, t_pad, -1),
         "query_start": query_start,
         "seq_lens": seq_lens,
-        "block_tables": tables,
+        "block_tables": pad_tables(inp.block_tables),
         "logit_rows": pad1(inp.logit_rows, l_pad, 0),
     }
+    if inp.block_tables_w is not None:  # the second KV group (sliding-window layers)
+        out["block_tables_w"] = pad_tables(inp.block_tables_w)
+        out["slot_mapping_w"] = pad1(inp.slot_mapping_w, t_pad, -1)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,11 +288,13 @@ def write_rows_in_place(slot_mapping, pairs):
 
 
 def paged_attention_by_sequence(q, k_pool, v_pool, query_start, seq_lens, block_tables, *kv_extras, num_heads,
-                                num_kv_heads, head_dim, scale, max_q_len, kv_format=None):
+                                num_kv_heads, head_dim, scale, max_q_len, kv_format=None, window=None):
     """Same result as ops.ref_paged_attention, computed per sequence on padded query tiles.
 
     q rows are gathered into [S, Q, ...] tiles (Q = max_q_len), attend to the sequence's gathered
-    context [S, C, ...] once, and are scattered back to their flat rows.
+    context [S, C, ...] once, and are scattered back to their flat rows. With a sliding `window` a query at
+    context index p sees indices > p - window; values before the window of a sequence's first new token
+    (pages that may be freed, holding anything) are zeroed, so they never reach the output.
     """
     num_tokens = q.shape[0]
     num_seqs, num_table = block_tables.shape
@@ -296,6 +314,9 @@ def paged_attention_by_sequence(q, k_pool, v_pool, query_start, seq_lens, block_
     q_pos = (seq_lens - q_lens)[:, None] + tile[None, :]  # i32[S, Q]: context index of each query
     mask = jnp.arange(num_ctx)[None, None, :] <= q_pos[:, :, None]  # bool[S, Q, C]
     ctx_ok = jnp.arange(num_ctx)[None, :] < seq_lens[:, None]  # bool[S, C]
+    if window is not None:
+        mask = mask & (jnp.arange(num_ctx)[None, None, :] > q_pos[:, :, None] - window)
+        ctx_ok = ctx_ok & (jnp.arange(num_ctx)[None, :] > q_pos[:, :1] - window)  # the first query's window
     vals = jnp.where(ctx_ok[:, :, None, None], vals, 0.0)
     scores = jnp.einsum("sqkgd,sckd->skgqc", qt, keys) * scale  # f32[S, Hkv, G, Q, C]
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)

@@ -27,7 +27,7 @@ import numpy as np
 
 from lowering.backends.patterns import check_hidden_output, fusable_norm
 from lowering.ir import (Graph, IRError, Node, bind_symbols, decode_param, eval_dim, generic_primitive,
-                         kv_bytes_per_block)
+                         kv_bytes_per_block, resolve_window_blocks, split_kv_blocks)
 
 DEFAULT_GPU_MEMORY_FRACTION = 0.9
 DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20  # device="cpu" (interpreter tests): 256 MiB unless told otherwise
@@ -104,7 +104,8 @@ class CudaProgram:
     def __init__(self, graph: Graph, params: Mapping[str, Any], *, num_blocks: int | None = None,
                  max_num_seqs: int = 64, max_model_len: int = 2048, device: str | None = None,
                  gpu_memory_fraction: float | None = None, kv_cache_bytes: int | None = None,
-                 max_num_batched_tokens: int = 8192, cuda_graphs: bool | None = None, pool_fill: float = 0.0):
+                 max_num_batched_tokens: int = 8192, cuda_graphs: bool | None = None, pool_fill: float = 0.0,
+                 num_blocks_w: int | None = None):
         import torch
 
         if "block_size" not in graph.meta:
@@ -129,6 +130,9 @@ class CudaProgram:
         self.block_size = int(graph.meta["block_size"])
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.max_num_seqs = max_num_seqs
+        self.kv_window, self.kv_window_w = graph.meta.get("kv_window"), graph.meta.get("kv_window_w")
+        self._two_groups = self.kv_window_w is not None
+        sizes = dict(max_num_seqs=max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq)
 
         out_type = graph.types[graph.outputs[0]]
         self.vocab_size = int(out_type.shape[-1])
@@ -156,7 +160,7 @@ class CudaProgram:
                                                                  max_num_batched_tokens)
                 else:
                     kv_cache_bytes = DEFAULT_CPU_KV_CACHE_BYTES
-            num_blocks = int(kv_cache_bytes) // max(per_block, 1)
+            num_blocks, num_blocks_w = split_kv_blocks(graph, kv_cache_bytes, num_blocks_w=num_blocks_w, **sizes)
             if num_blocks < self.max_blocks_per_seq:
                 raise RuntimeError(
                     f"the KV cache fits {num_blocks} blocks of {self.block_size} tokens ({kv_cache_bytes / 2**30:.2f} GiB"
@@ -165,7 +169,8 @@ class CudaProgram:
         if not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
         self.num_blocks = int(num_blocks)
-        self.state = self._allocate_state(self.num_blocks, pool_fill)
+        self.num_blocks_w = resolve_window_blocks(graph, self.num_blocks, num_blocks_w, sizes)
+        self.state = self._allocate_state(self.num_blocks, pool_fill, self.num_blocks_w)
 
         # decode graphs: packed i32 inputs in one device buffer, filled by one copy per step
         # every bucket below max_num_seqs, then max_num_seqs itself (at most 256 sequences per graph)
@@ -195,12 +200,12 @@ class CudaProgram:
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state.values())
 
-    def _allocate_state(self, num_blocks: int, fill: float) -> dict:
+    def _allocate_state(self, num_blocks: int, fill: float, num_blocks_w: int | None = None) -> dict:
         """Every state buffer (K/V pools, nvfp4 block-scale pools) [N, ...] in its own dtype, filled with `fill`;
         integer pools (nvfp4's packed u8 codes) take all-ones bytes for a non-finite fill."""
         import torch
 
-        env = {"N": num_blocks}
+        env = {"N": num_blocks, "NW": num_blocks if num_blocks_w is None else num_blocks_w}
         state = {}
         for s in self.graph.state:
             shape = tuple(eval_dim(d, env) for d in self.graph.types[s].shape)
@@ -231,6 +236,8 @@ class CudaProgram:
             "block_tables": (np.arange(blocks - 1, dtype=np.int32) + 1)[None, :],
             "logit_rows": np.arange(min(self.max_num_seqs, n), dtype=np.int32),
         }
+        if self._two_groups:  # the profiling pools of both groups are `blocks` long
+            inputs["block_tables_w"], inputs["slot_mapping_w"] = inputs["block_tables"], inputs["slot_mapping"]
         self._run_eager(inputs)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
@@ -254,7 +261,7 @@ class CudaProgram:
         return None
 
     def _check_step(self, inp) -> None:
-        inp.validate(block_size=self.block_size, num_blocks=self.num_blocks)
+        inp.validate(block_size=self.block_size, num_blocks=self.num_blocks, num_blocks_w=self.num_blocks_w)
         if inp.block_tables.shape[1] > self.max_blocks_per_seq:
             raise ValueError(f"StepInput.block_tables is {inp.block_tables.shape[1]} blocks wide; this program holds "
                              f"at most {self.max_blocks_per_seq} per sequence (max_model_len)")
@@ -263,9 +270,12 @@ class CudaProgram:
             if lo < 0 or hi >= self._embed_rows:
                 raise ValueError(f"StepInput.token_ids must be in [0, {self._embed_rows}), got values in [{lo}, {hi}]")
         if inp.num_seqs and inp.block_tables.size:
-            used = inp.block_tables[:, : -(-int(inp.seq_lens.max()) // self.block_size)]
-            if used.size and (used.min() < 0 or used.max() >= self.num_blocks):
-                raise ValueError(f"StepInput.block_tables names a block outside [0, {self.num_blocks})")
+            width = -(-int(inp.seq_lens.max()) // self.block_size)
+            for name, n in (("block_tables", self.num_blocks), ("block_tables_w", self.num_blocks_w)):
+                tables = getattr(inp, name)
+                used = None if tables is None else tables[:, :width]
+                if used is not None and used.size and (used.min() < 0 or used.max() >= n):
+                    raise ValueError(f"StepInput.{name} names a block outside [0, {n})")
 
     def step(self, inp, *, with_hidden: bool = False):
         """Run one ragged step; returns f32[L, V] logits on the host (with_hidden: and f32[T, D] hidden states)."""
@@ -318,8 +328,7 @@ class CudaProgram:
             self.num_graph_replays += 1
             hidden_rows = extra[0][: inp.num_tokens] if hidden else None
             return logits[:num_rows], tokens[:num_rows], hidden_rows
-        arrays = {k: getattr(inp, k) for k in ("token_ids", "positions", "slot_mapping", "query_start", "seq_lens",
-                                                "block_tables", "logit_rows")}
+        arrays = {k: getattr(inp, k) for k in self.graph.inputs}
         self.last_step_compiled = False  # (a Triton kernel's first compile is not detected)
         logits = self._run_eager(arrays)
         tokens = _argmax(logits) if greedy else None
@@ -380,7 +389,11 @@ class CudaProgram:
             max_b = self.graph_batch_buckets[-1]
             rows = max_b * MAX_GRAPH_QUERY
             fields = [("token_ids", rows), ("positions", rows), ("slot_mapping", rows), ("query_start", max_b + 1),
-                      ("seq_lens", max_b), ("logit_rows", rows), ("block_tables", max_b * self.max_blocks_per_seq)]
+                      ("seq_lens", max_b), ("logit_rows", rows)]
+            if self._two_groups:
+                fields.append(("slot_mapping_w", rows))
+                fields.append(("block_tables_w", max_b * self.max_blocks_per_seq))
+            fields.append(("block_tables", max_b * self.max_blocks_per_seq))  # last: _fill_decode copies up to it
             offsets, at = {}, 0
             for name, size in fields:
                 offsets[name] = at
@@ -406,6 +419,10 @@ class CudaProgram:
         host[offsets["logit_rows"]: offsets["logit_rows"] + rows] = np.arange(rows, dtype=np.int32)
         tables = host[offsets["block_tables"]: offsets["block_tables"] + b * width].reshape(b, width)
         tables[:] = 0
+        if self._two_groups:
+            host[offsets["slot_mapping_w"]: offsets["slot_mapping_w"] + rows] = -1
+            tables_w = host[offsets["block_tables_w"]: offsets["block_tables_w"] + b * width].reshape(b, width)
+            tables_w[:] = 0
         if inp is not None:
             t = inp.num_tokens
             host[offsets["token_ids"]: offsets["token_ids"] + t] = inp.token_ids
@@ -413,6 +430,9 @@ class CudaProgram:
             host[offsets["slot_mapping"]: offsets["slot_mapping"] + t] = inp.slot_mapping
             host[offsets["seq_lens"]: offsets["seq_lens"] + s] = inp.seq_lens
             tables[:s, : inp.block_tables.shape[1]] = inp.block_tables
+            if self._two_groups:
+                host[offsets["slot_mapping_w"]: offsets["slot_mapping_w"] + t] = inp.slot_mapping_w
+                tables_w[:s, : inp.block_tables_w.shape[1]] = inp.block_tables_w
         return offsets["block_tables"] + b * width
 
     def _decode_views(self, b: int, q: int = 1):
@@ -424,10 +444,14 @@ class CudaProgram:
             return t.view(shape) if shape else t
 
         rows = b * q
-        return {"token_ids": view("token_ids", rows), "positions": view("positions", rows),
-                "slot_mapping": view("slot_mapping", rows), "query_start": view("query_start", b + 1),
-                "seq_lens": view("seq_lens", b), "logit_rows": view("logit_rows", rows),
-                "block_tables": view("block_tables", b * width, (b, width))}
+        views = {"token_ids": view("token_ids", rows), "positions": view("positions", rows),
+                 "slot_mapping": view("slot_mapping", rows), "query_start": view("query_start", b + 1),
+                 "seq_lens": view("seq_lens", b), "logit_rows": view("logit_rows", rows),
+                 "block_tables": view("block_tables", b * width, (b, width))}
+        if self._two_groups:
+            views["slot_mapping_w"] = view("slot_mapping_w", rows)
+            views["block_tables_w"] = view("block_tables_w", b * width, (b, width))
+        return views
 
     def would_compile(self, num_seqs: int, rows_per_seq: int, max_seq_len: int) -> bool:
         """Whether a uniform step (num_seqs sequences of rows_per_seq rows, the longest max_seq_len tokens after it)
@@ -545,7 +569,8 @@ def _plan(graph: Graph, program: CudaProgram) -> list[tuple[Fn, list[str], list[
             fused = fusable_norm(graph, node, users, position)
             if fused is not None:
                 skip.add(id(fused))
-                plan.append((_add_rms_norm_fn(fused.attrs["eps"]), [node.inputs[0], node.inputs[1], fused.inputs[1]],
+                plan.append((_add_rms_norm_fn(fused.attrs["eps"], fused.attrs.get("weight_offset")),
+                             [node.inputs[0], node.inputs[1], fused.inputs[1]],
                              [fused.outputs[0], node.outputs[0]], "add+rms_norm"))
                 continue
         # q and k RoPE of one layer: one kernel launch rotating both (in place when they are fused-QKV views)
@@ -589,27 +614,45 @@ def _inplace_ok(graph, name: str, users) -> bool:
     return len(users.get(name, [])) == 1 and name not in graph.inputs + graph.params + graph.state
 
 
+def _rope_tables(attrs, device):
+    """A rope node's inverse frequencies f32[R/2] on the device, and apply_rope's other rotation arguments
+    (partial rotation; LongRoPE's long set, threshold and attention factor)."""
+    import torch
+
+    from kernels_gpu.rope import rope_inv_freq
+    from lowering import ops
+
+    freqs = ops.rope_frequencies(attrs["head_dim"], attrs["theta"], attrs.get("rope_scaling"))
+    if freqs.long_inv_freq is None and freqs.rotary_dim == attrs["head_dim"] and freqs.attention_factor == 1.0:
+        # NOTE: plain rotations keep the torch rule, bit-identical to Hugging Face's inv_freq
+        return rope_inv_freq(attrs["head_dim"], attrs["theta"], attrs.get("rope_scaling"), device=device), {}
+    extra = dict(rotary_dim=freqs.rotary_dim, attention_factor=freqs.attention_factor)
+    if freqs.long_inv_freq is not None:
+        extra.update(long_inv_freq=torch.from_numpy(freqs.long_inv_freq).to(device), long_from=freqs.long_from)
+    return torch.from_numpy(freqs.inv_freq).to(device), extra
+
+
 def _rope_pair_fn(a: Node, b: Node, graph, users, program) -> Fn:
-    from kernels_gpu.rope import apply_rope, rope_inv_freq
+    from kernels_gpu.rope import apply_rope
 
     attrs = a.attrs
-    inv_freq = rope_inv_freq(attrs["head_dim"], attrs["theta"], attrs.get("rope_scaling"), device=program.device)
+    inv_freq, extra = _rope_tables(attrs, program.device)
     dim, ha, hb = attrs["head_dim"], a.attrs["num_heads"], b.attrs["num_heads"]
     inplace = _inplace_ok(graph, a.inputs[0], users) and _inplace_ok(graph, b.inputs[0], users)
 
     def run(ctx, x, y, positions):
         t = x.shape[0]
-        qa, qb = apply_rope(x.view(t, ha, dim), y.view(t, hb, dim), positions, inv_freq, inplace=inplace)
+        qa, qb = apply_rope(x.view(t, ha, dim), y.view(t, hb, dim), positions, inv_freq, inplace=inplace, **extra)
         return qa.view(t, ha * dim), qb.view(t, hb * dim)
 
     return run
 
 
-def _add_rms_norm_fn(eps: float) -> Fn:
+def _add_rms_norm_fn(eps: float, weight_offset: float | None = None) -> Fn:
     from kernels_gpu.norms import add_rms_norm
 
     def run(ctx, x, residual, weight):
-        normed, total = add_rms_norm(x, residual, weight, eps)
+        normed, total = add_rms_norm(x, residual, weight, eps, weight_offset)
         return normed, total
 
     return run
@@ -711,8 +754,16 @@ def _lower_rotate_heads(node, graph, program, producers, users) -> Fn:
 
 
 def _lower_embed(node, graph, program, producers, users) -> Fn:
+    import torch
+
+    scale = node.attrs.get("scale")
+    if scale is not None:  # Gemma: the scale rounded to the table's dtype first, as in the op's reference
+        # NOTE: a Python number (no host tensor made per step, so decode steps stay capturable in CUDA graphs)
+        scale = float(torch.tensor(scale, dtype=torch_dtype(graph.types[node.inputs[1]].dtype)))
+
     def run(ctx, ids, table):
-        return (table.index_select(0, ids),)
+        rows = table.index_select(0, ids)
+        return (rows if scale is None else rows * scale,)
 
     return run
 
@@ -720,10 +771,10 @@ def _lower_embed(node, graph, program, producers, users) -> Fn:
 def _lower_rms_norm(node, graph, program, producers, users) -> Fn:
     from kernels_gpu.norms import add_rms_norm
 
-    eps = node.attrs["eps"]
+    eps, offset = node.attrs["eps"], node.attrs.get("weight_offset")
 
     def run(ctx, x, weight):
-        return (add_rms_norm(x.contiguous(), None, weight, eps)[0],)
+        return (add_rms_norm(x.contiguous(), None, weight, eps, offset)[0],)
 
     return run
 
@@ -732,11 +783,11 @@ def _lower_head_rms_norm(node, graph, program, producers, users) -> Fn:
     """QK-norm: the RMSNorm kernel over rows of head_dim (x [T, H*Dh] viewed as [T*H, Dh])."""
     from kernels_gpu.norms import add_rms_norm
 
-    eps, dh = node.attrs["eps"], node.attrs["head_dim"]
+    eps, dh, offset = node.attrs["eps"], node.attrs["head_dim"], node.attrs.get("weight_offset")
 
     def run(ctx, x, weight):
         x = x.contiguous()
-        return (add_rms_norm(x.view(-1, dh), None, weight, eps)[0].view(x.shape),)
+        return (add_rms_norm(x.view(-1, dh), None, weight, eps, offset)[0].view(x.shape),)
 
     return run
 
@@ -760,17 +811,17 @@ def _lower_logits(node, graph, program, producers, users) -> Fn:
 
 
 def _lower_rope(node, graph, program, producers, users) -> Fn:
-    from kernels_gpu.rope import apply_rope, rope_inv_freq
+    from kernels_gpu.rope import apply_rope
 
     a = node.attrs
-    inv_freq = rope_inv_freq(a["head_dim"], a["theta"], a.get("rope_scaling"), device=program.device)
+    inv_freq, extra = _rope_tables(a, program.device)
     heads, dim = a["num_heads"], a["head_dim"]
     # in place when the input is a view nobody else reads (the q or k slice of the fused QKV output)
     inplace = _inplace_ok(graph, node.inputs[0], users)
 
     def run(ctx, x, positions):
         x3 = x.view(x.shape[0], heads, dim)
-        rotated, _ = apply_rope(x3, x3[:, :0], positions, inv_freq, inplace=inplace)
+        rotated, _ = apply_rope(x3, x3[:, :0], positions, inv_freq, inplace=inplace, **extra)
         return (rotated.view(x.shape[0], heads * dim),)
 
     return run
@@ -787,10 +838,13 @@ def _lower_split(node, graph, program, producers, users) -> Fn:
 
 
 def _lower_silu_mul(node, graph, program, producers, users) -> Fn:
+    """silu_mul (SwiGLU) and gelu_tanh_mul (GeGLU): the fused kernel when gate and up are one split's halves."""
     import torch
 
-    from kernels_gpu.activations import silu_and_mul
+    from kernels_gpu.activations import gelu_tanh_and_mul, silu_and_mul
 
+    gelu = node.op == "gelu_tanh_mul"
+    act_and_mul = gelu_tanh_and_mul if gelu else silu_and_mul
     gate, up = node.inputs
     src = producers.get(gate)
     fused = (src is not None and src is producers.get(up) and src.op == "split" and src.outputs[:2] == [gate, up]
@@ -802,15 +856,30 @@ def _lower_silu_mul(node, graph, program, producers, users) -> Fn:
         def run(ctx, g, u):
             # g and u are the two halves of one [T, 2F] tensor: hand the kernel their common base
             base = g.as_strided((g.shape[0], 2 * width), g.stride())
-            return (silu_and_mul(base),)
+            return (act_and_mul(base),)
 
         return run
 
     def run_plain(ctx, g, u):
         g32 = g.float()
-        return ((g32 * torch.sigmoid(g32)).to(g.dtype) * u,)
+        act = torch.nn.functional.gelu(g32, approximate="tanh") if gelu else g32 * torch.sigmoid(g32)
+        return (act.to(g.dtype) * u,)
 
     return run_plain
+
+
+def _lower_moe(node, graph, program, producers, users) -> Fn:
+    """Mixture of experts: routing in torch (softmax / top-k on the device), then kernels_gpu.moe's grouped GEMMs
+    over expert-sorted rows; sizes follow from the shapes (no host sync), so decode steps stay capturable."""
+    from kernels_gpu.moe import fused_moe
+
+    top_k, renormalize = int(node.attrs["top_k"]), bool(node.attrs["norm_topk_prob"])
+
+    def run(ctx, x, router, gate_up, down):
+        return (fused_moe(x.contiguous(), router, gate_up, down, top_k=top_k, renormalize=renormalize),)
+
+    run.label = f"moe[top{top_k}]"
+    return run
 
 
 def _lower_kv_write(node, graph, program, producers, users) -> Fn:
@@ -871,6 +940,7 @@ def _lower_paged_attention(node, graph, program, producers, users) -> Fn:
     a = node.attrs
     hq, dim, scale = a["num_heads"], a["head_dim"], a["scale"]
     kv_format = a.get("kv_format")
+    window = a.get("window")  # sliding window (None: full causal attention)
     if kv_format not in (None, "fp8", "nvfp4"):
         raise IRError(f"paged_attention: kv_format {kv_format!r} is not supported on the cuda target")
     num_extras = {None: 0, "fp8": 2, "nvfp4": 4}[kv_format]
@@ -885,7 +955,7 @@ def _lower_paged_attention(node, graph, program, producers, users) -> Fn:
         def run_quantized(ctx, q, k_pool, v_pool, query_start, seq_lens, block_tables, *extras):
             t = q.shape[0]
             out = paged_attention(q.view(t, hq, dim), k_pool, v_pool, query_start, seq_lens, block_tables,
-                                  scale=scale, max_q_len=ctx.max_q_len, max_seq_len=ctx.max_seq_len,
+                                  scale=scale, max_q_len=ctx.max_q_len, max_seq_len=ctx.max_seq_len, window=window,
                                   **_kv_format_args(kv_format, extras))
             return (out.view(t, hq * dim),)
 
@@ -903,10 +973,11 @@ def _lower_paged_attention(node, graph, program, producers, users) -> Fn:
             t = q.shape[0]
             if ctx.fresh_prefill:  # nothing cached: attend over the new K/V straight from the projections
                 out = prefill_attention(q.view(t, hq, dim), k.view(t, hkv, dim), v.view(t, hkv, dim), query_start,
-                                        scale=scale, max_seqlen=ctx.max_q_len)
+                                        scale=scale, max_seqlen=ctx.max_q_len, window=window)
             else:
                 out = paged_attention(q.view(t, hq, dim), k_pool, v_pool, query_start, seq_lens, block_tables,
-                                      scale=scale, max_q_len=ctx.max_q_len, max_seq_len=ctx.max_seq_len)
+                                      scale=scale, max_q_len=ctx.max_q_len, max_seq_len=ctx.max_seq_len,
+                                      window=window)
             return (out.view(t, hq * dim),)
 
         run_either.extra_inputs = [new_k, new_v]
@@ -915,7 +986,7 @@ def _lower_paged_attention(node, graph, program, producers, users) -> Fn:
     def run(ctx, q, k_pool, v_pool, query_start, seq_lens, block_tables):
         t = q.shape[0]
         out = paged_attention(q.view(t, hq, dim), k_pool, v_pool, query_start, seq_lens, block_tables, scale=scale,
-                              max_q_len=ctx.max_q_len, max_seq_len=ctx.max_seq_len)
+                              max_q_len=ctx.max_q_len, max_seq_len=ctx.max_seq_len, window=window)
         return (out.view(t, hq * dim),)
 
     return run
@@ -939,6 +1010,8 @@ _LOWERINGS: dict[str, Callable[..., Fn]] = {
     "rope": _lower_rope,
     "split": _lower_split,
     "silu_mul": _lower_silu_mul,
+    "gelu_tanh_mul": _lower_silu_mul,
+    "moe": _lower_moe,
     "kv_write": _lower_kv_write,
     "kv_write_nvfp4": _lower_kv_write_nvfp4,
     "paged_attention": _lower_paged_attention,

@@ -12,6 +12,9 @@ lowering table:
                                   W8A8 (act_format "fp8") stays on the XLA reference
   add -> rms_norm (residual)   -> kernels_pallas.norms.add_rms_norm (the sum and the norm in one kernel)
   rms_norm (alone)             -> kernels_pallas.norms.rms_norm
+                                  (Gemma's (1 + w) norms, attr weight_offset, stay on the XLA reference)
+  moe                          -> router in XLA, expert MLPs as kernels_pallas.moe.gmm grouped matmuls over
+                                  rows sorted by expert (megablox style)
 
 KV pools are donated to the jitted step and updated in place; each step is padded to a bucket of token
 count, sequence count and block-table width (cpu.pad_step), so the number of compiled programs stays
@@ -30,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowering import ops
 from lowering.backends.cpu import CpuProgram, cpu_impls
 from lowering.backends.patterns import fusable_norm
 from lowering.ir import Graph, Node, run_reference
@@ -59,7 +63,7 @@ class TpuProgram(CpuProgram):
         self._fused_norm: dict[int, Node] = {}
         for node in graph.nodes:
             norm = fusable_norm(graph, node, users, position) if node.op == "add" else None
-            if norm is not None and norm.inputs[1] in graph.params:
+            if norm is not None and norm.inputs[1] in graph.params and norm.attrs.get("weight_offset") is None:
                 self._fused_norm[id(node)] = norm
         super().__init__(graph, params, kv_cache_bytes=kv_cache_bytes, **kwargs)
 
@@ -71,6 +75,7 @@ class TpuProgram(CpuProgram):
 
     def _impls(self, params, max_q_len: int) -> dict:
         from kernels_pallas.kv_write import kv_write, kv_write_nvfp4
+        from kernels_pallas.moe import moe_experts
         from kernels_pallas.norms import add_rms_norm, rms_norm
         from kernels_pallas.quant_matmul import quantized_matmul
         from kernels_pallas.ragged_paged_attention import ragged_paged_attention
@@ -104,6 +109,12 @@ class TpuProgram(CpuProgram):
                                  interpret=interp)
             return (y.astype(jnp.float32) if node.op == "qlogits" else y,)
 
+        def moe(node: Node, args, env):  # the router in XLA, the expert MLPs as two grouped matmuls
+            x, router, gate_up, down = args
+            weights, experts = ops.route_tokens(x, router, top_k=node.attrs["top_k"],
+                                                norm_topk_prob=node.attrs["norm_topk_prob"])
+            return (moe_experts(x, gate_up, down, weights, experts, interpret=interp),)
+
         def add(node: Node, args, env):
             norm = self._fused_norm.get(id(node))
             if norm is None:
@@ -116,10 +127,13 @@ class TpuProgram(CpuProgram):
         def norm(node: Node, args, env):
             if id(node) in normed:
                 return (normed.pop(id(node)),)
+            if node.attrs.get("weight_offset") is not None:  # Gemma's form: no Pallas kernel, XLA
+                return run_reference(node, args, env)
             return (rms_norm(args[0], args[1], eps=node.attrs["eps"], interpret=interp),)
 
         return {"rope": cpu_impls(1)["rope"], "paged_attention": paged_attention, "kv_write": write,
-                "kv_write_nvfp4": write, "qlinear": qlinear, "qlogits": qlinear, "add": add, "rms_norm": norm}
+                "kv_write_nvfp4": write, "qlinear": qlinear, "qlogits": qlinear, "add": add, "rms_norm": norm,
+                "moe": moe}
 
 
 _KERNEL_FORMATS = ("int8", "fp8", "int4", "nvfp4", "q4_1", "q8_0")  # weight-only formats of quant_matmul

@@ -63,6 +63,9 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         p = f"model.layers.{i}"
         shapes[f"{p}.input_layernorm.weight"] = (d,)
         shapes[f"{p}.post_attention_layernorm.weight"] = (d,)
+        if config.architecture == "gemma3":  # Gemma's sandwich norms around the MLP
+            shapes[f"{p}.pre_feedforward_layernorm.weight"] = (d,)
+            shapes[f"{p}.post_feedforward_layernorm.weight"] = (d,)
         shapes[f"{p}.self_attn.q_proj.weight"] = (q_dim, d)
         shapes[f"{p}.self_attn.k_proj.weight"] = (kv_dim, d)
         shapes[f"{p}.self_attn.v_proj.weight"] = (kv_dim, d)
@@ -74,9 +77,25 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{p}.self_attn.q_proj.bias"] = (q_dim,)
             shapes[f"{p}.self_attn.k_proj.bias"] = (kv_dim,)
             shapes[f"{p}.self_attn.v_proj.bias"] = (kv_dim,)
+        if config.is_moe:
+            shapes.update(_moe_weight_shapes(config, p))
+            continue
         shapes[f"{p}.mlp.gate_proj.weight"] = (f, d)
         shapes[f"{p}.mlp.up_proj.weight"] = (f, d)
         shapes[f"{p}.mlp.down_proj.weight"] = (d, f)
+    return shapes
+
+
+def _moe_weight_shapes(config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """A mixture-of-experts MLP's tensors in layer prefix `p` (experts stacked, as transformers 5 holds them)."""
+    d, e = config.hidden_size, config.num_experts
+    fe, fs = config.moe_intermediate_size, config.shared_expert_intermediate_size
+    shapes = {f"{p}.mlp.gate.weight": (e, d), f"{p}.mlp.experts.gate_up_proj": (e, 2 * fe, d),
+              f"{p}.mlp.experts.down_proj": (e, d, fe)}
+    if fs:
+        shared = f"{p}.mlp.shared_expert"
+        shapes.update({f"{shared}.gate_proj.weight": (fs, d), f"{shared}.up_proj.weight": (fs, d),
+                       f"{shared}.down_proj.weight": (d, fs), f"{shared}_gate.weight": (1, d)})
     return shapes
 
 

@@ -10,12 +10,13 @@ import ml_dtypes
 import numpy as np
 
 from lowering.checkpoints.base import Checkpoint, CheckpointError, check_weights
+from lowering.checkpoints.gguf_file import read_gguf
 from lowering.checkpoints.tokenizer import Tokenizer
 from lowering.models.config import ConfigError, ModelConfig
 from lowering.quant import formats
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -36,16 +37,30 @@ _BLOCK_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Gemma 3 blocks: QK-norm, and four norms a layer (llama.cpp's ffn_norm is the pre-feedforward one)
+_GEMMA3_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
+# Gemma 3 in GGUF, where its metadata is silent: Hugging Face Gemma3TextConfig's defaults, which llama.cpp shares
+GEMMA3_SLIDING_WINDOW_PATTERN = 6  # every 6th layer is global, the others sliding-window (local)
+GEMMA3_ROPE_LOCAL_THETA = 10_000.0
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+
+def hf_tensor_name(gguf_name: str, architecture: str = "llama") -> str | None:
     """The Hugging Face name of a llama.cpp tensor, or None if llmc has no mapping for it."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    block_names = _GEMMA3_BLOCK_NAMES if architecture == "gemma3" else _BLOCK_NAMES
     m = _BLOCK_RE.fullmatch(gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"
+    if m and m.group(2) in block_names:
+        return f"model.layers.{m.group(1)}.{block_names[m.group(2)]}"
     return None
 
 
@@ -68,7 +83,8 @@ def unpermute_from_interleaved_rope(w: np.ndarray, num_heads: int) -> np.ndarray
 
 
 def read_metadata(reader) -> dict[str, Any]:
-    """Every GGUF key/value as a plain Python value (str, int, float, bool or list)."""
+    """Every key/value of a gguf.GGUFReader as a plain Python value (str, int, float, bool or list); load_gguf
+    reads them with lowering.checkpoints.gguf_file instead, in a fraction of the time."""
     return {key: field.contents() for key, field in reader.fields.items()}
 
 
@@ -118,13 +134,15 @@ def config_from_metadata(metadata: dict[str, Any], tensor_names: set[str], sourc
         return None if value is None else int(value)
 
     eos_ids = [token_id(k) for k in ("eos", "eot", "eom")]
+    num_layers = int(get("block_count", required=True))
+    extra = _gemma3_fields(get, num_layers, hidden_size, num_heads, head_dim) if arch == "gemma3" else {}
     try:
         return ModelConfig(
             architecture=arch,
             vocab_size=int(vocab_size),
             hidden_size=hidden_size,
             intermediate_size=int(get("feed_forward_length", required=True)),
-            num_layers=int(get("block_count", required=True)),
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=int(get("attention.head_count_kv") or num_heads),
             head_dim=head_dim,
@@ -136,9 +154,28 @@ def config_from_metadata(metadata: dict[str, Any], tensor_names: set[str], sourc
             attention_bias=arch == "qwen2",
             bos_token_id=token_id("bos"),
             eos_token_ids=tuple(dict.fromkeys(i for i in eos_ids if i is not None)),
+            **extra,
         )
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from e
+
+
+def _gemma3_fields(get, num_layers: int, hidden_size: int, num_heads: int, head_dim: int) -> dict[str, Any]:
+    """ModelConfig fields of a Gemma 3 GGUF. Its metadata holds the window but not the layer pattern, the local
+    RoPE base or the attention scale: those take Gemma3TextConfig's defaults, as transformers' GGUF loader does."""
+    # NOTE: Gemma 3 27B scales queries by (hidden / heads)**-0.5 = 168**-0.5, the others by head_dim**-0.5; the
+    # metadata does not say, so llama.cpp tells the 27B model by its shape, and so do we.
+    is_27b = num_layers == 62 and hidden_size == 5376
+    window = get("attention.sliding_window")
+    return {
+        "qk_norm": True,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": int(window) if window else None,
+        "layer_types": tuple("full_attention" if (i + 1) % GEMMA3_SLIDING_WINDOW_PATTERN == 0 or not window
+                             else "sliding_attention" for i in range(num_layers)),
+        "rope_local_theta": GEMMA3_ROPE_LOCAL_THETA,
+        "query_pre_attn_scalar": float(hidden_size // num_heads if is_27b else head_dim),
+    }
 
 
 def tensor_to_numpy(tensor) -> np.ndarray:
@@ -172,7 +209,6 @@ def load_gguf(path: str | Path, *, progress: bool = True, keep_native: bool = Fa
     """Read a GGUF file: dequantize every tensor, rename to HF, undo llama.cpp's q/k row permutation.
 
     keep_native: also keep each 2-D Q4_1 / Q8_0 tensor as stored (Checkpoint.native; same row order)."""
-    import gguf
     from tqdm import tqdm
 
     path = Path(path).expanduser().resolve()
@@ -184,14 +220,13 @@ def load_gguf(path: str | Path, *, progress: bool = True, keep_native: bool = Fa
     if magic != GGUF_MAGIC:
         raise CheckpointError(f"{source}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # the reader raises ValueError/struct errors on truncated or malformed files
+        metadata, tensors = read_gguf(path)
+    except (ValueError, OSError) as e:  # GGUFFormatError, bad UTF-8, an unmappable file
         raise CheckpointError(
             f"{source}: cannot parse GGUF ({type(e).__name__}: {e}); the file is corrupt or truncated"
         ) from e
 
-    metadata = read_metadata(reader)
-    tensor_names = {t.name for t in reader.tensors}
+    tensor_names = {t.name for t in tensors}
     config = config_from_metadata(metadata, tensor_names, source)
     tokenizer = Tokenizer.from_gguf_metadata(metadata) if "tokenizer.ggml.model" in metadata else None
     # NOTE: llama.cpp's converter permutes q/k rows of "llama" models so its interleaved (GPT-J style)
@@ -205,14 +240,18 @@ def load_gguf(path: str | Path, *, progress: bool = True, keep_native: bool = Fa
     weights: dict[str, np.ndarray] = {}
     native: dict[str, tuple[str, dict[str, np.ndarray]]] = {}
     show = progress and sys.stderr.isatty()
-    for tensor in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not show):
-        name = hf_tensor_name(tensor.name)
+    for tensor in tqdm(tensors, desc=f"loading {path.name}", unit="tensor", disable=not show):
+        name = hf_tensor_name(tensor.name, config.architecture)
         if name is None:
             raise CheckpointError(f"{source}: tensor {tensor.name} has no llmc mapping; this GGUF variant is not supported")
         try:
             array = tensor_to_numpy(tensor)
         except CheckpointError as e:
             raise CheckpointError(f"{source}: {e}") from e
+        if config.architecture == "gemma3" and tensor.name.endswith("norm.weight"):
+            # NOTE: llama.cpp stores Gemma's RMSNorm weights with the 1 of x * (1 + w) added; HF's (and llmc's)
+            # weight is w, so subtract it back (transformers' GGUF loader does the same).
+            array = array - np.float32(1.0)
         module = name.rsplit(".", 1)[0].split(".", 3)[-1]  # "self_attn.q_proj"
         if name.startswith("model.layers.") and module in permuted_heads:
             num_heads = permuted_heads[module]

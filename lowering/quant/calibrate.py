@@ -98,12 +98,13 @@ class GraphRunner:
 
     def _step_inputs(self, batch: list[np.ndarray], *, all_rows: bool):
         """(graph inputs, pool blocks needed, longest window) of one prefill step over `batch` (block 0 unused)."""
-        step = window_step(batch, block_size=self.block_size, first_block=1, all_rows=all_rows)
+        step = window_step(batch, block_size=self.block_size, first_block=1, all_rows=all_rows,
+                           two_groups="block_tables_w" in self.graph.inputs)
         inputs = {name: getattr(step, name) for name in self.graph.inputs}
         return inputs, int(step.block_tables.max()) + 1, int(step.seq_lens.max())
 
     def _state(self, num_blocks: int):
-        env = {"N": num_blocks}
+        env = {"N": num_blocks, "NW": num_blocks}  # a second KV group mirrors the first's block ids
         return {s: jnp.zeros(tuple(eval_dim(d, env) for d in self.graph.types[s].shape), self.graph.types[s].dtype)
                 for s in self.graph.state}
 

@@ -1,8 +1,9 @@
-"""silu_and_mul against its float64 reference over ragged shapes and every supported dtype."""
+"""silu_and_mul and gelu_tanh_and_mul against their float64 references over ragged shapes and every supported
+dtype."""
 import pytest
 import torch
 
-from kernels_gpu.activations import ref_silu_and_mul, silu_and_mul
+from kernels_gpu.activations import gelu_tanh_and_mul, ref_gelu_tanh_and_mul, ref_silu_and_mul, silu_and_mul
 
 TOLERANCES = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
@@ -35,3 +36,22 @@ def test_silu_and_mul_rejects_bad_input(device):
         silu_and_mul(torch.randn(2, 3, 8, device=device))
     with pytest.raises(ValueError, match="dtype"):
         silu_and_mul(torch.ones(2, 8, dtype=torch.int32, device=device))
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("num_tokens, num_features", [(1, 64), (7, 1000), (3, 1536)])
+def test_gelu_tanh_and_mul_matches_reference(device, dtype, num_tokens, num_features):
+    torch.manual_seed(num_tokens * 1000 + num_features + 1)
+    gate_up = (torch.randn(num_tokens, 2 * num_features, device=device) * 4).to(dtype)  # [T, 2F]
+    out = gelu_tanh_and_mul(gate_up)  # [T, F]
+    assert out.shape == (num_tokens, num_features) and out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref_gelu_tanh_and_mul(gate_up), **TOLERANCES[dtype])
+
+
+def test_gelu_tanh_and_mul_strided_rows_and_bad_input(device):
+    base = torch.randn(5, 2 * 96 + 32, device=device) * 6  # rows with padding after gate|up; large |x| saturates
+    gate_up = base[:, : 2 * 96]
+    torch.testing.assert_close(gelu_tanh_and_mul(gate_up).double(), ref_gelu_tanh_and_mul(gate_up),
+                               **TOLERANCES[torch.float32])
+    with pytest.raises(ValueError, match="gelu_tanh_and_mul: last dim must be even"):
+        gelu_tanh_and_mul(torch.randn(2, 7, device=device))

@@ -66,3 +66,29 @@ def test_add_rms_norm_rejects_bad_input(device):
         add_rms_norm(x, torch.randn(4, 32, device=device), torch.ones(64, device=device), 1e-6)
     with pytest.raises(ValueError, match=r"\[T, H\]"):
         add_rms_norm(x[None], None, torch.ones(64, device=device), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rms_norm_with_weight_offset_matches_reference(device, dtype, with_residual):
+    """Gemma's (1 + w) RMSNorm: the weight is an offset from one, the product rounded once."""
+    torch.manual_seed(3)
+    x = (torch.randn(7, 640, device=device) * 3).to(dtype)  # [T, H]
+    residual = torch.randn(7, 640, device=device).to(dtype) if with_residual else None
+    weight = (0.5 * torch.randn(640, device=device)).to(dtype)  # [H], around zero
+    normed, _ = add_rms_norm(x, residual, weight, 1e-6, weight_offset=1.0)
+    want, _ = ref_add_rms_norm(x, residual, weight, 1e-6, weight_offset=1.0)
+    torch.testing.assert_close(normed.double(), want, **TOLERANCES[dtype])
+
+
+def test_add_rms_norm_with_weight_offset_matches_hf_gemma3_rms_norm(device):
+    modeling_gemma3 = pytest.importorskip("transformers.models.gemma3.modeling_gemma3")
+    torch.manual_seed(0)
+    norm = modeling_gemma3.Gemma3RMSNorm(640, eps=1e-6).to(device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(0.3 * torch.randn(640))
+    x = torch.randn(9, 640, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = norm(x)
+    normed, _ = add_rms_norm(x, None, norm.weight.detach(), 1e-6, weight_offset=1.0)
+    torch.testing.assert_close(normed, want, **TOLERANCES[torch.bfloat16])

@@ -66,10 +66,11 @@ def check_against_ref(pa, batch, tolerances, **kwargs):
     out = torch.full_like(q, float("nan"))  # every element must be written
     got = pa.paged_attention(**batch, out=out, **kwargs)
     assert got is out
-    want = pa.ref_paged_attention(**batch)
+    want = pa.ref_paged_attention(**batch, **kwargs)
     assert not torch.isnan(got).any(), f"{torch.isnan(got).sum().item()} output elements unwritten or NaN"
     atol, rtol = tolerances[(q.dtype, batch["kv_format"])]
     torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
+    return got
 
 
 @pytest.fixture
@@ -192,6 +193,65 @@ def test_grouped_decode(pa, device, tolerances, monkeypatch, kv_format, block_si
     check_against_ref(pa, batch, tolerances, num_splits=num_splits, max_q_len=1)
 
 
+# Sliding window: decodes and prefill chunks whose cached prefixes span several windows, a verify-sized chunk, a
+# one-token context, an idle slot and a fresh prefill, all in one step.
+WINDOW_MIXED = [(5, 40), (1, 37), (3, 29), (1, 1), (0, 6), (9, 9), (2, 50)]
+
+
+def free_before_window(batch, spec, window):
+    """The batch with the block-table entries of the pages wholly before each sequence's window (that of its first
+    new token) pointing at the NaN page, as after the block manager freed them."""
+    tables = batch["block_tables"].clone()
+    num_blocks, block_size = batch["k_cache"].shape[:2]
+    for s, (q_len, ctx) in enumerate(spec):
+        tables[s, :max(ctx - q_len - window + 1, 0) // block_size] = num_blocks - 1  # make_batch's NaN page
+    return {**batch, "block_tables": tables}
+
+
+@pytest.mark.parametrize("kv_format, q_dtype, block_size, window, num_splits", [
+    ("bf16", torch.float32, 16, 3, 1),  # window < page
+    ("bf16", torch.float32, 5, 21, 3),  # window > page and not a multiple of it; split-KV
+    ("fp8", torch.float32, 16, 21, 3),
+    ("nvfp4", torch.float32, 5, 11, 1),
+    ("bf16", torch.bfloat16, 16, 50, 2),  # window >= every context: plain causal attention
+])
+def test_sliding_window(pa, device, tolerances, kv_format, q_dtype, block_size, window, num_splits):
+    batch = make_batch(WINDOW_MIXED, block_size=block_size, num_q_heads=4, num_kv_heads=2, head_dim=64,
+                       kv_format=kv_format, q_dtype=q_dtype, device=device, seed=29 + window)
+    batch = free_before_window(batch, WINDOW_MIXED, window)
+    got = check_against_ref(pa, batch, tolerances, num_splits=num_splits, window=window)
+    if window >= max(c for _, c in WINDOW_MIXED):  # the full causal reference
+        atol, rtol = tolerances[(q_dtype, kv_format)]
+        torch.testing.assert_close(got.double(), pa.ref_paged_attention(**batch), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("kv_format, block_size, window, num_splits", [
+    ("bf16", 16, 3, None), ("fp8", 8, 21, 3), ("bf16", 8, 40, 1),
+])
+def test_sliding_window_grouped_decode(pa, device, tolerances, monkeypatch, kv_format, block_size, window,
+                                       num_splits):
+    for target in ("cuda", "interpret"):  # the grouped kernel at head_dim 64 (tuned on the GPU for 128 only)
+        key = (target, 64, kv_format)
+        monkeypatch.setitem(pa.GROUPED_DECODE, key, pa.GROUPED_DECODE.get(key, {"HG": 2, "BLOCK_N": 16,
+                                                                                "num_warps": 4, "num_stages": 2}))
+    batch = make_batch(GROUPED_DECODE, block_size=block_size, num_q_heads=8, num_kv_heads=2, head_dim=64,
+                       kv_format=kv_format, q_dtype=torch.bfloat16, device=device, seed=31 + window)
+    batch = free_before_window(batch, GROUPED_DECODE, window)
+    assert pa._grouped_tiles(batch["q"], batch["k_cache"], 1, kv_format) is not None
+    check_against_ref(pa, batch, tolerances, num_splits=num_splits, max_q_len=1, window=window)
+
+
+@pytest.mark.parametrize("kv_format", ["bf16", "fp8", "nvfp4"])
+def test_sliding_window_large_cuda(pa, device, tolerances, kv_format):
+    if device != "cuda":
+        pytest.skip("large shapes run on the GPU only")
+    window = 1000
+    for spec, max_q_len in ((GPU_MIXED, None), ([(1, 100 + 371 * i) for i in range(24)], 1)):  # decode: grouped
+        batch = make_batch(spec, block_size=16, num_q_heads=32, num_kv_heads=8, head_dim=128, kv_format=kv_format,
+                           q_dtype=torch.bfloat16, device=device, seed=37)
+        check_against_ref(pa, free_before_window(batch, spec, window), tolerances, window=window, max_q_len=max_q_len)
+
+
 def test_validation_errors(pa, device):
     good = make_batch(MIXED[:2], block_size=4, num_q_heads=4, num_kv_heads=2, head_dim=64, kv_format="bf16",
                       q_dtype=torch.float32, device=device)
@@ -215,5 +275,7 @@ def test_validation_errors(pa, device):
     with pytest.raises(ValueError, match="k_scale"):
         pa.paged_attention(**fp8)
     fails("nvfp4 KV format needs a uint8", kv_format="nvfp4")
+    for window in (0, -3, 2.5, True, "8"):
+        fails("window must be a positive int", window=window)
     with pytest.raises(ValueError, match="out must match"):
         pa.paged_attention(**good, out=torch.empty_like(good["q"], dtype=torch.float16))

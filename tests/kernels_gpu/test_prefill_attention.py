@@ -40,7 +40,7 @@ def check(pf, batch, out=None, **kwargs):
     rows = int(batch["cu_seqlens"][-1])
     assert not torch.isnan(got[:rows]).any(), f"{torch.isnan(got[:rows]).sum().item()} elements unwritten or NaN"
     assert torch.isnan(got[rows:]).all(), "rows past cu_seqlens[S] must be left alone"
-    want = pf.ref_prefill_attention(**batch)[:rows]
+    want = pf.ref_prefill_attention(**batch, **kwargs)[:rows]
     err = float((got[:rows].double() - want).norm() / want.norm())
     assert err < REL_ERR[q.dtype], f"rel err {err:.2e}"
     return got
@@ -65,6 +65,33 @@ def test_kernel_variants(pf, device, tiles):
                        seed=21)
     batch["q"] = batch["q"] * 4  # wide score range: the lazy rescale must take both branches
     check(pf, batch, max_seqlen=max(RAGGED), tiles=tiles)
+
+
+@pytest.mark.parametrize("window, dtype, tiles", [
+    (1, torch.float32, {}),  # each token sees only itself
+    (7, torch.float32, {"BLOCK_M": 16, "BLOCK_N": 32, "LAZY_RESCALE": True}),  # window < tile
+    (20, torch.bfloat16, {"ONE_LOOP": True, "BLOCK_M": 32, "BLOCK_N": 16}),  # > tile, not a multiple
+    (23, torch.float32, {"PIPELINE_QK": True, "BLOCK_M": 32, "BLOCK_N": 16}),
+    (50, torch.float32, {}),  # >= every sequence: plain causal attention
+])
+def test_sliding_window(pf, device, window, dtype, tiles):
+    batch = make_batch(RAGGED, num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=dtype, device=device, seed=window)
+    batch["q"] = batch["q"] * 4  # wide score range: the lazy rescale takes both branches
+    got = check(pf, batch, max_seqlen=max(RAGGED), tiles=tiles, window=window)
+    if window >= max(RAGGED):
+        want = pf.ref_prefill_attention(**batch)
+        rows = want.shape[0]
+        assert float((got[:rows].double() - want).norm() / want.norm()) < REL_ERR[dtype]
+
+
+def test_sliding_window_large_cuda(pf, device):
+    if device != "cuda":
+        pytest.skip("large shapes run on the GPU only")
+    batch = make_batch(GPU_RAGGED, num_q_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, device=device,
+                       seed=41)
+    for tiles in ({}, {"USE_TMA": 0}, {"USE_TMA": 1}, {"USE_TMA": 2, "ONE_LOOP": True}, {"PIPELINE_QK": True},
+                  {"LAZY_RESCALE": True, "DIAG_STAGES": 1}, {"WARP_SPEC": True}):
+        check(pf, batch, max_seqlen=max(GPU_RAGGED), tiles=tiles, window=1000)
 
 
 @pytest.mark.parametrize("head_dim", [80, 128, 256])
@@ -136,5 +163,7 @@ def test_validation_errors(pf, device):
     fails("cu_seqlens", cu_seqlens=good["cu_seqlens"].long())
     fails("cu_seqlens", cu_seqlens=good["cu_seqlens"][:1])
     fails("scale", scale=0.0)
+    for window in (0, -1, 3.0, False):
+        fails("window must be a positive int", window=window)
     with pytest.raises(ValueError, match="out must match"):
         pf.prefill_attention(**good, out=torch.empty_like(good["q"], dtype=torch.float16))

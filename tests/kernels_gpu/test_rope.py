@@ -76,3 +76,28 @@ def test_apply_rope_rejects_bad_input(device):
         apply_rope(q, torch.randn(3, 2, 32, device=device), positions, inv_freq)
     with pytest.raises(ValueError, match="even"):
         apply_rope(torch.randn(3, 2, 5), torch.randn(3, 2, 5), positions.cpu(), torch.ones(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary_dim", [64, 48])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_apply_rope_longrope_and_partial_rotation(device, dtype, rotary_dim, inplace):
+    """LongRoPE: positions >= long_from take the long set, cos/sin scaled; partial: features R.. pass through."""
+    torch.manual_seed(rotary_dim)
+    num_tokens, head_dim = 11, 64
+    q = torch.randn(num_tokens, 5, head_dim, device=device).to(dtype)  # [T, Hq, D]
+    k = torch.randn(num_tokens, 1, head_dim, device=device).to(dtype)  # [T, Hk, D]
+    positions = torch.tensor([0, 3, 15, 16, 17, 2, 40, 1000, 15, 7, 16], device=device, dtype=torch.int32)
+    base = 10000.0 ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim)
+    inv_freq = 1.0 / (torch.linspace(1.0, 1.2, rotary_dim // 2, device=device) * base)  # f32[R/2]
+    long_inv_freq = 1.0 / (torch.linspace(1.0, 40.0, rotary_dim // 2, device=device) * base)
+    extra = dict(rotary_dim=rotary_dim, long_inv_freq=long_inv_freq, long_from=16, attention_factor=1.19)
+    want_q, want_k = ref_apply_rope(q, k, positions, inv_freq, **extra)
+    got_q, got_k = apply_rope(q.clone(), k.clone(), positions, inv_freq, inplace=inplace, **extra)
+    torch.testing.assert_close(got_q.double(), want_q, **TOLERANCES[dtype])
+    torch.testing.assert_close(got_k.double(), want_k, **TOLERANCES[dtype])
+    assert torch.equal(got_q[..., rotary_dim:], q[..., rotary_dim:])
+    short_q, _ = ref_apply_rope(q, k, positions, inv_freq, rotary_dim=rotary_dim, attention_factor=1.19)
+    assert torch.allclose(short_q[:3], want_q[:3]) and not torch.allclose(short_q[3:5], want_q[3:5])
+    with pytest.raises(ValueError, match="long_inv_freq"):
+        apply_rope(q, k, positions, inv_freq, rotary_dim=rotary_dim, long_inv_freq=long_inv_freq[:-1])

@@ -79,14 +79,15 @@ def _pools(k, v, nan_pages, kv_format, dtype):
     return kp, vp, extras, kf, vf
 
 
-def _reference_f64(q, kf, vf, query_start, seq_lens, tables, *, num_heads, num_kv_heads, head_dim, scale):
+def _reference_f64(q, kf, vf, query_start, seq_lens, tables, *, num_heads, num_kv_heads, head_dim, scale,
+                   window=None):
     """ref_paged_attention's semantics in float64 numpy, for the rows that belong to a sequence."""
     group = num_heads // num_kv_heads
     out = np.zeros((int(query_start[-1]), num_heads * head_dim))
     for s in range(len(seq_lens)):
         for t in range(query_start[s], query_start[s + 1]):
             pos = seq_lens[s] - (query_start[s + 1] - t)
-            ctx = np.arange(pos + 1)
+            ctx = np.arange(0 if window is None else max(pos - window + 1, 0), pos + 1)
             pages = tables[s][ctx // kf.shape[1]]
             kk = kf[pages, ctx % kf.shape[1]].astype(np.float64)  # [C, Hkv, D]
             vv = vf[pages, ctx % kf.shape[1]].astype(np.float64)
@@ -99,16 +100,22 @@ def _reference_f64(q, kf, vf, query_start, seq_lens, tables, *, num_heads, num_k
 
 
 def _case(seed, *, num_heads, num_kv_heads, head_dim, block_size, table_width, kv_format=None, dtype=np.float32,
-          seqs=MIXED, num_blocks=None):
+          seqs=MIXED, num_blocks=None, window=None):
+    """(kernel args, attrs, float64 reference). With a window, the table entries of the pages wholly before each
+    sequence's window (of its first new token) point at NaN pages, as after the block manager freed them."""
     rng = np.random.default_rng(seed)
     num_blocks = num_blocks or len(seqs) * table_width + 2
     query_start, seq_lens, tables, nan_pages, k, v, num_tokens = _batch(
         rng, seqs, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size, table_width=table_width,
         num_blocks=num_blocks)
+    if window is not None:
+        for s, (q_len, ctx) in enumerate(seqs):
+            freed = max(ctx - q_len - window + 1, 0) // block_size
+            tables[s, :freed] = rng.choice(nan_pages, freed)
     kp, vp, extras, kf, vf = _pools(k, v, nan_pages, kv_format, dtype)
     q = rng.standard_normal((num_tokens, num_heads * head_dim)).astype(dtype)
     kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=head_dim ** -0.5)
-    ref = _reference_f64(np.asarray(q, np.float32), kf, vf, query_start, seq_lens, tables, **kw)
+    ref = _reference_f64(np.asarray(q, np.float32), kf, vf, query_start, seq_lens, tables, **kw, window=window)
     args = (jnp.asarray(q), jnp.asarray(kp), jnp.asarray(vp), jnp.asarray(query_start), jnp.asarray(seq_lens),
             jnp.asarray(tables), *extras)
     return args, kw, ref
@@ -138,6 +145,52 @@ def test_matches_float64_reference(num_heads, num_kv_heads, head_dim, block_size
     assert np.isfinite(out).all()  # padding rows included
     np.testing.assert_allclose(out[:n], ref, atol=TOL[dtype], rtol=TOL[dtype])
     assert not np.abs(out[n:]).any()  # rows of no sequence are 0
+
+
+# decodes, prefill chunks with a cached prefix, a fresh prefill, an idle slot: contexts past several windows
+WINDOW_SEQS = [(1, 29), (6, 30), (0, 0), (3, 17), (9, 9), (1, 1)]
+
+
+@pytest.mark.parametrize("window,kv_format,dtype,block_size,ppb,bq", [
+    pytest.param(3, None, np.float32, 8, 2, 8, id="f32-window-under-page"),
+    pytest.param(13, "fp8", jnp.bfloat16, 8, 1, 16, id="fp8-window-over-page-not-multiple"),
+])
+def test_sliding_window(window, kv_format, dtype, block_size, ppb, bq):
+    # pages wholly before each window are NaN (freed): never copied, and the result stays finite
+    width = -(-30 // block_size) + 1
+    args, kw, ref = _case(8, num_heads=4, num_kv_heads=2, head_dim=32, block_size=block_size, table_width=width,
+                          kv_format=kv_format, dtype=dtype, seqs=WINDOW_SEQS, window=window)
+    out = np.asarray(ragged_paged_attention(*args, **kw, kv_format=kv_format, window=window, pages_per_block=ppb,
+                                            queries_per_block=bq, interpret=True), np.float32)
+    n = ref.shape[0]
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[:n], ref, atol=TOL[dtype], rtol=TOL[dtype])
+    assert not np.abs(out[n:]).any()
+    want = np.asarray(ops.ref_paged_attention(*args, **kw, kv_format=kv_format, window=window), np.float32)
+    np.testing.assert_allclose(want[:n], ref, atol=TOL[dtype], rtol=TOL[dtype])  # the op reference agrees
+
+
+@pytest.mark.parametrize("kv_format, block_size", [(None, 16), ("nvfp4", 32)])
+def test_sliding_window_lowers_to_mosaic(kv_format, block_size):
+    sds = jax.ShapeDtypeStruct
+    stored, pool_dtype = (64, jnp.uint8) if kv_format == "nvfp4" else (128, jnp.bfloat16)
+    pool = sds((4096, block_size, 8, stored), pool_dtype)
+    args = [sds((2048, 32 * 128), jnp.bfloat16), pool, pool, sds((257,), jnp.int32), sds((256,), jnp.int32),
+            sds((256, 64), jnp.int32)]
+    if kv_format == "nvfp4":
+        args += [sds((4096, block_size, 8, 8), jnp.float8_e4m3fn)] * 2 + [sds((), jnp.float32)] * 2
+    fn = functools.partial(ragged_paged_attention, num_heads=32, num_kv_heads=8, head_dim=128, scale=0.088,
+                           kv_format=kv_format, window=1024, interpret=False)
+    exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
+    assert "tpu_custom_call" in exported.mlir_module()
+
+
+def test_sliding_window_validation():
+    args, kw, _ = _case(9, num_heads=2, num_kv_heads=1, head_dim=16, block_size=4, table_width=3,
+                        seqs=[(1, 3), (2, 5)])
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="window must be a positive int"):
+            ragged_paged_attention(*args, **kw, window=bad, interpret=True)
 
 
 def test_reference_op_agrees_with_float64_reference():

@@ -68,6 +68,14 @@ class PagedLayout:
         return StepInput(as32(token_ids), as32(positions), as32(slots), as32(starts), as32(seq_lens), tables, as32(rows))
 
 
+def for_program(program, step: StepInput) -> StepInput:
+    """`step` as `program` takes it: a program with a second KV group (sliding-window layers beside global ones)
+    gets the same block ids and slots in that group's own pool (which must be as large as the first)."""
+    if getattr(program, "num_blocks_w", None) is not None:
+        step.block_tables_w, step.slot_mapping_w = step.block_tables.copy(), step.slot_mapping.copy()
+    return step
+
+
 def relerr(a, b):
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
 
@@ -77,8 +85,9 @@ def run_steps(program, layout_seed, block_size, num_blocks=48):
     lay = PagedLayout(num_blocks, block_size, seed=layout_seed)
     rng = np.random.default_rng(layout_seed)
     prompts = [rng.integers(0, 97, n).tolist() for n in (5, 23, 1)]
-    out = [program.step(lay.step([(i, p, 0) for i, p in enumerate(prompts)]))]
-    out.append(program.step(lay.step([(0, [7], 5), (1, [8, 9, 10], 23), (3, [1, 2, 3, 4, 5, 6], 0), (2, [11], 1)])))
+    out = [program.step(for_program(program, lay.step([(i, p, 0) for i, p in enumerate(prompts)])))]
+    out.append(program.step(for_program(program, lay.step([(0, [7], 5), (1, [8, 9, 10], 23), (3, [1, 2, 3, 4, 5, 6], 0),
+                                                            (2, [11], 1)]))))
     return out
 
 
@@ -113,9 +122,11 @@ def run_decode_steps(program, seed, num_blocks):
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, 97, n).tolist() for n in (5, 19, 1)]
     lens = [len(p) for p in prompts]
-    out = [program.step(lay.step([(i, p, 0) for i, p in enumerate(prompts)]))]
+    out = [program.step(for_program(program, lay.step([(i, p, 0) for i, p in enumerate(prompts)])))]
     for t in range(2):
-        out.append(program.step(lay.step([(i, [(7 * t + i) % 97], lens[i] + t) for i in range(3)])))
+        decodes = [(i, [(7 * t + i) % 97], lens[i] + t) for i in range(3)]
+        out.append(program.step(for_program(program, lay.step(decodes))))
     lens = [n + 2 for n in lens]
-    out.append(program.step(lay.step([(0, [3], lens[0]), (1, [8, 9, 10], lens[1]), (3, [1, 2, 3, 4], 0)])))
+    out.append(program.step(for_program(program, lay.step([(0, [3], lens[0]), (1, [8, 9, 10], lens[1]),
+                                                           (3, [1, 2, 3, 4], 0)]))))
     return out

@@ -14,6 +14,7 @@ class Req:
     token_ids: list
     num_computed_tokens: int = 0
     block_ids: list = dataclasses.field(default_factory=list)
+    block_ids_w: list = dataclasses.field(default_factory=list)  # a second KV group's table (sliding windows)
     block_hashes: list = dataclasses.field(default_factory=list)
     num_preemptions: int = 0
 
@@ -108,7 +109,7 @@ def test_admission_counts_revived_blocks_against_the_free_space():
     kv.free(a)  # blocks 0, 1 cached and evictable, 2 free: 3 free in all
     b = Req("b", list(range(8)) + list(range(20, 29)))  # hits 2 blocks, needs 3 more: 2 revived + 3 > 3 free
     blocks = kv.get_computed_blocks(b)
-    assert blocks == [0, 1]
+    assert blocks.tables == ((0, 1),) and len(blocks) == 2
     assert not kv.allocate_for(b, 9, computed_blocks=blocks)
     assert b.block_ids == [] and kv.num_free_blocks == 3 and kv.stats.queries == 1  # nothing changed
     assert kv.allocate_for(b, 4, computed_blocks=blocks)  # a smaller chunk fits

@@ -1,6 +1,8 @@
 """CPU backend: its lowering table matches the references; a ragged engine batch equals each prompt alone."""
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -43,6 +45,35 @@ def test_paged_attention_by_sequence_matches_reference(block_size):
     got = cpu.paged_attention_by_sequence(*arrays, max_q_len=16, **attrs)
     assert np.isfinite(np.asarray(got)).all()
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("block_size, window", [(7, 3), (7, 10), (7, 64)])
+def test_paged_attention_by_sequence_sliding_window(block_size, window):
+    # window < page, > page and not a multiple, >= every context; decodes and chunks with cached prefixes; the
+    # table entries of pages wholly before each window point at a NaN page (freed)
+    rng = np.random.default_rng(window)
+    ctx_lens, q_lens = [13, 1, 40, 5, 30], [13, 1, 3, 2, 1]
+    arrays, attrs = random_paged_case(rng, block_size, ctx_lens=ctx_lens, q_lens=q_lens)
+    tables = np.array(arrays[5])
+    for s, (c, n) in enumerate(zip(ctx_lens, q_lens)):
+        tables[s, :max(c - n - window + 1, 0) // block_size] = 0  # block 0 holds NaN
+    arrays = [*arrays[:5], jnp.asarray(tables)]
+    got = np.asarray(jax.jit(functools.partial(cpu.paged_attention_by_sequence, max_q_len=16, **attrs,
+                                               window=window))(*arrays))
+    want = np.asarray(jax.jit(functools.partial(ops.ref_paged_attention, **attrs, window=window))(*arrays))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    # a float64 transcription of the window rule for one chunk row: keys pos - window + 1 .. pos
+    s, t = 2, sum(q_lens[:2]) + 1  # the second new token of sequence 2
+    pos = ctx_lens[s] - (sum(q_lens[:s + 1]) - t)
+    idx = np.arange(max(pos - window + 1, 0), pos + 1)
+    blocks = tables[s][idx // block_size]
+    k = np.asarray(arrays[1], np.float64)[blocks, idx % block_size]  # [C, Hkv, D]
+    v = np.asarray(arrays[2], np.float64)[blocks, idx % block_size]
+    qh = np.asarray(arrays[0][t], np.float64).reshape(2, 3, 8)
+    p = np.exp(np.einsum("kgd,ckd->kgc", qh, k) * attrs["scale"])
+    ref_row = np.einsum("kgc,ckd->kgd", p / p.sum(-1, keepdims=True), v).reshape(-1)
+    np.testing.assert_allclose(got[t], ref_row, rtol=2e-5, atol=2e-5)
 
 
 def test_write_rows_in_place_matches_reference():

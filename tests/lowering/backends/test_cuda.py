@@ -31,6 +31,19 @@ CONFIGS = {
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
     "qwen2": dict(architecture="qwen2", attention_bias=True, tie_word_embeddings=True),
     "qwen3": dict(architecture="qwen3", qk_norm=True, tie_word_embeddings=True),
+    # Phi-4-mini's rope: LongRoPE (the steps' positions cross 16, so both factor sets), 3/4 of each head rotated
+    "phi3": dict(architecture="phi3", tie_word_embeddings=True, rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5],
+        "long_factor": [2.0, 3.0, 4.0, 5.0, 6.0, 9.0],
+        "original_max_position_embeddings": 16, "factor": 8.0, "partial_rotary_factor": 0.75}),
+    # mixture of experts: kernels_gpu.moe (routing, expert-sorted grouped GEMMs)
+    "mixtral": dict(architecture="mixtral", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+                    norm_topk_prob=True),
+    # Gemma 3: a sliding layer (window 8: the steps reach past it) beside a global one (two KV groups), (1 + w)
+    # norms, GeGLU, scaled embeddings, QK-norm, its own attention scale and local RoPE base
+    "gemma3": dict(architecture="gemma3", qk_norm=True, tie_word_embeddings=True,
+                   hidden_activation="gelu_pytorch_tanh", sliding_window=8, rope_local_theta=1000.0,
+                   layer_types=("sliding_attention", "full_attention"), query_pre_attn_scalar=12.0),
 }
 
 
@@ -49,8 +62,10 @@ def tiny_models():
     return out
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("block_size", [16, 5])
+# NOTE: the MoE families and phi3 (rope only) add no attention path, so they skip the second block size (each
+# case costs ~10 s here)
+@pytest.mark.parametrize("name,block_size", [(name, bs) for bs in (16, 5) for name in CONFIGS
+                                             if bs == 16 or not (CONFIGS[name].get("num_experts") or name == "phi3")])
 def test_cuda_program_matches_cpu_target_on_ragged_steps(tiny_models, name, block_size):
     cfg = small_config(name)
     model = llama.build_model(cfg, seed=len(name))
@@ -74,6 +89,15 @@ def test_cuda_plan_fuses_residual_norms_and_rope_pairs(tiny_models):
     assert plan.count("add+rms_norm") == 2 * layers  # every residual add feeds the next norm
     assert plan.count("rope(q,k)") == layers and "rope" not in plan
     assert "add" not in plan and plan.count("silu_mul") == layers
+
+
+def test_cuda_plan_fuses_gemma3_norms_and_geglu(tiny_models):
+    """Gemma's sandwich norms: the residual adds still fuse with the norm after them (kernel's (1 + w) form)."""
+    _, cuda_cm = tiny_models["gemma3"]
+    plan = cuda_cm.make_program(num_blocks=8, device=DEVICE).launch_plan
+    layers = small_config("gemma3").num_layers
+    assert plan.count("add+rms_norm") == 2 * layers and "add" not in plan
+    assert plan.count("gelu_tanh_mul") == layers and plan.count("rope(q,k)") == layers
 
 
 def test_prefill_fast_path_equals_paged_kernel(tiny_models):
@@ -320,8 +344,9 @@ def test_cuda_target_without_gpu_says_what_to_do(tiny_models):
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="CUDA graphs need a GPU")
-def test_decode_graph_replays_equal_eager_steps(tiny_models):
-    _, cuda_cm = tiny_models["llama"]
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
+def test_decode_graph_replays_equal_eager_steps(tiny_models, name):
+    _, cuda_cm = tiny_models[name]
     graphs = cuda_cm.make_program(num_blocks=64, cuda_graphs=True)
     eager = cuda_cm.make_program(num_blocks=64, cuda_graphs=False)
     for prog in (graphs, eager):

@@ -27,6 +27,20 @@ def tiny_vocab() -> tuple[list[str], list[str], list[int]]:
     return tokens, list(MERGES), token_types
 
 
+def gemma_vocab() -> tuple[list[str], list[float], list[int]]:
+    """(tokens, scores, token_types) of a tiny Gemma-style SentencePiece vocabulary as a GGUF stores it: control
+    tokens, user-defined newline runs and space runs (spelled with real spaces), the 256 byte tokens, then pieces
+    whose order (not their scores) ranks the merges: "ab" comes before "ca", so "cab" becomes c + ab."""
+    control = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    user = ["\n", "\n\n", "  ", "   "]
+    pieces = ["\u2581", "a", "b", "c", "d", "bc", "ab", "\u2581a", "abc", "\u2581ab", "\u2581abc", "ca", "da",
+              "\u2581\u2581\u2581\u2581", "\u2581d"]
+    tokens = control + user + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [3] * len(control) + [4] * len(user) + [6] * 256 + [1] * len(pieces)
+    scores = [0.0] * (len(control) + len(user) + 256) + [float(-i) for i in range(len(pieces))][::-1]  # reversed
+    return tokens, scores, types
+
+
 @dataclasses.dataclass
 class TinyLlama:
     """Hyper-parameters of the synthetic model; sizes are multiples of 32 so Q4/Q8 blocks fit."""
@@ -230,6 +244,7 @@ def ckb():
         make_hf_weights=make_hf_weights,
         write_gguf=write_gguf,
         tiny_vocab=tiny_vocab,
+        gemma_vocab=gemma_vocab,
         llama_cpp_permute=llama_cpp_permute,
         llama_cpp_unpermute=llama_cpp_unpermute,
         gguf_name=gguf_name,

@@ -164,3 +164,58 @@ def test_bad_files(tmp_path, tiny_gguf):
     truncated.write_bytes(path.read_bytes()[:2000])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_gguf(truncated)
+
+
+GEMMA3_BLOCK = {  # llama.cpp name -> (HF name, shape as [out, in]) for hidden 32, 2 heads of 16, 1 KV head, ffn 48
+    "attn_norm": ("input_layernorm", (32,)), "attn_q": ("self_attn.q_proj", (32, 32)),
+    "attn_k": ("self_attn.k_proj", (16, 32)), "attn_v": ("self_attn.v_proj", (16, 32)),
+    "attn_output": ("self_attn.o_proj", (32, 32)), "attn_q_norm": ("self_attn.q_norm", (16,)),
+    "attn_k_norm": ("self_attn.k_norm", (16,)), "post_attention_norm": ("post_attention_layernorm", (32,)),
+    "ffn_norm": ("pre_feedforward_layernorm", (32,)), "ffn_gate": ("mlp.gate_proj", (48, 32)),
+    "ffn_up": ("mlp.up_proj", (48, 32)), "ffn_down": ("mlp.down_proj", (32, 48)),
+    "post_ffw_norm": ("post_feedforward_layernorm", (32,)),
+}
+
+
+def test_gemma3_gguf_names_norms_config_and_tokenizer(tmp_path, ckb):
+    """A Gemma 3 GGUF as llama.cpp writes it: four norms a layer plus QK-norm, every norm stored as 1 + w, q/k rows
+    not permuted; the layer pattern, local RoPE base and attention scale come from Gemma3TextConfig's defaults."""
+    tokens, scores, types = ckb.gemma_vocab()
+    writer = gguf.GGUFWriter(tmp_path / "g.gguf", "gemma3")
+    for key, value in (("block_count", 6), ("context_length", 256), ("embedding_length", 32),
+                       ("feed_forward_length", 48), ("attention.head_count", 2), ("attention.head_count_kv", 1),
+                       ("attention.key_length", 16), ("attention.value_length", 16), ("attention.sliding_window", 8)):
+        writer.add_uint32(f"gemma3.{key}", value)
+    writer.add_float32("gemma3.attention.layer_norm_rms_epsilon", 1e-6)
+    writer.add_float32("gemma3.rope.freq_base", 1e6)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    rng = np.random.default_rng(0)
+    stored = {"token_embd.weight": rng.normal(size=(len(tokens), 32)).astype(np.float32),
+              "output_norm.weight": rng.normal(size=32).astype(np.float32)}
+    for i in range(6):
+        for short, (_, shape) in GEMMA3_BLOCK.items():
+            stored[f"blk.{i}.{short}.weight"] = rng.normal(size=shape).astype(np.float32)
+    for name, array in stored.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    ckpt = load_gguf(tmp_path / "g.gguf", progress=False)
+    c = ckpt.config
+    assert c.architecture == "gemma3" and c.tie_word_embeddings and c.qk_norm and c.sliding_window == 8
+    assert c.layer_types == ("sliding_attention",) * 5 + ("full_attention",)
+    assert (c.rope_theta, c.rope_local_theta, c.query_pre_attn_scalar, c.head_dim) == (1e6, 1e4, 16.0, 16)
+    assert (c.bos_token_id, c.eos_token_ids, c.vocab_size) == (2, (1,), len(tokens))
+    for i in (0, 5):
+        for short, (hf, _) in GEMMA3_BLOCK.items():
+            want = stored[f"blk.{i}.{short}.weight"] - np.float32(1.0) * short.endswith("norm")
+            np.testing.assert_array_equal(ckpt.weights[f"model.layers.{i}.{hf}.weight"], want, err_msg=short)
+    np.testing.assert_array_equal(ckpt.weights["model.norm.weight"], stored["output_norm.weight"] - np.float32(1.0))
+    assert ckpt.tokenizer.encode("cab") == [2, tokens.index("c"), tokens.index("ab")]

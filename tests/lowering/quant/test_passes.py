@@ -349,3 +349,19 @@ def test_runner_on_a_graph_with_some_kv_layers_already_nvfp4(base):
     assert np.isfinite(loss)
     base_loss = calibrate.GraphRunner(base.graph, base.params, CALIB[:2]).loss()
     assert abs(loss - base_loss) < 0.5  # one 4-bit KV layer perturbs, but does not wreck, the tiny model
+
+
+def test_weight_quantization_leaves_moe_experts_in_the_model_dtype():
+    """A mixture of experts' router and experts are no weight units (only linear / logits nodes are): quantizing
+    the weights rewrites the attention projections and keeps every moe node on its float params."""
+    cfg = dataclasses.replace(CFG, architecture="mixtral", num_experts=4, num_experts_per_tok=2,
+                              moe_intermediate_size=64, norm_topk_prob=True)
+    model = llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    cm = compile_model(model, weights="int8", max_ppl_increase=None, **QUIET)
+    moe_nodes = [n for n in cm.graph.nodes if n.op == "moe"]
+    assert len(moe_nodes) == cfg.num_layers and any(n.op == "qlinear" for n in cm.graph.nodes)
+    assert all(cm.graph.types[p].dtype == "float32" for n in moe_nodes for p in n.inputs[1:])
+    assert sorted(cm.quant_report.methods) == [f"model.layers.{i}.self_attn.{p}" for i in range(cfg.num_layers)
+                                               for p in ("o_proj", "q_proj+k_proj+v_proj")]
+    step = PagedLayout(16, cm.block_size, seed=3).step([(0, list(range(1, 30)), 0), (1, [50, 51], 0)])
+    assert np.isfinite(cm.make_program(num_blocks=16, max_num_seqs=4).step(step)).all()
