@@ -9,8 +9,8 @@ import numpy as np
 
 from lowering import ops
 from lowering.backends.patterns import check_hidden_output
-from lowering.ir import (Graph, IRError, Node, eval_dim, interpret, kv_bytes_per_block, resolve_window_blocks,
-                         run_reference, split_kv_blocks)
+from lowering.ir import (Graph, IRError, Node, eval_dim, interpret, resolve_window_blocks, run_reference,
+                         split_kv_blocks)
 from runtime.step import StepInput
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # 1 GiB of KV pool unless told otherwise
