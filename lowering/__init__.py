@@ -15,6 +15,7 @@ def compile_model(*args, **kwargs):
     return _compile_model(*args, **kwargs)
 
 
+from lowering.kv_policy import H2O, StreamingLLM  # noqa: E402  (plain dataclasses, cheap)
 from lowering.speculation import Speculative  # noqa: E402  (plain dataclass, cheap)
 
-__all__ = ["compile_model", "Speculative"]
+__all__ = ["compile_model", "Speculative", "H2O", "StreamingLLM"]

@@ -46,7 +46,7 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int | None = 
                   weights: Any = None, kv_cache: str | None = None, kv_rotation: bool = False,
                   quant_method: str = "auto", max_ppl_increase: float | None = 0.01, calibration: Any = None,
                   calibration_windows: int = 8, calibration_window: int = 128, speculative: Any = None,
-                  num_layers: int | None = None, verbose: bool = False, progress: bool = True, dump_ir: str | None = None) -> CompiledModel:
+                  kv_policy: Any = None, share_kv_layers: Any = None, num_layers: int | None = None, verbose: bool = False, progress: bool = True, dump_ir: str | None = None) -> CompiledModel:
     """Compile a registry name, checkpoint path (GGUF file, HF or orbax dir) or Flax NNX model.
 
     A Flax model must be called as model(token_ids i32[T], positions i32[T], query_start i32[S+1],
@@ -66,6 +66,13 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int | None = 
     `speculative=Speculative(method="ngram" | "draft" | "medusa" | "eagle", num_tokens=k, ...)` (from
     lowering.passes) runs insert_speculation last: the Engine then drafts and verifies up to k tokens a step
     (runtime/speculative.py); a dict of Speculative's fields works too.
+    `kv_policy=H2O(budget=0.2) | StreamingLLM(sinks=4, window=1024)` (lowering.kv_policy) bounds each sequence's
+    KV cache: the runtime compacts it past its budget, whole blocks return to the pool (evict_kv checks the
+    combination with KV formats, sharing and speculation, and refuses what cannot work, saying why).
+    `share_kv_layers` (lowering/passes/share_kv_layers.py; unquantized, full-attention KV): adjacent layers i, i+1
+    keep one merged K/V pool pair. [[i, i + 1], ...] shares those pairs; n the n pairs of the deeper half whose K/V
+    are most similar on the calibration windows; "auto" as many of those as keep the perplexity increase within
+    `max_ppl_increase`. The choice, similarities and measured perplexity go to graph.meta["kv_sharing"].
     `num_layers=N` (checkpoint sources) keeps the first N decoder layers and the model's own final norm and
     lm_head: a layer-truncated copy of a model, e.g. a draft model for speculative decoding.
     """
@@ -101,7 +108,9 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int | None = 
                              fuse_projections=fuse_projections, max_model_len=max_model_len, weights=weights,
                              kv_cache=kv_cache, kv_rotation=kv_rotation, quant_method=quant_method,
                              max_ppl_increase=max_ppl_increase,
-                             speculative=speculative.to_json() if speculative is not None else None).validate()
+                             speculative=speculative.to_json() if speculative is not None else None,
+                             kv_policy=_policy_json(kv_policy),
+                             share_kv_layers=_share_kv_option(share_kv_layers)).validate()
 
     from lowering import frontend
     from lowering.models import llama, nnx_params
@@ -173,6 +182,38 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int | None = 
         dump_graph(dump_ir, len(records), "quantize", graph)
         if not quiet:
             print(report.format(), file=sys.stderr)
+    if options.kv_sharing() is not None:  # after quantization (unquantized KV only), before eviction and speculation
+        from lowering.ir import verify
+        from lowering.passes.share_kv_layers import apply_share_kv_layers
+        from lowering.quant import calibrate
+
+        quiet = not (verbose or progress)
+        k_start = time.perf_counter()
+        sharing, windows, source_name = options.kv_sharing(), None, "none"
+        if not isinstance(sharing, list):  # measured choices: the quantization passes' calibration windows
+            vocab = cfg.vocab_size if cfg else int(graph.types[graph.outputs[0]].shape[-1])
+            windows = calibrate.calibration_windows(calibration, tokenizer, window=calibration_window,
+                                                    num_windows=calibration_windows, vocab_size=vocab)
+            source_name = ("bundled text" if tokenizer is not None else "random tokens") if calibration is None \
+                else ("user text" if isinstance(calibration, (str, Path)) else "user tokens")
+        # similarity on every calibration window; perplexity ("auto") on the guard's share, as quantization measures it
+        graph = apply_share_kv_layers(graph, params, sharing, windows=windows,
+                                      ppl_windows=None if windows is None else windows[:quant.guard_windows],
+                                      max_ppl_increase=options.max_ppl_increase, calibration_source=source_name,
+                                      log=(lambda msg: None) if quiet else (lambda msg: print(f"llmc: {msg}",
+                                                                                              file=sys.stderr)))
+        verify(graph, check_types=True)
+        records.append(PassRecord("share_kv_layers", time.perf_counter() - k_start, len(graph.nodes)))
+        dump_graph(dump_ir, len(records), "share_kv_layers", graph)
+    if options.kv_policy is not None:  # after quantization (it must see the KV formats), before speculation
+        from lowering.ir import verify
+        from lowering.passes.evict_kv import evict_kv
+
+        e_start = time.perf_counter()
+        graph = evict_kv(graph, options.kv_policy, speculative=options.speculative)
+        verify(graph, check_types=True)
+        records.append(PassRecord("evict_kv", time.perf_counter() - e_start, len(graph.nodes)))
+        dump_graph(dump_ir, len(records), "evict_kv", graph)
     if speculative is not None:  # last (DESIGN.md's order): after quantization, whose runners read one output
         from lowering.ir import verify
         from lowering.passes.insert_speculation import insert_speculation
@@ -183,6 +224,27 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int | None = 
         records.append(PassRecord("insert_speculation", time.perf_counter() - s_start, len(graph.nodes)))
         dump_graph(dump_ir, len(records), "insert_speculation", graph)
     return CompiledModel(graph, params, options, cfg, tokenizer, records, report, speculative)
+
+
+def _share_kv_option(value):
+    """share_kv_layers= as CompileOptions stores it (pairs as lists of lists: the same after a JSON round trip)."""
+    from lowering.passes.share_kv_layers import check_option
+
+    try:
+        return check_option(value)
+    except ValueError as e:
+        raise OptionsError(str(e)) from None
+
+
+def _policy_json(policy) -> dict | None:
+    """kv_policy= as CompileOptions stores it: an H2O / StreamingLLM (or its dict), validated."""
+    from lowering.kv_policy import KVPolicyError, policy_from_json
+
+    try:
+        policy = policy_from_json(policy)
+    except KVPolicyError as e:
+        raise OptionsError(str(e)) from None
+    return None if policy is None else policy.to_json()
 
 
 def _truncate_layers(ckpt, num_layers: int):

@@ -472,6 +472,59 @@ def _kv_write_nvfp4_shape(ts, attrs):
     return [ts[3], ts[4], ts[5], ts[6]]
 
 
+KV_MERGE_EPS = 1e-12  # norms below this count as zero (a zero vector has no direction to merge)
+
+
+def kv_merge_vectors(a, b):
+    """Merge two batches of head vectors [..., D] (f32): the SLERP midpoint of their directions (exact SLERP at
+    t = 1/2: normalize(a/|a| + b/|b|)) scaled by their mean magnitude (|a| + |b|) / 2. A zero vector contributes
+    no direction (the other's is kept); two zero or opposite vectors merge to zero."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    na = jnp.sqrt(jnp.sum(a * a, axis=-1, keepdims=True))
+    nb = jnp.sqrt(jnp.sum(b * b, axis=-1, keepdims=True))
+    s = a / jnp.maximum(na, KV_MERGE_EPS) + b / jnp.maximum(nb, KV_MERGE_EPS)
+    ns = jnp.sqrt(jnp.sum(s * s, axis=-1, keepdims=True))
+    return s / jnp.maximum(ns, KV_MERGE_EPS) * ((na + nb) * 0.5)
+
+
+def kv_merge_rows_to_store(k, v, slot_mapping, k_pool, v_pool, *, num_kv_heads, head_dim):
+    """What a kv_merge stores: [(merged rows [T, Hkv, Dh] in the pool dtype, pool)] for K and V. Rows of slot -1
+    are computed from whatever slot 0 holds (maybe NaN) and must be dropped by the writer."""
+    block_size = k_pool.shape[1]
+    safe = jnp.maximum(slot_mapping, 0)
+    block, offset = safe // block_size, safe % block_size
+    out = []
+    for x, pool in ((k, k_pool), (v, v_pool)):
+        old = pool[block, offset]  # [T, Hkv, Dh]: the partner layer's row, written earlier in this step
+        new = x.reshape(-1, num_kv_heads, head_dim)
+        out.append((kv_merge_vectors(old, new).astype(pool.dtype), pool))
+    return out
+
+
+def ref_kv_merge(k, v, slot_mapping, k_pool, v_pool, *, num_kv_heads, head_dim):
+    # k, v: [T, Hkv*Dh]  slot_mapping: i32[T] (-1 = skip)  pools: [N, Bs, Hkv, Dh] (unquantized)  ->  new pools
+    # Cross-layer KV sharing (lowering/passes/share_kv_layers.py, MiniCache-style): the row already at each slot
+    # (the partner layer's K / V, written by its kv_write earlier in the step) is replaced by its merge with this
+    # layer's row, per KV head: normalize(a/|a| + b/|b|) * (|a| + |b|) / 2 (kv_merge_vectors). This is MiniCache's
+    # merge without its per-layer magnitude restore and without retaining outlier tokens unmerged.
+    return _scatter_rows(slot_mapping, kv_merge_rows_to_store(k, v, slot_mapping, k_pool, v_pool,
+                                                               num_kv_heads=num_kv_heads, head_dim=head_dim))
+
+
+def _kv_merge_shape(ts, attrs):
+    (k_shape, _), (v_shape, _), _, (kp_shape, kp_dtype), (vp_shape, vp_dtype) = ts
+    heads, dim = attrs["num_kv_heads"], attrs["head_dim"]
+    for what, shape, dtype in (("k_pool", kp_shape, kp_dtype), ("v_pool", vp_shape, vp_dtype)):
+        if len(shape) != 4 or tuple(shape[2:]) != (heads, dim):
+            raise OpError(f"kv_merge: {what} must be [N, block_size, {heads}, {dim}], got {shape}")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise OpError(f"kv_merge merges unquantized KV pools (float32 / bfloat16 / float16), got {what} {dtype}")
+    for what, shape in (("k", k_shape), ("v", v_shape)):
+        if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != heads * dim):
+            raise OpError(f"kv_merge: {what} must be [T, {heads * dim}], got {shape}")
+    return [ts[3], ts[4]]
+
+
 def dequantize_kv(pool, extras, kv_format, which: int):
     """Stored KV values (any gathered slice of a pool) -> f32, for pool `which` (0: K, 1: V).
 
@@ -528,6 +581,58 @@ def ref_paged_attention(q, k_pool, v_pool, query_start, seq_lens, block_tables, 
     vals = jnp.where(mask[:, :, None, None], vals, 0.0)
     out = jnp.einsum("tkgc,tckd->tkgd", probs, vals)
     return out.reshape(num_tokens, num_heads * head_dim).astype(q.dtype)
+
+
+def ref_attention_mass(q, k_pool, query_start, seq_lens, block_tables, slot_mapping, mass_pool, *kv_extras,
+                       num_heads, num_kv_heads, head_dim, scale, kv_format=None):
+    # q: [T, Hq*Dh]  k_pool: [N, Bs, Hkv, Dh] (nvfp4: u8[..., Dh/2])  query_start: i32[S+1]  seq_lens: i32[S]
+    # block_tables: i32[S, B]  slot_mapping: i32[T] (-1 = skip)  mass_pool: f32[N, Bs, Hkv]
+    # kv_extras: the scales of kv_format (see dequantize_kv; only K's are read)  ->  f32[N, Bs, Hkv] updated
+    # H2O's accumulated attention: first the slots of this step's new tokens (slot_mapping) are set to 0, then
+    # every cached key j of sequence s gains, per kv head g, the softmax probability (float32, over the keys
+    # 0..pos(t) that row t sees, exactly as ref_paged_attention) of every query row t of s and every query head
+    # of g's group. Slots no step sequence sees keep their value (NaN included). Rows with slot -1 (padding: a
+    # row that writes no K/V is not a real token) add nothing.
+    num_tokens = q.shape[0]
+    num_blocks, block_size = k_pool.shape[:2]
+    num_seqs, width = block_tables.shape
+    num_ctx = width * block_size
+    group = num_heads // num_kv_heads
+    flat = mass_pool.reshape(num_blocks * block_size, num_kv_heads)
+    new = jnp.where(slot_mapping < 0, num_blocks * block_size, slot_mapping)  # out of range -> dropped
+    flat = flat.at[new].set(0.0, mode="drop")
+    seg = segment_ids(query_start, num_tokens)  # i32[T]; S for rows past query_start[S]
+    tables = jnp.take(block_tables, seg, axis=0, mode="clip")  # i32[T, B]
+    keys = gather_kv_blocks(k_pool, kv_extras, kv_format, 0, tables).reshape(num_tokens, num_ctx, num_kv_heads,
+                                                                             head_dim)
+    ctx_len = jnp.take(seq_lens, seg, mode="clip")
+    q_end = jnp.take(query_start, seg + 1, mode="clip")
+    pos = ctx_len - (q_end - jnp.arange(num_tokens))  # i32[T]: context index of each query
+    real = (seg < num_seqs) & (slot_mapping >= 0)  # bool[T]
+    mask = (jnp.arange(num_ctx)[None, :] <= pos[:, None]) & real[:, None]  # bool[T, C]
+    qh = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)
+    scores = jnp.einsum("tkgd,tckd->tkgc", qh, keys) * scale
+    # NOTE: masked keys (unused pages may hold NaN) and rows that see nothing must add exactly 0, not NaN
+    visible = mask[:, None, None, :]
+    scores = jnp.where(visible, scores, -jnp.inf)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    e = jnp.where(visible, jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    probs = e / jnp.where(total > 0, total, 1.0)  # f32[T, Hkv, G, C]
+    mass = jnp.transpose(jnp.sum(probs, axis=2), (0, 2, 1))  # f32[T, C, Hkv]
+    ctx = jnp.arange(num_ctx)
+    slots = jnp.take_along_axis(tables, ctx[None, :] // block_size, axis=1) * block_size + ctx % block_size
+    slots = jnp.where(mask, slots, num_blocks * block_size)  # i32[T, C]; invisible -> dropped
+    flat = flat.at[slots].add(mass, mode="drop")
+    return flat.reshape(mass_pool.shape)
+
+
+def _attention_mass_shape(ts, attrs):
+    (mass_shape, mass_dtype), (pool_shape, _) = ts[6], ts[1]
+    if mass_dtype != "float32" or len(mass_shape) != 3 or len(pool_shape) != 4:
+        raise OpError(f"attention_mass: the mass pool must be f32[N, Bs, Hkv] beside a K pool [N, Bs, Hkv, D], got "
+                      f"{mass_dtype}{list(mass_shape)} and {list(pool_shape)}")
+    return [ts[6]]
 
 
 def ref_qlinear(x, *parts_and_bias, format, in_features, out_features, group_size=None, act_format=None):
@@ -592,8 +697,13 @@ kv_write = _register("kv_write", ref_kv_write, _kv_write_shape, {"kv_format": (s
                      optional_attrs=("kv_format",))
 kv_write_nvfp4 = _register("kv_write_nvfp4", ref_kv_write_nvfp4, _kv_write_nvfp4_shape, {"scale_rule": (str,)},
                            num_outputs=4, optional_attrs=("scale_rule",))
+kv_merge = _register("kv_merge", ref_kv_merge, _kv_merge_shape, {"num_kv_heads": (int,), "head_dim": (int,)},
+                     num_outputs=2)
 paged_attention = _register("paged_attention", ref_paged_attention, _same_as_first,
                             {**ATTENTION_ATTRS, "kv_format": (str,)}, optional_attrs=("kv_format", "window"))
+attention_mass = _register("attention_mass", ref_attention_mass, _attention_mass_shape,
+                           {**{k: v for k, v in ATTENTION_ATTRS.items() if k != "window"}, "kv_format": (str,)},
+                           optional_attrs=("kv_format",))
 qlinear = _register("qlinear", ref_qlinear, _qlinear_shape, QUANT_ATTRS, optional_attrs=("group_size", "act_format"))
 qlogits = _register("qlogits", ref_qlogits, _qlogits_shape, QUANT_ATTRS, optional_attrs=("group_size", "act_format"))
 rotate_heads = _register("rotate_heads", ref_rotate_heads, _same_as_first, {"num_heads": (int,), "head_dim": (int,)})

@@ -36,6 +36,10 @@ class CompileOptions:
     max_ppl_increase: float | None = 0.01
     # speculative decoding (lowering/passes/insert_speculation.py): Speculative.to_json(), or None
     speculative: dict | None = None
+    # cross-layer KV sharing (lowering/passes/share_kv_layers.py): None | "auto" | n pairs | [[i, i + 1], ...]
+    share_kv_layers: Any = None
+    # KV eviction (lowering/kv_policy.py, lowering/passes/evict_kv.py): H2O / StreamingLLM .to_json(), or None
+    kv_policy: dict | None = None
 
     def validate(self) -> "CompileOptions":
         if self.target not in TARGETS:
@@ -55,9 +59,27 @@ class CompileOptions:
         try:
             self.quant_options().validate()
             self.speculation()
+            self.kv_sharing()
+            from lowering.kv_policy import policy_from_json
+
+            policy_from_json(self.kv_policy)
         except ValueError as e:
             raise OptionsError(str(e)) from None
         return self
+
+    def kv_sharing(self):
+        """The share_kv_layers option normalized (None when off); ValueError when it is malformed or asks to share
+        a quantized KV cache."""
+        from lowering.passes.share_kv_layers import check_option
+        from lowering.quant import formats
+        from lowering.quant.passes import UNQUANTIZED, normalize_format
+
+        value = check_option(self.share_kv_layers)
+        kv_quantized = normalize_format(self.kv_cache, what="kv_cache", allowed=formats.KV_FORMATS) != UNQUANTIZED
+        if value is not None and value != 0 and value != [] and kv_quantized:
+            raise ValueError(f"share_kv_layers merges unquantized KV only; it cannot be combined with "
+                             f"kv_cache={self.kv_cache!r}")
+        return None if value == 0 or value == [] else value
 
     def speculation(self):
         """The Speculative these options ask for (a draft model object shows as "<object>"), or None."""

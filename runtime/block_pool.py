@@ -264,6 +264,16 @@ class BlockPool:
             self._hash[block_id] = h
         return h
 
+    def uncache(self, block_id: int) -> None:
+        """Forget a held block's hash (its contents are about to change); a block with no hash is left alone."""
+        self._check_id(block_id)
+        if self._ref[block_id] == 0:
+            raise ValueError(f"cannot uncache block {block_id}: it is free")
+        h = self._hash[block_id]
+        if h is not None:
+            del self._cached[h]
+            self._hash[block_id] = None
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (e.g. after new weights): evictable blocks become plain free blocks."""
         for block in self._cached.values():

@@ -63,6 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gsm8k-shots", type=int, default=4, help="GSM8K few-shot exemplars (default 4)")
     p.add_argument("--max-tokens", type=int, default=256, help="GSM8K tokens to generate per problem")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the full result as JSON to OUT")
+    g = p.add_argument_group("long context (--long): accuracy vs KV memory for each KV setting")
+    g.add_argument("--long", action="store_true", help="instead of --tasks: long-window perplexity and needle "
+                   "retrieval for each of --settings, compiled from SOURCE (a checkpoint or registry name)")
+    g.add_argument("--settings", default=",".join(DEFAULT_LONG_SETTINGS), metavar="LIST",
+                   help="comma-separated KV settings: full, h2o:<budget>[:<recent>], streaming:<sinks>:<window>"
+                        "[:original], share:<pairs|auto> (default: %(default)s)")
+    g.add_argument("--long-window", type=int, default=8192, help="tokens per perplexity window (default 8192)")
+    g.add_argument("--long-windows", type=int, default=1, help="perplexity windows (default 1)")
+    g.add_argument("--needle-context", type=int, default=4096,
+                   help="prompt tokens of each needle trial (default 4096; 0 skips the needle test)")
+    g.add_argument("--needle-depths", default="0.1,0.3,0.5,0.7,0.9", metavar="LIST",
+                   help="where the needle sits in the prompt, fractions (default %(default)s)")
+    g.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots of accuracy vs KV memory to DIR")
     add_compile_arguments(p)
     p.set_defaults(func=run_eval)
 
@@ -128,6 +141,41 @@ def add_compile_arguments(p: argparse.ArgumentParser) -> None:
                         "0.01 = 1%%; 'off' disables the guard)")
     q.add_argument("--calibration", default=None, metavar="TEXT_FILE",
                    help="calibration text file (default: llmc's bundled text)")
+    p.add_argument("--kv-policy", default=None, type=_kv_policy, metavar="SPEC",
+                   help="KV eviction: h2o:<budget>[:<recent>] (budget: a fraction of max_model_len like 0.2, or "
+                        "tokens) or streaming:<sinks>:<window>[:original] (attention sinks + window)")
+    p.add_argument("--share-kv-layers", default=None, type=_share_kv, metavar="SPEC",
+                   help="cross-layer KV sharing (unquantized KV): 'auto' (as many of the most similar adjacent pairs of "
+                        "the deeper half as --max-ppl-increase allows), N (the N most similar), or pairs '10-11,12-13'")
+
+
+def _kv_policy(text: str):
+    from runtime.long_context import parse_setting
+
+    text = text.strip().lower()
+    if text in ("off", "none", "full"):
+        return None
+    try:
+        kw = parse_setting(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if "kv_policy" not in kw:
+        raise argparse.ArgumentTypeError(f"expected h2o:<budget>[:<recent>] or streaming:<sinks>:<window>[:original], "
+                                         f"got {text!r}")
+    return kw["kv_policy"]
+
+
+def _share_kv(text: str):
+    text = text.strip().lower()
+    if text in ("auto", "off", "none"):
+        return None if text != "auto" else "auto"
+    try:
+        if "-" not in text:
+            return int(text)
+        return [[int(x) for x in pair.split("-")] for pair in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto', a number of pairs or pairs like '10-11,12-13', got {text!r}") from None
 
 
 def _budget(text: str):
@@ -146,6 +194,8 @@ def compile_kwargs(args: argparse.Namespace) -> dict:
     return dict(target=args.target, block_size=args.block_size, dtype=args.dtype, weights=args.weights,
                 kv_cache=args.kv_cache, kv_rotation=args.kv_rotation, quant_method=args.quant_method,
                 max_ppl_increase=args.max_ppl_increase,
+                **({} if getattr(args, "share_kv_layers", None) is None else {"share_kv_layers": args.share_kv_layers}),
+                **({} if getattr(args, "kv_policy", None) is None else {"kv_policy": args.kv_policy}),
                 calibration=open(args.calibration, encoding="utf-8").read() if args.calibration else None)
 
 
@@ -231,6 +281,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from runtime import evaluate as ev
 
+    if args.long:
+        return run_eval_long(args)
     known = ("ppl", "gsm8k")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in known]
@@ -257,6 +309,53 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+    return 0
+
+
+DEFAULT_LONG_SETTINGS = ("full", "h2o:0.2", "streaming:4:1024", "streaming:0:1024", "share:2")
+
+
+def run_eval_long(args: argparse.Namespace) -> int:
+    import json
+
+    from runtime import evaluate as ev
+    from runtime import long_context as lc
+
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    if not settings:
+        raise ValueError("--settings: no KV setting given")
+    for s in settings:
+        lc.parse_setting(s)  # a bad one fails before anything compiles
+    for flag, value, lo in (("--long-window", args.long_window, 16), ("--long-windows", args.long_windows, 1),
+                            ("--needle-context", args.needle_context, 0)):
+        if value < lo:
+            raise ValueError(f"{flag} must be >= {lo}, got {value}")
+    if os.path.isfile(os.path.join(args.source, "manifest.json")):
+        raise ValueError("--long compiles SOURCE once per KV setting: give a checkpoint or registry name, not an "
+                         "artifact")
+    text = ev.data_file(ev.PPL_FILE, args.data).read_text(encoding="utf-8")
+    kw = compile_kwargs(args)
+    for name in ("kv_policy", "share_kv_layers"):
+        if kw.pop(name, None) is not None:
+            raise ValueError(f"--long sweeps its own KV settings (--settings); drop --{name.replace('_', '-')}")
+    print(f"llmc eval --long: {args.source}, {args.long_windows} window(s) of {args.long_window} tokens, needle at "
+          f"{args.needle_context} tokens", file=sys.stderr)
+    try:
+        depths = [float(x) for x in args.needle_depths.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--needle-depths must be comma-separated fractions, got {args.needle_depths!r}") from None
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"--needle-depths must be fractions in [0, 1], got {args.needle_depths!r}")
+    result = lc.sweep(args.source, text, settings=settings, window=args.long_window, num_windows=args.long_windows,
+                      needle_context=args.needle_context, depths=depths, compile_kw=kw)
+    result["source"] = args.source
+    if args.plot:
+        result["plots"] = lc.plot(result, args.plot)
+        print("\n".join(f"wrote {p}" for p in result["plots"]))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
             f.write("\n")
     return 0
 

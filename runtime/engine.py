@@ -126,6 +126,7 @@ class Request:
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
     num_computed_tokens: int = 0  # tokens whose K/V are in the pool
+    num_evicted: int = 0  # of those, tokens a KV eviction policy dropped (cache index = token index - this)
     block_ids: list[int] = dataclasses.field(default_factory=list)  # block table (kv_manager fills it)
     block_ids_w: list[int] = dataclasses.field(default_factory=list)  # second KV group's table (sliding-window layers)
     block_hashes: list[bytes] = dataclasses.field(default_factory=list)  # prefix-cache hashes of full blocks
@@ -159,6 +160,7 @@ class ScheduledChunk:
     num_tokens: int
     num_cached_tokens: int = 0  # tokens of a request admitted this step found in the prefix cache (== start)
     num_spec: int = 0  # the chunk's last num_spec tokens are the request's draft (spec_token_ids), verified here
+    num_evicted: int = 0  # the request's evicted tokens when scheduled: its cache holds tokens from start - this on
 
     @property
     def wants_logits(self) -> bool:
@@ -170,6 +172,8 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk]  # decodes first, then prefill chunks
     preempted: list[Request]
+    # KV eviction: caches the Program compacts before this step runs (runtime.step.KVCompaction)
+    compactions: list = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -217,13 +221,16 @@ class Scheduler:
     def __init__(
         self, *, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
         enable_prefix_caching: bool = True, window: int | None = None, window_group: tuple[int, int] | None = None,
+        eviction=None,
     ):
-        """window / window_group: the Program's sliding-window KV groups (see KVCacheManager)."""
+        """window / window_group: the Program's sliding-window KV groups (see KVCacheManager); eviction: its KV
+        eviction plan (lowering.kv_policy.EvictionPlan): a request's cache is compacted to the budget before a
+        step would take it past the capacity, and no step gives it more tokens than the capacity leaves room for."""
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching, window=window,
-                                 window_group=window_group)
+                                 window_group=window_group, eviction=eviction)
         self.waiting: list[Request] = []  # sorted by arrival
         self.running: list[Request] = []  # sorted by arrival
         self.num_preemptions = 0
@@ -292,6 +299,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         scheduled: dict[int, ScheduledChunk] = {}  # arrival -> chunk, in scheduling order
         preempted: list[Request] = []
+        compactions: list = []  # (request, KVCompaction)
+        eviction = self.kv.eviction
 
         decodes = [r for r in self.running if r.num_uncomputed_tokens == 1]
         prefills = [r for r in self.running if r.num_uncomputed_tokens > 1]
@@ -304,12 +313,18 @@ class Scheduler:
             num_new = min(req.num_uncomputed_tokens + num_spec, self.max_num_batched_tokens - used)
             if num_new == 0:
                 break
+            if eviction is not None:
+                if not self._compact_if_needed(req, num_new, scheduled, preempted, compactions):
+                    used = self._used(scheduled)
+                    continue
+                num_new = min(num_new, eviction.capacity - self.kv.cache_len(req))
             num_spec = max(0, num_new - req.num_uncomputed_tokens)
             if num_spec < len(req.spec_token_ids):
                 req.spec_token_ids = req.spec_token_ids[:num_spec]
             num_preempted = len(preempted)
             if self._grow_blocks(req, num_new, scheduled, preempted):
-                scheduled[req.arrival] = ScheduledChunk(req, req.num_computed_tokens, num_new, num_spec=num_spec)
+                scheduled[req.arrival] = ScheduledChunk(req, req.num_computed_tokens, num_new, num_spec=num_spec,
+                                                        num_evicted=req.num_evicted)
             used = used + num_new if len(preempted) == num_preempted else self._used(scheduled)
 
         # NOTE: a step that had to preempt is short of blocks; admitting now would only thrash.
@@ -321,6 +336,8 @@ class Scheduler:
             computed_blocks = self.kv.get_computed_blocks(req)
             num_cached = len(computed_blocks) * self.block_size
             num_new = min(req.num_tokens - num_cached, budget)
+            if eviction is not None:
+                num_new = min(num_new, eviction.capacity - num_cached)
             if not self.kv.allocate_for(req, num_new, computed_blocks=computed_blocks):  # sets num_computed_tokens
                 break
             self.waiting.pop(0)
@@ -332,7 +349,8 @@ class Scheduler:
         chunks = list(scheduled.values())
         for chunk in chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
-        out = SchedulerOutput(chunks, preempted)
+        # a request compacted, then preempted later in this step, holds no blocks any more: nothing to move
+        out = SchedulerOutput(chunks, preempted, [c for r, c in compactions if r.status is RequestStatus.RUNNING])
         self.num_scheduled_tokens += out.num_tokens
         return out
 
@@ -345,6 +363,20 @@ class Scheduler:
     @staticmethod
     def _used(scheduled: dict[int, ScheduledChunk]) -> int:
         return sum(c.num_tokens for c in scheduled.values())
+
+    def _compact_if_needed(self, req: Request, num_new: int, scheduled: dict[int, ScheduledChunk],
+                           preempted: list[Request], compactions: list) -> bool:
+        """Compact req's cache to its eviction budget when num_new more tokens would pass the capacity (preempting
+        latest arrivals if the compaction needs blocks the pool lacks); False if req itself was preempted."""
+        if not self.kv.needs_compaction(req, num_new):
+            return True
+        while (compaction := self.kv.plan_compaction(req)) is None:
+            victim = self.running[-1]
+            self._preempt(victim, scheduled, preempted)
+            if victim is req:
+                return False
+        compactions.append((req, compaction))
+        return True
 
     def _grow_blocks(
         self, req: Request, num_new: int, scheduled: dict[int, ScheduledChunk], preempted: list[Request]
@@ -378,7 +410,8 @@ def _arrival(req: Request) -> int:
 
 
 def build_step_input(
-    chunks: list[ScheduledChunk], *, block_size: int, max_blocks_per_seq: int, two_groups: bool = False
+    chunks: list[ScheduledChunk], *, block_size: int, max_blocks_per_seq: int, two_groups: bool = False,
+    cache_positions: bool = False,
 ) -> tuple[StepInput, list[Request]]:
     """Flatten one step's chunks into a StepInput; also return the requests that get a logit row.
 
@@ -395,6 +428,9 @@ def build_step_input(
         logit row:     query_start[s + 1] - 1, only if the chunk reaches r's last token
         a draft:       a decode chunk with num_spec = k runs r's last token then r.spec_token_ids[:k], and
                        gets the k + 1 logit rows query_start[s + 1] - 1 - k .. query_start[s + 1] - 1
+    KV eviction: a chunk's tokens sit at cache indices start - num_evicted + i (slots, seq_lens and the table
+    width follow the cache); positions stay the tokens' own unless cache_positions (StreamingLLM's rule:
+    a token's position is its cache index).
     Returns the requests with logit rows, in row order (one per request, however many rows it has).
     """
     num_seqs = len(chunks)
@@ -402,14 +438,17 @@ def build_step_input(
     query_start = np.zeros(num_seqs + 1, dtype=np.int32)  # i32[S+1]
     np.cumsum(q_lens, out=query_start[1:])
     starts = np.array([c.start for c in chunks], dtype=np.int32)  # i32[S]
-    seq_lens = starts + q_lens  # i32[S]
+    cache_starts = starts - np.array([c.num_evicted for c in chunks], dtype=np.int32)  # i32[S]
+    seq_lens = cache_starts + q_lens  # i32[S]
 
     token_ids = np.concatenate(
         [np.asarray(c.request.token_ids[c.start : c.start + c.num_tokens - c.num_spec]
                     + c.request.spec_token_ids[: c.num_spec], dtype=np.int32) for c in chunks]
     )  # i32[T]
     seq_of_row = np.repeat(np.arange(num_seqs, dtype=np.int32), q_lens)  # i32[T]
-    positions = (np.arange(token_ids.shape[0], dtype=np.int32) - query_start[seq_of_row]) + starts[seq_of_row]  # i32[T]
+    in_chunk = np.arange(token_ids.shape[0], dtype=np.int32) - query_start[seq_of_row]  # i32[T]
+    cache_index = in_chunk + cache_starts[seq_of_row]  # i32[T]
+    positions = cache_index if cache_positions else in_chunk + starts[seq_of_row]  # i32[T]
 
     # NOTE: the table is only as wide as this step's longest context needs, so attention over it
     # costs what the contexts cost, not what max_model_len would.
@@ -422,8 +461,8 @@ def build_step_input(
             ids = getattr(chunk.request, attr)[:width]
             tables[s, : len(ids)] = ids
         np.maximum(tables, 0, out=tables)  # FREED (-1) entries -> block 0, never read
-        block_of_row = tables[seq_of_row, positions // block_size]  # i32[T]
-        return tables, (block_of_row * block_size + positions % block_size).astype(np.int32)  # i32[T]
+        block_of_row = tables[seq_of_row, cache_index // block_size]  # i32[T]
+        return tables, (block_of_row * block_size + cache_index % block_size).astype(np.int32)  # i32[T]
 
     block_tables, slot_mapping = tables_and_slots("block_ids")
     block_tables_w, slot_mapping_w = tables_and_slots("block_ids_w") if two_groups else (None, None)
@@ -468,12 +507,13 @@ class Engine:
         max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,
         program_options: dict | None = None,
-        enable_prefix_caching: bool = True,
+        enable_prefix_caching: bool | None = None,
         speculative: "Speculative | bool | None" = None,
     ):
         """program_options: extra keyword arguments for the target's Program (e.g. gpu_memory_fraction,
         cuda_graphs for target="cuda"; kv_cache_bytes for both). enable_prefix_caching: reuse the K/V of
-        full blocks that earlier requests computed for the same leading tokens (see runtime/block_pool.py).
+        full blocks that earlier requests computed for the same leading tokens (see runtime/block_pool.py);
+        None: on, unless the model's KV eviction policy cannot use it (H2O, see check_prefix_caching).
         speculative: None uses what the model was compiled with (compile_model(speculative=...)), False turns
         speculation off, a lowering.Speculative overrides it (runtime/speculative.py)."""
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
@@ -510,6 +550,8 @@ class Engine:
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer is not None else ()) | frozenset(
             config.eos_token_ids if config is not None else ()
         )
+        self.eviction = getattr(self.program, "eviction", None)
+        enable_prefix_caching = check_prefix_caching(self.eviction, enable_prefix_caching)
         self.scheduler = Scheduler(
             num_blocks=self.program.num_blocks,
             block_size=self.block_size,
@@ -519,8 +561,10 @@ class Engine:
             window=getattr(self.program, "kv_window", None),
             window_group=((self.program.num_blocks_w, self.program.kv_window_w)
                           if getattr(self.program, "num_blocks_w", None) is not None else None),
+            eviction=self.eviction,
         )
         self.num_steps = 0
+        self.num_compactions = 0
         self._request_counter = itertools.count()
         self._setup_speculation(model, speculative, max_num_seqs, program_options)
 
@@ -544,6 +588,12 @@ class Engine:
         if not isinstance(self.speculative, spec_lib.Speculative):
             raise ValueError(f"speculative must be a lowering.Speculative, False or None, got {type(speculative).__name__}")
         self.speculative.validate()
+        meta = getattr(getattr(model, "graph", None), "meta", None)
+        policy = meta.get("kv_policy") if isinstance(meta, dict) else None
+        if policy and self.speculative.method != "ngram":
+            from lowering.passes.evict_kv import check_kv_policy
+
+            check_kv_policy(model.graph, policy, speculative={"method": self.speculative.method})
         graph = getattr(model, "graph", None)
         if self.speculative.needs_hidden and graph is not None and len(graph.outputs) < 2:
             raise ValueError(f"speculative method {self.speculative.method!r} reads the target's hidden states: compile "
@@ -611,7 +661,11 @@ class Engine:
         step, sampled = build_step_input(
             sched.chunks, block_size=self.block_size, max_blocks_per_seq=self.program.max_blocks_per_seq,
             two_groups=getattr(self.program, "num_blocks_w", None) is not None,
+            cache_positions=self.eviction is not None and self.eviction.cache_positions,
         )
+        if sched.compactions:  # KV eviction: caches past their capacity shrink to the budget before the step
+            self.program.compact_kv(sched.compactions)
+            self.num_compactions += len(sched.compactions)
         groups = [c for c in sched.chunks if c.wants_logits]  # one per sampled request, in logit-row order
         num_spec = [c.num_spec for c in groups]
         with_hidden = self.proposer is not None and self.proposer.needs_hidden and self._hidden_next
@@ -923,12 +977,27 @@ class Engine:
         # The last token is sampled but never run, so it needs no K/V slot.
         num_kv_tokens = min(num_prompt_tokens + params.max_tokens, self.max_model_len) - 1
         num_blocks = blocks_needed(num_kv_tokens, self.block_size)
+        if self.eviction is not None:  # a compacted cache never grows past the policy's capacity
+            num_blocks = min(num_blocks, self.eviction.max_blocks(self.block_size))
         if num_blocks > self.program.num_blocks:
             raise ValueError(
                 f"prompt {index} ({num_prompt_tokens} tokens) with max_tokens={params.max_tokens} needs "
                 f"{num_blocks} KV blocks of {self.block_size} tokens, but the pool has only "
                 f"{self.program.num_blocks}; lower max_tokens or raise num_blocks"
             )
+
+
+def check_prefix_caching(eviction, enable_prefix_caching: bool | None) -> bool:
+    """Whether the engine caches prefixes under this eviction plan; ValueError for an explicit combination that
+    cannot work. None means "on where it can"."""
+    if eviction is not None and eviction.kind == "h2o":
+        if enable_prefix_caching:
+            raise ValueError("enable_prefix_caching=True with an H2O KV policy is refused: H2O picks the tokens to keep "
+                             "from the attention mass each request accumulated over its own cache slots, and blocks "
+                             "shared through the prefix cache cannot hold a mass per request; leave prefix caching "
+                             "off (the default under H2O), or compile with StreamingLLM, which composes with it")
+        return False
+    return True if enable_prefix_caching is None else bool(enable_prefix_caching)
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:

@@ -367,6 +367,7 @@ def memory_report(model, program=None) -> dict:
         "num_kv_buffers": len(graph.state),
         "block_size": block_size,
         "num_layers": num_layers,
+        "kv_shared_layers": list(graph.meta.get("kv_shared_layers") or []),  # share_kv_layers: [[i, i + 1], ...]
     }
     if program is not None:
         report["kv_cache_bytes"] = int(program.kv_cache_bytes())
@@ -418,8 +419,10 @@ def format_report(result: dict) -> str:
     if mem:
         dtypes = ", ".join(f"{k} {_bytes(v)}" for k, v in mem["weight_bytes_by_dtype"].items())
         rows.append(("weights", _bytes(mem["weight_bytes"]), dtypes))
+        shared = mem.get("kv_shared_layers") or []
         rows.append(("kv cache / token", _bytes(mem["kv_bytes_per_token"]),
-                     f"{mem['num_kv_buffers']} buffers, {mem['num_layers']} layers"))
+                     f"{mem['num_kv_buffers']} buffers, {mem['num_layers']} layers"
+                     + (f", shared {' '.join(f'{i}+{j}' for i, j in shared)}" if shared else "")))
     seconds = result.get("seconds", {})
     if "ppl" in result:
         p = result["ppl"]

@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from runtime.block_pool import BlockPool, hash_full_blocks
 from runtime.block_pool import blocks_needed
 
@@ -85,9 +87,13 @@ class KVCacheManager:
     """
 
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True,
-                 window: int | None = None, window_group: tuple[int, int] | None = None):
+                 window: int | None = None, window_group: tuple[int, int] | None = None, eviction=None):
+        """eviction: the program's lowering.kv_policy.EvictionPlan (KV eviction; see plan_compaction)."""
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.eviction = eviction
+        if eviction is not None and (window is not None or window_group is not None):
+            raise ValueError("KV eviction does not combine with sliding-window KV groups")
         for w in (window, None if window_group is None else window_group[1]):
             if w is not None and (not isinstance(w, int) or w < 1):
                 raise ValueError(f"a sliding window must be a positive integer, got {w!r}")
@@ -106,7 +112,7 @@ class KVCacheManager:
         nw = getattr(program, "num_blocks_w", None)
         group = (nw, program.kv_window_w) if nw is not None else None
         return cls(program.num_blocks, program.block_size, enable_prefix_caching=enable_prefix_caching,
-                   window=window, window_group=group)
+                   window=window, window_group=group, eviction=getattr(program, "eviction", None))
 
     @property
     def num_free_blocks(self) -> int:
@@ -127,7 +133,10 @@ class KVCacheManager:
         """
         if not self.enable_prefix_caching or req.block_ids:
             return CachedPrefix()
-        hashes = self._hashes(req, self._max_hit_blocks(req))
+        max_hit = self._max_hit_blocks(req)
+        if self.eviction is not None:  # the hit must leave room for the next chunk within the capacity
+            max_hit = min(max_hit, (self.eviction.capacity - 1) // self.block_size)
+        hashes = self._hashes(req, max_hit)
         n = len(hashes)
         for g in self.groups:
             if g.window is None:
@@ -165,7 +174,7 @@ class KVCacheManager:
         bs = self.block_size
         if computed_blocks is None:
             self._free_out_of_window(req, req.num_computed_tokens)
-            total = req.num_computed_tokens + num_new_tokens + num_lookahead
+            total = self.cache_len(req) + num_new_tokens + num_lookahead
             wanted = [blocks_needed(total, bs) - len(getattr(req, g.attr)) for g in self.groups]
             if any(n > g.pool.num_free_blocks for n, g in zip(wanted, self.groups)):
                 return False
@@ -225,6 +234,8 @@ class KVCacheManager:
             setattr(req, g.attr, [])
             g.pool.free([b for b in blocks if b != FREED])
         self._num_cached.pop(req, None)
+        if getattr(req, "num_evicted", 0):
+            req.num_evicted = 0  # a recompute starts from a whole cache again
 
     def num_held_blocks(self, req, group: int = 0) -> int:
         """Blocks the request holds in KV group `group` (freed sliding-window entries not counted)."""
@@ -234,8 +245,8 @@ class KVCacheManager:
 
     def cache_full_blocks(self, req) -> None:
         """Register the request's blocks that are full of computed tokens (call after the step ran)."""
-        if not self.enable_prefix_caching:
-            return
+        if not self.enable_prefix_caching or getattr(req, "num_evicted", 0):
+            return  # (after an eviction the blocks hold a selection of tokens, not a prefix)
         num_full = min(req.num_computed_tokens, len(req.token_ids)) // self.block_size
         num_full = min(num_full, len(req.block_ids))
         start = self._num_cached.get(req, 0)
@@ -250,6 +261,61 @@ class KVCacheManager:
                     parent = hashes[i - 1] if i > 0 else None
                     g.pool.cache_full_block(table[i], parent, req.token_ids[i * bs : (i + 1) * bs])
         self._num_cached[req] = num_full
+
+    # -- KV eviction (lowering/kv_policy.py) -------------------------------------------------------
+
+    @staticmethod
+    def cache_len(req) -> int:
+        """Tokens of the request whose K/V its blocks hold: computed ones less those evicted."""
+        return req.num_computed_tokens - getattr(req, "num_evicted", 0)
+
+    def needs_compaction(self, req, num_new_tokens: int) -> bool:
+        """Whether req must be compacted before num_new_tokens more fit within the eviction capacity."""
+        e = self.eviction
+        n = self.cache_len(req)
+        return e is not None and n > e.budget and n + num_new_tokens > e.capacity
+
+    def plan_compaction(self, req):
+        """Shrink req's cache to the eviction budget: returns the runtime.step.KVCompaction for the Program (which
+        moves the kept tokens to the front, in its own choice of tokens) or None when the pool cannot give the
+        blocks it needs now (nothing changed then; the scheduler preempts someone and asks again).
+
+        The first ceil(budget / block_size) blocks become the destination. A block the request alone holds is
+        rewritten in place (dropped from the prefix cache first: its contents stop matching its hash); a block
+        shared with another request (a prefix-cache hit) is replaced by a fresh one, so the other holder keeps
+        its contents. The blocks past the budget are freed. The Program reads every kept token before writing.
+        """
+        from runtime.step import KVCompaction
+
+        e = self.eviction
+        if e is None:
+            raise ValueError("plan_compaction: this manager has no eviction plan")
+        pool, bs = self.pool, self.block_size
+        old_len = self.cache_len(req)
+        new_len = e.budget
+        if old_len <= new_len:
+            raise ValueError(f"plan_compaction: request {req.request_id} holds {old_len} tokens, within the budget "
+                             f"{new_len}")
+        table = list(req.block_ids)
+        nb_old, nb_new = blocks_needed(old_len, bs), blocks_needed(new_len, bs)
+        head, tail = table[:nb_new], table[nb_new:]
+        shared = [i for i, b in enumerate(head) if pool.ref_count(b) > 1]
+        freed_by_tail = sum(pool.ref_count(b) == 1 for b in tail)
+        if len(shared) > pool.num_free_blocks + freed_by_tail:
+            return None
+        for b in head:
+            if pool.ref_count(b) == 1 and pool.block_hash(b) is not None:
+                pool.uncache(b)
+        pool.free(tail)
+        if shared:
+            fresh = pool.allocate(len(shared))
+            pool.free([head[i] for i in shared])
+            for i, b in zip(shared, fresh):
+                head[i] = b
+        req.block_ids = head
+        req.num_evicted = getattr(req, "num_evicted", 0) + old_len - new_len
+        self._num_cached[req] = 0
+        return KVCompaction(np.asarray(table[:nb_old], np.int32), np.asarray(head, np.int32), old_len, new_len)
 
     # -- helpers -----------------------------------------------------------------------------------
 

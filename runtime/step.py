@@ -117,6 +117,36 @@ def window_step(windows, *, block_size: int, first_block: int = 0, all_rows: boo
     )
 
 
+@dataclasses.dataclass
+class KVCompaction:
+    """One sequence's cache compacted under the program's KV eviction policy (lowering/kv_policy.py).
+
+    The sequence's old_len cached tokens lie in src_table's blocks (cache index j at slot
+    src_table[j // block_size] * block_size + j % block_size); the Program keeps new_len of them (which ones: the
+    policy's rule, per layer and KV head for H2O), in their original order, at cache indices 0 .. new_len - 1
+    of dst_table's blocks. Every source is read before any destination is written, so the two tables may
+    share blocks (the kept tokens move towards the front) and blocks the scheduler freed this step may
+    already be destinations. Runs on the device before the step that follows it.
+    """
+
+    src_table: np.ndarray  # i32[ceil(old_len / block_size)]
+    dst_table: np.ndarray  # i32[ceil(new_len / block_size)]
+    old_len: int
+    new_len: int
+
+    def slots(self, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(i32[old_len] source slots, i32[new_len] destination slots)."""
+        def of(table, n):
+            j = np.arange(n, dtype=np.int64)
+            return (np.asarray(table, np.int64)[j // block_size] * block_size + j % block_size).astype(np.int32)
+
+        if self.new_len > self.old_len or self.new_len < 1:
+            raise ValueError(f"KVCompaction keeps {self.new_len} of {self.old_len} tokens")
+        if len(self.src_table) * block_size < self.old_len or len(self.dst_table) * block_size < self.new_len:
+            raise ValueError("KVCompaction tables are too short for their lengths")
+        return of(self.src_table, self.old_len), of(self.dst_table, self.new_len)
+
+
 def mirror_kv_groups(inp: StepInput, program) -> StepInput:
     """A hand-built step (block ids laid out by the caller) for `program`: when the Program has a second KV group,
     that group uses the same block ids in its own pool, which must hold them (see mirror_pool_options)."""

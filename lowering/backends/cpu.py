@@ -11,6 +11,7 @@ from lowering import ops
 from lowering.backends.patterns import check_hidden_output
 from lowering.ir import (Graph, IRError, Node, eval_dim, interpret, resolve_window_blocks, run_reference,
                          split_kv_blocks)
+from lowering.kv_policy import plan_for_graph
 from runtime.step import StepInput
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # 1 GiB of KV pool unless told otherwise
@@ -49,12 +50,16 @@ class CpuProgram:
         self.block_size = int(graph.meta["block_size"])
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.kv_window, self.kv_window_w = graph.meta.get("kv_window"), graph.meta.get("kv_window_w")
-        sizes = dict(max_num_seqs=max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq)
+        # KV eviction (graph.meta["kv_policy"]): a sequence never holds more than the plan's blocks
+        self.eviction = plan_for_graph(graph, max_model_len)
+        per_seq = self.max_blocks_per_seq if self.eviction is None else min(
+            self.max_blocks_per_seq, self.eviction.max_blocks(self.block_size))
+        sizes = dict(max_num_seqs=max_num_seqs, max_blocks_per_seq=per_seq)
         if num_blocks is None:
             budget = kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
-            wanted = max_num_seqs * self.max_blocks_per_seq
+            wanted = max_num_seqs * per_seq
             fit, num_blocks_w = split_kv_blocks(graph, budget, num_blocks_w=num_blocks_w, **sizes)
-            num_blocks = max(self.max_blocks_per_seq, min(wanted, fit))
+            num_blocks = max(per_seq, min(wanted, fit))
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = int(num_blocks)
@@ -106,6 +111,15 @@ class CpuProgram:
 
     def kv_cache_bytes(self) -> int:
         return sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in self.state.values())
+
+    def compact_kv(self, compactions) -> None:
+        """Apply KV compactions (runtime.step.KVCompaction) under the graph's eviction policy, in order."""
+        if self.eviction is None:
+            raise ValueError("compact_kv: this program has no KV eviction policy (compile_model(kv_policy=...))")
+        if compactions:
+            from lowering.backends.kv_compact import compact_jax
+
+            self.state = compact_jax(self.state, self.graph, self.eviction, compactions, self.block_size)
 
     def would_compile(self, num_seqs: int, rows_per_seq: int, max_seq_len: int) -> bool:
         """Whether a uniform step (num_seqs sequences of rows_per_seq rows, logits for all, the longest max_seq_len
@@ -225,7 +239,11 @@ def cpu_impls(max_q_len: int) -> dict:
                 k_center=args[9] if len(args) > 9 else None))
         return write_rows_in_place(slots, ops.kv_rows_to_store(k, v, args[3:5], args[5:], node.attrs.get("kv_format")))
 
-    impls = {"rope": rope, "paged_attention": paged_attention, "kv_write": kv_write, "kv_write_nvfp4": kv_write}
+    def kv_merge(node: Node, args, env):  # the reference's merged rows, written in place like kv_write's
+        return write_rows_in_place(args[2], ops.kv_merge_rows_to_store(*args, **node.attrs))
+
+    impls = {"rope": rope, "paged_attention": paged_attention, "kv_write": kv_write, "kv_write_nvfp4": kv_write,
+             "kv_merge": kv_merge}
     from lowering.backends import cpu_native
 
     if cpu_native.available():  # GGUF blocks multiplied in place (else the reference dequantizes them first)

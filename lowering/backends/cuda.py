@@ -28,6 +28,7 @@ import numpy as np
 from lowering.backends.patterns import check_hidden_output, fusable_norm
 from lowering.ir import (Graph, IRError, Node, bind_symbols, decode_param, eval_dim, generic_primitive,
                          kv_bytes_per_block, resolve_window_blocks, split_kv_blocks)
+from lowering.kv_policy import plan_for_graph
 
 DEFAULT_GPU_MEMORY_FRACTION = 0.9
 DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20  # device="cpu" (interpreter tests): 256 MiB unless told otherwise
@@ -132,7 +133,11 @@ class CudaProgram:
         self.max_num_seqs = max_num_seqs
         self.kv_window, self.kv_window_w = graph.meta.get("kv_window"), graph.meta.get("kv_window_w")
         self._two_groups = self.kv_window_w is not None
-        sizes = dict(max_num_seqs=max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq)
+        # KV eviction (graph.meta["kv_policy"]): a sequence never holds more than the plan's blocks
+        self.eviction = plan_for_graph(graph, max_model_len)
+        per_seq = self.max_blocks_per_seq if self.eviction is None else min(
+            self.max_blocks_per_seq, self.eviction.max_blocks(self.block_size))
+        sizes = dict(max_num_seqs=max_num_seqs, max_blocks_per_seq=per_seq)
 
         out_type = graph.types[graph.outputs[0]]
         self.vocab_size = int(out_type.shape[-1])
@@ -161,11 +166,11 @@ class CudaProgram:
                 else:
                     kv_cache_bytes = DEFAULT_CPU_KV_CACHE_BYTES
             num_blocks, num_blocks_w = split_kv_blocks(graph, kv_cache_bytes, num_blocks_w=num_blocks_w, **sizes)
-            if num_blocks < self.max_blocks_per_seq:
+            if num_blocks < per_seq:
                 raise RuntimeError(
                     f"the KV cache fits {num_blocks} blocks of {self.block_size} tokens ({kv_cache_bytes / 2**30:.2f} GiB"
                     f" at {per_block} bytes per block) but one sequence of max_model_len={max_model_len} needs "
-                    f"{self.max_blocks_per_seq}; raise gpu_memory_fraction / kv_cache_bytes or lower max_model_len")
+                    f"{per_seq}; raise gpu_memory_fraction / kv_cache_bytes or lower max_model_len")
         if not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
         self.num_blocks = int(num_blocks)
@@ -196,6 +201,16 @@ class CudaProgram:
 
     def kv_bytes_per_block(self) -> int:
         return kv_bytes_per_block(self.graph)
+
+    def compact_kv(self, compactions) -> None:
+        """Apply KV compactions (runtime.step.KVCompaction) under the graph's eviction policy, in order, in place on
+        the pools (torch gathers then scatters; outside any CUDA graph, before the step that follows)."""
+        if self.eviction is None:
+            raise ValueError("compact_kv: this program has no KV eviction policy (compile_model(kv_policy=...))")
+        if compactions:
+            from lowering.backends.kv_compact import compact_torch
+
+            compact_torch(self.state, self.graph, self.eviction, compactions, self.block_size)
 
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state.values())
@@ -923,6 +938,42 @@ def _lower_kv_write_nvfp4(node, graph, program, producers, users) -> Fn:
     return run
 
 
+def _lower_kv_merge(node, graph, program, producers, users) -> Fn:
+    """kv_merge (cross-layer KV sharing, ops.ref_kv_merge) as torch ops on the pools, in place: gather the rows at
+    the slots, merge in float32, write them back. No host syncs (CUDA-graph capturable): a token of slot -1 repeats
+    the first valid token's write (identical index and value), or rewrites slot 0 with itself when none is valid."""
+    import torch
+
+    pool_type = graph.types[node.inputs[3]]
+    heads, dim = int(pool_type.shape[2]), int(pool_type.shape[3])
+    if pool_type.dtype not in ("float32", "bfloat16", "float16"):
+        raise IRError(f"kv_merge: the cuda target merges unquantized KV pools only, got {pool_type.dtype}")
+    from lowering.ops import KV_MERGE_EPS as eps
+
+    def merge(a, b):  # ops.kv_merge_vectors in torch (float32)
+        na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+        s = a / na.clamp_min(eps) + b / nb.clamp_min(eps)
+        return s / s.norm(dim=-1, keepdim=True).clamp_min(eps) * ((na + nb) * 0.5)
+
+    def run(ctx, k, v, slots, k_pool, v_pool):
+        t = k.shape[0]
+        slots = slots.long()
+        valid = slots >= 0
+        first = torch.argmax(valid.to(torch.int32))  # the first valid token (0 when there is none)
+        src = torch.where(valid, torch.arange(t, device=slots.device), first)
+        at = slots.clamp_min(0)[src]
+        keep_new = valid[src][:, None, None]
+        for x, pool in ((k, k_pool), (v, v_pool)):
+            flat = pool.view(-1, heads, dim)
+            old = flat.index_select(0, at)
+            new = x.reshape(t, heads, dim).index_select(0, src)
+            rows = torch.where(keep_new, merge(old.float(), new.float()).to(pool.dtype), old)
+            flat.index_copy_(0, at, rows)
+        return k_pool, v_pool
+
+    return run
+
+
 def _kv_format_args(kv_format, extras) -> dict:
     """paged_attention keyword arguments for the node's kv_format and its extra inputs (see ops.dequantize_kv)."""
     if kv_format is None:
@@ -943,6 +994,9 @@ def _lower_paged_attention(node, graph, program, producers, users) -> Fn:
     window = a.get("window")  # sliding window (None: full causal attention)
     if kv_format not in (None, "fp8", "nvfp4"):
         raise IRError(f"paged_attention: kv_format {kv_format!r} is not supported on the cuda target")
+    if dim % 16 or not 16 <= dim <= 256:  # the kernels' head tile: refused when the program is built, not mid-step
+        raise IRError(f"paged_attention: the cuda target's attention kernels need head_dim a multiple of 16 in "
+                      f"[16, 256], got {dim} (compile for target='cpu' or 'tpu')")
     num_extras = {None: 0, "fp8": 2, "nvfp4": 4}[kv_format]
     if len(node.inputs) != 6 + num_extras:
         raise IRError(f"paged_attention with kv_format {kv_format!r} takes {6 + num_extras} inputs, got {len(node.inputs)}")
@@ -992,6 +1046,46 @@ def _lower_paged_attention(node, graph, program, producers, users) -> Fn:
     return run
 
 
+def _lower_attention_mass(node, graph, program, producers, users) -> Fn:
+    """H2O accumulated attention (kernels_gpu.attention_mass): adds this step's softmax mass to the mass pool in
+    place (the pool is state; state_updates names this node's output, the same tensor). The K pool input is
+    the one kv_write filled this step (kv_write updates it in place, so paged_attention and this node read it)."""
+    from kernels_gpu.attention_mass import attention_mass
+
+    a = node.attrs
+    hq, dim, scale = a["num_heads"], a["head_dim"], a["scale"]
+    kv_format = a.get("kv_format")
+    if kv_format not in (None, "fp8", "nvfp4"):
+        raise IRError(f"attention_mass: kv_format {kv_format!r} is not supported on the cuda target")
+    if dim % 16 or not 16 <= dim <= 256:
+        raise IRError(f"attention_mass: the cuda target's kernel needs head_dim a multiple of 16 in [16, 256], got "
+                      f"{dim} (compile for target='cpu' or 'tpu')")
+    num_extras = {None: 0, "fp8": 2, "nvfp4": 4}[kv_format]
+    if len(node.inputs) != 7 + num_extras:
+        raise IRError(f"attention_mass with kv_format {kv_format!r} takes {7 + num_extras} inputs, "
+                      f"got {len(node.inputs)}")
+    if (kv_format == "nvfp4" and dim < 32 and program.device.type == "cuda"
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise IRError(f"attention_mass: nvfp4 KV needs head_dim >= 32 on the GPU kernel, got {dim}")
+    # NOTE: the kernel updates its mass input in place: no later node may read the value it had before
+    here = next(i for i, n in enumerate(graph.nodes) if n is node)
+    later = [u.op for u in users.get(node.inputs[6], []) if any(n is u for n in graph.nodes[here + 1:])]
+    if later or node.inputs[6] in graph.params:
+        raise IRError(f"attention_mass updates its mass pool {node.inputs[6]!r} in place on the cuda target, but "
+                      f"{'it is a param' if not later else f'later nodes ({later}) read its old value'}")
+
+    def run(ctx, q, k_pool, query_start, seq_lens, block_tables, slot_mapping, mass_pool, *extras):
+        t = q.shape[0]
+        attention_mass(q.view(t, hq, dim), k_pool, query_start, seq_lens, block_tables, slot_mapping, mass_pool,
+                       scale=scale, max_q_len=ctx.max_q_len, max_seq_len=ctx.max_seq_len,
+                       **_kv_format_args(kv_format, extras))
+        return (mass_pool,)
+
+    if kv_format is not None:
+        run.label = f"attention_mass[{kv_format}]"
+    return run
+
+
 def _lower_constant(node, graph, program, producers, users) -> Fn:
     value = to_torch(np.asarray(node.attrs["value"], dtype=node.attrs["dtype"]), program.device, node.attrs["dtype"])
 
@@ -1014,7 +1108,9 @@ _LOWERINGS: dict[str, Callable[..., Fn]] = {
     "moe": _lower_moe,
     "kv_write": _lower_kv_write,
     "kv_write_nvfp4": _lower_kv_write_nvfp4,
+    "kv_merge": _lower_kv_merge,
     "paged_attention": _lower_paged_attention,
+    "attention_mass": _lower_attention_mass,
     "qlinear": _lower_qlinear,
     "qlogits": _lower_qlogits,
     "rotate_heads": _lower_rotate_heads,

@@ -1,11 +1,14 @@
 """TPU backend: the graph under jax.jit with its attention, KV writes, quantized matmuls and norms as Pallas TPU kernels.
 
-Everything else (linears, logits, RoPE, SiLU-and-mul, embedding, the generic lax ops) is XLA, which tiles
+Everything else (linears, logits, RoPE, SiLU-and-mul, embedding, kv_merge of cross-layer KV sharing (its jnp
+reference), the generic lax ops) is XLA, which tiles
 dense matmuls onto the MXU well. The Program is the CPU backend's (lowering/backends/cpu.py) with another
 lowering table:
 
   paged_attention              -> kernels_pallas.ragged_paged_attention (decode, chunked prefill and
                                   verification rows in one ragged kernel; bf16 / fp8 / nvfp4 KV)
+  attention_mass (H2O)         -> kernels_pallas.attention_mass (per-sequence softmax mass; XLA scatter-adds
+                                  it into the mass pool)
   kv_write, kv_write_nvfp4     -> kernels_pallas.kv_write (quantization on write; pools aliased in place)
   qlinear, qlogits (weight-only) -> kernels_pallas.quant_matmul (int8, fp8, int4, nvfp4 and the GGUF-native
                                   q4_1 / q8_0, dequantized in VMEM);
@@ -78,6 +81,7 @@ class TpuProgram(CpuProgram):
         from kernels_pallas.moe import moe_experts
         from kernels_pallas.norms import add_rms_norm, rms_norm
         from kernels_pallas.quant_matmul import quantized_matmul
+        from kernels_pallas.attention_mass import attention_mass as pallas_attention_mass
         from kernels_pallas.ragged_paged_attention import ragged_paged_attention
         from kernels_pallas.tuning import attention_blocks
 
@@ -89,6 +93,9 @@ class TpuProgram(CpuProgram):
 
         def paged_attention(node: Node, args, env):
             return (ragged_paged_attention(*args, **node.attrs, **att_blocks, interpret=interp),)
+
+        def attention_mass(node: Node, args, env):  # H2O mass: the new pool (XLA scatters the kernel's sums)
+            return (pallas_attention_mass(*args, **node.attrs, **att_blocks, interpret=interp),)
 
         def write(node: Node, args, env):
             if node.op == "kv_write_nvfp4":
@@ -133,7 +140,7 @@ class TpuProgram(CpuProgram):
 
         return {"rope": cpu_impls(1)["rope"], "paged_attention": paged_attention, "kv_write": write,
                 "kv_write_nvfp4": write, "qlinear": qlinear, "qlogits": qlinear, "add": add, "rms_norm": norm,
-                "moe": moe}
+                "moe": moe, "attention_mass": attention_mass}
 
 
 _KERNEL_FORMATS = ("int8", "fp8", "int4", "nvfp4", "q4_1", "q8_0")  # weight-only formats of quant_matmul

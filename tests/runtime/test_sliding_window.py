@@ -18,8 +18,9 @@ VOCAB, DIM, HEADS, KV_HEADS, HEAD_DIM = 61, 32, 4, 2, 8
 class TinyWindowed(nnx.Module):
     """A small decoder whose layer i attends with windows[i] (None: full attention); random weights."""
 
-    def __init__(self, windows, seed: int = 0):
+    def __init__(self, windows, seed: int = 0, head_dim: int = HEAD_DIM):
         rngs = nnx.Rngs(seed)
+        self.head_dim = hd = head_dim
 
         def w(*shape, scale=0.3):
             return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) * scale)
@@ -27,21 +28,21 @@ class TinyWindowed(nnx.Module):
         self.windows = tuple(windows)
         self.embed = w(VOCAB, DIM, scale=1.0)
         self.norms = nnx.List([nnx.Param(jnp.ones((DIM,), jnp.float32)) for _ in windows])
-        self.wq = nnx.List([w(HEADS * HEAD_DIM, DIM) for _ in windows])
-        self.wk = nnx.List([w(KV_HEADS * HEAD_DIM, DIM) for _ in windows])
-        self.wv = nnx.List([w(KV_HEADS * HEAD_DIM, DIM) for _ in windows])
-        self.wo = nnx.List([w(DIM, HEADS * HEAD_DIM) for _ in windows])
+        self.wq = nnx.List([w(HEADS * hd, DIM) for _ in windows])
+        self.wk = nnx.List([w(KV_HEADS * hd, DIM) for _ in windows])
+        self.wv = nnx.List([w(KV_HEADS * hd, DIM) for _ in windows])
+        self.wo = nnx.List([w(DIM, HEADS * hd) for _ in windows])
 
     def __call__(self, token_ids, positions, query_start, logit_rows):
         x = ops.embed_tokens(token_ids, self.embed[...])
         for i, window in enumerate(self.windows):
             h = ops.rms_normalize(x, self.norms[i][...], 1e-5)
-            q = ops.apply_rope(ops.project(h, self.wq[i][...]), positions, num_heads=HEADS, head_dim=HEAD_DIM,
+            q = ops.apply_rope(ops.project(h, self.wq[i][...]), positions, num_heads=HEADS, head_dim=self.head_dim,
                                theta=10000.0)
-            k = ops.apply_rope(ops.project(h, self.wk[i][...]), positions, num_heads=KV_HEADS, head_dim=HEAD_DIM,
+            k = ops.apply_rope(ops.project(h, self.wk[i][...]), positions, num_heads=KV_HEADS, head_dim=self.head_dim,
                                theta=10000.0)
             o = ops.causal_attention(q, k, ops.project(h, self.wv[i][...]), query_start, num_heads=HEADS,
-                                     num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, window=window)
+                                     num_kv_heads=KV_HEADS, head_dim=self.head_dim, window=window)
             x = x + ops.project(o, self.wo[i][...])
         return ops.compute_logits(x, logit_rows, self.embed[...])
 
@@ -168,7 +169,7 @@ def test_cuda_engine_with_graphs_matches_the_unpaged_model(windows):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("CUDA graphs need a GPU (the interpreter path is covered by the kernel tests)")
-    model = TinyWindowed(windows)
+    model = TinyWindowed(windows, head_dim=16)  # the Triton attention kernels take head_dim in multiples of 16
     cm = compile_model(model, target="cuda", block_size=4, max_model_len=128, dtype="float32")
     engine = Engine(cm, num_blocks=96, max_num_seqs=4, max_num_batched_tokens=16)
     assert engine.program.cuda_graphs
