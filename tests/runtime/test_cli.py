@@ -169,3 +169,36 @@ def test_console_run_has_no_traceback():
     )
     assert proc.returncode == 2
     assert proc.stderr == "llmc: error: top_k must be an integer >= -1 (0 or -1 = off), got -5\n"
+
+
+def test_kv_policy_flag_reaches_compile_model(monkeypatch, tmp_path):
+    from lowering import H2O, StreamingLLM
+
+    calls = []
+
+    class FakeCompiled:
+        def export(self, out):
+            pass
+
+    monkeypatch.setattr(lowering, "compile_model", lambda source, **kw: calls.append(kw) or FakeCompiled(),
+                        raising=False)
+    out = str(tmp_path / "art")
+    assert cli.main(["compile", "smollm2-135m", "-o", out, "--quiet", "--kv-policy", "h2o:0.2"]) == 0
+    assert cli.main(["compile", "smollm2-135m", "-o", out, "--quiet", "--kv-policy", "streaming:4:256:original"]) == 0
+    assert calls[0]["kv_policy"] == H2O(budget=0.2)
+    assert calls[1]["kv_policy"] == StreamingLLM(sinks=4, window=256, positions="original")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["compile", "x", "-o", "y", "--kv-policy", "lru:3"], "bad KV setting"),
+    (["eval", "x", "--long", "--settings", "full,lru:3"], "bad KV setting"),
+    (["eval", "x", "--long", "--needle-depths", "0.5,2"], "needle-depths"),
+    (["eval", "x", "--long", "--long-window", "8"], "--long-window"),
+])
+def test_bad_kv_settings_fail_before_compiling(capsys, argv, message):
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err
