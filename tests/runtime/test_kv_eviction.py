@@ -165,11 +165,11 @@ def test_pool_stays_consistent_under_random_load(tiny, policy, prefix):
     """Random prompts (half sharing a long prefix), a pool too small for all of them (preemption), checked after
     every step: no leaked, double-held or freed-while-held block; nobody over budget; all blocks back at the end."""
     cm = _compile(tiny, policy)
-    engine = Engine(cm, num_blocks=14, max_num_seqs=4, max_num_batched_tokens=8, enable_prefix_caching=prefix)
+    engine = Engine(cm, num_blocks=11, max_num_seqs=3, max_num_batched_tokens=8, enable_prefix_caching=prefix)
     plan = engine.eviction
     rng = np.random.default_rng(1)
     shared = rng.integers(1, 90, 20).tolist()
-    for i in range(6):
+    for i in range(5):
         tail = rng.integers(1, 90, int(rng.choice([3, 11, 22]))).tolist()
         prompt = shared + tail if i % 2 else tail
         params = SamplingParams(max_tokens=int(rng.integers(4, 16)), temperature=0.0)
@@ -180,7 +180,8 @@ def test_pool_stays_consistent_under_random_load(tiny, policy, prefix):
         _check_pool(engine, plan)
         steps += 1
         assert steps < 2000
-    assert engine.num_compactions > 0 and engine.scheduler.kv.pool.num_free_blocks == 14
+    assert engine.num_compactions > 0 and engine.scheduler.num_preemptions > 0
+    assert engine.scheduler.kv.pool.num_free_blocks == 11
     if prefix:
         stats = engine.scheduler.kv.stats  # prefix hits happened (here mostly recomputes of preempted requests)
         assert stats.hit_tokens + stats.recompute_hit_tokens > 0
