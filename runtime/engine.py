@@ -370,11 +370,9 @@ class Scheduler:
         latest arrivals if the compaction needs blocks the pool lacks); False if req itself was preempted."""
         if not self.kv.needs_compaction(req, num_new):
             return True
-        while (compaction := self.kv.plan_compaction(req)) is None:
-            victim = self.running[-1]
-            self._preempt(victim, scheduled, preempted)
-            if victim is req:
-                return False
+        compaction = self._preempting_until(req, lambda: self.kv.plan_compaction(req), scheduled, preempted)
+        if compaction is None:
+            return False
         compactions.append((req, compaction))
         return True
 
@@ -382,12 +380,18 @@ class Scheduler:
         self, req: Request, num_new: int, scheduled: dict[int, ScheduledChunk], preempted: list[Request]
     ) -> bool:
         """Give req blocks for num_new more tokens, preempting latest arrivals; False if req itself was preempted."""
-        while not self.kv.allocate_for(req, num_new):
+        return self._preempting_until(req, lambda: self.kv.allocate_for(req, num_new), scheduled, preempted) is not None
+
+    def _preempting_until(self, req: Request, attempt, scheduled: dict[int, ScheduledChunk],
+                          preempted: list[Request]):
+        """attempt() until it succeeds (a truthy result), preempting the latest-arrived running request after each
+        failure; that result, or None once req itself was preempted."""
+        while not (result := attempt()):
             victim = self.running[-1]
             self._preempt(victim, scheduled, preempted)
             if victim is req:
-                return False
-        return True
+                return None
+        return result
 
     def _preempt(self, req: Request, scheduled: dict[int, ScheduledChunk], preempted: list[Request]) -> None:
         self._release(req)

@@ -43,6 +43,16 @@ def rope_rotation(attrs: dict) -> tuple[np.ndarray, int]:
     return np.asarray(freqs.inv_freq, np.float32), int(freqs.rotary_dim)
 
 
+def _layout(graph) -> tuple[dict[str, list[str]], dict[str, tuple[np.ndarray, int]]]:
+    """(pool_buffers(graph), {K pool: rope_rotation of its keys}), computed once per graph (every compaction of a
+    program reads them)."""
+    cached = graph.__dict__.get("_kv_compact_layout")
+    if cached is None:
+        rope = {name: rope_rotation(attrs) for name, attrs in (graph.meta.get("kv_policy_rope") or {}).items()}
+        cached = graph.__dict__["_kv_compact_layout"] = (pool_buffers(graph), rope)
+    return cached
+
+
 def _bucket(n: int) -> int:
     return 1 << max(int(n) - 1, 1).bit_length()
 
@@ -55,7 +65,7 @@ def compact_jax(state: dict, graph, plan: EvictionPlan, compactions, block_size:
     """The program state with each compaction applied, in order (buffers donated: update in place)."""
     import jax.numpy as jnp
 
-    names = tuple(sorted(n for ns in pool_buffers(graph).values() for n in ns))
+    names = tuple(sorted(n for ns in _layout(graph)[0].values() for n in ns))
     for c in compactions:
         src, dst = c.slots(block_size)
         pad = _bucket(c.old_len)
@@ -76,8 +86,7 @@ def _jax_compactor(graph, plan: EvictionPlan, names: tuple, old_pad: int, new_le
     import jax
     import jax.numpy as jnp
 
-    layers = pool_buffers(graph)
-    rope = {name: rope_rotation(attrs) for name, attrs in (graph.meta.get("kv_policy_rope") or {}).items()}
+    layers, rope = _layout(graph)
     heads_of = {n: int(graph.types[n].shape[2]) for n in names}
 
     def keep_for(layer_names, sub, src, old_len, num_heads):
@@ -146,8 +155,7 @@ def compact_torch(state: dict, graph, plan: EvictionPlan, compactions, block_siz
     """Apply each compaction to the torch state buffers in place, in order."""
     import torch
 
-    layers = pool_buffers(graph)
-    rope = {name: rope_rotation(attrs) for name, attrs in (graph.meta.get("kv_policy_rope") or {}).items()}
+    layers, rope = _layout(graph)
     if not layers:
         return
     device = state[next(iter(layers.values()))[0]].device

@@ -54,7 +54,7 @@ def check_kv_policy(graph: Graph, policy, *, speculative: dict | None = None) ->
                                 "heavy-hitter choice for two layers' attention; use StreamingLLM, or no sharing")
         return
     assert isinstance(policy, StreamingLLM)
-    if not policy.positions == "cache":
+    if policy.positions != "cache":
         return
     fmts = sorted({str(_kv_format(n)) for n in writes if _kv_format(n) is not None})
     if fmts:

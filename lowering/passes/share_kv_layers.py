@@ -329,6 +329,8 @@ def apply_share_kv_layers(graph: Graph, params: Mapping[str, Any], option: Any, 
                           "ask for a number of pairs or a list of pairs")
         import jax.numpy as jnp
 
+        from lowering.quant import calibrate
+
         params = {k: jnp.asarray(v) for k, v in params.items()}
         sims = measure_kv_similarity(graph, params, windows)
         record["similarity"] = sims
@@ -351,7 +353,7 @@ def apply_share_kv_layers(graph: Graph, params: Mapping[str, Any], option: Any, 
             def increase(n: int) -> float:
                 if n not in increases:
                     loss = window_loss(share_kv_layers(graph, ranked[:n]), params, ppl_windows, chunk=chunk)
-                    increases[n] = math.expm1(loss - base)
+                    increases[n] = calibrate.ppl_increase(loss, base)
                     log(f"share_kv_layers: {n} pairs -> ppl {increases[n]:+.3%}")
                 return increases[n]
 
