@@ -34,6 +34,9 @@ class RequestEvent:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     logprobs: list | None = None  # per new token: (token text, logprob, [(text, logprob)] best first)
+    entropies: list | None = None  # add_request(track_entropy=True): per new token, its distribution's entropy
+    num_draft_tokens: int = 0  # add_request(draft=): the draft's tokens checked, and accepted (so far)
+    num_accepted_draft_tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -43,6 +46,7 @@ class _Tracked:
     loop: asyncio.AbstractEventLoop
     sent_text: int = 0
     sent_tokens: int = 0
+    sent_entropies: int = 0
     arrival_time: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -98,11 +102,13 @@ class AsyncEngine:
             return len(self._tracked) + len(self._incoming)
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams, *, chat: bool = False,
-                    messages: list[dict] | None = None) -> tuple[str, asyncio.Queue]:
+                    messages: list[dict] | None = None, draft: Sequence[int] | None = None,
+                    track_entropy: bool = False) -> tuple[str, asyncio.Queue]:
         """Validate and enqueue one request; returns (request id, queue of RequestEvent).
 
         Must be called from a running event loop. Raises ValueError for a bad prompt or parameters
-        and QueueFullError when `max_pending` requests are already in flight.
+        and QueueFullError when `max_pending` requests are already in flight. draft / track_entropy: as
+        Engine.generate's drafts / track_entropy (runtime/router.py's cascade).
         """
         engine = self.engine
         params.validate()
@@ -111,7 +117,8 @@ class AsyncEngine:
                 raise ValueError("this model has no tokenizer, so chat messages cannot be rendered")
             text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             prompt = list(engine.tokenizer.encode(text, add_special_tokens=False))
-        req = engine._make_request(0, prompt, params, chat)  # validates length, vocabulary, fit in the pool
+        # validates length, vocabulary, fit in the pool
+        req = engine._make_request(0, prompt, params, chat, draft=draft, track_entropy=track_entropy)
         loop = asyncio.get_running_loop()
         tracked = _Tracked(req, asyncio.Queue(), loop)
         with self._lock:
@@ -230,9 +237,12 @@ class AsyncEngine:
             decode = self._token_text
             logprobs = [(decode(t), lp, [(decode(a), b) for a, b in top])
                         for t, (lp, top) in zip(tokens, req.output_logprobs[tracked.sent_tokens:])]
+        entropies = req.output_entropies[tracked.sent_entropies:] if req.track_entropy else None
         tracked.sent_text, tracked.sent_tokens = len(req.text), len(req.output_token_ids)
+        tracked.sent_entropies = len(req.output_entropies)
         event = RequestEvent(text, list(tokens), finish_reason, error, len(req.prompt_token_ids),
-                             len(req.output_token_ids), logprobs)
+                             len(req.output_token_ids), logprobs, entropies, req.num_draft_tokens,
+                             req.num_accepted_draft_tokens)
         tracked.loop.call_soon_threadsafe(tracked.queue.put_nowait, event)
 
     def _token_text(self, token: int) -> str:

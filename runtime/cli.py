@@ -1,5 +1,6 @@
 """Command line: `llmc compile SOURCE -o OUT`, `llmc generate SOURCE --prompt TEXT`, `llmc serve SOURCE`,
-`llmc train-draft SOURCE --method medusa|eagle -o HEADS_DIR`."""
+`llmc train-draft SOURCE --method medusa|eagle -o HEADS_DIR`, `llmc train-router --data FILE.jsonl -o ROUTER.json`,
+`llmc eval-router --weak SOURCE --strong SOURCE`."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_generate)
 
     p = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API (/v1/completions, /v1/chat/completions)")
-    add_source_argument(p)
+    p.add_argument("source", metavar="SOURCE", nargs="?", default=None,
+                   help="artifact directory (has manifest.json) or anything `compile` accepts; omit with --router")
+    p.add_argument("--router", default=None, metavar="CONFIG.json",
+                   help="serve several models with a routing policy (\"model\": \"auto\"); the JSON names each "
+                        "model's source and compile options, the default model, the policy and the costs "
+                        "(see runtime/router.py load_router_config)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="the model id clients send (default: SOURCE's name)")
@@ -114,6 +120,47 @@ def build_parser() -> argparse.ArgumentParser:
                         "training runs in JAX on its default device")
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
     p.set_defaults(func=run_train_draft)
+
+    p = sub.add_parser("train-router", help="train the task-routing classifier on labeled prompts")
+    p.add_argument("--data", required=True, metavar="FILE.jsonl", help='one example a line: {"prompt": ..., "label": '
+                   '...} or {"prompt": ..., "scores": {model: quality}} (labeled with the cheapest best model)')
+    p.add_argument("-o", "--output", required=True, metavar="ROUTER.json", help="classifier file to write")
+    p.add_argument("--labels", default=None, metavar="LIST", help="comma-separated route labels, cheapest model "
+                   "first (required for 'scores' lines; default: the labels the file names, sorted)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of each label (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default 0)")
+    p.add_argument("--epochs", type=int, default=100, help="L-BFGS iterations at most (default 100)")
+    p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the weights (default 1e-3)")
+    p.add_argument("--balanced", action="store_true", help="weight classes inversely to their counts")
+    p.set_defaults(func=run_train_router)
+
+    p = sub.add_parser("eval-router", help="evaluate routing policies between a weak and a strong model "
+                       "(APGR, CPT, cost at equal quality; RouteLLM's method)")
+    p.add_argument("--weak", required=True, metavar="SOURCE", help="the cheap model: artifact dir or anything "
+                   "`compile` accepts")
+    p.add_argument("--strong", required=True, metavar="SOURCE", help="the expensive model")
+    weight_formats = ["int8", "fp8", "int4", "nvfp4", "gguf"]
+    p.add_argument("--weak-weights", default=None, choices=weight_formats, help="quantize the weak model's weights")
+    p.add_argument("--strong-weights", default=None, choices=weight_formats,
+                   help="quantize the strong model's weights")
+    p.add_argument("--max-ppl-increase", default=None, type=_budget, metavar="X",
+                   help="accuracy guard budget when quantizing (default: off, the format as is)")
+    p.add_argument("--task", default="shakespeare", choices=["shakespeare", "gsm8k"],
+                   help="shakespeare: next line of a play among 4; gsm8k: final answer among 4 (default shakespeare)")
+    p.add_argument("--num-items", type=int, default=600, help="items scored by both models (default 600)")
+    p.add_argument("--train-fraction", type=float, default=0.5,
+                   help="share of items that train the task classifier; the rest are held out (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the items, the split and the classifier")
+    p.add_argument("--data", default=None, metavar="DIR", help="folder with tinyshakespeare.txt and "
+                   "gsm8k_train.jsonl (default: $LLMC_DATA, else ../shared/data next to the llmc checkout)")
+    p.add_argument("--class-weight", default="balanced", choices=["balanced", "none"],
+                   help="task classifier class weights (default balanced)")
+    p.add_argument("--batch-items", type=int, default=8, help="items scored per step (default 8)")
+    p.add_argument("--random-seeds", type=int, default=100, help="seeds of the random-routing baseline (default 100)")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="keep each model's per-item scores and cost in DIR and reuse them when they match")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the full result as JSON to OUT")
+    p.set_defaults(func=run_eval_router)
     return parser
 
 
@@ -241,18 +288,65 @@ def run_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    model = load_or_compile(args)
-    engine = Engine(model, num_blocks=args.num_blocks, max_model_len=args.max_model_len,
-                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
-    name = args.model_name or os.path.basename(os.path.normpath(args.source))
-    async_engine = AsyncEngine(engine, max_pending=args.max_pending)
-    print(f"llmc: serving {name!r} on http://{args.host}:{args.port}/v1 "
+    engine_kwargs = dict(num_blocks=args.num_blocks, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                         max_num_batched_tokens=args.max_num_batched_tokens)
+    if args.router is not None:
+        if args.source is not None:
+            raise ValueError("give either SOURCE or --router, not both")
+        async_engine = build_router(args.router, target=args.target, engine_kwargs=engine_kwargs,
+                                    max_pending=args.max_pending)
+        name = None
+        served = f"models {sorted(async_engine.async_engines)} and {async_engine.name!r}"
+    else:
+        if args.source is None:
+            raise ValueError("serve needs SOURCE (a model) or --router CONFIG.json (several)")
+        engine = Engine(load_or_compile(args), **engine_kwargs)
+        name = args.model_name or os.path.basename(os.path.normpath(args.source))
+        async_engine = AsyncEngine(engine, max_pending=args.max_pending)
+        served = repr(name)
+    print(f"llmc: serving {served} on http://{args.host}:{args.port}/v1 "
           f"({'API key required' if args.api_key else 'no API key'})", file=sys.stderr)
     try:
         serve_forever(async_engine, model_name=name, host=args.host, port=args.port, api_key=args.api_key)
     finally:
         async_engine.shutdown()
     return 0
+
+
+def build_router(path: str, *, target: str, engine_kwargs: dict, max_pending: int):
+    """An AsyncRouter from a router config file: each model loaded (an artifact directory) or compiled (any
+    other source, with the model's own compile options), its Engine and AsyncEngine, the policy, the costs."""
+    from runtime import Engine, load
+    from runtime.async_engine import AsyncEngine
+    from runtime.router import AsyncRouter, load_router_config, policy_from_config
+
+    config = load_router_config(path)
+    async_engines = {}
+    try:
+        for name, spec in config["models"].items():
+            options = {k: v for k, v in spec.items() if k not in ("source", "engine")}
+            source = spec["source"]
+            if os.path.isfile(os.path.join(source, "manifest.json")):
+                if options:
+                    raise ValueError(f"router model {name!r}: {source} is a compiled artifact; compile options "
+                                     f"{sorted(options)} do not apply")
+                model = load(source)
+            else:
+                from lowering import compile_model
+
+                model = compile_model(source, **({"target": target, "verbose": False} | options))
+            engine = Engine(model, **(engine_kwargs | dict(spec.get("engine") or {})))
+            async_engines[name] = AsyncEngine(engine, max_pending=max_pending)
+        router = AsyncRouter(async_engines, policy_from_config(config["policy"]), default=config["default"],
+                             costs=config.get("costs", "measure"), name=config.get("name", "auto"))
+    except BaseException:
+        for async_engine in async_engines.values():
+            async_engine.shutdown()
+        raise
+    for model, cost in router.costs.items():
+        print(f"llmc: {model}: {cost.prefill_s * 1e3:.3f} ms per prompt token, {cost.decode_s * 1e3:.2f} ms per "
+              f"generated token{' (reference)' if model == router.reference else ''}", file=sys.stderr)
+    return router
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -389,6 +483,55 @@ def run_train_draft(args: argparse.Namespace) -> int:
         depth=args.depth, mt_bench_samples=args.mt_bench_samples,
         log=None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)))
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def run_train_router(args: argparse.Namespace) -> int:
+    import math
+
+    from runtime import route_classifier as rc
+
+    if not 0.0 <= args.test_fraction < 1.0:
+        raise ValueError(f"--test-fraction must be in [0, 1), got {args.test_fraction}")
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    if not (math.isfinite(args.l2) and args.l2 >= 0):
+        raise ValueError(f"--l2 must be a finite number >= 0, got {args.l2}")
+    labels = None
+    if args.labels is not None:
+        labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ValueError(f"--labels must name >= 2 distinct labels, got {args.labels!r}")
+    result = rc.train_router(args.data, args.output, labels=labels, test_fraction=args.test_fraction,
+                             seed=args.seed, epochs=args.epochs, l2=args.l2, balanced=args.balanced)
+    print(rc.format_report(result))
+    return 0
+
+
+def run_eval_router(args: argparse.Namespace) -> int:
+    import json
+
+    from runtime import router_eval as re_
+
+    for flag, value, low in (("--num-items", args.num_items, 4), ("--batch-items", args.batch_items, 1),
+                             ("--random-seeds", args.random_seeds, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if not 0.0 <= args.train_fraction < 1.0:
+        raise ValueError(f"--train-fraction must be in [0, 1), got {args.train_fraction}")
+    if args.num_items - round(args.train_fraction * args.num_items) < 2:
+        raise ValueError(f"--train-fraction {args.train_fraction} leaves fewer than 2 of {args.num_items} items held out")
+    result = re_.eval_router(args.weak, args.strong, task=args.task, num_items=args.num_items,
+                             train_fraction=args.train_fraction, seed=args.seed, data_dir=args.data,
+                             weak_weights=args.weak_weights, strong_weights=args.strong_weights,
+                             max_ppl_increase=args.max_ppl_increase, batch_items=args.batch_items,
+                             class_weight=args.class_weight, num_random_seeds=args.random_seeds,
+                             cache_dir=args.cache, log=re_.print_log)
+    print(re_.format_report(result))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
     return 0
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from runtime.block_pool import BlockPool
 from runtime.block_pool import blocks_needed
 from runtime.kv_manager import KVCacheManager, PrefixCacheStats
-from runtime.sampler import SamplingParams, find_stop_string, make_generator, sample, token_logprobs
+from runtime.sampler import SamplingParams, entropy, find_stop_string, make_generator, sample, token_logprobs
 from runtime.speculative import Draft
 from runtime.step import Program, StepInput
 
@@ -61,6 +61,12 @@ class RequestOutput:
     finish_reason: str  # "stop" | "length"
     # with SamplingParams.logprobs: per generated token (its logprob, [(id, logprob)] of the best, best first)
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # generate(track_entropy=True) with logprobs: per generated token, the entropy (nats) of the distribution it
+    # was drawn from (runtime/router.py's cascade confidence)
+    entropies: list[float] | None = None
+    # a cascade draft (generate(drafts=...)): its tokens the model checked, and how many of them it accepted
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,6 +143,12 @@ class Request:
     output_logprobs: list = dataclasses.field(default_factory=list)  # with params.logprobs, one per output token
     spec_token_ids: list[int] = dataclasses.field(default_factory=list)  # draft to verify in the next step
     spec_draft: "Draft | None" = None  # the proposal behind spec_token_ids (with its probabilities, if any)
+    draft_source: str | None = None  # "cascade": spec_token_ids is another model's answer (Engine.generate(drafts=))
+    cascade_draft: list[int] | None = None  # that whole answer (its part past the output so far is checked next)
+    num_draft_tokens: int = 0  # cascade draft tokens verified, and accepted
+    num_accepted_draft_tokens: int = 0
+    track_entropy: bool = False  # record output_entropies (needs host logits: params.logprobs set)
+    output_entropies: list = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -279,7 +291,7 @@ class Scheduler:
         self._release(req)
 
     def _release(self, req: Request) -> None:
-        req.spec_token_ids, req.spec_draft = [], None
+        req.spec_token_ids, req.spec_draft, req.draft_source = [], None, None
         for fn in self.on_release:
             fn(req)
 
@@ -308,8 +320,9 @@ class Scheduler:
         for req in decodes + prefills:
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this step
                 continue
-            # a decode runs its last token and its draft (speculative decoding), as much of it as the budget allows
-            num_spec = len(req.spec_token_ids) if req.num_uncomputed_tokens == 1 else 0
+            # a decode runs its last token and its draft (speculative decoding), as much of it as the budget allows;
+            # so does the last prefill chunk of a request that came with a cascade draft
+            num_spec = len(req.spec_token_ids)
             num_new = min(req.num_uncomputed_tokens + num_spec, self.max_num_batched_tokens - used)
             if num_new == 0:
                 break
@@ -319,8 +332,8 @@ class Scheduler:
                     continue
                 num_new = min(num_new, eviction.capacity - self.kv.cache_len(req))
             num_spec = max(0, num_new - req.num_uncomputed_tokens)
-            if num_spec < len(req.spec_token_ids):
-                req.spec_token_ids = req.spec_token_ids[:num_spec]
+            if num_spec < len(req.spec_token_ids) and (num_spec or req.draft_source != "cascade"):
+                req.spec_token_ids = req.spec_token_ids[:num_spec]  # (a cascade draft waits for its last chunk)
             num_preempted = len(preempted)
             if self._grow_blocks(req, num_new, scheduled, preempted):
                 scheduled[req.arrival] = ScheduledChunk(req, req.num_computed_tokens, num_new, num_spec=num_spec,
@@ -338,12 +351,23 @@ class Scheduler:
             num_new = min(req.num_tokens - num_cached, budget)
             if eviction is not None:
                 num_new = min(num_new, eviction.capacity - num_cached)
-            if not self.kv.allocate_for(req, num_new, computed_blocks=computed_blocks):  # sets num_computed_tokens
-                break
+            num_spec = 0
+            if req.spec_token_ids and num_new == req.num_tokens - num_cached:
+                # a cascade draft rides on the prompt's last chunk: the whole answer is checked in this one pass
+                room = budget - num_new if eviction is None else min(budget, eviction.capacity - num_cached) - num_new
+                num_spec = max(0, min(len(req.spec_token_ids), room))
+                if num_spec:
+                    req.spec_token_ids = req.spec_token_ids[:num_spec]
+            if not self.kv.allocate_for(req, num_new + num_spec, computed_blocks=computed_blocks):  # sets num_computed_tokens
+                if not num_spec or not self.kv.allocate_for(req, num_new, computed_blocks=computed_blocks):
+                    break
+                num_spec = 0  # no room for the draft's slots now: the prompt alone (the draft is dropped)
             self.waiting.pop(0)
             req.status = RequestStatus.RUNNING
             bisect.insort(self.running, req, key=_arrival)
-            scheduled[req.arrival] = ScheduledChunk(req, num_cached, num_new, num_cached_tokens=num_cached)
+            scheduled[req.arrival] = ScheduledChunk(req, num_cached, num_new + num_spec, num_cached_tokens=num_cached,
+                                                    num_spec=num_spec)
+            num_new += num_spec
             used += num_new
 
         chunks = list(scheduled.values())
@@ -569,6 +593,7 @@ class Engine:
         )
         self.num_steps = 0
         self.num_compactions = 0
+        self.cascade_stats = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0}
         self._request_counter = itertools.count()
         self._setup_speculation(model, speculative, max_num_seqs, program_options)
 
@@ -622,6 +647,8 @@ class Engine:
         chat: bool = False,
         use_tqdm: bool = False,
         on_token: "Callable[[str, int], None] | None" = None,
+        drafts: "Sequence[Sequence[int] | None] | None" = None,
+        track_entropy: bool = False,
     ) -> list[RequestOutput]:
         """Generate a completion for each prompt; outputs come back in prompt order.
 
@@ -629,10 +656,20 @@ class Engine:
         message through the chat template when chat=True) or a list of token ids. Every prompt is
         checked before anything runs. `on_token(request_id, token_id)` is called for every sampled
         token as soon as it is known (streaming, timing).
+
+        drafts[i]: another model's answer to prompt i in this model's token ids (cascade-as-speculation,
+        runtime/router.py). The step that computes the prompt's last chunk also runs the draft and accepts its
+        longest prefix this model agrees with, so the output is what this model alone would produce (greedy
+        requests; others ignore the draft). track_entropy: with SamplingParams.logprobs set, each output also
+        carries the entropy of every generated token's distribution.
         """
         prompt_list = _as_prompt_list(prompts)
         params_list = self._as_params_list(sampling_params, len(prompt_list))
-        requests = [self._make_request(i, p, sp, chat) for i, (p, sp) in enumerate(zip(prompt_list, params_list))]
+        if drafts is not None and len(drafts) != len(prompt_list):
+            raise ValueError(f"got {len(drafts)} drafts for {len(prompt_list)} prompts")
+        requests = [self._make_request(i, p, sp, chat, draft=drafts[i] if drafts is not None else None,
+                                       track_entropy=track_entropy)
+                    for i, (p, sp) in enumerate(zip(prompt_list, params_list))]
         for req in requests:
             self.scheduler.add_request(req)
 
@@ -692,6 +729,8 @@ class Engine:
                 token = plain_tokens[i] if logits is not None else int(new_tokens[row])
                 if logits is not None and req.params.logprobs is not None:
                     req.output_logprobs.append(token_logprobs(logits[row], token, req.params.logprobs))
+                    if req.track_entropy:
+                        req.output_entropies.append(entropy(logits[row, :self.vocab_size]))
                 emitted.append([token])
             else:
                 emitted.append(self._verify(req, k, row, new_tokens, logits))
@@ -706,7 +745,7 @@ class Engine:
 
         finished = []
         for req, out in zip(sampled, emitted):
-            req.spec_token_ids, req.spec_draft = [], None
+            req.spec_token_ids, req.spec_draft, req.draft_source = [], None, None
             for token in out:
                 self._append_token(req, token)
                 if on_token is not None:
@@ -716,6 +755,8 @@ class Engine:
             if req.finish_reason is not None:
                 self.scheduler.finish_request(req)
                 finished.append(req)
+            elif req.cascade_draft is not None:
+                self._continue_draft(req)
         if self.draft_controller is not None and not compiled:
             # the whole step (scheduling, the Program, the accept rule, appending): verification rows cost host
             # time too, which the controller must weigh; proposing is measured apart
@@ -768,6 +809,14 @@ class Engine:
 
         draft = req.spec_draft
         draft_tokens = req.spec_token_ids[:k]
+        if req.draft_source == "cascade":  # another model's answer, checked in one pass (greedy requests only)
+            targets = tokens[row:row + k + 1] if logits is None else np.argmax(logits[row:row + k + 1], axis=-1)
+            out = spec_lib.accept_greedy(targets, draft_tokens)
+            req.num_draft_tokens += k
+            req.num_accepted_draft_tokens += len(out) - 1
+            self.cascade_stats["num_draft_tokens"] += k
+            self.cascade_stats["num_accepted_tokens"] += len(out) - 1
+            return out
         if req.params.is_greedy:
             targets = tokens[row:row + k + 1] if logits is None else np.argmax(logits[row:row + k + 1], axis=-1)
             out = spec_lib.accept_greedy(targets, draft_tokens)
@@ -816,7 +865,7 @@ class Engine:
         k_max, max_len = self.speculative.num_tokens, self.max_model_len - 1
         for req in self.scheduler.running:
             n = len(req.token_ids)
-            if n - req.num_computed_tokens != 1:
+            if n - req.num_computed_tokens != 1 or req.draft_source == "cascade":
                 continue
             num_decoding += 1
             params = req.params
@@ -934,7 +983,8 @@ class Engine:
             sp.validate()
         return params_list
 
-    def _make_request(self, index: int, prompt: Prompt, params: SamplingParams, chat: bool) -> Request:
+    def _make_request(self, index: int, prompt: Prompt, params: SamplingParams, chat: bool, *,
+                      draft: Sequence[int] | None = None, track_entropy: bool = False) -> Request:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompts as token ids")
@@ -959,7 +1009,7 @@ class Engine:
         self._check_fits(index, len(prompt_ids), params)
 
         request_id = str(next(self._request_counter))
-        return Request(
+        req = Request(
             request_id=request_id,
             arrival=int(request_id),
             prompt=prompt if isinstance(prompt, str) else None,
@@ -968,7 +1018,43 @@ class Engine:
             generator=make_generator(params.seed),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
             token_ids=list(prompt_ids),
+            track_entropy=bool(track_entropy),
         )
+        if draft is not None:
+            self._attach_draft(req, index, draft)
+        return req
+
+    def _attach_draft(self, req: Request, index: int, draft: Sequence[int]) -> None:
+        """A cascade draft for req's first step: validated, cut to what can be emitted (max_tokens - 1, so the
+        model still picks the last token, and the context), and kept only where the exact greedy check applies."""
+        try:
+            tokens = [int(t) for t in draft]
+        except (TypeError, ValueError):
+            raise ValueError(f"draft {index} must be a sequence of token ids") from None
+        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"draft {index} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        params = req.params
+        # sampling (its distribution would need the drafting model's probabilities) and host-logit requests (the
+        # verification rows carry no logprobs) generate from scratch
+        if not params.is_greedy or params.needs_host_logits:
+            return
+        if tokens:
+            req.cascade_draft = tokens
+            self.cascade_stats["num_drafts"] += 1
+            self._continue_draft(req)
+
+    def _continue_draft(self, req: Request) -> None:
+        """Give req the part of its cascade draft past its output so far as the draft its next chunk checks, while
+        the output agrees with the draft; a step's token budget may have checked only part of it."""
+        n = len(req.output_token_ids)
+        draft = req.cascade_draft
+        room = min(req.params.max_tokens - n - 1, self.max_model_len - 1 - len(req.token_ids))
+        if room < 1 or len(draft) <= n or draft[:n] != req.output_token_ids:
+            req.cascade_draft = None
+            return
+        tokens = draft[n:n + room]
+        req.spec_token_ids, req.spec_draft, req.draft_source = tokens, Draft(tokens), "cascade"
 
     def _check_fits(self, index: int, num_prompt_tokens: int, params: SamplingParams) -> None:
         if num_prompt_tokens == 0:
@@ -1027,4 +1113,7 @@ def _make_output(req: Request) -> RequestOutput:
         token_ids=list(req.output_token_ids),
         finish_reason=req.finish_reason,
         logprobs=list(req.output_logprobs) if req.params.logprobs is not None else None,
+        entropies=list(req.output_entropies) if req.track_entropy else None,
+        num_draft_tokens=req.num_draft_tokens,
+        num_accepted_draft_tokens=req.num_accepted_draft_tokens,
     )

@@ -150,6 +150,15 @@ def token_logprobs(logits: np.ndarray, token: int, top_n: int) -> tuple[float, l
     return float(shifted[token] - log_z), [(int(t), float(shifted[t] - log_z)) for t in top]
 
 
+def entropy(logits: np.ndarray) -> float:  # f32[V]
+    """Entropy in nats of softmax(logits)."""
+    row = logits.astype(np.float64)
+    shifted = row - np.max(row)
+    p = np.exp(shifted)
+    z = p.sum()
+    return float(np.log(z) - (p * shifted).sum() / z)
+
+
 def sample_row(logits: np.ndarray, params: SamplingParams, generator: np.random.Generator) -> int:  # f32[V]
     """Temperature, then top-k, then top-p over the renormalised rest, then min-p, then one inverse-CDF draw."""
     return draw_token(sampling_weights(logits, params), generator.random())

@@ -6,7 +6,12 @@ the last chunk), GET /metrics (Prometheus text). Bad input gets HTTP 400 with an
 body, a wrong or missing API key 401, a full queue 429; a client that disconnects mid-stream has its
 request aborted and its KV blocks freed.
 
+Several models (an AsyncRouter, runtime/router.py): each is served under its name, and `"model": "auto"`
+lets the router pick one. A routed response names the model that answered in "model", carries the decision
+in a "route" field and an `x-llmc-route` header; /metrics counts decisions, escalations, fallbacks and cost.
+
     llmc serve smollm2-135m --port 8000        # then: OpenAI(base_url="http://localhost:8000/v1", api_key="x")
+    llmc serve --router router.json            # several models and a routing policy
 """
 
 import asyncio
@@ -62,8 +67,9 @@ def _number(body, name, default, *, lo=None, hi=None, integer=False, lo_open=Fal
     return value
 
 
-def parse_request(body: Any, kind: str, *, model_name: str, max_model_len: int, max_prompt_chars: int):
-    """Validate an OpenAI request body; returns (prompt | None, messages | None, SamplingParams, stream, usage_in_stream)."""
+def parse_request(body: Any, kind: str, *, models: dict[str, int], max_prompt_chars: int):
+    """Validate an OpenAI request body against the served models (name -> max_model_len); returns
+    (model, prompt | None, messages | None, SamplingParams, stream, usage_in_stream)."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     unknown = sorted(set(body) - SUPPORTED_FIELDS[kind])
@@ -72,9 +78,10 @@ def parse_request(body: Any, kind: str, *, model_name: str, max_model_len: int, 
     model = body.get("model")
     if not isinstance(model, str):
         raise RequestError("'model' is required and must be a string", param="model")
-    if model != model_name:
-        raise RequestError(f"model {model!r} is not served here (available: {model_name!r})", param="model",
-                           code="model_not_found")
+    if model not in models:
+        raise RequestError(f"model {model!r} is not served here (available: {', '.join(map(repr, models))})",
+                           param="model", code="model_not_found")
+    max_model_len = models[model]
     if body.get("n", 1) != 1 or body.get("best_of", 1) not in (1, None):
         raise RequestError("only n=1 is supported", param="n")
     for name in ("echo", "suffix", "logit_bias"):
@@ -155,7 +162,7 @@ def parse_request(body: Any, kind: str, *, model_name: str, max_model_len: int, 
         )
     except ValueError as e:
         raise RequestError(str(e)) from None
-    return prompt, messages, params, stream, bool(options.get("include_usage", False))
+    return model, prompt, messages, params, stream, bool(options.get("include_usage", False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,78 +171,116 @@ def parse_request(body: Any, kind: str, *, model_name: str, max_model_len: int, 
 
 
 class Metrics:
-    """Prometheus series fed from AsyncEngine.stats() at each scrape."""
+    """Prometheus series fed from each model's AsyncEngine.stats() (label `model`) and the router's counters."""
 
-    def __init__(self, async_engine: AsyncEngine):
+    def __init__(self, async_engines: dict, router=None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-        self.engine = async_engine
+        self.engines, self.router = async_engines, router
         self.registry = CollectorRegistry()
+        reg = self.registry
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-        self.ttft = Histogram("llmc_time_to_first_token_seconds", "Time to first token", buckets=buckets,
-                              registry=self.registry)
-        self.itl = Histogram("llmc_inter_token_latency_seconds", "Time between tokens of a request",
-                             buckets=buckets, registry=self.registry)
-        self.running = Gauge("llmc_requests_running", "Requests being computed", registry=self.registry)
-        self.waiting = Gauge("llmc_requests_waiting", "Requests waiting for admission", registry=self.registry)
-        self.blocks_used = Gauge("llmc_kv_blocks_used", "KV blocks held by requests", registry=self.registry)
-        self.blocks_total = Gauge("llmc_kv_blocks_total", "KV blocks in the pool", registry=self.registry)
-        self.prefix_hit_rate = Gauge("llmc_prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache",
-                                     registry=self.registry)
-        self.preemptions = Gauge("llmc_preemptions_total", "Requests preempted (recomputed later)",
-                                 registry=self.registry)
-        self.prompt_tokens = Gauge("llmc_prompt_tokens_total", "Prompt tokens admitted", registry=self.registry)
-        self.generation_tokens = Gauge("llmc_generation_tokens_total", "Tokens generated", registry=self.registry)
+        m = ["model"]
+        self.ttft = Histogram("llmc_time_to_first_token_seconds", "Time to first token", m, buckets=buckets,
+                              registry=reg)
+        self.itl = Histogram("llmc_inter_token_latency_seconds", "Time between tokens of a request", m,
+                             buckets=buckets, registry=reg)
+        gauges = {
+            "running": ("llmc_requests_running", "Requests being computed"),
+            "waiting": ("llmc_requests_waiting", "Requests waiting for admission"),
+            "blocks_used": ("llmc_kv_blocks_used", "KV blocks held by requests"),
+            "blocks_total": ("llmc_kv_blocks_total", "KV blocks in the pool"),
+            "prefix_hit_rate": ("llmc_prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache"),
+            "preemptions": ("llmc_preemptions_total", "Requests preempted (recomputed later)"),
+            "prompt_tokens": ("llmc_prompt_tokens_total", "Prompt tokens admitted"),
+            "generation_tokens": ("llmc_generation_tokens_total", "Tokens generated"),
+            "tokens_per_s": ("llmc_generation_tokens_per_second", "Generated tokens per second since the last scrape"),
+            "spec_acceptance": ("llmc_spec_acceptance_rate", "Speculative decoding: accepted / drafted tokens"),
+            "spec_mean_len": ("llmc_spec_mean_accepted_length", "Speculative decoding: tokens emitted per "
+                              "verification (accepted drafts + one)"),
+            "spec_draft_len": ("llmc_spec_draft_length", "Speculative decoding: the draft length the last step "
+                               "chose (0 = off)"),
+            "spec_mean_draft_len": ("llmc_spec_mean_draft_length", "Speculative decoding: mean chosen draft length"),
+            "spec_draft_tokens": ("llmc_spec_draft_tokens_total", "Speculative decoding: drafted tokens verified"),
+            "spec_accepted_tokens": ("llmc_spec_accepted_tokens_total", "Speculative decoding: accepted tokens"),
+        }
+        for attr, (name, doc) in gauges.items():
+            setattr(self, attr, Gauge(name, doc, m, registry=reg))
         self.requests = Counter("llmc_http_requests_total", "HTTP requests by endpoint and status",
-                                ["endpoint", "status"], registry=self.registry)
-        self.tokens_per_s = Gauge("llmc_generation_tokens_per_second", "Generated tokens per second since the last scrape",
-                                  registry=self.registry)
-        self.spec_acceptance = Gauge("llmc_spec_acceptance_rate", "Speculative decoding: accepted / drafted tokens",
-                                     registry=self.registry)
-        self.spec_mean_len = Gauge("llmc_spec_mean_accepted_length", "Speculative decoding: tokens emitted per "
-                                   "verification (accepted drafts + one)", registry=self.registry)
-        self.spec_draft_len = Gauge("llmc_spec_draft_length", "Speculative decoding: the draft length the last step "
-                                    "chose (0 = off)", registry=self.registry)
-        self.spec_mean_draft_len = Gauge("llmc_spec_mean_draft_length", "Speculative decoding: mean chosen draft length",
-                                         registry=self.registry)
-        self.spec_draft_tokens = Gauge("llmc_spec_draft_tokens_total", "Speculative decoding: drafted tokens verified",
-                                       registry=self.registry)
-        self.spec_accepted_tokens = Gauge("llmc_spec_accepted_tokens_total", "Speculative decoding: accepted tokens",
-                                          registry=self.registry)
-        self._last = (time.perf_counter(), 0)
+                                ["endpoint", "status"], registry=reg)
+        if router is not None:
+            self.route_decisions = Gauge("llmc_router_decisions_total", "Routed requests by policy and the model "
+                                         "that answered", ["policy", "model"], registry=reg)
+            self.route_escalations = Gauge("llmc_router_escalations_total", "Cascade escalations by models",
+                                           ["from_model", "to_model"], registry=reg)
+            self.route_fallbacks = Gauge("llmc_router_fallbacks_total", "Requests the default model answered "
+                                         "because routing failed, by what failed", ["kind"], registry=reg)
+            self.route_cost = Gauge("llmc_router_cost_seconds_total", "Routed requests' cost, in the model's "
+                                    "measured seconds per token", m, registry=reg)
+            self.route_reference_cost = Gauge("llmc_router_reference_cost_seconds_total", "What the same answers "
+                                              "would have cost on the reference model", registry=reg)
+            self.route_saved = Gauge("llmc_router_cost_saved_seconds_total", "Reference cost minus cost",
+                                     registry=reg)
+            self.route_drafts = Gauge("llmc_router_cascade_draft_tokens_total", "Cascade-as-speculation: small "
+                                      "answers' tokens the large model checked", registry=reg)
+            self.route_accepted = Gauge("llmc_router_cascade_accepted_tokens_total", "Cascade-as-speculation: "
+                                        "of those, the tokens it accepted", registry=reg)
+            self.route_ms = Histogram("llmc_router_decision_seconds", "Time the routing policy took",
+                                      buckets=(1e-5, 1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2), registry=reg)
+        self._last = {name: (time.perf_counter(), 0) for name in async_engines}
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 
-        s = self.engine.stats()
+        for name, async_engine in self.engines.items():
+            self._engine(name, async_engine)
+        if self.router is not None:
+            r = self.router.stats.snapshot()
+            for (policy, model), n in r["decisions"].items():
+                self.route_decisions.labels(policy, model).set(n)
+            for (a, b), n in r["escalations"].items():
+                self.route_escalations.labels(a, b).set(n)
+            for kind, n in r["fallbacks"].items():
+                self.route_fallbacks.labels(kind).set(n)
+            for model, cost in r["cost_s"].items():
+                self.route_cost.labels(model).set(cost)
+            self.route_reference_cost.set(r["reference_cost_s"])
+            self.route_saved.set(r["cost_saved_s"])
+            self.route_drafts.set(r["draft_tokens"])
+            self.route_accepted.set(r["accepted_draft_tokens"])
+            for ms in r["router_ms"]:
+                self.route_ms.observe(ms / 1e3)
+        return generate_latest(self.registry)
+
+    def _engine(self, name: str, async_engine: AsyncEngine) -> None:
+        s = async_engine.stats()
         for v in s.ttft_s:
-            self.ttft.observe(v)
+            self.ttft.labels(name).observe(v)
         for v in s.itl_s:
-            self.itl.observe(v)
-        self.running.set(s.num_running)
-        self.waiting.set(s.num_waiting)
-        self.blocks_used.set(s.num_blocks_used)
-        self.blocks_total.set(s.num_blocks)
-        self.preemptions.set(s.num_preemptions)
-        self.prompt_tokens.set(s.prompt_tokens)
-        self.generation_tokens.set(s.generation_tokens)
+            self.itl.labels(name).observe(v)
+        self.running.labels(name).set(s.num_running)
+        self.waiting.labels(name).set(s.num_waiting)
+        self.blocks_used.labels(name).set(s.num_blocks_used)
+        self.blocks_total.labels(name).set(s.num_blocks)
+        self.preemptions.labels(name).set(s.num_preemptions)
+        self.prompt_tokens.labels(name).set(s.prompt_tokens)
+        self.generation_tokens.labels(name).set(s.generation_tokens)
         if s.speculative is not None:
             sp = s.speculative
-            self.spec_acceptance.set(sp["acceptance_rate"])
-            self.spec_mean_len.set(sp["mean_accepted_length"])
-            self.spec_draft_len.set(sp["last_draft_length"])
-            self.spec_mean_draft_len.set(sp["mean_draft_length"])
-            self.spec_draft_tokens.set(sp["num_draft_tokens"])
-            self.spec_accepted_tokens.set(sp["num_accepted_tokens"])
-        sched = self.engine.engine.scheduler
+            self.spec_acceptance.labels(name).set(sp["acceptance_rate"])
+            self.spec_mean_len.labels(name).set(sp["mean_accepted_length"])
+            self.spec_draft_len.labels(name).set(sp["last_draft_length"])
+            self.spec_mean_draft_len.labels(name).set(sp["mean_draft_length"])
+            self.spec_draft_tokens.labels(name).set(sp["num_draft_tokens"])
+            self.spec_accepted_tokens.labels(name).set(sp["num_accepted_tokens"])
+        sched = async_engine.engine.scheduler
         queries = getattr(sched, "prefix_cache_queries", 0)
         if queries:
-            self.prefix_hit_rate.set(getattr(sched, "prefix_cache_hits", 0) / queries)
+            self.prefix_hit_rate.labels(name).set(getattr(sched, "prefix_cache_hits", 0) / queries)
         now = time.perf_counter()
-        t0, n0 = self._last
-        self.tokens_per_s.set((s.generation_tokens - n0) / max(now - t0, 1e-9))
-        self._last = (now, s.generation_tokens)
-        return generate_latest(self.registry)
+        t0, n0 = self._last[name]
+        self.tokens_per_s.labels(name).set((s.generation_tokens - n0) / max(now - t0, 1e-9))
+        self._last[name] = (now, s.generation_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,16 +288,27 @@ class Metrics:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_app(async_engine: AsyncEngine, *, model_name: str, api_key: str | None = None,
+def build_app(async_engine, *, model_name: str | None = None, api_key: str | None = None,
               max_body_bytes: int = 1 << 20, max_prompt_chars: int = 200_000):
-    """A FastAPI app serving `async_engine` under the OpenAI API, as model `model_name`."""
+    """A FastAPI app serving `async_engine` under the OpenAI API, as model `model_name`; or, given an
+    AsyncRouter, each of its models under its own name and the router as `router.name` ("auto")."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+    from runtime.router import AsyncRouter, RoutedStream
+
+    router = async_engine if isinstance(async_engine, AsyncRouter) else None
+    if router is not None:
+        engines = dict(router.async_engines)
+    elif model_name is None:
+        raise ValueError("build_app needs model_name for a single AsyncEngine")
+    else:
+        engines = {model_name: async_engine}
+    served = {name: a.engine.max_model_len for name, a in engines.items()}
+    if router is not None:  # "auto" takes what every model takes (a prompt one refuses falls back to the default)
+        served[router.name] = min(served.values())
     app = FastAPI(title="llmc", docs_url=None, redoc_url=None)
-    app.state.model_name = model_name
-    metrics = Metrics(async_engine)
-    max_model_len = async_engine.engine.max_model_len
+    metrics = Metrics(engines, router)
     created = int(time.time())
 
     def fail(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
@@ -276,7 +332,7 @@ def build_app(async_engine: AsyncEngine, *, model_name: str, api_key: str | None
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "requests_in_flight": async_engine.num_in_flight}
+        return {"status": "ok", "requests_in_flight": sum(a.num_in_flight for a in engines.values())}
 
     @app.get("/metrics")
     async def prometheus():
@@ -284,8 +340,8 @@ def build_app(async_engine: AsyncEngine, *, model_name: str, api_key: str | None
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "llmc", "max_model_len": max_model_len}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "llmc",
+                                            "max_model_len": length} for name, length in served.items()]}
 
     async def serve(request: Request, kind: str):
         raw = await request.body()
@@ -296,9 +352,15 @@ def build_app(async_engine: AsyncEngine, *, model_name: str, api_key: str | None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return fail(400, f"the request body is not valid JSON: {e}")
         try:
-            prompt, messages, params, stream, usage_in_stream = parse_request(
-                body, kind, model_name=model_name, max_model_len=max_model_len, max_prompt_chars=max_prompt_chars)
-            request_id, queue = async_engine.add_request(prompt, params, messages=messages)
+            model, prompt, messages, params, stream, usage_in_stream = parse_request(
+                body, kind, models=served, max_prompt_chars=max_prompt_chars)
+            if router is not None and model == router.name:
+                handle = await router.start(prompt, params, messages=messages, is_disconnected=request.is_disconnected)
+                if handle is None:  # the client left while the cascade's small model answered
+                    return Response(status_code=499)
+            else:
+                request_id, queue = engines[model].add_request(prompt, params, messages=messages)
+                handle = RoutedStream(None, queue, engines[model], request_id)
         except RequestError as e:
             return fail(e.status, str(e), e.kind, e.param, e.code)
         except QueueFullError as e:
@@ -307,33 +369,41 @@ def build_app(async_engine: AsyncEngine, *, model_name: str, api_key: str | None
             return fail(400, str(e))
         rid = ("cmpl-" if kind == "completions" else "chatcmpl-") + uuid.uuid4().hex[:24]
         obj = "text_completion" if kind == "completions" else "chat.completion"
+        decision = handle.decision
+        answered = decision.model if decision is not None else model
+        headers = {"x-llmc-route": decision.header()} if decision is not None else None
         if stream:
-            return StreamingResponse(_stream(async_engine, request, request_id, queue, rid, obj, kind, usage_in_stream,
-                                             params.logprobs is not None),
-                                     media_type="text/event-stream")
+            return StreamingResponse(_stream(handle, request, rid, obj, kind, usage_in_stream,
+                                             params.logprobs is not None, answered),
+                                     media_type="text/event-stream", headers=headers)
         text, reason, usage, logprobs = [], None, None, []
         try:
             while reason is None:
-                event = await _next_event(queue, request)
+                event = await _next_event(handle.queue, request)
                 if event is None:
-                    async_engine.abort(request_id)
+                    handle.abort()
                     return Response(status_code=499)
                 text.append(event.text)
                 logprobs.extend(event.logprobs or [])
                 reason = event.finish_reason
                 usage = _usage(event)
         except asyncio.CancelledError:
-            async_engine.abort(request_id)
+            handle.abort()
             raise
         if reason == "error":
             return fail(500, f"the request failed: {event.error}", "server_error")
+        if handle.on_finish is not None:
+            handle.on_finish(event)
         body = "".join(text)
         lp = _logprobs_json(logprobs, kind) if params.logprobs is not None else None
         choice = ({"index": 0, "text": body, "logprobs": lp, "finish_reason": reason} if kind == "completions"
                   else {"index": 0, "message": {"role": "assistant", "content": body}, "logprobs": lp,
                         "finish_reason": reason})
-        return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": [choice],
-                "usage": usage}
+        out = {"id": rid, "object": obj, "created": int(time.time()), "model": answered, "choices": [choice],
+               "usage": usage}
+        if decision is not None:
+            out["route"] = decision.to_json()
+        return JSONResponse(out, headers=headers)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -377,8 +447,9 @@ def _logprobs_json(entries, kind: str):
                         for t, lp, top in entries]}
 
 
-async def _stream(async_engine, request, request_id, queue, rid, obj, kind, usage_in_stream, with_logprobs=False):
-    """Server-sent events: one chunk per step's delta, the finish reason, optionally usage, then [DONE]."""
+async def _stream(handle, request, rid, obj, kind, usage_in_stream, with_logprobs, model_name):
+    """Server-sent events: one chunk per step's delta, the finish reason (with the route of a routed request),
+    optionally usage, then [DONE]."""
     created = int(time.time())
     obj = obj + ".chunk" if kind == "chat" else obj
     finished = False
@@ -390,13 +461,12 @@ async def _stream(async_engine, request, request_id, queue, rid, obj, kind, usag
         else:
             delta = {"role": "assistant", "content": delta_text} if first else ({"content": delta_text} if delta_text else {})
             choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}
-        return {"id": rid, "object": obj, "created": created, "model": request.app.state.model_name,
-                "choices": [choice]}
+        return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice]}
 
     try:
         first = True
         while True:
-            event = await _next_event(queue, request)
+            event = await _next_event(handle.queue, request)
             if event is None:
                 return  # the finally clause aborts the request
             if event.finish_reason == "error":
@@ -404,26 +474,31 @@ async def _stream(async_engine, request, request_id, queue, rid, obj, kind, usag
                 yield f"data: {json.dumps(error_body(f'the request failed: {event.error}', 'server_error'))}\n\n"
                 yield "data: [DONE]\n\n"
                 return
+            if event.finish_reason is not None and handle.on_finish is not None:
+                handle.on_finish(event)
             if event.text or event.finish_reason is not None or first or event.logprobs:
-                yield f"data: {json.dumps(chunk(event.text, event.finish_reason, first, event.logprobs))}\n\n"
+                body = chunk(event.text, event.finish_reason, first, event.logprobs)
+                if event.finish_reason is not None and handle.decision is not None:
+                    body["route"] = handle.decision.to_json()
+                yield f"data: {json.dumps(body)}\n\n"
                 first = False
             if event.finish_reason is not None:
                 finished = True
                 if usage_in_stream:
-                    tail = {"id": rid, "object": obj, "created": created, "model": request.app.state.model_name,
+                    tail = {"id": rid, "object": obj, "created": created, "model": model_name,
                             "choices": [], "usage": _usage(event)}
                     yield f"data: {json.dumps(tail)}\n\n"
                 yield "data: [DONE]\n\n"
                 return
     finally:
         if not finished:  # the client went away (or the server is stopping): free the request's blocks
-            async_engine.abort(request_id)
+            handle.abort()
 
 
 class BackgroundServer:
     """The app on a uvicorn server in a daemon thread (tests, benchmarks, notebooks); `stop()` ends both."""
 
-    def __init__(self, async_engine: AsyncEngine, *, model_name: str, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, async_engine, *, model_name: str | None = None, host: str = "127.0.0.1", port: int = 0,
                  api_key: str | None = None, startup_timeout: float = 30.0, **app_kwargs):
         import socket
         import threading
@@ -452,7 +527,7 @@ class BackgroundServer:
         self.async_engine.shutdown()
 
 
-def serve_forever(async_engine: AsyncEngine, *, model_name: str, host: str = "127.0.0.1", port: int = 8000,
+def serve_forever(async_engine, *, model_name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                   api_key: str | None = None, log_level: str = "info") -> None:
     import uvicorn
 

@@ -239,7 +239,7 @@ def test_200_concurrent_streams_complete_without_leaking_blocks(live):
     assert wait_idle(live.async_engine) and blocks_in_use(live.async_engine) == 0
     assert httpx.get(live.url + "/health").json()["status"] == "ok"
     metrics = httpx.get(live.url + "/metrics").text
-    assert "llmc_time_to_first_token_seconds_count" in metrics and "llmc_kv_blocks_used 0.0" in metrics
+    assert "llmc_time_to_first_token_seconds_count" in metrics and f'llmc_kv_blocks_used{{model="{MODEL}"}} 0.0' in metrics
 
 
 def test_logprobs_and_penalties_over_http(live, client):
@@ -304,8 +304,8 @@ def test_speculative_server_streams_the_same_text_and_reports_metrics(client):
         assert wait_idle(async_engine) and blocks_in_use(async_engine) == 0
         metrics = httpx.get(server.url + "/metrics").text
         rate = float(next(line.split()[1] for line in metrics.splitlines()
-                          if line.startswith("llmc_spec_acceptance_rate ")))
+                          if line.startswith(f'llmc_spec_acceptance_rate{{model="{MODEL}"}} ')))
         assert 0 < rate <= 1
-        assert "llmc_spec_mean_accepted_length" in metrics and "llmc_spec_draft_length 4.0" in metrics
+        assert "llmc_spec_mean_accepted_length" in metrics and f'llmc_spec_draft_length{{model="{MODEL}"}} 4.0' in metrics
     finally:
         server.stop()
