@@ -317,6 +317,8 @@ def score_items(model, items: Sequence[ChoiceItem], *, batch_items: int = 8, ent
     runtime.evaluate.token_nll (float64). timing: seconds and tokens of steps that did not compile.
     """
     batch_items = ev._check_int("batch_items", batch_items, 1)
+    if not items:
+        raise ValueError("no items to score")
     tok = ev._tokenizer_of(model)
     bs = int(model.block_size)
     num_choices = len(items[0].choices) if items else 0

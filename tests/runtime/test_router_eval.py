@@ -1,7 +1,6 @@
 """Tests of runtime/router_eval.py and `llmc eval-router`: curves, APGR and CPT by hand, task construction,
 scoring on a tiny random model against whole sequences, the policy table, CLI errors."""
 import json
-import math
 
 import numpy as np
 import pytest
@@ -134,7 +133,7 @@ def test_shakespeare_items_are_deterministic_and_well_formed(data_dir):
         assert it.context == "\n".join(lines[line - 8 : line]) + "\n"
         assert it.choices[it.answer] == lines[line] + "\n" and lines[line - 1].strip()
         assert len(it.choices) == 4 and len(set(it.choices)) == 4
-        for k, c in enumerate(it.choices):
+        for c in it.choices:
             assert c.endswith("\n") and abs(len(c) - len(it.choices[it.answer])) <= 3 * max(3, len(c) // 10)
             assert not re_._SPEAKER.match(c.strip())
 
