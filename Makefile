@@ -21,7 +21,7 @@ demo: $(STAMP)
 # (tests/conftest.py). XLA compiles and the Pallas/Triton interpreters use about one core each. Units go out in
 # collection order (--no-loadscope-reorder), so the longest ones (the SmolLM2 end-to-end files) start first.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/cpu_decode.py

@@ -515,11 +515,11 @@ class _RouterCore:
         self.stats.record(decision, spent)
 
 
-def _escalation_runs(model: str, n_prompt: int, out) -> tuple[str, int, int]:
-    """A model's work on an escalated request: a draft is checked in the prefill pass, the rest decoded."""
-    n_out = len(out.token_ids)
-    if out.num_draft_tokens:
-        return model, n_prompt + out.num_draft_tokens, max(n_out - out.num_accepted_draft_tokens - 1, 0)
+def _run_tokens(model: str, n_prompt: int, n_out: int, n_draft: int, n_accepted: int) -> tuple[str, int, int]:
+    """(model, prompt-side tokens, decode tokens) of one model's answer: a draft it checked counts as prompt
+    tokens (the pass that computed the prompt), the tokens past the accepted part and its bonus token as decode."""
+    if n_draft:
+        return model, n_prompt + n_draft, max(n_out - n_accepted - 1, 0)
     return model, n_prompt, n_out
 
 
@@ -546,9 +546,7 @@ class Router(_RouterCore):
             outs = self._run(model, [prompts[i] for i in idx], params, chat, idx, routes, casc)
             for i, out in zip(idx, outs):
                 route, decision = routes[i]
-                if out is None:  # failed on this model even after falling back
-                    raise RuntimeError(f"request {i} failed on {model!r} and on the default model")
-                if isinstance(out, RoutedOutput):
+                if isinstance(out, RoutedOutput):  # the model refused it: the default model answered
                     results[i] = out
                     continue
                 if casc:
@@ -579,7 +577,8 @@ class Router(_RouterCore):
                     out.num_accepted_draft_tokens
                 s = small_outs[i]
                 runs = [(small, len(s.prompt_token_ids), len(s.token_ids)),
-                        _escalation_runs(large, len(out.prompt_token_ids), out)]
+                        _run_tokens(large, len(out.prompt_token_ids), len(out.token_ids), out.num_draft_tokens,
+                                    out.num_accepted_draft_tokens)]
                 self._account(decision, prompts[i], None, chat, runs, len(out.token_ids))
                 results[i] = RoutedOutput(out, decision)
         return results
@@ -677,12 +676,9 @@ class AsyncRouter(_RouterCore):
         def on_finish(event) -> None:
             decision.num_draft_tokens = event.num_draft_tokens
             decision.num_accepted_draft_tokens = event.num_accepted_draft_tokens
-            n_prompt, n_out = event.num_prompt_tokens, event.num_output_tokens
-            if event.num_draft_tokens:
-                run = (model, n_prompt + event.num_draft_tokens, max(n_out - event.num_accepted_draft_tokens - 1, 0))
-            else:
-                run = (model, n_prompt, n_out)
-            self._account(decision, prompt, messages, chat, [*runs_before, run], n_out)
+            run = _run_tokens(model, event.num_prompt_tokens, event.num_output_tokens, event.num_draft_tokens,
+                              event.num_accepted_draft_tokens)
+            self._account(decision, prompt, messages, chat, [*runs_before, run], event.num_output_tokens)
 
         return RoutedStream(decision, queue, async_engine, request_id, on_finish)
 
