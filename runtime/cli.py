@@ -425,6 +425,12 @@ def run_eval_long(args: argparse.Namespace) -> int:
                             ("--needle-context", args.needle_context, 0)):
         if value < lo:
             raise ValueError(f"{flag} must be >= {lo}, got {value}")
+    try:
+        depths = [float(x) for x in args.needle_depths.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--needle-depths must be comma-separated fractions, got {args.needle_depths!r}") from None
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"--needle-depths must be fractions in [0, 1], got {args.needle_depths!r}")
     if os.path.isfile(os.path.join(args.source, "manifest.json")):
         raise ValueError("--long compiles SOURCE once per KV setting: give a checkpoint or registry name, not an "
                          "artifact")
@@ -435,12 +441,6 @@ def run_eval_long(args: argparse.Namespace) -> int:
             raise ValueError(f"--long sweeps its own KV settings (--settings); drop --{name.replace('_', '-')}")
     print(f"llmc eval --long: {args.source}, {args.long_windows} window(s) of {args.long_window} tokens, needle at "
           f"{args.needle_context} tokens", file=sys.stderr)
-    try:
-        depths = [float(x) for x in args.needle_depths.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--needle-depths must be comma-separated fractions, got {args.needle_depths!r}") from None
-    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
-        raise ValueError(f"--needle-depths must be fractions in [0, 1], got {args.needle_depths!r}")
     result = lc.sweep(args.source, text, settings=settings, window=args.long_window, num_windows=args.long_windows,
                       needle_context=args.needle_context, depths=depths, compile_kw=kw)
     result["source"] = args.source
