@@ -5,13 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from lowering import compile_model
-from lowering.models import llama
 from runtime import cli
 from runtime import router_eval as re_
 from runtime.step import window_step
-from tests.lowering.helpers import tiny_config
-from tests.runtime.test_evaluate import tiny_tokenizer
+from tests.runtime.test_evaluate import tiny, tiny_tokenizer  # noqa: F401 - tiny is a fixture
 
 # ---------------------------------------------------------------------------------------------
 # Curves, APGR, CPT
@@ -165,14 +162,6 @@ def test_task_errors(data_dir, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Scoring on a tiny random model
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    tok = tiny_tokenizer()
-    model = llama.build_model(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=256), seed=11)
-    cm = compile_model(model, block_size=4, max_model_len=256, tokenizer=tok, progress=False)
-    return model, cm
 
 
 def reference_scores(cm, pairs):
