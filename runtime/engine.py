@@ -332,8 +332,8 @@ class Scheduler:
                     continue
                 num_new = min(num_new, eviction.capacity - self.kv.cache_len(req))
             num_spec = max(0, num_new - req.num_uncomputed_tokens)
-            if num_spec < len(req.spec_token_ids) and (num_spec or req.draft_source != "cascade"):
-                req.spec_token_ids = req.spec_token_ids[:num_spec]  # (a cascade draft waits for its last chunk)
+            if num_spec < len(req.spec_token_ids) and num_new >= req.num_uncomputed_tokens:
+                req.spec_token_ids = req.spec_token_ids[:num_spec]  # (a draft waits for the chunk that reaches the end)
             num_preempted = len(preempted)
             if self._grow_blocks(req, num_new, scheduled, preempted):
                 scheduled[req.arrival] = ScheduledChunk(req, req.num_computed_tokens, num_new, num_spec=num_spec,
