@@ -46,7 +46,8 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int | None = 
                   weights: Any = None, kv_cache: str | None = None, kv_rotation: bool = False,
                   quant_method: str = "auto", max_ppl_increase: float | None = 0.01, calibration: Any = None,
                   calibration_windows: int = 8, calibration_window: int = 128, speculative: Any = None,
-                  kv_policy: Any = None, share_kv_layers: Any = None, num_layers: int | None = None, verbose: bool = False, progress: bool = True, dump_ir: str | None = None) -> CompiledModel:
+                  kv_policy: Any = None, share_kv_layers: Any = None, num_layers: int | None = None,
+                  tensor_parallel: int = 1, verbose: bool = False, progress: bool = True, dump_ir: str | None = None) -> CompiledModel:
     """Compile a registry name, checkpoint path (GGUF file, HF or orbax dir) or Flax NNX model.
 
     A Flax model must be called as model(token_ids i32[T], positions i32[T], query_start i32[S+1],
@@ -75,6 +76,9 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int | None = 
     `max_ppl_increase`. The choice, similarities and measured perplexity go to graph.meta["kv_sharing"].
     `num_layers=N` (checkpoint sources) keeps the first N decoder layers and the model's own final norm and
     lm_head: a layer-truncated copy of a model, e.g. a draft model for speculative decoding.
+    `tensor_parallel=N` runs shard_tensor_parallel last: the graph is each of N ranks' share of the model
+    (Megatron-style; lowering/passes/shard_tensor_parallel.py) and params stay whole, each rank's piece cut when
+    a Program is built: target "cuda" starts one process per GPU (NCCL), "cpu" / "tpu" run over a JAX device mesh.
     """
     from lowering.speculation import Speculative
 
@@ -110,7 +114,8 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int | None = 
                              max_ppl_increase=max_ppl_increase,
                              speculative=speculative.to_json() if speculative is not None else None,
                              kv_policy=_policy_json(kv_policy),
-                             share_kv_layers=_share_kv_option(share_kv_layers)).validate()
+                             share_kv_layers=_share_kv_option(share_kv_layers),
+                             tensor_parallel=tensor_parallel).validate()
 
     from lowering import frontend
     from lowering.models import llama, nnx_params
@@ -223,6 +228,15 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int | None = 
         verify(graph, check_types=True)
         records.append(PassRecord("insert_speculation", time.perf_counter() - s_start, len(graph.nodes)))
         dump_graph(dump_ir, len(records), "insert_speculation", graph)
+    if options.tensor_parallel > 1:  # last: every other pass sees the whole model
+        from lowering.ir import verify
+        from lowering.passes.shard_tensor_parallel import shard_tensor_parallel
+
+        t_start = time.perf_counter()
+        graph = shard_tensor_parallel(graph, options.tensor_parallel)
+        verify(graph, check_types=True)
+        records.append(PassRecord("shard_tensor_parallel", time.perf_counter() - t_start, len(graph.nodes)))
+        dump_graph(dump_ir, len(records), "shard_tensor_parallel", graph)
     return CompiledModel(graph, params, options, cfg, tokenizer, records, report, speculative)
 
 

@@ -138,6 +138,41 @@ def _embed_shape(ts, attrs):
     return [((ids_shape[0], tab_shape[1]), tab_dtype)]
 
 
+def ref_embed_shard(token_ids, table, *, tp, axis_name, scale=None):
+    # token_ids: i32[T]  table: [V / tp, D], this rank's rows [rank * V/tp, (rank + 1) * V/tp)  ->  [T, D]
+    # Megatron's vocab-parallel embedding: rows of ids this rank does not hold are zero, so an all_reduce over
+    # the ranks adds up the one rank's row. The rank is the position along the named mesh axis (shard_map, vmap).
+    rows_per_rank = table.shape[0]
+    local = token_ids - jax.lax.axis_index(axis_name) * rows_per_rank
+    held = (local >= 0) & (local < rows_per_rank)
+    rows = ref_embed(jnp.where(held, local, 0), table, scale=scale)
+    return jnp.where(held[:, None], rows, jnp.zeros((), rows.dtype))
+
+
+def ref_all_reduce(x, *, tp, axis_name):
+    # x: this rank's partial sum -> the sum over the `tp` ranks of the named axis, on every rank
+    del tp
+    return jax.lax.psum(x, axis_name)
+
+
+def ref_all_gather(x, *, tp, axis_name, axis, size):
+    # x: this rank's slice along `axis` -> the ranks' slices concatenated in rank order, cut to `size`
+    # (the padding that made the full dim divisible by tp is dropped), on every rank
+    del tp
+    full = jax.lax.all_gather(x, axis_name, axis=axis, tiled=True)
+    return jax.lax.slice_in_dim(full, 0, size, axis=axis)
+
+
+def _all_gather_shape(ts, attrs):
+    (shape, dtype), = ts
+    axis, size, tp = attrs["axis"], attrs["size"], attrs["tp"]
+    if not 0 <= axis < len(shape):
+        raise OpError(f"all_gather: axis {axis} out of range for a rank-{len(shape)} value")
+    if isinstance(shape[axis], int) and not (shape[axis] * tp - shape[axis] < size <= shape[axis] * tp):
+        raise OpError(f"all_gather: {tp} slices of {shape[axis]} cannot make {size} (padding is under one slice)")
+    return [(tuple(size if i == axis else d for i, d in enumerate(shape)), dtype)]
+
+
 def ref_rms_norm(x, weight, *, eps, weight_offset=None):
     # x: [T, D]  weight: [D]  ->  [T, D]; statistics in float32 as Hugging Face does
     # Llama form: the normalized row is rounded to x's dtype, then times the weight. With weight_offset (Gemma's
@@ -711,6 +746,14 @@ head_rms_norm = _register("head_rms_norm", ref_head_rms_norm, _same_as_first,
                           {"eps": (float,), "head_dim": (int,), "weight_offset": (float,)},
                           optional_attrs=("weight_offset",))
 moe = _register("moe", ref_moe, _moe_shape, {"top_k": (int,), "norm_topk_prob": (bool,)})
+# tensor parallelism (lowering/passes/shard_tensor_parallel.py): the per-rank graph's collectives over a named
+# mesh axis; their references need that axis bound (shard_map over a mesh, or vmap(axis_name=...) over ranks)
+COLLECTIVE_ATTRS = {"tp": (int,), "axis_name": (str,)}
+embed_shard = _register("embed_shard", ref_embed_shard, _embed_shape, {**COLLECTIVE_ATTRS, "scale": (float,)},
+                        optional_attrs=("scale",))
+all_reduce = _register("all_reduce", ref_all_reduce, _same_as_first, COLLECTIVE_ATTRS)
+all_gather = _register("all_gather", ref_all_gather, _all_gather_shape,
+                       {**COLLECTIVE_ATTRS, "axis": (int,), "size": (int,)})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ class CompileOptions:
     share_kv_layers: Any = None
     # KV eviction (lowering/kv_policy.py, lowering/passes/evict_kv.py): H2O / StreamingLLM .to_json(), or None
     kv_policy: dict | None = None
+    # tensor parallelism (lowering/passes/shard_tensor_parallel.py): ranks the graph is split over; 1 = off
+    tensor_parallel: int = 1
 
     def validate(self) -> "CompileOptions":
         if self.target not in TARGETS:
@@ -65,7 +67,27 @@ class CompileOptions:
             policy_from_json(self.kv_policy)
         except ValueError as e:
             raise OptionsError(str(e)) from None
+        self._check_tensor_parallel()
         return self
+
+    def _check_tensor_parallel(self) -> None:
+        tp = self.tensor_parallel
+        if isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= 64:
+            raise OptionsError(f"tensor_parallel must be an integer in [1, 64], got {tp!r}")
+        if tp == 1:
+            return
+        quant = self.quant_options()
+        refused = [(self.weights == GGUF_WEIGHTS or quant.active,
+                    f"quantization (weights={self.weights!r}, kv_cache={self.kv_cache!r}, "
+                    f"kv_rotation={self.kv_rotation})"),
+                   (self.share_kv_layers not in (None, 0, []), "share_kv_layers"),
+                   (self.kv_policy is not None, "kv_policy"),
+                   (self.speculative is not None and self.speculative.get("method") != "ngram",
+                    f"speculative method {(self.speculative or {}).get('method')!r} (n-gram speculation works)")]
+        for bad, what in refused:
+            if bad:
+                raise OptionsError(f"tensor_parallel={tp} shards unquantized dense models in this build; it cannot be "
+                                   f"combined with {what}")
 
     def kv_sharing(self):
         """The share_kv_layers option normalized (None when off); ValueError when it is malformed or asks to share

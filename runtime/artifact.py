@@ -88,13 +88,17 @@ def load(path: str | os.PathLike, *, verify_hashes: bool = True) -> LoadedModel:
     from lowering.checkpoints import load_params
 
     params = load_params(path / "params")
+    # a tensor-parallel graph types each rank's piece; the artifact stores whole params (meta: their shapes)
+    full_shapes = (graph.meta.get("tensor_parallel") or {}).get("full_shapes", {})
     for name in graph.params:
         if name not in params:
             raise ArtifactError(f"artifact params lack {name!r}")
         want = graph.types[name]
         got = params[name]
-        if tuple(got.shape) != tuple(want.shape) or got.dtype.name != want.dtype:
-            raise ArtifactError(f"param {name} is {got.dtype}{list(got.shape)} but the graph expects {want}")
+        shape = tuple(full_shapes.get(name, want.shape))
+        if tuple(got.shape) != shape or got.dtype.name != want.dtype:
+            raise ArtifactError(f"param {name} is {got.dtype}{list(got.shape)} but the graph expects "
+                                f"{want.dtype}{list(shape)}")
     tokenizer = None
     if manifest.get("has_tokenizer"):
         from lowering.checkpoints import Tokenizer

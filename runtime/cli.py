@@ -188,6 +188,9 @@ def add_compile_arguments(p: argparse.ArgumentParser) -> None:
                         "0.01 = 1%%; 'off' disables the guard)")
     q.add_argument("--calibration", default=None, metavar="TEXT_FILE",
                    help="calibration text file (default: llmc's bundled text)")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallelism: shard the model Megatron-style over N devices (cuda: one process per "
+                        "GPU, NCCL; cpu / tpu: a JAX device mesh) (default 1)")
     p.add_argument("--kv-policy", default=None, type=_kv_policy, metavar="SPEC",
                    help="KV eviction: h2o:<budget>[:<recent>] (budget: a fraction of max_model_len like 0.2, or "
                         "tokens) or streaming:<sinks>:<window>[:original] (attention sinks + window)")
@@ -240,7 +243,7 @@ def compile_kwargs(args: argparse.Namespace) -> dict:
         raise ValueError(f"--calibration {args.calibration!r} is not a file")
     return dict(target=args.target, block_size=args.block_size, dtype=args.dtype, weights=args.weights,
                 kv_cache=args.kv_cache, kv_rotation=args.kv_rotation, quant_method=args.quant_method,
-                max_ppl_increase=args.max_ppl_increase,
+                max_ppl_increase=args.max_ppl_increase, tensor_parallel=getattr(args, "tp", 1),
                 **({} if getattr(args, "share_kv_layers", None) is None else {"share_kv_layers": args.share_kv_layers}),
                 **({} if getattr(args, "kv_policy", None) is None else {"kv_policy": args.kv_policy}),
                 calibration=open(args.calibration, encoding="utf-8").read() if args.calibration else None)
@@ -272,7 +275,8 @@ def load_or_compile(args: argparse.Namespace):
         if args.weights or args.kv_cache or args.kv_rotation:
             raise ValueError(f"{args.source} is a compiled artifact: quantization options (--weights, --kv-cache, "
                              "--kv-rotation) apply when compiling a checkpoint")
-        return load(args.source)
+        model, tp = load(args.source), getattr(args, "tp", 1)
+        return model if tp == 1 else model.with_tensor_parallel(tp)  # shard an unsharded artifact at load
     from lowering import compile_model
 
     return compile_model(args.source, verbose=False, **compile_kwargs(args))
@@ -293,6 +297,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.router is not None:
         if args.source is not None:
             raise ValueError("give either SOURCE or --router, not both")
+        if getattr(args, "tp", 1) != 1:
+            raise ValueError("--tp applies to one model; with --router give each model its own \"tensor_parallel\"")
         async_engine = build_router(args.router, target=args.target, engine_kwargs=engine_kwargs,
                                     max_pending=args.max_pending)
         name = None
@@ -304,6 +310,9 @@ def run_serve(args: argparse.Namespace) -> int:
         name = args.model_name or os.path.basename(os.path.normpath(args.source))
         async_engine = AsyncEngine(engine, max_pending=args.max_pending)
         served = repr(name)
+        tp = getattr(engine.model, "tensor_parallel", 1)
+        if tp > 1:
+            served += f" tensor-parallel over {tp} devices"
     print(f"llmc: serving {served} on http://{args.host}:{args.port}/v1 "
           f"({'API key required' if args.api_key else 'no API key'})", file=sys.stderr)
     try:

@@ -66,17 +66,23 @@ class CpuProgram:
         self.num_blocks_w = resolve_window_blocks(graph, self.num_blocks, num_blocks_w, sizes)
         out_type = graph.types[graph.outputs[0]]
         self.vocab_size = int(out_type.shape[-1])
-        self.params = {k: jnp.asarray(v) for k, v in params.items()}
-        missing = set(graph.params) - set(self.params)
+        missing = set(graph.params) - set(params)
         if missing:
             raise IRError(f"program is missing params {sorted(missing)[:3]}")
+        self.params = self._load_params(params)
         env = {"N": self.num_blocks, "NW": self.num_blocks_w}
-        self.state = {s: jnp.full(tuple(eval_dim(d, env) for d in graph.types[s].shape), pool_fill,
-                                  dtype=graph.types[s].dtype) for s in graph.state}
+        self.state = {s: self._new_state(tuple(eval_dim(d, env) for d in graph.types[s].shape), graph.types[s].dtype,
+                                         pool_fill) for s in graph.state}
         self._step = self._step_function()
         # padded step shapes already run (would_compile); shared like the jitted step, per pool size
         seen = self.graph.__dict__.setdefault("_cpu_seen_shapes", {}) if type(self) is CpuProgram else {}
         self._seen_shapes: set = seen.setdefault((hash(self.graph.dumps()), self.num_blocks, self.num_blocks_w), set())
+
+    def _load_params(self, params: Mapping[str, Any]) -> dict:
+        return {k: jnp.asarray(v) for k, v in params.items()}
+
+    def _new_state(self, shape: tuple[int, ...], dtype: str, fill: float):
+        return jnp.full(shape, fill, dtype=dtype)
 
     def _step_function(self):
         """The jitted step. Plain CPU programs of one graph share it (kept on the graph object), so engines

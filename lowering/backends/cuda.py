@@ -29,6 +29,7 @@ from lowering.backends.patterns import check_hidden_output, fusable_norm
 from lowering.ir import (Graph, IRError, Node, bind_symbols, decode_param, eval_dim, generic_primitive,
                          kv_bytes_per_block, resolve_window_blocks, split_kv_blocks)
 from lowering.kv_policy import plan_for_graph
+from lowering.passes.shard_tensor_parallel import tp_plan
 
 DEFAULT_GPU_MEMORY_FRACTION = 0.9
 DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20  # device="cpu" (interpreter tests): 256 MiB unless told otherwise
@@ -61,6 +62,8 @@ def to_torch(value, device, dtype: str | None = None):
     """A numpy/JAX array -> torch tensor on `device` (bfloat16 goes through its bit pattern)."""
     import torch
 
+    if isinstance(value, torch.Tensor):  # already a tensor (a param source that makes them on the device)
+        return value.to(device=device, dtype=torch_dtype(dtype or str(value.dtype).removeprefix("torch.")))
     arr = np.asarray(value)
     if not arr.flags.writeable or not arr.flags.c_contiguous:
         arr = arr.copy(order="C")  # NOTE: not ascontiguousarray, which turns a 0-d array (a scalar param) 1-d
@@ -106,7 +109,13 @@ class CudaProgram:
                  max_num_seqs: int = 64, max_model_len: int = 2048, device: str | None = None,
                  gpu_memory_fraction: float | None = None, kv_cache_bytes: int | None = None,
                  max_num_batched_tokens: int = 8192, cuda_graphs: bool | None = None, pool_fill: float = 0.0,
-                 num_blocks_w: int | None = None):
+                 num_blocks_w: int | None = None, tp_rank: int = 0, tp_group: Any = None,
+                 tp_all_reduce: str = "auto"):
+        """tp_rank / tp_group: this process's rank and its torch.distributed group, for a graph sharded by
+        shard_tensor_parallel (lowering/backends/cuda_tp.py starts the ranks; a plain build refuses such a graph).
+        tp_all_reduce: "nccl" (torch.distributed.all_reduce), "symm" (one-shot all-reduce through torch symmetric
+        memory: one kernel reading the peers' buffers over NVLink, for activations up to SYMM_ALL_REDUCE_BYTES,
+        NCCL above), "auto" (symm where torch has it on CUDA, else nccl)."""
         import torch
 
         if "block_size" not in graph.meta:
@@ -128,6 +137,15 @@ class CudaProgram:
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
         self.graph = graph
+        plan = tp_plan(graph)
+        self.tp_size, self.tp_rank, self.tp_group = (1, 0, None) if plan is None else (plan[0], int(tp_rank), tp_group)
+        if tp_all_reduce not in ("auto", "nccl", "symm"):
+            raise ValueError(f"tp_all_reduce must be 'auto', 'nccl' or 'symm', got {tp_all_reduce!r}")
+        self.tp_all_reduce = tp_all_reduce
+        self._symm: dict[str, Any] = {}
+        if plan is not None and tp_group is None:
+            raise IRError(f"the graph is sharded for tensor_parallel={plan[0]}: build it with build_program(\"cuda\", "
+                          "...) (one process per GPU, lowering/backends/cuda_tp.py), not CudaProgram directly")
         self.block_size = int(graph.meta["block_size"])
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.max_num_seqs = max_num_seqs
@@ -173,6 +191,8 @@ class CudaProgram:
                     f"{per_seq}; raise gpu_memory_fraction / kv_cache_bytes or lower max_model_len")
         if not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+        if self.tp_group is not None:  # every rank must hold the same block ids: the smallest pool wins
+            num_blocks, num_blocks_w = _agree_min(self, num_blocks, num_blocks_w)
         self.num_blocks = int(num_blocks)
         self.num_blocks_w = resolve_window_blocks(graph, self.num_blocks, num_blocks_w, sizes)
         self.state = self._allocate_state(self.num_blocks, pool_fill, self.num_blocks_w)
@@ -273,6 +293,8 @@ class CudaProgram:
         for node in self.graph.nodes:
             if node.op == "embed":
                 return int(self.params[node.inputs[1]].shape[0]) if node.inputs[1] in self.params else None
+            if node.op == "embed_shard":  # the whole table's rows (the graph keeps the unsharded shapes)
+                return int(self.graph.meta["tensor_parallel"]["full_shapes"][node.inputs[1]][0])
         return None
 
     def _check_step(self, inp) -> None:
@@ -312,9 +334,15 @@ class CudaProgram:
         min_p f32[L] (0 = off), seeds / offsets i64[L]: the same (seed, offset) draws the same token
         for the same logits (see kernels_gpu/sampling.py for the exact rules).
         """
+        return self._sample_checked(inp, self._sampling_host(inp, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                             seeds=seeds, offsets=offsets, min_p=min_p))
+
+    @staticmethod
+    def _sampling_host(inp, *, temperature, top_k, top_p, seeds, offsets, min_p=None) -> dict:
+        """step_sample's per-row parameters as checked host arrays (ValueError names a bad one)."""
         import torch
 
-        from kernels_gpu.sampling import check_sampling_values, sample
+        from kernels_gpu.sampling import check_sampling_values
 
         num_rows = int(inp.logit_rows.shape[0])
         host = {"temperature": np.asarray(temperature, np.float32), "top_k": np.asarray(top_k, np.int32),
@@ -325,6 +353,13 @@ class CudaProgram:
             if a.shape != (num_rows,):
                 raise ValueError(f"step_sample: {name} must have one value per logit row ({num_rows}), got shape {a.shape}")
         check_sampling_values(*(torch.from_numpy(host[k]) for k in ("temperature", "top_k", "top_p", "min_p")))
+        return host
+
+    def _sample_checked(self, inp, host: dict) -> np.ndarray:
+        import torch
+
+        from kernels_gpu.sampling import sample
+
         logits, _, _ = self._step_device(inp, greedy=False)
         dev = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in host.items()}
         return sample(logits, **dev).cpu().numpy()
@@ -1086,6 +1121,137 @@ def _lower_attention_mass(node, graph, program, producers, users) -> Fn:
     return run
 
 
+def _lower_embed_shard(node, graph, program, producers, users) -> Fn:
+    """Vocab-parallel embedding: rows of ids this rank holds, zeros elsewhere (an all_reduce follows)."""
+    import torch
+
+    scale = node.attrs.get("scale")
+    if scale is not None:
+        scale = float(torch.tensor(scale, dtype=torch_dtype(graph.types[node.inputs[1]].dtype)))
+    rows = int(graph.types[node.inputs[1]].shape[0])
+    first = program.tp_rank * rows
+
+    def run(ctx, ids, table):
+        local = ids - first
+        held = (local >= 0) & (local < rows)
+        out = table.index_select(0, torch.where(held, local, torch.zeros_like(local)))
+        out = out.masked_fill(~held[:, None], 0)
+        return (out if scale is None else out * scale,)
+
+    return run
+
+
+SYMM_ALL_REDUCE_BYTES = 2 << 20  # one-shot all-reduces up to this size (decode and small prefill steps)
+
+
+class _SymmAllReduce:
+    """One-shot all-reduce through torch symmetric memory: each rank copies its partial into its symmetric buffer,
+    one kernel waits for every peer's signal and sums the peers' buffers read over NVLink. Three buffers in
+    rotation (consecutive all-reduces never share one, so a fast rank cannot overwrite a buffer a slow peer is
+    still reading: the next all-reduce's start barrier orders them)."""
+
+    def __init__(self, program, dtype):
+        import torch
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.name = program.tp_group.group_name
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):
+            symm_mem.enable_symm_mem_for_group(self.name)
+        elems = SYMM_ALL_REDUCE_BYTES // dtype.itemsize
+        self.bufs = [symm_mem.empty(elems, dtype=dtype, device=program.device) for _ in range(3)]
+        for b in self.bufs:
+            symm_mem.rendezvous(b, self.name)
+        self.copy_out = getattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out", None)
+
+    def __call__(self, x, slot: int):
+        import torch
+
+        buf = self.bufs[slot][: x.numel()].view_as(x)
+        out = torch.empty_like(x)
+        if self.copy_out is not None:
+            self.copy_out(buf, x, "sum", self.name, out)
+        else:
+            buf.copy_(x)
+            torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", self.name, out)
+        return out
+
+
+def _symm_all_reduce(program, dtype):
+    """The program's _SymmAllReduce for activations of `dtype`, or None where NCCL does the all-reduces."""
+    if program.tp_all_reduce == "nccl" or program.device.type != "cuda":
+        if program.tp_all_reduce == "symm":
+            raise RuntimeError("tp_all_reduce='symm' needs CUDA devices")
+        return None
+    key = str(dtype)
+    if key not in program._symm:
+        try:
+            program._symm[key] = _SymmAllReduce(program, dtype)
+        except Exception as e:  # noqa: BLE001 - older torch, no NVLink P2P: NCCL does it
+            if program.tp_all_reduce == "symm":
+                raise RuntimeError(f"tp_all_reduce='symm': torch symmetric memory is unavailable here ({e})") from e
+            program._symm[key] = None
+    return program._symm[key]
+
+
+def _lower_all_reduce(node, graph, program, producers, users) -> Fn:
+    """The sum over the ranks of this rank's partial: a one-shot symmetric-memory kernel for small activations,
+    NCCL in place otherwise (both captured inside the decode CUDA graphs)."""
+    import torch.distributed as dist
+
+    group = program.tp_group
+    symm = _symm_all_reduce(program, torch_dtype(graph.types[node.inputs[0]].dtype))
+    # rotating buffers: all-reduce k of the step takes k % 2, and the last takes 2 when their count is odd, so two
+    # consecutive all-reduces (also the last of a step and the first of the next) never share a buffer
+    order = [n for n in graph.nodes if n.op == "all_reduce"]
+    k = next(i for i, n in enumerate(order) if n is node)
+    slot = 2 if (len(order) % 2 and k == len(order) - 1) else k % 2
+
+    def run(ctx, x):
+        nbytes = x.numel() * x.element_size()
+        if symm is not None and nbytes <= SYMM_ALL_REDUCE_BYTES and nbytes % 16 == 0 and x.is_contiguous():
+            return (symm(x, slot),)
+        dist.all_reduce(x, group=group)
+        return (x,)
+
+    return run
+
+
+def _lower_all_gather(node, graph, program, producers, users) -> Fn:
+    """The ranks' slices concatenated along `axis` (in rank order), cut to `size`."""
+    import torch
+    import torch.distributed as dist
+
+    group, tp = program.tp_group, program.tp_size
+    axis, size = int(node.attrs["axis"]), int(node.attrs["size"])
+    into_tensor = dist.get_backend(group) == "nccl"
+
+    def run(ctx, x):
+        x = x.contiguous()
+        if into_tensor:
+            parts = torch.empty((tp, *x.shape), dtype=x.dtype, device=x.device)
+            dist.all_gather_into_tensor(parts, x, group=group)
+            parts = parts.unbind(0)
+        else:  # gloo (the CPU interpreter tests) gathers into a list
+            parts = [torch.empty_like(x) for _ in range(tp)]
+            dist.all_gather(parts, x, group=group)
+        full = torch.cat(parts, dim=axis)
+        return (full if full.shape[axis] == size else full.narrow(axis, 0, size).contiguous(),)
+
+    return run
+
+
+def _agree_min(program, num_blocks: int, num_blocks_w: int | None) -> tuple[int, int | None]:
+    """The smallest num_blocks (and num_blocks_w) over the tensor-parallel ranks."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([num_blocks, -1 if num_blocks_w is None else num_blocks_w], dtype=torch.int64,
+                     device=program.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=program.tp_group)
+    low = t.tolist()
+    return int(low[0]), (None if num_blocks_w is None else int(low[1]))
+
+
 def _lower_constant(node, graph, program, producers, users) -> Fn:
     value = to_torch(np.asarray(node.attrs["value"], dtype=node.attrs["dtype"]), program.device, node.attrs["dtype"])
 
@@ -1115,6 +1281,9 @@ _LOWERINGS: dict[str, Callable[..., Fn]] = {
     "qlogits": _lower_qlogits,
     "rotate_heads": _lower_rotate_heads,
     "constant": _lower_constant,
+    "embed_shard": _lower_embed_shard,
+    "all_reduce": _lower_all_reduce,
+    "all_gather": _lower_all_gather,
 }
 
 

@@ -198,3 +198,22 @@ def build_model(cfg: ModelConfig, weights: Mapping[str, np.ndarray] | None = Non
             raise ConfigError(f"tensor {name} has shape {value.shape}, the config implies {tuple(var.shape)}")
         values[name] = jnp.asarray(value, dtype=dtype)
     return nnx.merge(*with_params(abstract, values))
+
+
+def random_model(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.float32) -> nnx.Module:
+    """A model of cfg's shape with random weights scaled so that its activations and greedy outputs vary from
+    token to token (unit-variance embeddings, 1/sqrt(fan_in) matrices, norm weights near 1): for tests and
+    benchmarks that compare token streams, which a near-zero-init model (build_model's) makes constant."""
+    rng = np.random.default_rng(seed)
+    abstract = nnx.eval_shape(lambda: model_class(cfg)(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))
+    weights = {}
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        name, shape = dotted(path), tuple(var.shape)
+        if len(shape) == 1:
+            w = 1.0 + 0.1 * rng.standard_normal(shape) if "norm" in name else 0.1 * rng.standard_normal(shape)
+        elif "embed_tokens" in name:
+            w = rng.standard_normal(shape)
+        else:
+            w = rng.standard_normal(shape) / np.sqrt(shape[-1])
+        weights[name] = w.astype(np.float32)
+    return build_model(cfg, weights, dtype=dtype)

@@ -67,7 +67,7 @@ def test_generate_compiles_a_source_without_manifest(monkeypatch, capsys, tmp_pa
 
 
 NO_QUANT = {"weights": None, "kv_cache": None, "kv_rotation": False, "quant_method": "auto", "max_ppl_increase": 0.01,
-            "calibration": None}
+            "calibration": None, "tensor_parallel": 1}
 
 
 def test_compile_calls_compile_model_and_exports(monkeypatch, capsys, tmp_path):
@@ -171,9 +171,9 @@ def test_console_run_has_no_traceback():
     assert proc.stderr == "llmc: error: top_k must be an integer >= -1 (0 or -1 = off), got -5\n"
 
 
-def test_kv_policy_flag_reaches_compile_model(monkeypatch, tmp_path):
-    from lowering import H2O, StreamingLLM
-
+@pytest.fixture
+def compile_calls(monkeypatch):
+    """compile_model replaced by a recorder of its keyword arguments (its model exports nothing)."""
     calls = []
 
     class FakeCompiled:
@@ -182,11 +182,28 @@ def test_kv_policy_flag_reaches_compile_model(monkeypatch, tmp_path):
 
     monkeypatch.setattr(lowering, "compile_model", lambda source, **kw: calls.append(kw) or FakeCompiled(),
                         raising=False)
+    return calls
+
+
+def test_kv_policy_flag_reaches_compile_model(compile_calls, tmp_path):
+    from lowering import H2O, StreamingLLM
+
+    calls = compile_calls
     out = str(tmp_path / "art")
     assert cli.main(["compile", "smollm2-135m", "-o", out, "--quiet", "--kv-policy", "h2o:0.2"]) == 0
     assert cli.main(["compile", "smollm2-135m", "-o", out, "--quiet", "--kv-policy", "streaming:4:256:original"]) == 0
     assert calls[0]["kv_policy"] == H2O(budget=0.2)
     assert calls[1]["kv_policy"] == StreamingLLM(sinks=4, window=256, positions="original")
+
+
+def test_tp_flag_reaches_compile_model(compile_calls, tmp_path, capsys):
+    calls = compile_calls
+    out = str(tmp_path / "art")
+    assert cli.main(["compile", "smollm2-135m", "-o", out, "--quiet", "--tp", "2"]) == 0
+    assert cli.main(["compile", "smollm2-135m", "-o", out, "--quiet"]) == 0
+    assert calls[0]["tensor_parallel"] == 2 and calls[1]["tensor_parallel"] == 1
+    assert cli.main(["serve", "--router", str(tmp_path / "r.json"), "--tp", "2"]) == 2
+    assert "--tp applies to one model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [

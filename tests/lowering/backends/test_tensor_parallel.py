@@ -1,0 +1,135 @@
+"""Tensor parallelism end to end: the JAX mesh program (cpu target) and the multi-process CUDA program.
+
+TP=2 and TP=4 must give the same greedy tokens as TP=1. The mesh runs in a fresh process with
+XLA_FLAGS=--xla_force_host_platform_device_count=4 (tp_mesh_check.py): JAX fixes its device count at start-up.
+The CUDA program starts one worker process per extra rank; without GPUs every rank runs its Triton kernels in the
+interpreter on torch's CPU device and the collectives go through gloo, the same code as NCCL on GPUs.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:  # NOTE: before kernels_gpu is imported (triton reads it at decoration time); workers inherit it
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from lowering import compile_model  # noqa: E402
+from lowering.backends import build_program  # noqa: E402
+from lowering.models import llama  # noqa: E402
+from runtime import Engine, SamplingParams  # noqa: E402
+from tests.lowering.helpers import PagedLayout, tiny_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_cpu_mesh_tp2_and_tp4_give_the_tokens_of_tp1():
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                                      " --xla_force_host_platform_device_count=4").strip(),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("tp_mesh_check.py"))], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["devices"] == 4
+    for name, runs in result["models"].items():
+        assert runs["1"]["program"] == "CpuProgram"
+        for tp in ("2", "4"):
+            assert runs[tp]["program"] == "MeshCpuProgram"
+            assert runs[tp]["tokens"] == runs["1"]["tokens"], f"{name} TP={tp}"
+        assert len({tuple(t) for t in runs["1"]["tokens"]}) > 1  # the streams differ: the check is not vacuous
+    llama_runs = result["models"]["llama"]
+    # the same KV budget per device holds tp times the blocks (a rank keeps 1/tp of each block's KV heads)
+    assert [llama_runs[tp]["num_blocks"] for tp in ("1", "2", "4")] == [128, 256, 512]
+    assert {llama_runs[tp]["kv_bytes"] for tp in ("1", "2", "4")} == {1 << 20}
+    assert "XLA_FLAGS=--xla_force_host_platform_device_count" in result["too_many"]
+
+
+def cuda_device():
+    if not HAS_GPU:
+        return {"device": "cpu"}
+    if torch.cuda.device_count() < 2:
+        pytest.skip("tensor parallelism on CUDA needs 2 GPUs (here: the interpreter runs only without a GPU)")
+    return {}
+
+
+@pytest.fixture(scope="module")
+def tp_models():
+    cfg = tiny_config(num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64, intermediate_size=96, vocab_size=101)
+    model = llama.random_model(cfg, seed=2)
+    one = compile_model(model, target="cuda", dtype="float32", max_model_len=128, progress=False)
+    two = compile_model(model, target="cuda", dtype="float32", max_model_len=128, progress=False, tensor_parallel=2)
+    return one, two
+
+
+def test_cuda_tp2_program_matches_tp1(tp_models):
+    one, two = tp_models
+    kw = dict(num_blocks=32, max_model_len=128, max_num_seqs=4, **cuda_device())
+    p1 = build_program("cuda", one.graph, one.params, **kw)
+    p2 = build_program("cuda", two.graph, two.params, **kw)
+    try:
+        assert type(p2).__name__ == "TensorParallelCudaProgram" and p2.num_blocks == 32 and p2.tp == 2
+        assert p2.vocab_size == 101 and p2.kv_cache_bytes() * 2 == p1.kv_cache_bytes()
+        lay = PagedLayout(32, 16, seed=1)
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(0, 101, n).tolist() for n in (5, 23, 1)]
+        step = lay.step([(i, p, 0) for i, p in enumerate(prompts)])
+        np.testing.assert_allclose(p2.step(step), p1.step(step), rtol=1e-4, atol=1e-4)
+        decode = lay.step([(0, [7], 5), (1, [8, 9, 10], 23), (2, [11], 1)])
+        assert np.array_equal(p2.step_greedy(decode), p1.step_greedy(decode))
+        sample = dict(temperature=np.full(3, 0.8, np.float32), top_k=np.zeros(3, np.int32),
+                      top_p=np.ones(3, np.float32), seeds=np.arange(3, dtype=np.int64), offsets=np.zeros(3, np.int64))
+        decode = lay.step([(0, [3], 6), (1, [4], 26), (2, [5], 2)])
+        assert np.array_equal(p2.step_sample(decode, **sample), p1.step_sample(decode, **sample))
+        # bad input is refused on rank 0 before any rank runs it; the group keeps working
+        bad = lay.step([(0, [200], 7)])
+        with pytest.raises(ValueError, match="token_ids"):
+            p2.step_greedy(bad)
+        with pytest.raises(ValueError, match="temperature"):
+            p2.step_sample(decode, **dict(sample, temperature=np.full(3, -1.0, np.float32)))
+        ok = lay.step([(0, [6], 7), (1, [7], 27), (2, [8], 3)])
+        assert np.array_equal(p2.step_greedy(ok), p1.step_greedy(ok))
+    finally:
+        p2.close()
+    p2.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        p2.step_greedy(ok)
+
+
+def test_cuda_tp2_engine_tokens_equal_tp1(tp_models):
+    one, two = tp_models
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 101, n).tolist() for n in (9, 30, 2)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    tokens = {}
+    for tp, cm in ((1, one), (2, two)):
+        engine = Engine(cm, num_blocks=32, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128,
+                        program_options=cuda_device())
+        tokens[tp] = [o.token_ids for o in engine.generate(prompts, params)]
+        if tp == 2:
+            engine.program.close()
+    assert tokens[1] == tokens[2]
+
+
+def test_step_channel_round_trip(tmp_path):
+    from lowering.backends.cuda_tp import StepChannel
+
+    chan = StepChannel.create(readers=1, capacity=1 << 16)
+    reader = StepChannel(chan.path, 1, 1 << 16, create=False)
+    try:
+        for i in range(3):
+            chan.send(("step", (np.arange(i + 1),), {"k": i}))
+            name, args, kw = reader.recv(0)
+            assert name == "step" and np.array_equal(args[0], np.arange(i + 1)) and kw == {"k": i}
+        with pytest.raises(ValueError, match="exceeds the channel"):
+            chan.send(np.zeros(1 << 16, np.uint8))
+    finally:
+        reader.close()
+        chan.close(unlink=True)
+    assert not os.path.exists(chan.path)
