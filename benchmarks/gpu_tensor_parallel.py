@@ -120,8 +120,11 @@ def check_tokens(tps, out: dict, dtypes=("float32", "bfloat16")) -> None:
         model = llama.random_model(cfg, seed=3)
         tokens = {}
         for tp in tps:
+            t0 = time.perf_counter()
+            print(f"check {dtype} TP={tp}: starting", flush=True)
             cm = compile_model(model, target="cuda", dtype=dtype, tensor_parallel=tp, progress=False)
             engine = Engine(cm, num_blocks=1024, max_num_seqs=4, max_num_batched_tokens=256, max_model_len=512)
+            print(f"check {dtype} TP={tp}: engine ready after {time.perf_counter() - t0:.0f} s", flush=True)
             outs = engine.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
             tokens[tp] = [o.token_ids for o in outs]
             blocks = engine.program.num_blocks
@@ -135,7 +138,7 @@ def check_tokens(tps, out: dict, dtypes=("float32", "bfloat16")) -> None:
                                                 "sequences": len(prompts), "token_agreement": float(agree),
                                                 "num_blocks": blocks})
             print(f"check {dtype} TP={tp}: {same}/{len(prompts)} sequences identical to TP={tps[0]} "
-                  f"(token agreement {agree:.4f}), {blocks} KV blocks", flush=True)
+                  f"(token agreement {agree:.4f}), {blocks} KV blocks, {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def main():
