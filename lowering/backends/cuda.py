@@ -1184,12 +1184,22 @@ def _symm_all_reduce(program, dtype):
         return None
     key = str(dtype)
     if key not in program._symm:
+        import torch
+        import torch.distributed as dist
+
         try:
-            program._symm[key] = _SymmAllReduce(program, dtype)
+            symm, error = _SymmAllReduce(program, dtype), None
         except Exception as e:  # noqa: BLE001 - older torch, no NVLink P2P: NCCL does it
+            symm, error = None, e
+        # every rank must take the same path, or the ranks would wait in different collectives
+        ok = torch.tensor([int(symm is not None)], dtype=torch.int32, device=program.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=program.tp_group)
+        if not int(ok.item()):
             if program.tp_all_reduce == "symm":
-                raise RuntimeError(f"tp_all_reduce='symm': torch symmetric memory is unavailable here ({e})") from e
-            program._symm[key] = None
+                raise RuntimeError(f"tp_all_reduce='symm': torch symmetric memory is unavailable on a rank "
+                                   f"({error or 'another rank failed'})")
+            symm = None
+        program._symm[key] = symm
     return program._symm[key]
 
 
