@@ -143,6 +143,8 @@ class CudaProgram:
             raise ValueError(f"tp_all_reduce must be 'auto', 'nccl' or 'symm', got {tp_all_reduce!r}")
         self.tp_all_reduce = tp_all_reduce
         self._symm: dict[str, Any] = {}
+        # called with (inp, greedy, hidden) once a step is checked, before it runs (cuda_tp: rank 0 sends it on)
+        self.on_step: Callable[..., None] | None = None
         if plan is not None and tp_group is None:
             raise IRError(f"the graph is sharded for tensor_parallel={plan[0]}: build it with build_program(\"cuda\", "
                           "...) (one process per GPU, lowering/backends/cuda_tp.py), not CudaProgram directly")
@@ -334,15 +336,9 @@ class CudaProgram:
         min_p f32[L] (0 = off), seeds / offsets i64[L]: the same (seed, offset) draws the same token
         for the same logits (see kernels_gpu/sampling.py for the exact rules).
         """
-        return self._sample_checked(inp, self._sampling_host(inp, temperature=temperature, top_k=top_k, top_p=top_p,
-                                                             seeds=seeds, offsets=offsets, min_p=min_p))
-
-    @staticmethod
-    def _sampling_host(inp, *, temperature, top_k, top_p, seeds, offsets, min_p=None) -> dict:
-        """step_sample's per-row parameters as checked host arrays (ValueError names a bad one)."""
         import torch
 
-        from kernels_gpu.sampling import check_sampling_values
+        from kernels_gpu.sampling import check_sampling_values, sample
 
         num_rows = int(inp.logit_rows.shape[0])
         host = {"temperature": np.asarray(temperature, np.float32), "top_k": np.asarray(top_k, np.int32),
@@ -353,13 +349,6 @@ class CudaProgram:
             if a.shape != (num_rows,):
                 raise ValueError(f"step_sample: {name} must have one value per logit row ({num_rows}), got shape {a.shape}")
         check_sampling_values(*(torch.from_numpy(host[k]) for k in ("temperature", "top_k", "top_p", "min_p")))
-        return host
-
-    def _sample_checked(self, inp, host: dict) -> np.ndarray:
-        import torch
-
-        from kernels_gpu.sampling import sample
-
         logits, _, _ = self._step_device(inp, greedy=False)
         dev = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in host.items()}
         return sample(logits, **dev).cpu().numpy()
@@ -371,6 +360,8 @@ class CudaProgram:
         if hidden:
             check_hidden_output(self.graph)
         self._check_step(inp)
+        if self.on_step is not None:  # rank 0 of a tensor-parallel group: the other ranks run the same step
+            self.on_step(inp, greedy, hidden)
         num_rows = int(inp.logit_rows.shape[0])
         q = self._uniform_query(inp)
         if self.cuda_graphs and q and inp.num_seqs <= self.graph_batch_buckets[-1]:

@@ -2,15 +2,15 @@
 
     rank 0 (this process)                         ranks 1..tp-1 (spawned worker processes)
     TensorParallelCudaProgram                      _worker_main
-      .step(inp) -> validate on rank 0  ──────▶     StepChannel.recv() -> the same call on its CudaProgram
-                 -> broadcast the call (shared       (no result goes back: the logits are all-gathered on
-                    memory, below)                    every rank and rank 0's are the answer)
-                 -> its own CudaProgram.step
+      .step / step_greedy / step_sample (rank 0's   StepChannel.recv() -> the same _step_device on its
+       CudaProgram) -> _step_device: check the        CudaProgram (no result goes back: the logits are
+       step, on_step sends it on (shared  ──────▶     all-gathered on every rank and rank 0's are the
+       memory, below), run it                         answer)
     every rank: CudaProgram over the sharded graph; all_reduce / all_gather are torch.distributed (NCCL)
     collectives in the plan, captured inside the decode CUDA graphs like any kernel.
 
-The Engine, scheduler and sampler run on rank 0 alone; what crosses to the workers is each Program call and its
-StepInput, pickled into a shared-memory ring (StepChannel): rank 0 writes the payload and bumps a sequence
+The Engine, scheduler and sampler run on rank 0 alone; what crosses to the workers is each checked step (its
+StepInput and whether tokens are picked greedily or the hidden states kept) and capture_decode_graphs, pickled into a shared-memory ring (StepChannel): rank 0 writes the payload and bumps a sequence
 number, workers spin on it (then back off to short sleeps when idle) and acknowledge. One host, so no TCP on
 the step path; the process group's TCP store is used only at start-up.
 
@@ -50,15 +50,20 @@ DEFAULT_CHANNEL_BYTES = 64 << 20  # the largest pickled Program call (a big pref
 _SPIN_BEFORE_SLEEP = 20000  # polls of the sequence word before an idle worker starts sleeping between polls
 
 
-def _shared_dir(nbytes: int) -> str:
-    """/dev/shm when it has room (memory-backed), else the temp dir (page cache)."""
+def _shared_file(prefix: str, nbytes: int) -> str:
+    """A new file of `nbytes` zero bytes that other processes can map: in /dev/shm when it has room
+    (memory-backed), else in the temp dir (page cache)."""
+    where = tempfile.gettempdir()
     try:
         st = os.statvfs("/dev/shm")
         if st.f_bavail * st.f_frsize > nbytes + (256 << 20):
-            return "/dev/shm"
+            where = "/dev/shm"
     except OSError:
         pass
-    return tempfile.gettempdir()
+    fd, path = tempfile.mkstemp(prefix=prefix, dir=where)
+    os.ftruncate(fd, nbytes)
+    os.close(fd)
+    return path
 
 
 class StepChannel:
@@ -70,23 +75,23 @@ class StepChannel:
     sees sequence n also sees its payload.
     """
 
-    def __init__(self, path: str, readers: int, capacity: int, *, create: bool):
+    def __init__(self, path: str, readers: int, capacity: int):
         self.path, self.readers, self.capacity = path, readers, capacity
-        self.offset = 64 * (2 + readers // 8 + 1)
+        self.offset = self.header_bytes(readers)
         size = self.offset + capacity
-        if create:
-            with open(path, "wb") as f:
-                f.truncate(size)
         self._file = open(path, "r+b")
         self._map = mmap.mmap(self._file.fileno(), size)
         self.words = np.frombuffer(self._map, dtype=np.int64, count=2 + readers)
         self._seen = 0
 
+    @staticmethod
+    def header_bytes(readers: int) -> int:
+        return 64 * (2 + readers // 8 + 1)
+
     @classmethod
     def create(cls, readers: int, capacity: int = DEFAULT_CHANNEL_BYTES) -> "StepChannel":
-        fd, path = tempfile.mkstemp(prefix="llmc-tp-channel-", dir=_shared_dir(capacity))
-        os.close(fd)
-        return cls(path, readers, capacity, create=True)
+        """A new channel; readers attach with StepChannel(channel.path, readers, capacity)."""
+        return cls(_shared_file("llmc-tp-channel-", cls.header_bytes(readers) + capacity), readers, capacity)
 
     def send(self, message, *, alive=lambda: True) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
@@ -156,10 +161,7 @@ class HostParams(ParamSource):
             arrays[name] = a
             layout[name] = (at, tuple(a.shape), a.dtype.name)
             at += -(-a.nbytes // 64) * 64
-        fd, self.path = tempfile.mkstemp(prefix="llmc-tp-params-", dir=_shared_dir(at))
-        os.close(fd)
-        with open(self.path, "wb") as f:
-            f.truncate(max(at, 1))
+        self.path = _shared_file("llmc-tp-params-", max(at, 1))
         self.layout = layout
         if at:
             mm = np.memmap(self.path, dtype=np.uint8, mode="r+", shape=(at,))
@@ -268,20 +270,14 @@ def _worker_main(rank: int, tp: int, backend: str, init_method: str, timeout_s: 
         params = source.for_rank(graph, rank, device)
         program = CudaProgram(graph, params, device=str(device), tp_rank=rank, tp_group=group, **kwargs)
         del params
-        chan = StepChannel(channel[0], channel[1], channel[2], create=False)
+        chan = StepChannel(*channel)
         reports.put(("ready", rank, None))
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        calls = {
-            "step": lambda inp, with_hidden=False: program._step_device(inp, greedy=False, hidden=with_hidden),
-            "step_greedy": lambda inp, with_hidden=False: program._step_device(inp, greedy=True, hidden=with_hidden),
-            "_sample_checked": lambda inp, host: program._step_device(inp, greedy=False),
-        }
-        while True:
+        while True:  # rank 0's calls: _step_device of every step (its results stay here), capture_decode_graphs
             name, args, kw = chan.recv(rank - 1)
             if name == "__stop__":
                 break
-            fn = calls.get(name) or getattr(program, name)
-            fn(*args, **kw)
+            getattr(program, name)(*args, **kw)
             sync()  # the pinned input buffers are reused by the next call: let this one's copies finish
         chan.close()
         import torch.distributed as dist
@@ -300,8 +296,8 @@ def _worker_main(rank: int, tp: int, backend: str, init_method: str, timeout_s: 
 class TensorParallelCudaProgram:
     """The Program of a tensor-parallel graph on `tp` GPUs: rank 0 in this process, ranks 1.. in spawned workers.
 
-    Has CudaProgram's interface (step, step_greedy, step_sample, capture_decode_graphs, ...; attributes read through
-    to rank 0's program). `params`: the full host params (a Mapping; shared with the workers through a
+    Has CudaProgram's interface: attributes and methods are rank 0's program's, whose checked steps go to the workers
+    (CudaProgram.on_step). `params`: the full host params (a Mapping; shared with the workers through a
     shared-memory file, each rank uploading only its pieces) or a ParamSource. `devices`: CUDA device indices of
     ranks 0..tp-1 (default 0..tp-1). device="cpu" runs every rank's kernels in Triton's interpreter over gloo
     (TRITON_INTERPRET=1; tests). Other keyword arguments go to every rank's CudaProgram; num_blocks, when not
@@ -362,6 +358,9 @@ class TensorParallelCudaProgram:
 
             self.local = CudaProgram(graph, source.for_rank(graph, 0, dev), device=str(dev), tp_rank=0,
                                      tp_group=group, **kwargs)
+            # every entry point (step, step_greedy, step_sample) checks its step, then sends it on from here
+            self.local.on_step = lambda inp, greedy, hidden: self._broadcast("_step_device", inp, greedy=greedy,
+                                                                             hidden=hidden)
             if not self._ready.wait(timeout_s):
                 raise RuntimeError(f"tensor-parallel workers did not start within {timeout_s:.0f} s")
         except BaseException:
@@ -413,33 +412,9 @@ class TensorParallelCudaProgram:
             raise AttributeError(name)
         return getattr(self.local, name)
 
-    def step(self, inp, *, with_hidden: bool = False):
-        self.local._check_step(inp)
-        self._broadcast("step", inp, with_hidden=with_hidden)
-        return self.local.step(inp, with_hidden=with_hidden)
-
-    def step_greedy(self, inp, *, with_hidden: bool = False):
-        self.local._check_step(inp)
-        self._broadcast("step_greedy", inp, with_hidden=with_hidden)
-        return self.local.step_greedy(inp, with_hidden=with_hidden)
-
-    def step_sample(self, inp, *, temperature, top_k, top_p, seeds, offsets, min_p=None) -> np.ndarray:
-        self.local._check_step(inp)
-        host = self.local._sampling_host(inp, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
-                                         offsets=offsets, min_p=min_p)
-        self._broadcast("_sample_checked", inp, host)
-        return self.local._sample_checked(inp, host)
-
     def capture_decode_graphs(self, context_len: int | None = None) -> int:
         self._broadcast("capture_decode_graphs", context_len)
         return self.local.capture_decode_graphs(context_len)
-
-    def compact_kv(self, compactions) -> None:
-        self.local.compact_kv(compactions)  # raises: tensor-parallel graphs have no eviction policy
-
-    def kv_cache_bytes(self) -> int:
-        """KV pool bytes of one rank (each GPU holds this much: its share of every block's KV heads)."""
-        return self.local.kv_cache_bytes()
 
     def close(self) -> None:
         """Stop the workers and leave the process group (also at exit)."""

@@ -121,7 +121,7 @@ def test_step_channel_round_trip(tmp_path):
     from lowering.backends.cuda_tp import StepChannel
 
     chan = StepChannel.create(readers=1, capacity=1 << 16)
-    reader = StepChannel(chan.path, 1, 1 << 16, create=False)
+    reader = StepChannel(chan.path, 1, 1 << 16)
     try:
         for i in range(3):
             chan.send(("step", (np.arange(i + 1),), {"k": i}))
