@@ -38,8 +38,8 @@ META_KEY = "tensor_parallel"
 
 REPLICATED, SHARDED, PARTIAL = "replicated", "sharded", "partial"
 # ops whose sharded inputs keep their per-feature layout (no shape attrs to rewrite beyond these)
-_ELEMENTWISE = {"add", "sub", "mul", "div", "neg", "tanh", "exp", "logistic", "convert_element_type", "max", "min",
-                "integer_pow", "sqrt", "rsqrt", "erf", "pow"}
+_ELEMENTWISE = {"silu_mul", "gelu_tanh_mul", "add", "sub", "mul", "div", "neg", "tanh", "exp", "logistic",
+                "convert_element_type", "max", "min", "integer_pow", "sqrt", "rsqrt", "erf", "pow"}
 _REFUSED = {"qlinear": "quantized weights", "qlogits": "a quantized logits weight",
             "kv_write_nvfp4": "an nvfp4 KV cache", "kv_merge": "cross-layer KV sharing",
             "attention_mass": "H2O KV eviction", "moe": "mixture-of-experts layers",
@@ -336,12 +336,6 @@ class _Sharder:
 
     def _op_head_rms_norm(self, node: Node):
         self._heads_op(node, ())
-
-    def _op_silu_mul(self, node: Node):
-        self._elementwise(node)
-
-    def _op_gelu_tanh_mul(self, node: Node):
-        self._elementwise(node)
 
     def _elementwise(self, node: Node):
         lays = {self.lay(i) for i in node.inputs if self.g.types[i].shape != ()}
