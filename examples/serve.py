@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from runtime import Engine, load
+from runtime import Engine, load_if_artifact
 from runtime.async_engine import AsyncEngine
 from runtime.server import BackgroundServer
 
@@ -22,9 +22,8 @@ def main() -> None:
     parser.add_argument("--keep-serving", action="store_true", help="keep the server up after the demo requests")
     args = parser.parse_args()
 
-    if os.path.isfile(os.path.join(args.source, "manifest.json")):
-        model = load(args.source)
-    else:
+    model = load_if_artifact(args.source)
+    if model is None:
         from lowering import compile_model
 
         model = compile_model(args.source if os.path.exists(args.source) else "smollm2-135m", progress=False)

@@ -269,14 +269,13 @@ def run_compile(args: argparse.Namespace) -> int:
 
 
 def load_or_compile(args: argparse.Namespace):
-    from runtime import load
+    from runtime import load_if_artifact
 
-    if os.path.isfile(os.path.join(args.source, "manifest.json")):
-        if args.weights or args.kv_cache or args.kv_rotation:
-            raise ValueError(f"{args.source} is a compiled artifact: quantization options (--weights, --kv-cache, "
-                             "--kv-rotation) apply when compiling a checkpoint")
-        model, tp = load(args.source), getattr(args, "tp", 1)
-        return model if tp == 1 else model.with_tensor_parallel(tp)  # shard an unsharded artifact at load
+    quantization = [flag for flag, value in (("--weights", args.weights), ("--kv-cache", args.kv_cache),
+                                             ("--kv-rotation", args.kv_rotation)) if value]
+    model = load_if_artifact(args.source, set_options=quantization, tensor_parallel=getattr(args, "tp", 1))
+    if model is not None:
+        return model
     from lowering import compile_model
 
     return compile_model(args.source, verbose=False, **compile_kwargs(args))
@@ -325,7 +324,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def build_router(path: str, *, target: str, engine_kwargs: dict, max_pending: int):
     """An AsyncRouter from a router config file: each model loaded (an artifact directory) or compiled (any
     other source, with the model's own compile options), its Engine and AsyncEngine, the policy, the costs."""
-    from runtime import Engine, load
+    from runtime import Engine, load_if_artifact
     from runtime.async_engine import AsyncEngine
     from runtime.router import AsyncRouter, load_router_config, policy_from_config
 
@@ -334,16 +333,15 @@ def build_router(path: str, *, target: str, engine_kwargs: dict, max_pending: in
     try:
         for name, spec in config["models"].items():
             options = {k: v for k, v in spec.items() if k not in ("source", "engine")}
-            source = spec["source"]
-            if os.path.isfile(os.path.join(source, "manifest.json")):
-                if options:
-                    raise ValueError(f"router model {name!r}: {source} is a compiled artifact; compile options "
-                                     f"{sorted(options)} do not apply")
-                model = load(source)
-            else:
+            try:
+                model = load_if_artifact(spec["source"], set_options=sorted(set(options) - {"tensor_parallel"}),
+                                         tensor_parallel=options.get("tensor_parallel", 1))
+            except ValueError as e:
+                raise ValueError(f"router model {name!r}: {e}") from None
+            if model is None:
                 from lowering import compile_model
 
-                model = compile_model(source, **({"target": target, "verbose": False} | options))
+                model = compile_model(spec["source"], **({"target": target, "verbose": False} | options))
             engine = Engine(model, **(engine_kwargs | dict(spec.get("engine") or {})))
             async_engines[name] = AsyncEngine(engine, max_pending=max_pending)
         router = AsyncRouter(async_engines, policy_from_config(config["policy"]), default=config["default"],
@@ -440,7 +438,9 @@ def run_eval_long(args: argparse.Namespace) -> int:
         raise ValueError(f"--needle-depths must be comma-separated fractions, got {args.needle_depths!r}") from None
     if not depths or not all(0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"--needle-depths must be fractions in [0, 1], got {args.needle_depths!r}")
-    if os.path.isfile(os.path.join(args.source, "manifest.json")):
+    from runtime import is_artifact
+
+    if is_artifact(args.source):
         raise ValueError("--long compiles SOURCE once per KV setting: give a checkpoint or registry name, not an "
                          "artifact")
     text = ev.data_file(ev.PPL_FILE, args.data).read_text(encoding="utf-8")

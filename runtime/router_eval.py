@@ -669,12 +669,11 @@ def _se(q: np.ndarray) -> float:
 
 def load_model(source: str, *, weights: str | None = None, max_ppl_increase: float | None = None):
     """An artifact directory (loaded) or anything compile_model takes, compiled for the CPU."""
-    if os.path.isfile(os.path.join(str(source), "manifest.json")):
-        if weights:
-            raise ValueError(f"{source} is a compiled artifact: --weights applies when compiling a checkpoint")
-        from runtime import load
+    from runtime import load_if_artifact
 
-        return load(source)
+    model = load_if_artifact(str(source), set_options=["--weights"] if weights else [])
+    if model is not None:
+        return model
     from lowering import compile_model
 
     return compile_model(source, target="cpu", weights=weights, max_ppl_increase=max_ppl_increase, progress=False)

@@ -192,3 +192,9 @@ def test_compile_model_runs_the_pass_last_and_loaded_models_shard(compiled, tmp_
     assert whole.with_tensor_parallel(1) is whole
     with pytest.raises(OptionsError, match="compiled for tensor_parallel=2"):
         loaded.with_tensor_parallel(4)
+    from runtime import load_if_artifact
+
+    assert load_if_artifact(tmp_path / "whole", tensor_parallel=2).tensor_parallel == 2  # sharded at load
+    assert load_if_artifact(tmp_path / "missing") is None  # not an artifact: the caller compiles it
+    with pytest.raises(ValueError, match="compiled artifact: --weights applies when compiling"):
+        load_if_artifact(tmp_path / "whole", set_options=["--weights"])
