@@ -54,10 +54,7 @@ def step_graph(cfg_kwargs: dict, tp: int, dtype: str = "bfloat16", block_size: i
     cfg = ModelConfig(**cfg_kwargs)
     cls = llama.model_class(cfg)
     abstract = nnx.eval_shape(lambda: cls(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
-    weights = {nnx_params.dotted(path): var.get_value() if hasattr(var, "get_value") else var.value
-               for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
-    graph, _ = frontend.trace(lambda by_name, *inputs: nnx.merge(*nnx_params.with_params(abstract, by_name))(*inputs),
-                              weights)
+    graph, _ = frontend.trace(*nnx_params.forward_fn(abstract))
     graph, _ = run_pipeline(graph, CompileOptions(target="cuda", dtype=dtype, block_size=block_size))
     graph.meta.pop(DERIVED_KEY, None)
     return shard_tensor_parallel(graph, tp) if tp > 1 else graph

@@ -280,11 +280,10 @@ def _truncate_layers(ckpt, num_layers: int):
 
 def _float_param_dtype(model) -> str | None:
     """The dtype most of a Flax model's floating-point parameters have (None when it has none)."""
-    from flax import nnx
+    from lowering.models.nnx_params import flat_params
 
     counts: dict[str, int] = {}
-    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = var.get_value() if hasattr(var, "get_value") else var.value
+    for value in flat_params(model).values():
         if jnp.issubdtype(value.dtype, jnp.floating):
             counts[jnp.dtype(value.dtype).name] = counts.get(jnp.dtype(value.dtype).name, 0) + int(value.size)
     return max(counts, key=counts.get) if counts else None

@@ -13,8 +13,10 @@ def dotted(path) -> str:
 
 
 def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
-    """Params keyed by dotted path (for the Llama module tree: exactly the Hugging Face names)."""
-    return {dotted(path): var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    """Params keyed by dotted path (for the Llama module tree: exactly the Hugging Face names); the
+    jax.ShapeDtypeStructs of a model made under nnx.eval_shape (tracing needs no weights)."""
+    return {dotted(path): var.get_value() if hasattr(var, "get_value") else var.value
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def with_params(model: nnx.Module, values: Mapping[str, jax.Array]):
