@@ -14,6 +14,7 @@ have no accuracy to guard); every llmc variant also times a prefill of the large
 Prints a table, writes JSON to $OUT/gpu_decode.json (else bench_results/).
 
     PYTHONPATH=. python3 benchmarks/gpu_decode.py [--batch 1 64] [--peers eager static] [--quant int4 nvfp4]
+        [--ablate-fusion] [--profile]
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def profile_program(program, batches, context):
                         logit_rows=np.arange(batch, dtype=np.int32))
         for _ in range(3):
             program.step_greedy(inp)
-        graph = next(g for (b, _), (g, _, _) in program._graphs.items() if b >= batch)
+        graph = next(v[0] for key, v in sorted(program._graphs.items()) if key[0] >= batch and key[1] == 1)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(50):
@@ -121,6 +122,8 @@ def main():
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (smoke runs)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="split a decode step into GPU time and host time")
+    ap.add_argument("--ablate-fusion", action="store_true",
+                    help="also time llmc bf16 at batch <= 4 with the decode GEMV fusions off (same engine)")
     args = ap.parse_args()
 
     from lowering import compile_model
@@ -179,6 +182,25 @@ def main():
             if batch == 1:
                 extra["roofline_fraction"] = rate / roofline
             record(name, batch, rate, t1, tn, extra)
+        if name == "llmc bf16" and args.ablate_fusion:  # the same steps with the decode GEMV fusions off
+            engine.program.fused_gemv = False
+            engine.program.drop_decode_graphs()  # recapture without the fused kernels
+            engine.program.capture_decode_graphs()
+            for batch in [b for b in args.batch if b <= 4]:
+                def run(n, batch=batch):
+                    return engine.generate(prompts[:batch], SamplingParams(max_tokens=n, temperature=0.0,
+                                                                           ignore_eos=True))
+
+                rate, t1, tn = decode_rate(run, batch, args.new_tokens, args.repeats)
+                same = [o.token_ids for o in run(args.new_tokens)] == llmc_tokens[(name, batch)]
+                record("llmc bf16, no GEMV fusion", batch, rate, t1, tn, {"same_tokens_as_fused": same})
+                print(f"    same greedy tokens as with the fusion: {same}", flush=True)
+            if args.profile:
+                results["profile/llmc bf16, no GEMV fusion"] = profile_program(
+                    engine.program, [b for b in args.batch if b <= 4], args.prompt_len)
+            engine.program.fused_gemv = True
+            engine.program.drop_decode_graphs()
+            engine.program.capture_decode_graphs()
         batch = max(args.batch)
 
         def prefill():

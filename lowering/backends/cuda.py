@@ -39,6 +39,9 @@ MIN_CONTEXT_BUCKET = 256  # decode graphs are keyed by the step's longest contex
 # CUDA graphs also serve uniform verification steps: every sequence runs q tokens (its last token and a q-1 token
 # draft) with logits for all rows; q up to this many
 MAX_GRAPH_QUERY = 9
+# steps of at most this many rows run the decode GEMV fusions (kernels_gpu.fused_gemv; measured faster than the
+# unfused kernels + cuBLAS at one row only, see FUSED_MAX_M's note there)
+FUSED_GEMV_ROWS = 1
 
 _TORCH_DTYPES: dict[str, Any] = {}
 
@@ -168,6 +171,10 @@ class CudaProgram:
         self._qweights: dict[tuple, Any] = {}  # qlinear / qlogits weights: (format, group, part names) -> QuantizedWeight
         self._embed_rows = self._embedding_rows()
         self.prefill_fast_path = True  # fresh prefills take kernels_gpu.prefill_attention (tests switch it off)
+        # steps of at most fused_gemv_rows rows (<= kernels_gpu.fused_gemv.FUSED_MAX_M) run norm / SwiGLU + GEMV
+        # fused (tests switch it off, or raise the rows to cover the kernel's multi-row path)
+        self.fused_gemv = True
+        self.fused_gemv_rows = FUSED_GEMV_ROWS
         self.num_fresh_prefill_steps = 0  # eager steps that took the prefill kernel
         self.prefill_fast_path_min_tokens = PREFILL_FAST_PATH_MIN_TOKENS
         self.eager_only_ops: list[str] = []  # generic ops run through JAX (no CUDA graphs then)
@@ -546,6 +553,16 @@ class CudaProgram:
         torch.cuda.synchronize(self.device)
         self._graphs[(b, q, ctx_bucket)] = (graph, logits, tokens, extra)
 
+    def drop_decode_graphs(self) -> None:
+        """Forget every captured decode graph and its memory pool; later steps capture again. For changes to what a
+        decode step runs (fused_gemv, fused_gemv_rows)."""
+        import torch
+
+        self._graphs.clear()
+        if self._static is not None:
+            torch.cuda.synchronize(self.device)
+            self._graph_pool = torch.cuda.graph_pool_handle()  # NOTE: a fresh pool: the old one's blocks may be live
+
     def capture_decode_graphs(self, context_len: int | None = None) -> int:
         """Capture every batch bucket's decode graph up front (else each is captured on first use)."""
         if not self.cuda_graphs:
@@ -605,6 +622,13 @@ def _plan(graph: Graph, program: CudaProgram) -> list[tuple[Fn, list[str], list[
     for i, node in enumerate(graph.nodes):
         if id(node) in skip:
             continue
+        # decode GEMVs with their input's producer fused in (a norm, a residual add + norm, a SwiGLU / GeGLU)
+        fused_gemv = _gemv_fusion(graph, node, users, producers, position, program)
+        if fused_gemv is not None:
+            fn, ins, outs, label, absorbed = fused_gemv
+            skip.update(id(n) for n in absorbed)
+            plan.append((fn, ins, outs, label))
+            continue
         # RMSNorm fed by a residual add: one add_rms_norm kernel yields both the sum and the norm
         if node.op == "add" and len(node.inputs) == 2:
             fused = fusable_norm(graph, node, users, position)
@@ -632,6 +656,130 @@ def _plan(graph: Graph, program: CudaProgram) -> list[tuple[Fn, list[str], list[
         else:
             plan.append((_generic_fn(node, graph, program), list(node.inputs), list(node.outputs), node.op))
     return plan
+
+
+_FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _only_consumer(graph, name: str, users) -> Node | None:
+    """The one node reading `name`, if exactly one does and it is not a graph output."""
+    readers = users.get(name, [])
+    return readers[0] if len(readers) == 1 and name not in graph.outputs else None
+
+
+def _dense_gemv_consumer(graph, name: str, users) -> Node | None:
+    """A linear (or logits) that is the only reader of `name`, as its activation, with a dense float weight [N, K]
+    (and bias) held as params: the GEMV a producer of `name` can be fused into."""
+    node = _only_consumer(graph, name, users)
+    if node is None or node.op not in ("linear", "logits") or node.inputs[0] != name:
+        return None
+    weights = node.inputs[1:] if node.op == "linear" else node.inputs[2:]
+    if not all(w in graph.params and graph.types[w].dtype in _FLOAT_DTYPES for w in weights):
+        return None
+    if len(graph.types[weights[0]].shape) != 2 or graph.types[name].dtype not in _FLOAT_DTYPES:
+        return None
+    return node
+
+
+def _gemv_fusion(graph, node: Node, users, producers, position, program):
+    """(closure, inputs, outputs, label, absorbed nodes) when `node` starts a fusable producer -> GEMV chain:
+      add + rms_norm -> linear / logits      kernels_gpu.fused_gemv.norm_gemv (keeps the sum when anyone reads it)
+      rms_norm -> linear / logits            norm_gemv without a residual
+      silu_mul / gelu_tanh_mul -> linear     act_gemv (gate and up: the halves of one split)
+    Steps of more than program.fused_gemv_rows rows run the unfused kernels and cuBLAS inside the same closure."""
+    if node.op == "add" and len(node.inputs) == 2:
+        norm = fusable_norm(graph, node, users, position)
+        if norm is None:
+            return None
+        gemv = _dense_gemv_consumer(graph, norm.outputs[0], users)
+        if gemv is None:
+            return None
+        summed = node.outputs[0]
+        keep = gemv.op == "linear" or bool([u for u in users.get(summed, []) if u is not norm]) \
+            or summed in graph.outputs
+        fn = _norm_gemv_fn(norm, gemv, program, with_residual=True, keep_residual=keep)
+        ins = [node.inputs[0], node.inputs[1], norm.inputs[1]] + _gemv_extra_inputs(gemv)
+        outs = [gemv.outputs[0]] + ([summed] if keep else [])
+        return fn, ins, outs, f"add+rms_norm+{gemv.op}", (norm, gemv)
+    if node.op == "rms_norm" and graph.types[node.inputs[1]].dtype in _FLOAT_DTYPES \
+            and len(graph.types[node.inputs[0]].shape) == 2:
+        gemv = _dense_gemv_consumer(graph, node.outputs[0], users)
+        if gemv is None:
+            return None
+        fn = _norm_gemv_fn(node, gemv, program, with_residual=False, keep_residual=False)
+        return fn, [node.inputs[0], node.inputs[1]] + _gemv_extra_inputs(gemv), [gemv.outputs[0]], \
+            f"rms_norm+{gemv.op}", (gemv,)
+    if node.op in ("silu_mul", "gelu_tanh_mul") and _split_halves(graph, node, producers) is not None:
+        gemv = _dense_gemv_consumer(graph, node.outputs[0], users)
+        if gemv is None or gemv.op != "linear":
+            return None
+        fn = _act_gemv_fn(node, graph, program, producers)
+        return fn, list(node.inputs) + gemv.inputs[1:], [gemv.outputs[0]], f"{node.op}+linear", (gemv,)
+    return None
+
+
+def _gemv_extra_inputs(gemv: Node) -> list[str]:
+    """What a fused closure reads of the GEMV node besides its activation: linear (weight[, bias]), logits (rows,
+    weight)."""
+    return list(gemv.inputs[1:])
+
+
+def _norm_gemv_fn(norm: Node, gemv: Node, program, *, with_residual: bool, keep_residual: bool) -> Fn:
+    import torch.nn.functional as F
+
+    from kernels_gpu.fused_gemv import norm_gemv
+    from kernels_gpu.norms import add_rms_norm
+
+    eps, offset = norm.attrs["eps"], norm.attrs.get("weight_offset")
+    logits = gemv.op == "logits"
+
+    def run(ctx, *args):
+        if with_residual:
+            x, residual, norm_w, *rest = args
+        else:
+            (x, norm_w, *rest), residual = args, None
+        rows, weight, bias = (rest[0], rest[1], None) if logits else (None, rest[0], rest[1] if len(rest) > 1 else None)
+        m = rows.shape[0] if logits else x.shape[0]
+        if program.fused_gemv and m <= program.fused_gemv_rows:
+            y, summed = norm_gemv(x, residual, norm_w, eps, weight, bias, weight_offset=offset, rows=rows,
+                                  out_dtype=torch_dtype("float32") if logits else None,
+                                  keep_residual=keep_residual, round_to_act=logits)
+        else:
+            normed, summed = add_rms_norm(x, residual, norm_w, eps, offset)
+            y = F.linear(normed.index_select(0, rows), weight).float() if logits else F.linear(normed, weight, bias)
+        return (y, summed) if keep_residual else (y,)
+
+    return run
+
+
+def _split_halves(graph, node: Node, producers) -> int | None:
+    """F when a silu_mul / gelu_tanh_mul's gate and up are the two halves of one [T, 2F] split (so one kernel reads
+    them from their common base), else None."""
+    gate, up = node.inputs
+    src = producers.get(gate)
+    fused = (src is not None and src is producers.get(up) and src.op == "split" and src.outputs[:2] == [gate, up]
+             and len(src.outputs) == 2 and int(src.attrs["axis"]) in (1, -1)
+             and graph.types[gate].shape == graph.types[up].shape)
+    return int(graph.types[gate].shape[1]) if fused else None
+
+
+def _act_gemv_fn(node: Node, graph, program, producers) -> Fn:
+    import torch.nn.functional as F
+
+    from kernels_gpu.activations import gelu_tanh_and_mul, silu_and_mul
+    from kernels_gpu.fused_gemv import act_gemv
+
+    gelu = node.op == "gelu_tanh_mul"
+    width = _split_halves(graph, node, producers)
+
+    def run(ctx, g, u, weight, bias=None):
+        base = g.as_strided((g.shape[0], 2 * width), g.stride())  # [T, 2F]: gate | up
+        if program.fused_gemv and g.shape[0] <= program.fused_gemv_rows:
+            return (act_gemv(base, weight, bias, act="gelu_tanh" if gelu else "silu"),)
+        act = gelu_tanh_and_mul(base) if gelu else silu_and_mul(base)
+        return (F.linear(act, weight, bias),)
+
+    return run
 
 
 def _rope_partner(graph, node: Node, users, producers, position) -> Node | None:
@@ -834,9 +982,15 @@ def _lower_head_rms_norm(node, graph, program, producers, users) -> Fn:
 
 
 def _lower_linear(node, graph, program, producers, users) -> Fn:
+    """cuBLAS, or kernels_gpu.fused_gemv.gemv for a step of at most program.fused_gemv_rows rows (1.09-1.18x cuBLAS
+    on the H100's batch-1 o_proj shapes)."""
     import torch.nn.functional as F
 
+    from kernels_gpu.fused_gemv import gemv
+
     def run(ctx, x, weight, bias=None):
+        if program.fused_gemv and x.shape[0] <= program.fused_gemv_rows and weight.dim() == 2:
+            return (gemv(x, weight, bias),)
         return (F.linear(x, weight, bias),)
 
     return run
@@ -886,13 +1040,8 @@ def _lower_silu_mul(node, graph, program, producers, users) -> Fn:
 
     gelu = node.op == "gelu_tanh_mul"
     act_and_mul = gelu_tanh_and_mul if gelu else silu_and_mul
-    gate, up = node.inputs
-    src = producers.get(gate)
-    fused = (src is not None and src is producers.get(up) and src.op == "split" and src.outputs[:2] == [gate, up]
-             and len(src.outputs) == 2 and int(src.attrs["axis"]) in (1, -1)
-             and graph.types[gate].shape == graph.types[up].shape)
-    if fused:
-        width = graph.types[gate].shape[1]
+    width = _split_halves(graph, node, producers)
+    if width is not None:
 
         def run(ctx, g, u):
             # g and u are the two halves of one [T, 2F] tensor: hand the kernel their common base

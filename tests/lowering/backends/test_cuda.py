@@ -19,8 +19,8 @@ if not HAS_GPU:  # NOTE: must be set before kernels_gpu is imported (triton read
 from lowering import compile_model, ops  # noqa: E402
 from lowering.models import llama  # noqa: E402
 from runtime import Engine, SamplingParams  # noqa: E402
-from tests.lowering.helpers import (PagedLayout, quantize_ir, relerr, run_decode_steps, run_steps,  # noqa: E402
-                                    tiny_config)
+from tests.lowering.helpers import (PagedLayout, for_program, quantize_ir, relerr, run_decode_steps,  # noqa: E402
+                                    run_steps, tiny_config)
 
 DEVICE = "cuda" if HAS_GPU else "cpu"
 if HAS_GPU:  # the CPU target's reference then runs through XLA on the GPU: make its float32 dots exact
@@ -83,23 +83,57 @@ def test_cuda_program_matches_cpu_target_on_ragged_steps(tiny_models, name, bloc
 
 
 def test_cuda_plan_fuses_residual_norms_and_rope_pairs(tiny_models):
+    """Every norm runs inside the GEMV that reads it (with the residual add before it), every SwiGLU inside the down
+    projection's GEMV, and q / k RoPE in one launch: 6 launches a layer besides attention's."""
     _, cuda_cm = tiny_models["llama"]
     plan = cuda_cm.make_program(num_blocks=8, device=DEVICE).launch_plan
     layers = small_config().num_layers
-    assert plan.count("add+rms_norm") == 2 * layers  # every residual add feeds the next norm
+    assert plan.count("rms_norm+linear") == 1  # the first layer's input norm (no residual yet)
+    assert plan.count("add+rms_norm+linear") == 2 * layers - 1  # every residual add feeds the next norm
+    assert plan.count("add+rms_norm+logits") == 1  # the last add, the final norm and the logits
+    assert plan.count("silu_mul+linear") == layers
     assert plan.count("rope(q,k)") == layers and "rope" not in plan
-    assert "add" not in plan and plan.count("silu_mul") == layers
+    assert not {"add", "rms_norm", "add+rms_norm", "silu_mul", "logits"} & set(plan)
 
 
 def test_cuda_plan_fuses_gemma3_norms_and_geglu(tiny_models):
-    """Gemma's sandwich norms: the residual adds still fuse with the norm after them (kernel's (1 + w) form)."""
+    """Gemma's sandwich norms: each residual add fuses with the norm after it (kernel's (1 + w) form); the norm
+    that feeds a GEMV runs inside it, the post-attention / post-MLP norms (read by an add) stay add+rms_norm."""
     _, cuda_cm = tiny_models["gemma3"]
     plan = cuda_cm.make_program(num_blocks=8, device=DEVICE).launch_plan
     layers = small_config("gemma3").num_layers
-    assert plan.count("add+rms_norm") == 2 * layers and "add" not in plan
-    assert plan.count("gelu_tanh_mul") == layers and plan.count("rope(q,k)") == layers
+    fused = [label for label in plan if label.startswith("add+rms_norm")]
+    assert len(fused) == 2 * layers and "add" not in plan
+    assert plan.count("gelu_tanh_mul+linear") == layers and plan.count("rope(q,k)") == layers
 
 
+def run_single_sequence(program, seed):
+    """One sequence: a 6-token prefill, then three one-row decode steps (the fused GEMVs' default path)."""
+    lay = PagedLayout(24, 16, seed=seed)
+    out = [program.step(for_program(program, lay.step([(0, [3, 14, 15, 92, 65, 35], 0)])))]
+    for t in range(3):
+        out.append(program.step(for_program(program, lay.step([(0, [(11 * t + 5) % 97], 6 + t)]))))
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3"])
+def test_fused_gemv_decode_equals_unfused_and_cpu_target(tiny_models, name):
+    """One-row decode steps take the fused norm / SwiGLU / GeGLU GEMVs (qwen2: biased q/k/v, gemma3: (1 + w) norms
+    and GeGLU); with the fusion raised to 4 rows the 3-row decode steps take the kernel's multi-row path. The same
+    program with the fusion off, and the CPU target, give the same logits."""
+    cpu_cm, cuda_cm = tiny_models[name]
+    cpu = cpu_cm.make_program(num_blocks=24)
+    fused = cuda_cm.make_program(num_blocks=24, device=DEVICE, pool_fill=float("nan"))
+    plain = cuda_cm.make_program(num_blocks=24, device=DEVICE, pool_fill=float("nan"))
+    plain.fused_gemv = False
+    assert any("+linear" in label for label in fused.launch_plan)
+    for want, got, unfused in zip(run_single_sequence(cpu, 1), run_single_sequence(fused, 1),
+                                  run_single_sequence(plain, 1)):
+        assert np.isfinite(got).all()
+        assert relerr(got, want) < 1e-4 and relerr(got, unfused) < 1e-5
+    fused.fused_gemv_rows = 4
+    for want, got in zip(run_decode_steps(cpu, 5, 24), run_decode_steps(fused, 5, 24)):
+        assert np.isfinite(got).all() and relerr(got, want) < 1e-4
 def test_prefill_fast_path_equals_paged_kernel(tiny_models):
     cpu_cm, cuda_cm = tiny_models["llama"]
     fast = cuda_cm.make_program(num_blocks=48, device=DEVICE, pool_fill=float("nan"))
@@ -362,6 +396,24 @@ def test_decode_graph_replays_equal_eager_steps(tiny_models, name):
     assert graphs.num_graph_replays == 20 and eager.num_graph_replays == 0
     for a, b in zip(outs[id(graphs)], outs[id(eager)]):
         assert relerr(a, b) < 1e-5
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="CUDA graphs need a GPU")
+def test_one_row_decode_graphs_with_and_without_gemv_fusion(tiny_models):
+    """Batch-1 decode graphs replay the fused GEMVs; drop_decode_graphs lets the same program capture them again
+    without the fusion; both equal eager steps."""
+    _, cuda_cm = tiny_models["llama"]
+    graphs = cuda_cm.make_program(num_blocks=24, cuda_graphs=True)
+    eager = cuda_cm.make_program(num_blocks=24, cuda_graphs=False)
+    want = run_single_sequence(eager, 2)
+    for fused in (True, False):
+        graphs.fused_gemv = fused
+        graphs.drop_decode_graphs()
+        replays = graphs.num_graph_replays
+        got = run_single_sequence(graphs, 2)
+        assert graphs.num_graph_replays == replays + 3
+        for a, b in zip(got, want):
+            assert relerr(a, b) < 1e-5
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="sizing from GPU memory needs a GPU")

@@ -1,0 +1,318 @@
+"""Decode GEMV with its input's producer fused in: y[M, N] = a[M, K] @ W[N, K]^T (+ bias) for M <= FUSED_MAX_M, where
+the activation row a is computed inside the kernel instead of being read from a tensor another launch wrote.
+
+Prologues (what `a` is):
+  "none"      a = x[rows[m]]                                              (gemv)
+  "rms_norm"  h = x (+ residual, rounded to its dtype; program 0 stores h)  (norm_gemv)
+              a = w_norm * cast(h * rsqrt(mean(h^2) + eps)), or with weight_offset (Gemma)
+              a = cast(h * rsqrt(mean(h^2) + eps) * (weight_offset + w_norm)): kernels_gpu.norms.add_rms_norm's rules
+  "silu" / "gelu_tanh"  a = cast(act(gate) * up), gate | up the halves of one [M, 2K] row  (act_gemv):
+              kernels_gpu.activations' rules
+
+The norm runs in one pass: the dot is taken over h * w_norm (f32) while the same loop sums h^2, and 1 / rms scales the
+result, so the activation is not rounded to x's dtype between the norm and the dot as the unfused kernels store it
+(the outputs differ from the unfused path by that rounding, ~1e-3 relative in bf16; equal to f32 rounding in f32).
+A SwiGLU / GeGLU activation is rounded where silu_and_mul stores it. The dot accumulates in f32 on the CUDA cores
+(batch-1 decode is weight-read bound, and a tensor-core tile would be 15/16 padding). Each program owns BLOCK_N
+weight rows and streams them once over all of K; the prologue's reads of x / residual / the norm weight are a few KB
+per program, served from L2.
+
+Why: a batch-1 decode step of a Llama-shaped model was ~10 launches per layer (norm, qkv, rope, kv_write, attention,
+o, add+norm, gate_up, silu-mul, down), and the launches, not the weight reads, set its time (BENCHMARKS.md). Fusing
+each norm and each SwiGLU into the GEMV that reads it removes three launches per layer.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels_gpu.triton_env import tile_target as _target
+
+FUSED_MAX_M = 4  # activation rows one launch takes
+# NOTE: on the H100 the fused GEMV beats the unfused norm / SwiGLU kernel + cuBLAS by 1.04-1.38x at M = 1 but loses
+# at M = 2 and 4 (0.3-0.9x: every weight tile is multiplied by each row on the CUDA cores), so the CUDA backend
+# fuses only single-row steps (lowering/backends/cuda.py, FUSED_GEMV_ROWS); BENCHMARKS.md has the sweep.
+PROLOGUES = {"none": 0, "rms_norm": 1, "silu": 2, "gelu_tanh": 3}
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# Tile table: (target, BLOCK_M) -> list of (max N, BLOCK_N, BLOCK_K, num_warps, num_stages); the first entry whose
+# max N >= N.
+# NOTE: chosen by benchmarks/gpu_fused_gemv.py --sweep on the H100 (2026-11-28, Llama-3.2-1B and Llama-3-8B shapes:
+# within 5% of each shape's best at M = 1); the interpreter's tiles are small so that the tests run several N tiles
+# and K steps on small shapes.
+TILE_SIZES = {
+    ("cuda", 1): [(2048, 4, 1024, 8, 3), (32768, 4, 1024, 4, 3), (1 << 62, 8, 1024, 4, 3)],
+    ("cuda", 2): [(2048, 4, 512, 4, 3), (1 << 62, 8, 512, 4, 3)],
+    ("cuda", 4): [(2048, 4, 256, 8, 3), (1 << 62, 8, 256, 4, 3)],
+}
+for _bm in (1, 2, 4):
+    TILE_SIZES[("interpret", _bm)] = [(1 << 62, 8, 32, 4, 1)]
+
+_GELU_TANH_2K = tl.constexpr(1.5957691216057308)  # 2 * sqrt(2 / pi)
+_GELU_TANH_CUBIC = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _activation(x_ptr, r_ptr, nw_ptr, rout_ptr, x_off, r_off, o_off, offs_k, k_mask, mask, store_mask, up_offset,
+                weight_offset, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                STORE_SUM: tl.constexpr):
+    """The activation tile a (f32, the shape of the offsets: [BLOCK_K] or [BLOCK_M, BLOCK_K]) and, for rms_norm, h^2
+    of its elements. rms_norm returns a = h * w_norm: the caller scales the dot by 1 / rms after the loop."""
+    act_ty = x_ptr.dtype.element_ty
+    a = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)  # x, or the gate
+    hsq = a
+    if PROLOGUE == 1:
+        h = a
+        if HAS_RESIDUAL:
+            # rounded to the stream's dtype before it is normalized, as HF's `residual + h` is
+            h = (h + tl.load(r_ptr + r_off, mask=mask, other=0.0).to(tl.float32)).to(rout_ptr.dtype.element_ty)
+            if STORE_SUM:
+                tl.store(rout_ptr + o_off, h, mask=store_mask)
+            h = h.to(tl.float32)
+        hsq = h * h
+        nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        if HAS_OFFSET:
+            nw = nw + weight_offset
+        a = h * nw
+    elif PROLOGUE >= 2:
+        up = tl.load(x_ptr + x_off + up_offset, mask=mask, other=0.0).to(tl.float32)
+        if PROLOGUE == 3:
+            inner = _GELU_TANH_2K * (a + _GELU_TANH_CUBIC * a * a * a)
+            act = a / (1.0 + tl.exp(tl.minimum(-inner, 80.0)))
+        else:
+            act = a / (1.0 + tl.exp(-a))
+        a = (act * up).to(act_ty).to(tl.float32)  # rounded where silu_and_mul stores it
+    return a, hsq
+
+
+@triton.jit
+def fused_gemv_kernel(
+    y_ptr,  # [M, N] out (y dtype)
+    x_ptr,  # [*, K] activations (rms_norm / none), or [*, 2K] gate | up rows (silu / gelu_tanh)
+    r_ptr,  # [*, K] residual (rms_norm with HAS_RESIDUAL)
+    nw_ptr,  # [K] norm weight (rms_norm)
+    rout_ptr,  # [M, K] out: x + residual (STORE_SUM), written by program 0; else any tensor of the residual's dtype
+    w_ptr,  # [N, K] weight, K contiguous
+    b_ptr,  # [N] bias (HAS_BIAS)
+    rows_ptr,  # i32[M] the x row of each output row (HAS_ROWS), else row m
+    M, N, K, up_offset,  # up_offset: elements from a gate column to its up column
+    eps, weight_offset,
+    stride_xm, stride_rm, stride_rom, stride_wn, stride_ym,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STORE_SUM: tl.constexpr = False,
+    ROUND_TO_ACT: tl.constexpr = False,  # round y to the activation dtype before storing it in y's (the IR's logits)
+):
+    """One program per BLOCK_N weight rows, all M (<= BLOCK_M) activation rows, the whole of K."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # i32[BN]
+    n_mask = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)  # i32[BM]
+    m_mask = offs_m < M
+    if HAS_ROWS:
+        xrow = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    else:
+        xrow = offs_m.to(tl.int64)
+    act_ty = x_ptr.dtype.element_ty
+    kk = tl.arange(0, BLOCK_K)  # i32[BK]
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
+    stores = tl.where(pid == 0, M, 0)  # program 0 stores the new residual (rows below `stores`, columns below store_k)
+    store_k = tl.where(pid == 0, K, 0)
+    # NOTE: products are accumulated per lane and reduced once after the loop: a reduction inside it puts a barrier
+    # between one tile's loads and the next (20-40% slower on the H100)
+    if BLOCK_M == 1:  # one row: 1-D activations, no 3-D layouts (the batch-1 decode path)
+        acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        sumsq1 = tl.zeros([BLOCK_K], dtype=tl.float32)
+        row0 = 0
+        if HAS_ROWS:
+            row0 = tl.load(rows_ptr).to(tl.int64)
+        x0 = row0 * stride_xm  # the one row's offsets (scalars)
+        r0 = row0 * stride_rm
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + kk
+            k_mask = offs_k < K
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            a, hsq = _activation(x_ptr, r_ptr, nw_ptr, rout_ptr, x0 + offs_k, r0 + offs_k, offs_k, offs_k, k_mask,
+                                 k_mask, offs_k < store_k, up_offset, weight_offset, PROLOGUE, HAS_RESIDUAL,
+                                 HAS_OFFSET, STORE_SUM)
+            acc1 += w * a[None, :]
+            sumsq1 += hsq
+        acc = tl.sum(acc1, 1)[None, :]  # [1, BN]
+        sumsq = tl.sum(sumsq1, 0)[None]  # [1]
+    else:
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        sumsq2 = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        x_row = (xrow * stride_xm)[:, None]  # [BM, 1]
+        r_row = (xrow * stride_rm)[:, None]
+        o_row = offs_m.to(tl.int64)[:, None] * stride_rom
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + kk
+            k_mask = offs_k < K
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            mask = m_mask[:, None] & k_mask[None, :]
+            a, hsq = _activation(x_ptr, r_ptr, nw_ptr, rout_ptr, x_row + offs_k[None, :], r_row + offs_k[None, :],
+                                 o_row + offs_k[None, :], offs_k[None, :], k_mask[None, :], mask,
+                                 mask & (offs_m < stores)[:, None],
+                                 up_offset, weight_offset, PROLOGUE, HAS_RESIDUAL, HAS_OFFSET, STORE_SUM)
+            acc3 += w[None, :, :] * a[:, None, :]
+            sumsq2 += hsq
+        acc = tl.sum(acc3, 2)  # [BM, BN]
+        sumsq = tl.sum(sumsq2, 1)  # [BM]
+    if PROLOGUE == 1:
+        acc = acc * (1.0 / tl.sqrt(sumsq / K + eps))[:, None]
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if ROUND_TO_ACT:
+        acc = acc.to(act_ty).to(tl.float32)
+    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ValueError(f"fused_gemv: {msg}")
+
+
+def _block_m(m: int) -> int:
+    return 1 if m <= 1 else (2 if m == 2 else 4)
+
+
+def _tiles(device, block_m: int, n: int) -> tuple[int, int, int, int]:
+    return next(tiles[1:] for tiles in TILE_SIZES[(_target(device), block_m)] if n <= tiles[0])
+
+
+def _check_weight(weight, bias, k: int, device):
+    _check(isinstance(weight, torch.Tensor) and weight.dim() == 2, "weight must be a 2-D [N, K] tensor")
+    _check(weight.shape[1] == k, f"weight is {tuple(weight.shape)} but the activation rows have K={k}")
+    _check(weight.dtype in _DTYPES, f"unsupported weight dtype {weight.dtype} (bf16, fp16, fp32)")
+    _check(weight.shape[1] <= 1 or weight.stride(1) == 1, "weight's last dim must be contiguous")
+    _check(weight.device == device, f"weight is on {weight.device}, the activations on {device}")
+    if bias is not None:
+        _check(bias.shape == (weight.shape[0],), f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+        _check(bias.device == device, f"bias is on {bias.device}, the activations on {device}")
+
+
+def _check_rows(x, rows, name: str) -> int:
+    """The number of output rows (M), checking the activations and the optional row index."""
+    _check(isinstance(x, torch.Tensor) and x.dim() == 2, f"{name} must be a 2-D tensor")
+    _check(x.dtype in _DTYPES, f"unsupported {name} dtype {x.dtype} (bf16, fp16, fp32)")
+    _check(x.shape[1] <= 1 or x.stride(1) == 1, f"{name}'s last dim must be contiguous")
+    m = x.shape[0] if rows is None else rows.shape[0]
+    if rows is not None:
+        _check(rows.dim() == 1 and rows.dtype in (torch.int32, torch.int64), "rows must be a 1-D int32/int64 index")
+        _check(rows.device == x.device, f"rows is on {rows.device}, {name} on {x.device}")
+    _check(m <= FUSED_MAX_M, f"{m} activation rows; the fused GEMV takes at most FUSED_MAX_M={FUSED_MAX_M}")
+    return m
+
+
+def _launch(y, x, weight, bias, rows, *, prologue: str, k: int, up_offset: int = 0, residual=None, norm_weight=None,
+            residual_out=None, eps: float = 0.0, weight_offset: float | None = None, round_to_act: bool = False):
+    m, n = y.shape
+    if m == 0 or n == 0:
+        return
+    block_m = _block_m(m)
+    block_n, block_k, warps, stages = _tiles(x.device, block_m, n)
+    has_res, store_sum = residual is not None, residual_out is not None
+    fused_gemv_kernel[(triton.cdiv(n, block_n),)](
+        y, x, residual if has_res else x, norm_weight if norm_weight is not None else x,
+        residual_out if store_sum else (residual if has_res else x), weight, bias if bias is not None else weight,
+        rows if rows is not None else y,
+        m, n, k, up_offset, float(eps), float(weight_offset or 0.0),
+        x.stride(0), residual.stride(0) if has_res else 0, residual_out.stride(0) if store_sum else 0,
+        weight.stride(0), y.stride(0),
+        PROLOGUE=PROLOGUES[prologue], HAS_RESIDUAL=has_res, HAS_OFFSET=weight_offset is not None,
+        HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        STORE_SUM=store_sum, ROUND_TO_ACT=round_to_act, num_warps=warps, num_stages=stages,
+    )
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, rows: torch.Tensor | None = None,
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x: [T, K]; weight: [N, K]; rows: i32[M] (which x rows, default all) -> [M, N] = x[rows] @ weight^T (+ bias),
+    in out_dtype (default x's)."""
+    m = _check_rows(x, rows, "x")
+    _check_weight(weight, bias, x.shape[1], x.device)
+    y = torch.empty((m, weight.shape[0]), dtype=out_dtype or x.dtype, device=x.device)  # [M, N]
+    _launch(y, x, weight, bias, rows, prologue="none", k=x.shape[1])
+    return y
+
+
+def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+              weight: torch.Tensor, bias: torch.Tensor | None = None, *, weight_offset: float | None = None,
+              rows: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, keep_residual: bool = True,
+              round_to_act: bool = False):
+    """add_rms_norm then gemv in one launch. x, residual: [T, K]; norm_weight: [K]; weight: [N, K] ->
+    (y [M, N] in out_dtype (default x's), new residual [T, K] in residual's dtype, or None without a residual or
+    with keep_residual=False).
+
+    rows (i32[M]) picks the x (and residual) rows that are normalized and multiplied; a kept new residual covers
+    every row, so rows needs keep_residual=False. round_to_act: y is rounded to x's dtype first (the IR's logits
+    are computed in the activation dtype, then widened to float32)."""
+    m = _check_rows(x, rows, "x")
+    k = x.shape[1]
+    _check(norm_weight.shape == (k,), f"norm weight must be [{k}], got {tuple(norm_weight.shape)}")
+    _check(norm_weight.dtype in _DTYPES, f"unsupported norm weight dtype {norm_weight.dtype}")
+    _check(norm_weight.device == x.device, f"norm weight is on {norm_weight.device}, x on {x.device}")
+    residual_out = None
+    if residual is not None:
+        _check(rows is None or not keep_residual,
+               "rows needs keep_residual=False with a residual (a kept new residual covers every row)")
+        _check(residual.shape == x.shape, f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+        _check(residual.dtype in _DTYPES, f"unsupported residual dtype {residual.dtype}")
+        _check(residual.device == x.device, f"residual is on {residual.device}, x on {x.device}")
+        _check(k <= 1 or residual.stride(1) == 1, "residual's last dim must be contiguous")
+        if keep_residual:
+            residual_out = torch.empty(x.shape, dtype=residual.dtype, device=x.device)  # [T, K]
+    _check_weight(weight, bias, k, x.device)
+    y = torch.empty((m, weight.shape[0]), dtype=out_dtype or x.dtype, device=x.device)  # [M, N]
+    _launch(y, x, weight, bias, rows, prologue="rms_norm", k=k, residual=residual, norm_weight=norm_weight,
+            residual_out=residual_out, eps=eps, weight_offset=weight_offset, round_to_act=round_to_act)
+    return y, residual_out
+
+
+def act_gemv(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+             act: str = "silu") -> torch.Tensor:
+    """silu_and_mul (act="silu") or gelu_tanh_and_mul (act="gelu_tanh") then gemv in one launch.
+    gate_up: [M, 2F] (gate | up); weight: [N, F] -> [M, N] in gate_up's dtype."""
+    _check(act in ("silu", "gelu_tanh"), f"act must be 'silu' or 'gelu_tanh', got {act!r}")
+    m = _check_rows(gate_up, None, "gate_up")
+    _check(gate_up.shape[1] % 2 == 0, f"gate_up's last dim must be even (gate then up), got {gate_up.shape[1]}")
+    f = gate_up.shape[1] // 2
+    _check_weight(weight, bias, f, gate_up.device)
+    y = torch.empty((m, weight.shape[0]), dtype=gate_up.dtype, device=gate_up.device)  # [M, N]
+    _launch(y, gate_up, weight, bias, None, prologue=act, k=f, up_offset=f)
+    return y
+
+
+# ------------------------------------------------------------------------------------------------ references
+
+def ref_norm_gemv(x, residual, norm_weight, eps, weight, bias=None, *, weight_offset=None, rows=None):
+    """float64 reference of norm_gemv -> (f64[M, N], new residual in residual's dtype or None); nothing after the
+    residual sum is rounded."""
+    from kernels_gpu.norms import ref_add_rms_norm
+
+    normed, new_residual = ref_add_rms_norm(x, residual, norm_weight, eps, weight_offset)
+    if rows is not None:
+        normed = normed[rows.long()]
+    y = normed @ weight.double().t()
+    return (y if bias is None else y + bias.double()), new_residual
+
+
+def ref_act_gemv(gate_up, weight, bias=None, *, act="silu"):
+    """float64 reference of act_gemv -> f64[M, N] (the activation unrounded)."""
+    from kernels_gpu.activations import ref_gelu_tanh_and_mul, ref_silu_and_mul
+
+    a = ref_silu_and_mul(gate_up) if act == "silu" else ref_gelu_tanh_and_mul(gate_up)
+    y = a @ weight.double().t()
+    return y if bias is None else y + bias.double()
+
+
+def ref_gemv(x, weight, bias=None, *, rows=None):
+    """float64 reference of gemv -> f64[M, N]."""
+    xs = x.double() if rows is None else x.double()[rows.long()]
+    y = xs @ weight.double().t()
+    return y if bias is None else y + bias.double()
