@@ -123,7 +123,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="split a decode step into GPU time and host time")
     ap.add_argument("--ablate-fusion", action="store_true",
-                    help="also time llmc bf16 at batch <= 4 with the decode GEMV fusions off (same engine)")
+                    help="also time llmc bf16 at batch <= 4 with the decode fusions (GEMV, rope+kv_write) off "
+                         "(same engine)")
     args = ap.parse_args()
 
     from lowering import compile_model
@@ -182,8 +183,8 @@ def main():
             if batch == 1:
                 extra["roofline_fraction"] = rate / roofline
             record(name, batch, rate, t1, tn, extra)
-        if name == "llmc bf16" and args.ablate_fusion:  # the same steps with the decode GEMV fusions off
-            engine.program.fused_gemv = False
+        if name == "llmc bf16" and args.ablate_fusion:  # the same steps with the decode fusions off
+            engine.program.fused_gemv = engine.program.fused_rope_kv_write = False
             engine.program.drop_decode_graphs()  # recapture without the fused kernels
             engine.program.capture_decode_graphs()
             for batch in [b for b in args.batch if b <= 4]:
@@ -193,12 +194,12 @@ def main():
 
                 rate, t1, tn = decode_rate(run, batch, args.new_tokens, args.repeats)
                 same = [o.token_ids for o in run(args.new_tokens)] == llmc_tokens[(name, batch)]
-                record("llmc bf16, no GEMV fusion", batch, rate, t1, tn, {"same_tokens_as_fused": same})
+                record("llmc bf16, no decode fusions", batch, rate, t1, tn, {"same_tokens_as_fused": same})
                 print(f"    same greedy tokens as with the fusion: {same}", flush=True)
             if args.profile:
-                results["profile/llmc bf16, no GEMV fusion"] = profile_program(
+                results["profile/llmc bf16, no decode fusions"] = profile_program(
                     engine.program, [b for b in args.batch if b <= 4], args.prompt_len)
-            engine.program.fused_gemv = True
+            engine.program.fused_gemv = engine.program.fused_rope_kv_write = True
             engine.program.drop_decode_graphs()
             engine.program.capture_decode_graphs()
         batch = max(args.batch)

@@ -35,16 +35,33 @@ def _rotate_heads(
 
 
 @triton.jit
+def _copy_heads(src_ptr, dst_ptr, num_heads, head_dim, stride_sh, stride_dh, BLOCK_H: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """Copy every head of one row (cast to dst's dtype)."""
+    heads = tl.arange(0, BLOCK_H)[:, None]  # i32[BLOCK_H, 1]
+    cols = tl.arange(0, BLOCK_D)[None, :]  # i32[1, BLOCK_D]
+    for h0 in range(0, num_heads, BLOCK_H):
+        mask = (h0 + heads < num_heads) & (cols < head_dim)
+        x = tl.load(src_ptr + (h0 + heads) * stride_sh + cols, mask=mask, other=0.0)
+        tl.store(dst_ptr + (h0 + heads) * stride_dh + cols, x.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def rope_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, inv_freq_ptr, long_inv_freq_ptr,
-    num_q_heads, num_k_heads, half_dim, long_from, attention_factor,
+    v_ptr, v_out_ptr, slots_ptr,  # WRITE_KV: v [T, Hk, D], the v pool, i32[T] slots (-1: write nothing)
+    num_q_heads, num_k_heads, half_dim, long_from, attention_factor, block_size,
     stride_qt, stride_qh, stride_kt, stride_kh,
     stride_qot, stride_qoh, stride_kot, stride_koh,
+    stride_vt, stride_vh, stride_kpn, stride_kpb, stride_vpn, stride_vpb, stride_vph,
     HAS_LONG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    WRITE_KV: tl.constexpr = False,
 ):
     """One program per token: angle = f32(position) * inv_freq (fp32, as HF), then rotate all q and k heads.
 
     half_dim is half the rotated features (rotary_dim / 2); HAS_LONG: positions >= long_from use long_inv_freq.
+    WRITE_KV: k_out_ptr is the paged K pool [N, block, Hk, D] (head stride stride_koh): the rotated k and the v row
+    go to the token's slot in the K / V pools instead of a k output (kv_write's plain format, in the same launch).
     """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)  # i32[BLOCK_HALF]
@@ -58,8 +75,19 @@ def rope_kernel(
     sin = tl.sin(angle) * attention_factor
     _rotate_heads(q_ptr + row * stride_qt, q_out_ptr + row * stride_qot, cos, sin,
                   num_q_heads, half_dim, stride_qh, stride_qoh, BLOCK_H, BLOCK_HALF)
-    _rotate_heads(k_ptr + row * stride_kt, k_out_ptr + row * stride_kot, cos, sin,
-                  num_k_heads, half_dim, stride_kh, stride_koh, BLOCK_H, BLOCK_HALF)
+    if WRITE_KV:
+        slot = tl.load(slots_ptr + row).to(tl.int64)
+        heads = tl.where(slot >= 0, num_k_heads, 0)  # a padding row (slot -1) writes nothing
+        safe = tl.maximum(slot, 0)
+        k_dst = k_out_ptr + (safe // block_size) * stride_kpn + (safe % block_size) * stride_kpb
+        v_dst = v_out_ptr + (safe // block_size) * stride_vpn + (safe % block_size) * stride_vpb
+        _rotate_heads(k_ptr + row * stride_kt, k_dst, cos, sin, heads, half_dim, stride_kh, stride_koh, BLOCK_H,
+                      BLOCK_HALF)
+        _copy_heads(v_ptr + row * stride_vt, v_dst, heads, 2 * half_dim, stride_vh, stride_vph, BLOCK_H,
+                    2 * BLOCK_HALF)
+    else:
+        _rotate_heads(k_ptr + row * stride_kt, k_out_ptr + row * stride_kot, cos, sin,
+                      num_k_heads, half_dim, stride_kh, stride_koh, BLOCK_H, BLOCK_HALF)
 
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -121,14 +149,59 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_fr
     long_inv_freq = long_inv_freq.contiguous() if has_long else inv_freq
     half_dim = rotary_dim // 2
     rope_kernel[(num_tokens,)](
-        q, k, q_out, k_out, positions, inv_freq, long_inv_freq,
-        num_q_heads, num_k_heads, half_dim, int(long_from), float(attention_factor),
+        q, k, q_out, k_out, positions, inv_freq, long_inv_freq, q, q, positions,
+        num_q_heads, num_k_heads, half_dim, int(long_from), float(attention_factor), 1,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+        0, 0, 0, 0, 0, 0, 0,
         HAS_LONG=has_long, BLOCK_H=ROPE_BLOCK_H, BLOCK_HALF=triton.next_power_of_2(half_dim),
         num_warps=ROPE_NUM_WARPS,
     )
     return q_out, k_out
+
+
+def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                  slots: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, *, inplace: bool = False,
+                  long_inv_freq: torch.Tensor | None = None, long_from: int = 0, attention_factor: float = 1.0):
+    """apply_rope on q and k, then kernels_gpu.kv_write's plain write of the rotated k and of v, in one launch.
+
+    q: [T, Hq, D], k / v: [T, Hk, D], slots: i32[T] (-1: the row writes nothing), k_pool / v_pool: [N, block, Hk, D]
+    (bf16 / fp16 / fp32, updated in place) -> q_rot (q itself when inplace). Every feature rotates (no partial
+    rotation); the pools are written in their dtype as kv_write does.
+    """
+    _validate(q, k, positions, inv_freq, long_inv_freq, q.shape[-1])
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_k_heads = k.shape[1]
+    if v.shape != k.shape or v.dtype not in _DTYPES or v.device != q.device or (head_dim > 1 and v.stride(2) != 1):
+        raise ValueError(f"rope_kv_write: v must be a [T, Hk, D] = {tuple(k.shape)} float tensor on {q.device} with a "
+                         f"contiguous last dim, got {v.dtype}{list(v.shape)}")
+    for name, pool in (("k_pool", k_pool), ("v_pool", v_pool)):
+        if pool.dim() != 4 or pool.shape[2:] != (num_k_heads, head_dim) or pool.dtype not in _DTYPES:
+            raise ValueError(f"rope_kv_write: {name} must be a bf16/fp16/fp32 [N, block, {num_k_heads}, {head_dim}] "
+                             f"pool, got {pool.dtype}{list(pool.shape)}")
+        if pool.device != q.device or pool.stride(3) != 1 or pool.shape != k_pool.shape:
+            raise ValueError(f"rope_kv_write: {name} must be on {q.device}, K/V-pool shaped alike, with a contiguous "
+                             f"last dim")
+    if slots.shape != (num_tokens,) or slots.dtype not in (torch.int32, torch.int64) or slots.device != q.device:
+        raise ValueError(f"rope_kv_write: slots must be i32/i64[{num_tokens}] on {q.device}, got "
+                         f"{slots.dtype}{list(slots.shape)}")
+    q_out = q if inplace else torch.empty_like(q, memory_format=torch.contiguous_format)  # [T, Hq, D]
+    if num_tokens == 0 or head_dim == 0:
+        return q_out
+    has_long = long_inv_freq is not None
+    half_dim = head_dim // 2
+    rope_kernel[(num_tokens,)](
+        q, k, q_out, k_pool, positions.contiguous(), inv_freq.contiguous(),
+        long_inv_freq.contiguous() if has_long else inv_freq, v, v_pool, slots.contiguous(),
+        num_q_heads, num_k_heads, half_dim, int(long_from), float(attention_factor), k_pool.shape[1],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        q_out.stride(0), q_out.stride(1), 0, k_pool.stride(2),
+        v.stride(0), v.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+        v_pool.stride(2),
+        HAS_LONG=has_long, BLOCK_H=ROPE_BLOCK_H, BLOCK_HALF=triton.next_power_of_2(half_dim), WRITE_KV=True,
+        num_warps=ROPE_NUM_WARPS,
+    )
+    return q_out
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> torch.Tensor:

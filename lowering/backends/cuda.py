@@ -175,6 +175,7 @@ class CudaProgram:
         # fused (tests switch it off, or raise the rows to cover the kernel's multi-row path)
         self.fused_gemv = True
         self.fused_gemv_rows = FUSED_GEMV_ROWS
+        self.fused_rope_kv_write = True  # "rope(q,k)+kv_write" in one launch (off: the two kernels, for ablations)
         self.num_fresh_prefill_steps = 0  # eager steps that took the prefill kernel
         self.prefill_fast_path_min_tokens = PREFILL_FAST_PATH_MIN_TOKENS
         self.eager_only_ops: list[str] = []  # generic ops run through JAX (no CUDA graphs then)
@@ -578,11 +579,16 @@ class CudaProgram:
 def _argmax(logits):
     """i32[L] argmax per row, lowest id on ties, on the device.
 
-    NOTE: torch.argmax, not kernels_gpu.sampling.greedy: on the H100 (2026-11-26, V=128256) torch took
-    0.037 ms for 64 rows against the Triton kernel's 0.064 ms.
+    NOTE: torch.argmax for many rows, kernels_gpu.sampling.greedy's split-row path for few: on the H100
+    (V=128256) torch took 0.037 ms for 64 rows against the one-program-per-row Triton kernel's 0.064 ms
+    (2026-11-26), but also 0.038 ms for one row, which the split path reads with many programs (2026-11-28).
     """
     import torch
 
+    from kernels_gpu.sampling import GREEDY_SPLIT_MAX_ROWS, greedy
+
+    if logits.dim() == 2 and 0 < logits.shape[0] <= GREEDY_SPLIT_MAX_ROWS:
+        return greedy(logits)
     return torch.argmax(logits, dim=-1).to(torch.int32)
 
 
@@ -641,6 +647,13 @@ def _plan(graph: Graph, program: CudaProgram) -> list[tuple[Fn, list[str], list[
         # q and k RoPE of one layer: one kernel launch rotating both (in place when they are fused-QKV views)
         if node.op == "rope":
             partner = _rope_partner(graph, node, users, producers, position)
+            fused_kv = None if partner is None else _rope_kv_write(graph, node, partner, users, producers, position,
+                                                                    program)
+            if fused_kv is not None:
+                fn, ins, outs, absorbed = fused_kv
+                skip.update(id(n) for n in absorbed)
+                plan.append((fn, ins, outs, "rope(q,k)+kv_write"))
+                continue
             if partner is not None:
                 skip.add(id(partner))
                 plan.append((_rope_pair_fn(node, partner, graph, users, program),
@@ -797,6 +810,52 @@ def _rope_partner(graph, node: Node, users, producers, position) -> Node | None:
             continue
         return other
     return None
+
+
+def _rope_kv_write(graph, a: Node, b: Node, users, producers, position, program):
+    """(closure, inputs, outputs, absorbed nodes) running a layer's q / k rope pair and the plain kv_write of the
+    rotated k (and v) as one kernels_gpu.rope.rope_kv_write launch, or None when the pattern is not there: the
+    rotated k read only by a kv_write of a bf16 / fp16 / fp32 pool, every feature rotated, v already computed."""
+    from kernels_gpu.kv_write import kv_write
+    from kernels_gpu.rope import apply_rope, rope_kv_write
+
+    def kv_of(rope):
+        readers = users.get(rope.outputs[0], [])
+        kv = readers[0] if len(readers) == 1 and rope.outputs[0] not in graph.outputs else None
+        ok = kv is not None and kv.op == "kv_write" and len(kv.inputs) == 5 and kv.inputs[0] == rope.outputs[0] \
+            and not kv.attrs.get("kv_format")
+        return kv if ok else None
+
+    q_rope, k_rope, kv = (a, b, kv_of(b)) if kv_of(b) is not None else (b, a, kv_of(a))
+    if kv is None:
+        return None
+    _, v, slots, k_pool, v_pool = kv.inputs
+    pool_t = graph.types[k_pool]
+    dim, hq, hk = q_rope.attrs["head_dim"], q_rope.attrs["num_heads"], k_rope.attrs["num_heads"]
+    if len(pool_t.shape) != 4 or pool_t.dtype not in _FLOAT_DTYPES or tuple(pool_t.shape[2:]) != (hk, dim):
+        return None
+    src = producers.get(v)
+    if src is not None and position[id(src)] > position[id(a)]:
+        return None
+    inv_freq, extra = _rope_tables(q_rope.attrs, program.device)
+    if extra.pop("rotary_dim", dim) != dim:  # partial rotation: the rest of k would need a copy
+        return None
+    inplace = _inplace_ok(graph, q_rope.inputs[0], users) and _inplace_ok(graph, k_rope.inputs[0], users)
+
+    def run(ctx, q, k, positions, v_rows, slot_rows, kp, vp):
+        t = q.shape[0]
+        q3, k3, v3 = q.view(t, hq, dim), k.view(t, hk, dim), v_rows.view(t, hk, dim)
+        if program.fused_rope_kv_write and not ctx.fresh_prefill:
+            q_rot = rope_kv_write(q3, k3, v3, positions, inv_freq, slot_rows, kp, vp, inplace=inplace, **extra)
+            # NOTE: the rotated k is not materialized; its only other reader, paged_attention's prefill fast path,
+            # reads it in fresh-prefill steps only, which take the branch below
+            return q_rot.view(t, hq * dim), None, kp, vp
+        q_rot, k_rot = apply_rope(q3, k3, positions, inv_freq, inplace=inplace, **extra)
+        kv_write(k_rot, v3, slot_rows, kp, vp, check_slots=False)
+        return q_rot.view(t, hq * dim), k_rot.view(t, hk * dim), kp, vp
+
+    ins = [q_rope.inputs[0], k_rope.inputs[0], q_rope.inputs[1], v, slots, k_pool, v_pool]
+    return run, ins, [q_rope.outputs[0], k_rope.outputs[0]] + list(kv.outputs), (b, kv)
 
 
 def _inplace_ok(graph, name: str, users) -> bool:

@@ -101,3 +101,59 @@ def test_apply_rope_longrope_and_partial_rotation(device, dtype, rotary_dim, inp
     assert torch.allclose(short_q[:3], want_q[:3]) and not torch.allclose(short_q[3:5], want_q[3:5])
     with pytest.raises(ValueError, match="long_inv_freq"):
         apply_rope(q, k, positions, inv_freq, rotary_dim=rotary_dim, long_inv_freq=long_inv_freq[:-1])
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("num_tokens, num_q_heads, num_k_heads, head_dim, block_size", [
+    (1, 4, 1, 64, 16), (9, 9, 3, 64, 5), (5, 12, 4, 128, 16)])
+@pytest.mark.parametrize("longrope", [False, True], ids=["plain", "longrope"])
+def test_rope_kv_write_matches_rope_then_kv_write(device, dtype, num_tokens, num_q_heads, num_k_heads, head_dim,
+                                                  block_size, longrope):
+    """q rotated as apply_rope does; the rotated k and v in their slots of NaN-filled pools, padding rows (slot -1)
+    writing nothing, every other slot left NaN."""
+    from kernels_gpu.rope import rope_kv_write
+
+    torch.manual_seed(num_tokens + head_dim + block_size)
+    q = torch.randn(num_tokens, num_q_heads, head_dim, device=device).to(dtype)  # [T, Hq, D]
+    k = torch.randn(num_tokens, num_k_heads, head_dim, device=device).to(dtype)  # [T, Hk, D]
+    v = torch.randn(num_tokens, num_k_heads, head_dim, device=device).to(dtype)
+    positions = torch.randint(0, 40000, (num_tokens,), device=device, dtype=torch.int32)
+    inv_freq = rope_inv_freq(head_dim, 500000.0, LLAMA3_SCALING, device=device)
+    extra = {}
+    if longrope:
+        extra = dict(long_inv_freq=inv_freq * 0.5, long_from=20000, attention_factor=1.19)
+    num_blocks = 7
+    slots = torch.randperm(num_blocks * block_size)[:num_tokens].to(torch.int32).to(device)
+    if num_tokens > 1:
+        slots[-1] = -1  # padding row
+    k_pool = torch.full((num_blocks, block_size, num_k_heads, head_dim), float("nan"), device=device, dtype=dtype)
+    v_pool = k_pool.clone()
+    q_in = q.clone()
+    got_q = rope_kv_write(q_in, k, v, positions, inv_freq, slots, k_pool, v_pool, inplace=True, **extra)
+    want_q, want_k = ref_apply_rope(q, k, positions, inv_freq, **extra)
+    assert got_q.data_ptr() == q_in.data_ptr()
+    torch.testing.assert_close(got_q.double(), want_q, **TOLERANCES[dtype])
+    written = slots >= 0
+    flat_k, flat_v = k_pool.view(-1, num_k_heads, head_dim), v_pool.view(-1, num_k_heads, head_dim)
+    used = slots[written].long()
+    torch.testing.assert_close(flat_k[used].double(), want_k[written], **TOLERANCES[dtype])
+    assert torch.equal(flat_v[used], v[written])
+    others = torch.ones(flat_k.shape[0], dtype=torch.bool, device=device)
+    others[used] = False
+    assert torch.isnan(flat_k[others]).all() and torch.isnan(flat_v[others]).all()
+
+
+def test_rope_kv_write_refuses_bad_pools(device):
+    from kernels_gpu.rope import rope_kv_write
+
+    q, k = torch.randn(2, 4, 64, device=device), torch.randn(2, 2, 64, device=device)
+    inv_freq = rope_inv_freq(64, 10000.0, device=device)
+    pool = torch.zeros(3, 16, 2, 64, device=device)
+    slots = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="k_pool must be"):
+        rope_kv_write(q, k, k, torch.zeros(2, dtype=torch.int32, device=device), inv_freq, slots,
+                      torch.zeros(3, 16, 2, 32, device=device), pool)
+    with pytest.raises(ValueError, match="slots must be"):
+        rope_kv_write(q, k, k, torch.zeros(2, dtype=torch.int32, device=device), inv_freq, slots[:1], pool, pool)
+    with pytest.raises(ValueError, match="v must be"):
+        rope_kv_write(q, k, k[:, :1], torch.zeros(2, dtype=torch.int32, device=device), inv_freq, slots, pool, pool)
