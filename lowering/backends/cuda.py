@@ -711,7 +711,8 @@ def _gemv_fusion(graph, node: Node, users, producers, position, program):
         keep = gemv.op == "linear" or bool([u for u in users.get(summed, []) if u is not norm]) \
             or summed in graph.outputs
         fn = _norm_gemv_fn(norm, gemv, program, with_residual=True, keep_residual=keep)
-        ins = [node.inputs[0], node.inputs[1], norm.inputs[1]] + _gemv_extra_inputs(gemv)
+        # the GEMV's other inputs: linear (weight[, bias]) or logits (rows, weight)
+        ins = [node.inputs[0], node.inputs[1], norm.inputs[1]] + gemv.inputs[1:]
         outs = [gemv.outputs[0]] + ([summed] if keep else [])
         return fn, ins, outs, f"add+rms_norm+{gemv.op}", (norm, gemv)
     if node.op == "rms_norm" and graph.types[node.inputs[1]].dtype in _FLOAT_DTYPES \
@@ -720,7 +721,7 @@ def _gemv_fusion(graph, node: Node, users, producers, position, program):
         if gemv is None:
             return None
         fn = _norm_gemv_fn(node, gemv, program, with_residual=False, keep_residual=False)
-        return fn, [node.inputs[0], node.inputs[1]] + _gemv_extra_inputs(gemv), [gemv.outputs[0]], \
+        return fn, [node.inputs[0], node.inputs[1]] + gemv.inputs[1:], [gemv.outputs[0]], \
             f"rms_norm+{gemv.op}", (gemv,)
     if node.op in ("silu_mul", "gelu_tanh_mul") and _split_halves(graph, node, producers) is not None:
         gemv = _dense_gemv_consumer(graph, node.outputs[0], users)
@@ -729,12 +730,6 @@ def _gemv_fusion(graph, node: Node, users, producers, position, program):
         fn = _act_gemv_fn(node, graph, program, producers)
         return fn, list(node.inputs) + gemv.inputs[1:], [gemv.outputs[0]], f"{node.op}+linear", (gemv,)
     return None
-
-
-def _gemv_extra_inputs(gemv: Node) -> list[str]:
-    """What a fused closure reads of the GEMV node besides its activation: linear (weight[, bias]), logits (rows,
-    weight)."""
-    return list(gemv.inputs[1:])
 
 
 def _norm_gemv_fn(norm: Node, gemv: Node, program, *, with_residual: bool, keep_residual: bool) -> Fn:
