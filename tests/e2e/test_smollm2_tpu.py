@@ -1,4 +1,4 @@
-"""SmolLM2-135M's first 6 layers (real weights, its own final norm and head) with an FP8 KV cache compiled for
+"""SmolLM2-135M's first 3 layers (real weights, its own final norm and head) with an FP8 KV cache compiled for
 target="tpu" (Pallas kernels in TPU interpret mode on this CPU) give the logits (and next tokens) of target="cpu"
 with the same FP8 KV cache."""
 import numpy as np
@@ -9,12 +9,13 @@ from tests.lowering.helpers import PagedLayout
 def test_smollm2_fp8_kv_tpu_target_matches_cpu_target(smollm2_gguf_path):
     from lowering import compile_model
 
-    # NOTE: 6 of the 30 layers: every layer runs the same kernels, and interpret mode traces each one into XLA
-    kw = dict(kv_cache="fp8", dtype="float32", max_model_len=64, progress=False, num_layers=6)
+    # NOTE: 3 of the 30 layers: every layer runs the same kernels, and interpret mode traces each one into XLA
+    # (6 layers took 75-100 s of the suite's time)
+    kw = dict(kv_cache="fp8", dtype="float32", max_model_len=64, progress=False, num_layers=3)
     cpu = compile_model(str(smollm2_gguf_path), target="cpu", **kw)
     tpu = compile_model(str(smollm2_gguf_path), target="tpu", **kw)
     # the same calibration gives the same KV scales: the two programs hold the same fp8 cache
-    for name in ("kv.0.k_scale", "kv.5.v_scale"):
+    for name in ("kv.0.k_scale", "kv.2.v_scale"):
         np.testing.assert_array_equal(cpu.params[name], tpu.params[name])
     # NOTE: one ragged prefill step, on purpose: in interpret mode every Pallas kernel of the layers is traced
     # into XLA, so each step shape costs minutes of compilation on a 2-core machine (greedy generation over
