@@ -19,6 +19,18 @@ _GELU_TANH_CUBIC = tl.constexpr(0.044715)
 
 
 @triton.jit
+def act_and_mul(gate, up, GELU_TANH: tl.constexpr):
+    """f32 act(gate) * up, act = SiLU, or GELU-tanh when GELU_TANH (also kernels_gpu.fused_gemv's prologue)."""
+    if GELU_TANH:
+        inner = _GELU_TANH_2K * (gate + _GELU_TANH_CUBIC * gate * gate * gate)
+        # NOTE: exp's argument is capped where the result is 0 to f32 precision anyway (no inf in between)
+        act = gate / (1.0 + tl.exp(tl.minimum(-inner, 80.0)))
+    else:
+        act = gate / (1.0 + tl.exp(-gate))
+    return act * up
+
+
+@triton.jit
 def silu_and_mul_kernel(
     gate_up_ptr, out_ptr,
     num_features,
@@ -32,13 +44,8 @@ def silu_and_mul_kernel(
     mask = cols < num_features
     gate = tl.load(gate_up_ptr + row * stride_gt + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + row * stride_gt + num_features + cols, mask=mask, other=0.0).to(tl.float32)
-    if GELU_TANH:
-        inner = _GELU_TANH_2K * (gate + _GELU_TANH_CUBIC * gate * gate * gate)
-        # NOTE: exp's argument is capped where the result is 0 to f32 precision anyway (no inf in between)
-        act = gate / (1.0 + tl.exp(tl.minimum(-inner, 80.0)))  # f32[BLOCK_F]
-    else:
-        act = gate / (1.0 + tl.exp(-gate))  # f32[BLOCK_F]
-    tl.store(out_ptr + row * stride_ot + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * stride_ot + cols, act_and_mul(gate, up, GELU_TANH).to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 def _validate(gate_up, name):

@@ -4,8 +4,8 @@ the activation row a is computed inside the kernel instead of being read from a 
 Prologues (what `a` is):
   "none"      a = x[rows[m]]                                              (gemv)
   "rms_norm"  h = x (+ residual, rounded to its dtype; program 0 stores h)  (norm_gemv)
-              a = w_norm * cast(h * rsqrt(mean(h^2) + eps)), or with weight_offset (Gemma)
-              a = cast(h * rsqrt(mean(h^2) + eps) * (weight_offset + w_norm)): kernels_gpu.norms.add_rms_norm's rules
+              a = h * rsqrt(mean(h^2) + eps) * w_norm, or * (weight_offset + w_norm) (Gemma): add_rms_norm's
+              normalization, without its roundings (below)
   "silu" / "gelu_tanh"  a = cast(act(gate) * up), gate | up the halves of one [M, 2K] row  (act_gemv):
               kernels_gpu.activations' rules
 
@@ -27,12 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels_gpu.activations import act_and_mul
 from kernels_gpu.triton_env import tile_target as _target
 
 FUSED_MAX_M = 4  # activation rows one launch takes
-# NOTE: on the H100 the fused GEMV beats the unfused norm / SwiGLU kernel + cuBLAS by 1.04-1.38x at M = 1 but loses
-# at M = 2 and 4 (0.3-0.9x: every weight tile is multiplied by each row on the CUDA cores), so the CUDA backend
-# fuses only single-row steps (lowering/backends/cuda.py, FUSED_GEMV_ROWS); BENCHMARKS.md has the sweep.
+# NOTE: on the H100 the fused GEMV beats the unfused norm / SwiGLU kernel + cuBLAS by 1.02-1.18x at M = 1 but loses
+# at M = 2 and 4 (0.52-0.97x with each shape's best tiles: every weight tile is multiplied by each row on the CUDA
+# cores), so the CUDA backend fuses only single-row steps (lowering/backends/cuda.py, FUSED_GEMV_ROWS); BENCHMARKS.md
+# has the sweep.
 PROLOGUES = {"none": 0, "rms_norm": 1, "silu": 2, "gelu_tanh": 3}
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -48,10 +50,6 @@ TILE_SIZES = {
 }
 for _bm in (1, 2, 4):
     TILE_SIZES[("interpret", _bm)] = [(1 << 62, 8, 32, 4, 1)]
-
-_GELU_TANH_2K = tl.constexpr(1.5957691216057308)  # 2 * sqrt(2 / pi)
-_GELU_TANH_CUBIC = tl.constexpr(0.044715)
-
 
 @triton.jit
 def _activation(x_ptr, r_ptr, nw_ptr, rout_ptr, x_off, r_off, o_off, offs_k, k_mask, mask, store_mask, up_offset,
@@ -77,12 +75,7 @@ def _activation(x_ptr, r_ptr, nw_ptr, rout_ptr, x_off, r_off, o_off, offs_k, k_m
         a = h * nw
     elif PROLOGUE >= 2:
         up = tl.load(x_ptr + x_off + up_offset, mask=mask, other=0.0).to(tl.float32)
-        if PROLOGUE == 3:
-            inner = _GELU_TANH_2K * (a + _GELU_TANH_CUBIC * a * a * a)
-            act = a / (1.0 + tl.exp(tl.minimum(-inner, 80.0)))
-        else:
-            act = a / (1.0 + tl.exp(-a))
-        a = (act * up).to(act_ty).to(tl.float32)  # rounded where silu_and_mul stores it
+        a = act_and_mul(a, up, PROLOGUE == 3).to(act_ty).to(tl.float32)  # rounded where silu_and_mul stores it
     return a, hsq
 
 

@@ -189,8 +189,10 @@ def _check(cond, msg):
         raise ValueError(f"kv_write: {msg}")
 
 
-def _validate(k, v, slot_mapping, k_cache, v_cache, kv_format, k_scale, v_scale, k_block_scale,
-              v_block_scale, check_slots):
+def validate_kv_write(k, v, slot_mapping, k_cache, v_cache, kv_format="bf16", k_scale=None, v_scale=None,
+                      k_block_scale=None, v_block_scale=None, check_slots=True):
+    """kv_write's argument checks (ValueError naming the problem); also for kernels that write the cache in
+    kv_write's layout themselves (kernels_gpu.rope.rope_kv_write)."""
     _check(kv_format in KV_FORMATS, f"unknown kv_format {kv_format!r} (one of {sorted(KV_FORMATS)})")
     _check(k.dim() == 3 and v.shape == k.shape, f"k and v must both be [T, Hkv, D], got "
            f"{tuple(k.shape)} and {tuple(v.shape)}")
@@ -252,8 +254,8 @@ def kv_write(k, v, slot_mapping, k_cache, v_cache, *, kv_format="bf16", k_scale=
                       scales are chosen (kv_formats.quantize_nvfp4).
     Updates the caches (and block scales) in place; returns nothing. Slots not named are untouched.
     """
-    _validate(k, v, slot_mapping, k_cache, v_cache, kv_format, k_scale, v_scale, k_block_scale,
-              v_block_scale, check_slots)
+    validate_kv_write(k, v, slot_mapping, k_cache, v_cache, kv_format, k_scale, v_scale, k_block_scale,
+                      v_block_scale, check_slots)
     _check(scale_rule in kv_formats.SCALE_RULES, f"unknown scale_rule {scale_rule!r}")
     _check((k_center is None and scale_rule == "amax") or kv_format == "nvfp4",
            "k_center and scale_rule are nvfp4 options")

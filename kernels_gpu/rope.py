@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels_gpu.kv_write import validate_kv_write
+
 # Tuning data: heads rotated per loop step by one program (one program per token).
 ROPE_BLOCK_H = 8
 ROPE_NUM_WARPS = 4
@@ -170,21 +172,12 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
     rotation); the pools are written in their dtype as kv_write does.
     """
     _validate(q, k, positions, inv_freq, long_inv_freq, q.shape[-1])
+    try:
+        validate_kv_write(k, v, slots, k_pool, v_pool, check_slots=False)
+    except ValueError as e:
+        raise ValueError(f"rope_kv_write: {e}") from None
     num_tokens, num_q_heads, head_dim = q.shape
     num_k_heads = k.shape[1]
-    if v.shape != k.shape or v.dtype not in _DTYPES or v.device != q.device or (head_dim > 1 and v.stride(2) != 1):
-        raise ValueError(f"rope_kv_write: v must be a [T, Hk, D] = {tuple(k.shape)} float tensor on {q.device} with a "
-                         f"contiguous last dim, got {v.dtype}{list(v.shape)}")
-    for name, pool in (("k_pool", k_pool), ("v_pool", v_pool)):
-        if pool.dim() != 4 or pool.shape[2:] != (num_k_heads, head_dim) or pool.dtype not in _DTYPES:
-            raise ValueError(f"rope_kv_write: {name} must be a bf16/fp16/fp32 [N, block, {num_k_heads}, {head_dim}] "
-                             f"pool, got {pool.dtype}{list(pool.shape)}")
-        if pool.device != q.device or pool.stride(3) != 1 or pool.shape != k_pool.shape:
-            raise ValueError(f"rope_kv_write: {name} must be on {q.device}, K/V-pool shaped alike, with a contiguous "
-                             f"last dim")
-    if slots.shape != (num_tokens,) or slots.dtype not in (torch.int32, torch.int64) or slots.device != q.device:
-        raise ValueError(f"rope_kv_write: slots must be i32/i64[{num_tokens}] on {q.device}, got "
-                         f"{slots.dtype}{list(slots.shape)}")
     q_out = q if inplace else torch.empty_like(q, memory_format=torch.contiguous_format)  # [T, Hq, D]
     if num_tokens == 0 or head_dim == 0:
         return q_out

@@ -150,10 +150,12 @@ def test_rope_kv_write_refuses_bad_pools(device):
     inv_freq = rope_inv_freq(64, 10000.0, device=device)
     pool = torch.zeros(3, 16, 2, 64, device=device)
     slots = torch.tensor([0, 1], dtype=torch.int32, device=device)
-    with pytest.raises(ValueError, match="k_pool must be"):
-        rope_kv_write(q, k, k, torch.zeros(2, dtype=torch.int32, device=device), inv_freq, slots,
-                      torch.zeros(3, 16, 2, 32, device=device), pool)
-    with pytest.raises(ValueError, match="slots must be"):
+    narrow = torch.zeros(3, 16, 2, 32, device=device)  # pools whose head width is not k's
+    with pytest.raises(ValueError, match="rope_kv_write: kv_write: cache shape"):
+        rope_kv_write(q, k, k, torch.zeros(2, dtype=torch.int32, device=device), inv_freq, slots, narrow, narrow)
+    with pytest.raises(ValueError, match="rope_kv_write: kv_write: k_cache and v_cache must both be"):
+        rope_kv_write(q, k, k, torch.zeros(2, dtype=torch.int32, device=device), inv_freq, slots, narrow, pool)
+    with pytest.raises(ValueError, match="rope_kv_write: kv_write: slot_mapping must be"):
         rope_kv_write(q, k, k, torch.zeros(2, dtype=torch.int32, device=device), inv_freq, slots[:1], pool, pool)
-    with pytest.raises(ValueError, match="v must be"):
+    with pytest.raises(ValueError, match="rope_kv_write: kv_write: k and v must both be"):
         rope_kv_write(q, k, k[:, :1], torch.zeros(2, dtype=torch.int32, device=device), inv_freq, slots, pool, pool)
