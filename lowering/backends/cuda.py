@@ -821,7 +821,9 @@ def _rope_kv_write(graph, a: Node, b: Node, users, producers, position, program)
             and not kv.attrs.get("kv_format")
         return kv if ok else None
 
-    q_rope, k_rope, kv = (a, b, kv_of(b)) if kv_of(b) is not None else (b, a, kv_of(a))
+    kv = kv_of(b)
+    q_rope, k_rope = (a, b) if kv is not None else (b, a)
+    kv = kv or kv_of(a)
     if kv is None:
         return None
     _, v, slots, k_pool, v_pool = kv.inputs

@@ -10,9 +10,10 @@
     collectives in the plan, captured inside the decode CUDA graphs like any kernel.
 
 The Engine, scheduler and sampler run on rank 0 alone; what crosses to the workers is each checked step (its
-StepInput and whether tokens are picked greedily or the hidden states kept) and capture_decode_graphs, pickled into a shared-memory ring (StepChannel): rank 0 writes the payload and bumps a sequence
-number, workers spin on it (then back off to short sleeps when idle) and acknowledge. One host, so no TCP on
-the step path; the process group's TCP store is used only at start-up.
+StepInput and whether tokens are picked greedily or the hidden states kept) and capture_decode_graphs, pickled into
+a shared-memory ring (StepChannel): rank 0 writes the payload and bumps a sequence number, workers spin on it (then
+back off to short sleeps when idle) and acknowledge. One host, so no TCP on the step path; the process group's TCP
+store is used only at start-up.
 
 Weights: every rank builds its params from a ParamSource, piece by piece (shard_tensor_parallel.shard_param), so
 no GPU ever holds more than its share and no whole-model tensor is made on a device. HostParams puts the full
