@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -556,12 +557,16 @@ class CudaProgram:
 
     def drop_decode_graphs(self) -> None:
         """Forget every captured decode graph and its memory pool; later steps capture again. For changes to what a
-        decode step runs (fused_gemv, fused_gemv_rows)."""
+        decode step runs (fused_gemv, fused_gemv_rows), and before a tensor-parallel rank leaves its process group (a
+        live graph holding NCCL collectives keeps the communicator's teardown waiting)."""
         import torch
 
-        self._graphs.clear()
         if self._static is not None:
             torch.cuda.synchronize(self.device)
+        for graph, *_ in self._graphs.values():
+            graph.reset()
+        self._graphs.clear()
+        if self._static is not None:
             self._graph_pool = torch.cuda.graph_pool_handle()  # NOTE: a fresh pool: the old one's blocks may be live
 
     def capture_decode_graphs(self, context_len: int | None = None) -> int:
@@ -1372,6 +1377,12 @@ class _SymmAllReduce:
         return out
 
 
+# group name -> the process group whose symmetric memory was set up under it in this process. torch keeps that set-up
+# per group name for the life of the process, so a later group of the same name (a second tensor-parallel program
+# after the first one closed) would rendezvous through the first group's dead store.
+_SYMM_GROUPS: dict[str, Any] = {}
+
+
 def _symm_all_reduce(program, dtype):
     """The program's _SymmAllReduce for activations of `dtype`, or None where NCCL does the all-reduces."""
     if program.tp_all_reduce == "nccl" or program.device.type != "cuda":
@@ -1383,17 +1394,30 @@ def _symm_all_reduce(program, dtype):
         import torch
         import torch.distributed as dist
 
-        try:
-            symm, error = _SymmAllReduce(program, dtype), None
-        except Exception as e:  # noqa: BLE001 - older torch, no NVLink P2P: NCCL does it
-            symm, error = None, e
-        # every rank must take the same path, or the ranks would wait in different collectives
+        group = program.tp_group
+        stale = _SYMM_GROUPS.get(group.group_name, group) is not group
+        # every rank must take the same path, or the ranks would wait in different collectives: first agree that no
+        # rank's symmetric memory set-up is stale, then that every rank set it up
+        fresh = torch.tensor([int(not stale)], dtype=torch.int32, device=program.device)
+        dist.all_reduce(fresh, op=dist.ReduceOp.MIN, group=group)
+        symm, error = None, None
+        if not int(fresh.item()):
+            error = "this process already used symmetric memory under the same group name (an earlier tensor-" \
+                    "parallel program); torch keeps that per process"
+        else:
+            try:
+                symm = _SymmAllReduce(program, dtype)
+                _SYMM_GROUPS[group.group_name] = group
+            except Exception as e:  # noqa: BLE001 - older torch, no NVLink P2P: NCCL does it
+                error = e
         ok = torch.tensor([int(symm is not None)], dtype=torch.int32, device=program.device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=program.tp_group)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
         if not int(ok.item()):
             if program.tp_all_reduce == "symm":
                 raise RuntimeError(f"tp_all_reduce='symm': torch symmetric memory is unavailable on a rank "
                                    f"({error or 'another rank failed'})")
+            if stale:
+                warnings.warn(f"tensor parallelism: NCCL does the all-reduces ({error})", stacklevel=2)
             symm = None
         program._symm[key] = symm
     return program._symm[key]

@@ -48,6 +48,7 @@ from lowering.passes.shard_tensor_parallel import RankParams, tp_plan
 
 WORKER_FAILED_EXIT = 70
 DEFAULT_CHANNEL_BYTES = 64 << 20  # the largest pickled Program call (a big prefill's StepInput is a few MiB)
+LEAVE_GROUP_TIMEOUT_S = 60.0  # how long leaving the process group may take before it is aborted
 _SPIN_BEFORE_SLEEP = 20000  # polls of the sequence word before an idle worker starts sleeping between polls
 
 
@@ -248,6 +249,36 @@ def _init_group(backend: str, init_method: str, rank: int, tp: int, timeout_s: f
     return dist.group.WORLD
 
 
+def _leave_group(timeout_s: float) -> None:
+    """destroy_process_group, bounded: a peer that died or never leaves would make NCCL's teardown wait forever, so
+    after timeout_s the group is aborted instead (and a warning says so)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    done = threading.Event()
+
+    def destroy():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - leaving must not raise
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=destroy, name="llmc-tp-leave", daemon=True).start()
+    if done.wait(timeout_s):
+        return
+    print(f"llmc: leaving the tensor-parallel process group took over {timeout_s:.0f} s (a rank is gone?); aborting it",
+          file=sys.stderr, flush=True)
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort is not None:
+        try:
+            abort()
+        except Exception:  # noqa: BLE001
+            pass
+
+
 def _device_for(rank: int, devices, cpu: bool):
     import torch
 
@@ -281,9 +312,8 @@ def _worker_main(rank: int, tp: int, backend: str, init_method: str, timeout_s: 
             getattr(program, name)(*args, **kw)
             sync()  # the pinned input buffers are reused by the next call: let this one's copies finish
         chan.close()
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+        program.drop_decode_graphs()
+        _leave_group(LEAVE_GROUP_TIMEOUT_S)
     except BaseException:  # noqa: BLE001 - everything goes back to rank 0, which ends the group
         try:
             reports.put(("error", rank, traceback.format_exc()))
@@ -427,18 +457,19 @@ class TensorParallelCudaProgram:
                 self._channel.send(("__stop__", (), {}), alive=self._alive)
         except Exception:  # noqa: BLE001 - closing must not raise
             pass
+        # NOTE: before joining the workers, each rank drops its decode graphs and leaves the group: NCCL's teardown
+        # waits while a CUDA graph holding its collectives is alive (destroy_process_group hung on both ranks)
+        if getattr(self, "local", None) is not None:
+            try:
+                self.local.drop_decode_graphs()
+            except Exception:  # noqa: BLE001
+                pass
+        _leave_group(LEAVE_GROUP_TIMEOUT_S)
         for p in self._workers:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
         self._channel.close(unlink=True)
-        try:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
         try:
             atexit.unregister(self.close)
         except Exception:  # noqa: BLE001
