@@ -16,11 +16,17 @@ def test_smollm2_chat_batched_chunked_and_preempted_match_one_at_a_time(smollm2)
     engine = Engine(smollm2, max_model_len=256, max_num_seqs=4)
     batched = engine.generate(PROMPTS, params, chat=True)
     assert "Paris" in batched[0].text
-    alone = [engine.generate([p], params, chat=True)[0] for p in PROMPTS]
-    assert [o.token_ids for o in batched] == [o.token_ids for o in alone]
 
     # 6 blocks of 16 tokens hold one request (<= 50 tokens) at a time plus a bit: forces preemption.
-    tight = Engine(smollm2, max_model_len=256, max_num_seqs=4, num_blocks=6, max_num_batched_tokens=16)
+    def tight_engine():  # engines with one pool shape share their compiled steps
+        return Engine(smollm2, max_model_len=256, max_num_seqs=4, num_blocks=6, max_num_batched_tokens=16)
+
+    # each prompt alone, its prefill in 16-token chunks (the shapes the squeezed run below compiles anyway)
+    one_at_a_time = tight_engine()
+    alone = [one_at_a_time.generate([p], params, chat=True)[0] for p in PROMPTS]
+    assert [o.token_ids for o in batched] == [o.token_ids for o in alone]
+    assert one_at_a_time.scheduler.num_preemptions == 0
+    tight = tight_engine()  # no prefix cache filled by the runs above
     squeezed = tight.generate(PROMPTS, params, chat=True)
     assert tight.scheduler.num_preemptions > 0
     assert [o.token_ids for o in squeezed] == [o.token_ids for o in batched]

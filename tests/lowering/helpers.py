@@ -116,16 +116,19 @@ def quantize_ir(cm, weights=None, kv=None, rotation=False):
     return graph, params
 
 
-def run_decode_steps(program, seed, num_blocks):
-    """A ragged prefill of 3 prompts, two decode steps of all three, then a chunk + a decode + a new prompt."""
+def run_decode_steps(program, seed, num_blocks, *, full: bool = True):
+    """A ragged prefill of 3 prompts, two decode steps of all three, then a chunk + a decode + a new prompt
+    (full=False: the prefill and one decode step only, two compiled shapes instead of three)."""
     lay = PagedLayout(num_blocks, 16, seed=seed)
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, 97, n).tolist() for n in (5, 19, 1)]
     lens = [len(p) for p in prompts]
     out = [program.step(for_program(program, lay.step([(i, p, 0) for i, p in enumerate(prompts)])))]
-    for t in range(2):
+    for t in range(2 if full else 1):
         decodes = [(i, [(7 * t + i) % 97], lens[i] + t) for i in range(3)]
         out.append(program.step(for_program(program, lay.step(decodes))))
+    if not full:
+        return out
     lens = [n + 2 for n in lens]
     out.append(program.step(for_program(program, lay.step([(0, [3], lens[0]), (1, [8, 9, 10], lens[1]),
                                                            (3, [1, 2, 3, 4], 0)]))))

@@ -122,7 +122,9 @@ def test_quantized_ir_tpu_program_matches_cpu_program(models, case):
     tpu = build_program("tpu", graph, params, num_blocks=24, max_model_len=64, pool_fill=float("nan"))
     if kv == "fp8":
         assert str(tpu.state["kv.0.k"].dtype) == "float8_e4m3fn"
-    for want, got in zip(run_decode_steps(cpu, 5, 24), run_decode_steps(tpu, 5, 24)):
+    # the prefill and a decode step: the quantized kernels on both kinds of step (the ragged mixed step is covered
+    # by the unquantized tests above)
+    for want, got in zip(run_decode_steps(cpu, 5, 24, full=False), run_decode_steps(tpu, 5, 24, full=False)):
         assert np.isfinite(got).all()
         assert relerr(got, want) < (2e-2 if weights == "fp8" else 1e-3), case
 
