@@ -32,9 +32,9 @@ def main():
         for tp in (1, 2, 4):
             cm = compile_model(model, progress=False, max_model_len=128, tensor_parallel=tp)
             # the same KV budget per device: a rank's block holds 1/tp of the KV heads
-            engine = Engine(cm, max_num_seqs=64, max_num_batched_tokens=24, max_model_len=128,
+            engine = Engine(cm, max_num_seqs=64, max_num_batched_tokens=48, max_model_len=128,
                             program_options={"kv_cache_bytes": 1 << 20})
-            outs = engine.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+            outs = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
             runs[tp] = {"tokens": [o.token_ids for o in outs], "num_blocks": engine.program.num_blocks,
                         "program": type(engine.program).__name__,
                         "kv_bytes": engine.program.kv_cache_bytes()}
