@@ -53,7 +53,7 @@ class StepInput:
                                  f"{self.block_tables.shape} (block_tables')")
             if self.slot_mapping_w.shape != (t,):
                 raise ValueError(f"StepInput.slot_mapping_w has shape {self.slot_mapping_w.shape}, expected ({t},)")
-            if np.any((self.slot_mapping_w < -1) | (self.slot_mapping_w >= num_blocks_w * block_size)):
+            if t and (self.slot_mapping_w.min() < -1 or self.slot_mapping_w.max() >= num_blocks_w * block_size):
                 raise ValueError("StepInput.slot_mapping_w has a slot outside the second KV group's pool")
         for name in ("token_ids", "positions", "slot_mapping"):
             a = getattr(self, name)
@@ -65,18 +65,20 @@ class StepInput:
             raise ValueError(f"StepInput.block_tables has shape {self.block_tables.shape}, expected ({s}, B)")
         if self.logit_rows.ndim != 1:
             raise ValueError("StepInput.logit_rows must be 1-D")
+        # NOTE: min / max reductions, not np.any over temporaries: this runs on every decode step, on the host
+        # time a batch-1 step cannot hide
         qs = self.query_start
-        if qs[0] != 0 or qs[-1] != t or np.any(np.diff(qs) < 0):
+        q_lens = qs[1:] - qs[:-1]
+        if qs[0] != 0 or qs[-1] != t or (s and q_lens.min() < 0):
             raise ValueError(f"StepInput.query_start must rise from 0 to {t}, got {qs.tolist()}")
-        q_lens = np.diff(qs)
-        if np.any(self.seq_lens < q_lens):
+        if s and (self.seq_lens - q_lens).min() < 0:
             raise ValueError("StepInput.seq_lens must be >= the new tokens of each sequence")
         max_ctx = self.block_tables.shape[1] * block_size
-        if np.any(self.seq_lens > max_ctx):
+        if s and self.seq_lens.max() > max_ctx:
             raise ValueError(f"a sequence is longer than its block table allows ({max_ctx} tokens)")
-        if np.any((self.slot_mapping < -1) | (self.slot_mapping >= num_blocks * block_size)):
+        if t and (self.slot_mapping.min() < -1 or self.slot_mapping.max() >= num_blocks * block_size):
             raise ValueError("StepInput.slot_mapping has a slot outside the KV pool")
-        if np.any((self.logit_rows < 0) | (self.logit_rows >= max(t, 1))):
+        if self.logit_rows.size and (self.logit_rows.min() < 0 or self.logit_rows.max() >= max(t, 1)):
             raise ValueError("StepInput.logit_rows points outside the step's tokens")
 
 

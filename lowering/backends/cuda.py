@@ -459,22 +459,28 @@ class CudaProgram:
         buffer; returns how many ints to copy. Pad sequences own q rows that write nowhere and see q
         positions of block 0 (their rows are computed and dropped)."""
         width = self.max_blocks_per_seq
-        s = 0 if inp is None else inp.num_seqs
-        rows = b * q
-        host[offsets["token_ids"]: offsets["token_ids"] + rows] = 0
-        host[offsets["positions"]: offsets["positions"] + rows] = np.tile(np.arange(q, dtype=np.int32), b)
-        host[offsets["slot_mapping"]: offsets["slot_mapping"] + rows] = -1
-        host[offsets["query_start"]: offsets["query_start"] + b + 1] = np.arange(b + 1, dtype=np.int32) * q
-        host[offsets["seq_lens"]: offsets["seq_lens"] + b] = q if q > 1 else 0  # a decode pad sees no context
-        host[offsets["logit_rows"]: offsets["logit_rows"] + rows] = np.arange(rows, dtype=np.int32)
-        tables = host[offsets["block_tables"]: offsets["block_tables"] + b * width].reshape(b, width)
+        n = offsets["block_tables"] + b * width
+        head = offsets["block_tables_w"] if self._two_groups else offsets["block_tables"]  # the per-row fields
+        templates = self.__dict__.setdefault("_pad_templates", {})
+        if (b, q) not in templates:  # those fields all padding, made once per bucket: a step copies them, then its rows
+            pad = np.zeros(head, np.int32)
+            rows = b * q
+            pad[offsets["positions"]: offsets["positions"] + rows] = np.tile(np.arange(q, dtype=np.int32), b)
+            pad[offsets["slot_mapping"]: offsets["slot_mapping"] + rows] = -1
+            pad[offsets["query_start"]: offsets["query_start"] + b + 1] = np.arange(b + 1, dtype=np.int32) * q
+            pad[offsets["seq_lens"]: offsets["seq_lens"] + b] = q if q > 1 else 0  # a decode pad sees no context
+            pad[offsets["logit_rows"]: offsets["logit_rows"] + rows] = np.arange(rows, dtype=np.int32)
+            if self._two_groups:
+                pad[offsets["slot_mapping_w"]: offsets["slot_mapping_w"] + rows] = -1
+            templates[(b, q)] = pad
+        host[:head] = templates[(b, q)]
+        tables = host[offsets["block_tables"]: n].reshape(b, width)
         tables[:] = 0
         if self._two_groups:
-            host[offsets["slot_mapping_w"]: offsets["slot_mapping_w"] + rows] = -1
             tables_w = host[offsets["block_tables_w"]: offsets["block_tables_w"] + b * width].reshape(b, width)
             tables_w[:] = 0
         if inp is not None:
-            t = inp.num_tokens
+            t, s = inp.num_tokens, inp.num_seqs
             host[offsets["token_ids"]: offsets["token_ids"] + t] = inp.token_ids
             host[offsets["positions"]: offsets["positions"] + t] = inp.positions
             host[offsets["slot_mapping"]: offsets["slot_mapping"] + t] = inp.slot_mapping
@@ -483,7 +489,7 @@ class CudaProgram:
             if self._two_groups:
                 host[offsets["slot_mapping_w"]: offsets["slot_mapping_w"] + t] = inp.slot_mapping_w
                 tables_w[:s, : inp.block_tables_w.shape[1]] = inp.block_tables_w
-        return offsets["block_tables"] + b * width
+        return n
 
     def _decode_views(self, b: int, q: int = 1):
         device_buf, _, offsets = self._static_buffers()

@@ -448,3 +448,45 @@ def test_quantized_ir_decode_graphs_equal_eager_steps(quant_model_hd32):
     assert progs[0].num_graph_replays == 6 and progs[1].num_graph_replays == 0
     for a, b in zip(*outs):
         assert np.isfinite(a).all() and relerr(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("two_groups", [False, True])
+def test_decode_graph_inputs_are_padded_rows_of_the_step(two_groups):
+    """_fill_decode (the host side of every CUDA-graph replay) lays a uniform step and its padding out in the packed
+    buffer: real rows first, pad rows that write nowhere and read no context, all tables of a bucket reset."""
+    from lowering.backends.cuda import CudaProgram
+    from runtime.step import StepInput
+
+    prog = CudaProgram.__new__(CudaProgram)  # the buffer layout needs only these two fields
+    prog.max_blocks_per_seq, prog._two_groups = 3, two_groups
+    names = ["token_ids", "positions", "slot_mapping", "query_start", "seq_lens", "logit_rows"]
+    names += ["slot_mapping_w", "block_tables_w"] if two_groups else []
+    offsets = {name: 40 * i for i, name in enumerate(names + ["block_tables"])}
+    host = np.full(40 * len(names) + 8 * 3, 99, np.int32)
+    for b, q, s in [(4, 1, 3), (4, 2, 1), (2, 1, 2), (4, 1, 3)]:  # the last repeats the first on a dirty buffer
+        t = s * q
+        tables = np.arange(s * 2, dtype=np.int32).reshape(s, 2) + 1
+        inp = StepInput(np.arange(t, dtype=np.int32) + 10, np.arange(t, dtype=np.int32) + 20,
+                        np.arange(t, dtype=np.int32) + 30, np.arange(s + 1, dtype=np.int32) * q,
+                        np.full(s, 7, np.int32), tables, np.arange(t, dtype=np.int32),
+                        tables + 5 if two_groups else None, np.arange(t, dtype=np.int32) + 50 if two_groups else None)
+        n = CudaProgram._fill_decode(prog, host, offsets, b, inp, q)
+        assert n == offsets["block_tables"] + b * 3
+        rows = b * q
+
+        def field(name, size):
+            return host[offsets[name]: offsets[name] + size].tolist()
+
+        assert field("token_ids", rows) == list(range(10, 10 + t)) + [0] * (rows - t)
+        assert field("positions", rows) == list(range(20, 20 + t)) + list(range(q)) * (b - s)
+        assert field("slot_mapping", rows) == list(range(30, 30 + t)) + [-1] * (rows - t)
+        assert field("query_start", b + 1) == [i * q for i in range(b + 1)]
+        assert field("seq_lens", b) == [7] * s + [q if q > 1 else 0] * (b - s)
+        assert field("logit_rows", rows) == list(range(rows))
+        want = np.zeros((b, 3), np.int32)
+        want[:s, :2] = tables
+        assert host[offsets["block_tables"]: n].reshape(b, 3).tolist() == want.tolist()
+        if two_groups:
+            assert field("slot_mapping_w", rows) == list(range(50, 50 + t)) + [-1] * (rows - t)
+            want[:s, :2] = tables + 5
+            assert field("block_tables_w", b * 3) == want.reshape(-1).tolist()
