@@ -249,34 +249,37 @@ def _init_group(backend: str, init_method: str, rank: int, tp: int, timeout_s: f
     return dist.group.WORLD
 
 
-def _leave_group(timeout_s: float) -> None:
+def _leave_group(timeout_s: float, abort_s: float = 10.0) -> None:
     """destroy_process_group, bounded: a peer that died or never leaves would make NCCL's teardown wait forever, so
     after timeout_s the group is aborted instead (and a warning says so)."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return
-    done = threading.Event()
 
-    def destroy():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - leaving must not raise
-            pass
-        finally:
-            done.set()
+    def bounded(fn, seconds: float) -> bool:  # fn in a daemon thread; whether it returned within `seconds`
+        done = threading.Event()
 
-    threading.Thread(target=destroy, name="llmc-tp-leave", daemon=True).start()
-    if done.wait(timeout_s):
+        def run():
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - leaving must not raise
+                pass
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="llmc-tp-leave", daemon=True).start()
+        return done.wait(seconds)
+
+    if bounded(dist.destroy_process_group, timeout_s):
         return
     print(f"llmc: leaving the tensor-parallel process group took over {timeout_s:.0f} s (a rank is gone?); aborting it",
           file=sys.stderr, flush=True)
     abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-    if abort is not None:
-        try:
-            abort()
-        except Exception:  # noqa: BLE001
-            pass
+    # NOTE: the abort may block as well (it did on the H200s before the graphs were dropped first): bounded too
+    if abort is None or not bounded(abort, abort_s):
+        print("llmc: the process group could not be left; a new tensor-parallel program needs a new process",
+              file=sys.stderr, flush=True)
 
 
 def _device_for(rank: int, devices, cpu: bool):

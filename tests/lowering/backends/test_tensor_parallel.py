@@ -133,3 +133,23 @@ def test_step_channel_round_trip(tmp_path):
         reader.close()
         chan.close(unlink=True)
     assert not os.path.exists(chan.path)
+
+
+def test_leaving_a_stuck_group_is_bounded(monkeypatch, capsys):
+    """A teardown that never returns (as NCCL's did while decode graphs held its collectives) cannot hang close()."""
+    import threading
+
+    import torch.distributed as dist
+
+    from lowering.backends.cuda_tp import _leave_group
+
+    release = threading.Event()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", release.wait)
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", release.wait, raising=False)
+    try:
+        _leave_group(0.2, abort_s=0.2)
+    finally:
+        release.set()
+    err = capsys.readouterr().err
+    assert "aborting it" in err and "could not be left" in err
