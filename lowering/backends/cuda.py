@@ -215,6 +215,7 @@ class CudaProgram:
         self._graphs: dict[tuple[int, int, int], tuple[Any, ...]] = {}  # (batch, q, ctx bucket) -> graph, outputs
         self._graph_pool = None
         self._static = None
+        self._pad_templates: dict[tuple[int, int], np.ndarray] = {}  # (b, q) -> _fill_decode's padding
         self.num_graph_replays = 0
         self.num_eager_steps = 0
 
@@ -461,7 +462,7 @@ class CudaProgram:
         width = self.max_blocks_per_seq
         n = offsets["block_tables"] + b * width
         head = offsets["block_tables_w"] if self._two_groups else offsets["block_tables"]  # the per-row fields
-        templates = self.__dict__.setdefault("_pad_templates", {})
+        templates = self._pad_templates
         if (b, q) not in templates:  # those fields all padding, made once per bucket: a step copies them, then its rows
             pad = np.zeros(head, np.int32)
             rows = b * q
@@ -567,13 +568,13 @@ class CudaProgram:
         live graph holding NCCL collectives keeps the communicator's teardown waiting)."""
         import torch
 
-        if self._static is not None:
-            torch.cuda.synchronize(self.device)
+        if self._static is None:  # nothing was captured
+            return
+        torch.cuda.synchronize(self.device)
         for graph, *_ in self._graphs.values():
             graph.reset()
         self._graphs.clear()
-        if self._static is not None:
-            self._graph_pool = torch.cuda.graph_pool_handle()  # NOTE: a fresh pool: the old one's blocks may be live
+        self._graph_pool = torch.cuda.graph_pool_handle()  # NOTE: a fresh pool: the old one's blocks may be live
 
     def capture_decode_graphs(self, context_len: int | None = None) -> int:
         """Capture every batch bucket's decode graph up front (else each is captured on first use)."""

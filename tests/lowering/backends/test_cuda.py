@@ -457,8 +457,8 @@ def test_decode_graph_inputs_are_padded_rows_of_the_step(two_groups):
     from lowering.backends.cuda import CudaProgram
     from runtime.step import StepInput
 
-    prog = CudaProgram.__new__(CudaProgram)  # the buffer layout needs only these two fields
-    prog.max_blocks_per_seq, prog._two_groups = 3, two_groups
+    prog = CudaProgram.__new__(CudaProgram)  # the buffer layout needs only these fields
+    prog.max_blocks_per_seq, prog._two_groups, prog._pad_templates = 3, two_groups, {}
     names = ["token_ids", "positions", "slot_mapping", "query_start", "seq_lens", "logit_rows"]
     names += ["slot_mapping_w", "block_tables_w"] if two_groups else []
     offsets = {name: 40 * i for i, name in enumerate(names + ["block_tables"])}
