@@ -7,14 +7,14 @@ Workload: `batch` prompts of 128 random tokens, 128 new tokens each, greedy, EOS
 Each system runs generate() twice per batch size: with 1 new token (prefill) and with 128; decode
 throughput = batch x 127 / (time(128) - time(1)), so prefill is excluded the same way for everyone.
 Peers: HF `generate` eager (dynamic cache) and HF with a static cache + torch.compile
-("reduce-overhead", CUDA graphs). The batch-1 roofline is weight bytes / 3.0 TB/s (the copy rate
-measured on this H100). `--quant int4 nvfp4 ...` adds llmc variants compiled with weights=<format> (RTN
+("reduce-overhead", CUDA graphs). The batch-1 roofline is weight bytes / the device-to-device copy rate,
+measured at the start of the run (bytes read + bytes written per second; 3.0 TB/s on the H100 of 2026-11-26). `--quant int4 nvfp4 ...` adds llmc variants compiled with weights=<format> (RTN
 through the quantization passes, every linear and the logits weight, no accuracy guard: random weights
 have no accuracy to guard); every llmc variant also times a prefill of the largest batch.
 Prints a table, writes JSON to $OUT/gpu_decode.json (else bench_results/).
 
     PYTHONPATH=. python3 benchmarks/gpu_decode.py [--batch 1 64] [--peers eager static] [--quant int4 nvfp4]
-        [--ablate-fusion] [--profile]
+        [--ablate-fusion] [--ablate-async] [--ablate-pdl] [--profile]
 """
 from __future__ import annotations
 
@@ -32,7 +32,25 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-COPY_TBPS = 3.0  # device-to-device copy rate measured on the H100 (2026-11-26)
+COPY_TBPS_H100 = 3.0  # device-to-device copy rate measured on the H100 (2026-11-26)
+
+
+def copy_tbps(nbytes: int = 2 << 30, repeats: int = 20) -> float:
+    """Device-to-device copy rate of this GPU, (read + written bytes) / s, median of repeats."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times) / 1e12
 LLAMA_32_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
                    rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=True,
@@ -125,6 +143,12 @@ def main():
     ap.add_argument("--ablate-fusion", action="store_true",
                     help="also time llmc bf16 at batch <= 4 with the decode fusions (GEMV, rope+kv_write) off "
                          "(same engine)")
+    ap.add_argument("--ablate-async", action="store_true",
+                    help="also time llmc bf16 with async scheduling off (each step waits for the last one's tokens; "
+                         "same engine)")
+    ap.add_argument("--ablate-pdl", action="store_true",
+                    help="also time llmc bf16 at batch <= 4 with programmatic dependent launch of the fused GEMVs off "
+                         "(same engine, graphs captured again)")
     args = ap.parse_args()
 
     from lowering import compile_model
@@ -134,7 +158,9 @@ def main():
     t0 = time.perf_counter()
     hf, config = make_checkpoint(tmp / "ckpt", args.layers)
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())  # tied embedding counted once
-    roofline = COPY_TBPS * 1e12 / weight_bytes  # tokens/s at batch 1
+    tbps = copy_tbps()
+    roofline = tbps * 1e12 / weight_bytes  # tokens/s at batch 1
+    print(f"{torch.cuda.get_device_name()}: copy {tbps:.2f} TB/s (H100: {COPY_TBPS_H100})")
     print(f"checkpoint: {weight_bytes / 1e9:.2f} GB of bf16 weights, batch-1 roofline {roofline:.0f} tok/s "
           f"({time.perf_counter() - t0:.0f} s to build)", flush=True)
 
@@ -142,7 +168,7 @@ def main():
     max_batch = max(args.batch)
     prompts = rng.integers(10, config.vocab_size - 10, size=(max_batch, args.prompt_len)).tolist()
     results = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(),
-               "torch": torch.__version__, "weight_bytes": weight_bytes, "roofline_batch1_tok_s": roofline,
+               "torch": torch.__version__, "weight_bytes": weight_bytes, "copy_tbps": tbps, "roofline_batch1_tok_s": roofline,
                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": {}}
     rows = []
 
@@ -183,6 +209,43 @@ def main():
             if batch == 1:
                 extra["roofline_fraction"] = rate / roofline
             record(name, batch, rate, t1, tn, extra)
+        if name == "llmc bf16" and args.ablate_async:  # the same engine, each step waiting for the last one's tokens
+            engine.async_scheduling = False
+            for batch in args.batch:
+                def run(n, batch=batch):
+                    return engine.generate(prompts[:batch], SamplingParams(max_tokens=n, temperature=0.0,
+                                                                           ignore_eos=True))
+
+                rate, t1, tn = decode_rate(run, batch, args.new_tokens, args.repeats)
+                same = [o.token_ids for o in run(args.new_tokens)] == llmc_tokens[(name, batch)]
+                extra = {"same_tokens_as_async": same}
+                if batch == 1:
+                    extra["roofline_fraction"] = rate / roofline
+                record("llmc bf16, sync scheduling", batch, rate, t1, tn, extra)
+                print(f"    same greedy tokens as with async scheduling: {same}", flush=True)
+            engine.async_scheduling = True
+        if name == "llmc bf16" and args.ablate_pdl:  # the fused GEMVs launched plainly
+            from kernels_gpu import fused_gemv
+
+            fused_gemv.USE_PDL = False
+            engine.program.drop_decode_graphs()
+            engine.program.capture_decode_graphs()
+            for batch in [b for b in args.batch if b <= 4]:
+                def run(n, batch=batch):
+                    return engine.generate(prompts[:batch], SamplingParams(max_tokens=n, temperature=0.0,
+                                                                           ignore_eos=True))
+
+                rate, t1, tn = decode_rate(run, batch, args.new_tokens, args.repeats)
+                same = [o.token_ids for o in run(args.new_tokens)] == llmc_tokens[(name, batch)]
+                record("llmc bf16, no PDL", batch, rate, t1, tn,
+                       {"same_tokens_as_pdl": same, "roofline_fraction": rate / roofline})
+                print(f"    same greedy tokens as with PDL: {same}", flush=True)
+            if args.profile:
+                results["profile/llmc bf16, no PDL"] = profile_program(
+                    engine.program, [b for b in args.batch if b <= 4], args.prompt_len)
+            fused_gemv.USE_PDL = True
+            engine.program.drop_decode_graphs()
+            engine.program.capture_decode_graphs()
         if name == "llmc bf16" and args.ablate_fusion:  # the same steps with the decode fusions off
             engine.program.fused_gemv = engine.program.fused_rope_kv_write = False
             engine.program.drop_decode_graphs()  # recapture without the fused kernels
@@ -270,7 +333,7 @@ def main():
         bf16 = next((r for r in rows if r[0] == "llmc bf16" and r[1] == batch), None)
         if bf16 and system.startswith("llmc w-"):
             note += f" decode {rate / bf16[2]:.2f}x, prefill {bf16[3] / t1:.2f}x llmc bf16"
-        vs = f"{rate / static:.2f}x | {rate / eager:.2f}x" if static and eager else " | "
+        vs = " | ".join(f"{rate / peer:.2f}x" if peer else "" for peer in (static, eager))
         print(f"| {system} | {batch} | {rate:.0f} | {vs} | {t1 * 1e3:.1f} | {note.strip()} |")
     out_dir = Path(os.environ.get("OUT") or "bench_results")
     out_dir.mkdir(parents=True, exist_ok=True)

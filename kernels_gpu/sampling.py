@@ -349,6 +349,16 @@ def greedy_reduce_kernel(best_ptr, idx_ptr, out_ptr, num_chunks, BLOCK_C: tl.con
     tl.store(out_ptr + row, tl.where(first == _INT32_MAX, 0, first))
 
 
+@triton.jit
+def feed_tokens_kernel(dst_ptr, src_ptr, index_ptr, count, BLOCK: tl.constexpr):
+    """dst[index[i]] = src[index[count + i]] for i < count."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < count
+    rows = tl.load(index_ptr + i, mask=mask, other=0)
+    sources = tl.load(index_ptr + count + i, mask=mask, other=0)
+    tl.store(dst_ptr + rows, tl.load(src_ptr + sources, mask=mask, other=0), mask=mask)
+
+
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -494,6 +504,39 @@ def greedy(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     greedy_kernel[(triton.cdiv(num_rows, rows),)](
         logits, out, num_rows, vocab, logits.stride(0), ROWS=rows, BLOCK=block, num_warps=GREEDY_NUM_WARPS,
     )
+    return out
+
+
+FEED_BLOCK = 256
+
+
+def feed_tokens(dst: torch.Tensor, src: torch.Tensor, index: torch.Tensor, count: int) -> None:
+    """dst[index[:count]] = src[index[count:2 * count]], in place on the device, no sync (async scheduling: a step's
+    input token ids taken from the tokens the previous step picked, before the host has seen them).
+
+    dst, src: i32 vectors; index: i32[>= 2 * count], the destination rows then their source rows. The rows are the
+    caller's to check (runtime/engine.py builds them; CudaProgram.step_async checks them on the host)."""
+    for name, t in (("dst", dst), ("src", src), ("index", index)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.int32:
+            got = f"{t.dtype}[{tuple(t.shape)}]" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"feed_tokens: {name} must be an int32 vector, got {got}")
+        if t.device != dst.device:
+            raise ValueError(f"feed_tokens: {name} is on {t.device}, dst on {dst.device}")
+    if count < 0 or index.shape[0] < 2 * count:
+        raise ValueError(f"feed_tokens: count {count} needs an index of >= {2 * max(count, 0)} entries, "
+                         f"got {index.shape[0]}")
+    if count == 0:
+        return
+    if not (dst.is_contiguous() and src.is_contiguous() and index.is_contiguous()):
+        raise ValueError("feed_tokens: dst, src and index must be contiguous")
+    feed_tokens_kernel[(triton.cdiv(count, FEED_BLOCK),)](dst, src, index, count, BLOCK=FEED_BLOCK, num_warps=4)
+
+
+def ref_feed_tokens(dst: torch.Tensor, src: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor:
+    """feed_tokens' reference: a new tensor (int64 indexing on the host)."""
+    out = dst.detach().cpu().clone()
+    idx = index.detach().cpu().long()
+    out[idx[:count]] = src.detach().cpu()[idx[count:2 * count]]
     return out
 
 

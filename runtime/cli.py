@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests computed together")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (chunked prefill)")
     p.add_argument("--max-pending", type=int, default=1024, help="requests in flight before answering 429")
+    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                   help="each step waits for the last one's tokens (default: the next step is launched first where "
+                        "the target supports it, target='cuda')")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks (default: the program's)")
     add_compile_arguments(p)
@@ -293,6 +296,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     engine_kwargs = dict(num_blocks=args.num_blocks, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                          max_num_batched_tokens=args.max_num_batched_tokens)
+    if not args.async_scheduling:
+        engine_kwargs["async_scheduling"] = False
     if args.router is not None:
         if args.source is not None:
             raise ValueError("give either SOURCE or --router, not both")

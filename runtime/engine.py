@@ -111,6 +111,9 @@ class IncrementalDetokenizer:
         return new_text[len(prefix_text) :]
 
 
+PLACEHOLDER = -1  # a token_ids entry whose token an in-flight step is still picking (async scheduling)
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -149,6 +152,11 @@ class Request:
     num_accepted_draft_tokens: int = 0
     track_entropy: bool = False  # record output_entropies (needs host logits: params.logprobs set)
     output_entropies: list = dataclasses.field(default_factory=list)
+    # async scheduling (Engine._step_async): (step serial, logit row) of the token the in-flight step picks for this
+    # request; token_ids ends with PLACEHOLDER until it is known. final_pending: that token is the last one
+    # (max_tokens / max_model_len), so no step is scheduled for the request meanwhile
+    inflight: tuple[int, int] | None = None
+    final_pending: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -314,7 +322,8 @@ class Scheduler:
         compactions: list = []  # (request, KVCompaction)
         eviction = self.kv.eviction
 
-        decodes = [r for r in self.running if r.num_uncomputed_tokens == 1]
+        # (a request whose last token is in flight and will finish it has nothing to compute: async scheduling)
+        decodes = [r for r in self.running if r.num_uncomputed_tokens == 1 and not r.final_pending]
         prefills = [r for r in self.running if r.num_uncomputed_tokens > 1]
         used = 0  # tokens scheduled so far (recounted after a preemption gives some back)
         for req in decodes + prefills:
@@ -429,6 +438,16 @@ class Scheduler:
         self.num_preemptions += 1
 
 
+@dataclasses.dataclass
+class _Inflight:
+    """A step launched by Engine._step_async: its serial, the Program's pending tokens, and for each logit row
+    (request, index of its PLACEHOLDER in token_ids)."""
+
+    serial: int
+    pending: object
+    places: list
+
+
 def _arrival(req: Request) -> int:
     return req.arrival
 
@@ -537,13 +556,20 @@ class Engine:
         program_options: dict | None = None,
         enable_prefix_caching: bool | None = None,
         speculative: "Speculative | bool | None" = None,
+        async_scheduling: bool | None = None,
     ):
         """program_options: extra keyword arguments for the target's Program (e.g. gpu_memory_fraction,
         cuda_graphs for target="cuda"; kv_cache_bytes for both). enable_prefix_caching: reuse the K/V of
         full blocks that earlier requests computed for the same leading tokens (see runtime/block_pool.py);
         None: on, unless the model's KV eviction policy cannot use it (H2O, see check_prefix_caching).
         speculative: None uses what the model was compiled with (compile_model(speculative=...)), False turns
-        speculation off, a lowering.Speculative overrides it (runtime/speculative.py)."""
+        speculation off, a lowering.Speculative overrides it (runtime/speculative.py).
+        async_scheduling: launch each step before the previous step's tokens are back, so the host's work (scheduling,
+        building the step, stop checks, detokenizing) overlaps the GPU's; the tokens still in flight are fed to the
+        next step on the device, and a request's stop is seen one step late (that step's extra row is dropped).
+        None: on where the Program supports it (CudaProgram.step_async) and nothing needs a step's tokens on the host
+        before the next (no speculation, KV eviction, cascade drafts, penalties or logprobs; other steps run as
+        before); False: off."""
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -551,6 +577,8 @@ class Engine:
             raise ValueError(f"num_blocks must be an integer >= 1 or None, got {num_blocks!r}")
         config = model.config
         max_positions = config.max_position_embeddings if config is not None else None
+        if async_scheduling not in (None, True, False):
+            raise ValueError(f"async_scheduling must be True, False or None, got {async_scheduling!r}")
         if max_model_len is not None:
             if not isinstance(max_model_len, int) or max_model_len < 2:
                 raise ValueError(f"max_model_len must be an integer >= 2 or None, got {max_model_len!r}")
@@ -596,6 +624,20 @@ class Engine:
         self.cascade_stats = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0}
         self._request_counter = itertools.count()
         self._setup_speculation(model, speculative, max_num_seqs, program_options)
+        supported = bool(getattr(self.program, "supports_async_steps", False))
+        if async_scheduling and not supported:
+            raise ValueError(f"async_scheduling=True needs a Program with step_async (target='cuda', one GPU); "
+                             f"this one is a {type(self.program).__name__}")
+        why_not = ("speculative decoding" if self.proposer is not None else
+                   "KV eviction" if self.eviction is not None else None)
+        if async_scheduling and why_not:
+            raise ValueError(f"async_scheduling=True cannot run with {why_not}: its next step needs this step's "
+                             "tokens on the host")
+        self.async_scheduling = supported and why_not is None and async_scheduling is not False
+        self._inflight: _Inflight | None = None
+        self._step_serial = 0
+        self.num_async_steps = 0  # steps launched before their predecessor's tokens were back
+        self.scheduler.on_release.append(self._drop_placeholder)
 
     def _setup_speculation(self, model, speculative, max_num_seqs: int, program_options: dict | None) -> None:
         from runtime import speculative as spec_lib
@@ -684,6 +726,7 @@ class Engine:
                 if progress is not None:
                     progress.update(len(finished))
         except BaseException:
+            self._inflight = None
             self.scheduler.abort_all_requests()
             raise
         finally:
@@ -694,6 +737,20 @@ class Engine:
     # -- one step --------------------------------------------------------------------------------
 
     def _step(self, on_token=None) -> list[Request]:
+        """One engine step; returns the requests that finished. With async scheduling, a step launched while every
+        request can take its tokens late (_step_async); otherwise the in-flight step is collected first."""
+        if self.async_scheduling:
+            if self._can_launch_early():
+                return self._step_async(on_token)
+            if self._inflight is not None:
+                finished = self._collect(self._inflight, on_token)
+                self._inflight = None
+                if not self.scheduler.has_unfinished_requests():
+                    return finished
+                return finished + self._step_sync(on_token)
+        return self._step_sync(on_token)
+
+    def _step_sync(self, on_token=None) -> list[Request]:
         """Schedule, run the Program once, sample (or verify drafts), append; return the requests that finished."""
         step_start = time.perf_counter()
         sched = self.scheduler.schedule()
@@ -764,6 +821,114 @@ class Engine:
         if self.proposer is not None:
             self._propose()
         return finished
+
+    # -- async scheduling ------------------------------------------------------------------------
+    #
+    # step t is launched, then step t-1's tokens are collected (stop checks, detokenizing, callbacks) while the GPU
+    # runs step t. A request whose token is still in flight ends its token_ids with PLACEHOLDER; the scheduler
+    # counts it like any token, and step t+1 reads it on the device (the Program's feed). A request that stops at
+    # step t-1 also had a row in step t: that token is dropped, and the K/V it wrote lie past the request's end (its
+    # blocks are freed after step t was launched, so any later step that reuses them runs after it).
+
+    def _can_launch_early(self) -> bool:
+        """Every request can take its tokens one step late: none reads logits on the host (penalties, logprobs) or
+        checks a cascade draft against its output."""
+        sched = self.scheduler
+        return all(not r.params.needs_host_logits and r.cascade_draft is None and not r.spec_token_ids
+                   for r in itertools.chain(sched.running, sched.waiting))
+
+    def _step_async(self, on_token=None) -> list[Request]:
+        """Launch the next step, feeding it the tokens still in flight, then collect the previous step's tokens."""
+        prev, self._inflight = self._inflight, None
+        sched = self.scheduler.schedule()
+        launched = None
+        if sched.chunks:
+            launched = self._launch(sched, prev)
+        elif prev is None:
+            raise RuntimeError("the scheduler could not schedule any request (this is a bug)")
+        finished = self._collect(prev, on_token) if prev is not None else []
+        if launched is not None:
+            self.scheduler.update_after_step(sched)  # (after the collect: the blocks it caches hold real tokens now)
+            if any(req.status is not RequestStatus.FINISHED for req, _ in launched.places):
+                self._inflight = launched  # (else every row it computes is dropped: nothing to wait for)
+        return finished
+
+    def _launch(self, sched: SchedulerOutput, prev: "_Inflight | None") -> "_Inflight":
+        if sched.compactions:
+            raise RuntimeError("async scheduling met a KV compaction (this is a bug)")
+        step, sampled = build_step_input(
+            sched.chunks, block_size=self.block_size, max_blocks_per_seq=self.program.max_blocks_per_seq,
+            two_groups=getattr(self.program, "num_blocks_w", None) is not None,
+        )
+        feed_rows, feed_from = [], []
+        for s, chunk in enumerate(sched.chunks):
+            req = chunk.request
+            if req.inflight is None:
+                continue
+            serial, row = req.inflight
+            last = int(step.query_start[s + 1]) - 1
+            if prev is None or serial != prev.serial or not chunk.wants_logits or chunk.num_spec:
+                raise RuntimeError(f"request {req.request_id}: a token still in flight is not the last input of a "
+                                   "decode (this is a bug)")
+            feed_rows.append(last)
+            feed_from.append(row)
+            step.token_ids[last] = 0  # (a valid id; the feed overwrites it on the device)
+        if (step.token_ids < 0).any():
+            raise RuntimeError("a step's token ids hold a placeholder the feed does not cover (this is a bug)")
+        sampling = None
+        if not all(r.params.temperature == 0 for r in sampled):
+            sampling = dict(
+                temperature=[r.params.temperature for r in sampled],
+                top_k=[r.params.top_k if r.params.top_k > 0 else 0 for r in sampled],
+                top_p=[r.params.top_p for r in sampled], min_p=[r.params.min_p for r in sampled],
+                seeds=[self._device_seed(r) for r in sampled],
+                offsets=[len(r.output_token_ids) + (r.inflight is not None) for r in sampled])
+        pending = self.program.step_async(step, feed_rows=feed_rows, feed_from=feed_from, sampling=sampling)
+        self.num_steps += 1
+        self.num_async_steps += prev is not None
+        self._step_serial += 1
+        places = []
+        for row, req in enumerate(sampled):
+            num_out = len(req.output_token_ids) + (req.inflight is not None) + 1  # once this step's token is back
+            req.inflight = (self._step_serial, row)
+            places.append((req, len(req.token_ids)))
+            req.token_ids.append(PLACEHOLDER)
+            if num_out >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+                req.final_pending = True
+        return _Inflight(self._step_serial, pending, places)
+
+    def _collect(self, inflight: "_Inflight", on_token=None) -> list[Request]:
+        """Wait for an in-flight step's tokens; append them, check stops; return the requests that finished."""
+        tokens = inflight.pending.result()
+        if tokens.shape != (len(inflight.places),):
+            raise RuntimeError(f"the Program returned {tokens.shape} tokens, expected ({len(inflight.places)},)")
+        finished = []
+        for (req, index), token in zip(inflight.places, tokens.tolist()):
+            if req.inflight is not None and req.inflight[0] == inflight.serial:
+                req.inflight = None
+            if req.status is RequestStatus.FINISHED:  # aborted, or stopped a step earlier: the token is dropped
+                continue
+            req.token_ids[index] = token
+            req.output_token_ids.append(token)
+            self._check_stop(req, token, num_tokens=index + 1)
+            if on_token is not None:
+                on_token(req.request_id, token)
+            if req.finish_reason is not None:
+                del req.token_ids[index + 1:]  # the token the step in flight picks for it (dropped when it lands)
+                req.inflight, req.final_pending = None, False
+                if req.status is RequestStatus.RUNNING:
+                    self.scheduler.finish_request(req)
+                else:  # preempted while its token was in flight
+                    self.scheduler.abort_request(req)
+                finished.append(req)
+        return finished
+
+    def _drop_placeholder(self, req: Request) -> None:
+        """on_release: a request that finished (or was aborted) with a token in flight ends at its known tokens."""
+        if req.status is RequestStatus.FINISHED:
+            while req.token_ids and req.token_ids[-1] == PLACEHOLDER:
+                req.token_ids.pop()
+            req.inflight, req.final_pending = None, False
 
     def _run_program(self, step: StepInput, sampled: list[Request], has_drafts: bool, with_hidden: bool):
         """-> (tokens i32[L] or None, logits f32[L, V] or None, hidden f32[T, D] or None)."""
@@ -940,6 +1105,10 @@ class Engine:
         """Add a sampled token and decide whether the request stops."""
         req.token_ids.append(token)
         req.output_token_ids.append(token)
+        self._check_stop(req, token, num_tokens=req.num_tokens)
+
+    def _check_stop(self, req: Request, token: int, *, num_tokens: int) -> None:
+        """Decide whether the request stops at its newest output token (the num_tokens-th of prompt + output)."""
         params = req.params
         is_eos = token in self.eos_token_ids and not params.ignore_eos
         if is_eos or (params.stop_token_ids and token in params.stop_token_ids):
@@ -949,7 +1118,7 @@ class Engine:
         if self._add_text(req, req.detokenizer.add_token(token)):
             req.finish_reason = "stop"
             return
-        if len(req.output_token_ids) >= params.max_tokens or req.num_tokens >= self.max_model_len:
+        if len(req.output_token_ids) >= params.max_tokens or num_tokens >= self.max_model_len:
             req.finish_reason = "stop" if self._add_text(req, req.detokenizer.flush()) else "length"
 
     def _add_text(self, req: Request, delta: str) -> bool:

@@ -14,6 +14,8 @@ Running: a decode-only step (one new token per sequence, batch <= the largest bu
 batch bucket (1, 2, 4, 8, ..., 256) and replays the CUDA graph captured for (bucket, context bucket)
 on first use: no Python per layer, one host->device copy of the packed step inputs, one copy back.
 Any other step (prefill chunks, mixed batches, verification) runs the same closures eagerly.
+step_async launches a step without waiting (the engine's async scheduling): the host builds the next step while
+the GPU runs this one, whose tokens stay on the device and are fed into the next step's token ids there.
 
 The same code runs on a CPU torch device under TRITON_INTERPRET=1 (tests), without CUDA graphs.
 """
@@ -98,6 +100,31 @@ class _StepContext:
         self.max_q_len = max_q_len
         self.max_seq_len = max_seq_len
         self.fresh_prefill = fresh_prefill
+
+
+class PendingTokens:
+    """The tokens of a step launched by CudaProgram.step_async: result() waits for the copy back (i32[L])."""
+
+    def __init__(self, program: "CudaProgram", slot: int, generation: int, num_rows: int, event):
+        self._program, self._slot, self._generation = program, slot, generation
+        self.num_rows = num_rows
+        self._event = event
+        self._tokens: np.ndarray | None = None
+
+    def done(self) -> bool:
+        """Whether result() would return without waiting."""
+        return self._tokens is not None or self._event is None or self._event.query()
+
+    def result(self) -> np.ndarray:
+        if self._tokens is None:
+            program = self._program
+            if program._async_generation[self._slot] != self._generation:
+                raise RuntimeError("step_async: a step's tokens were read after two later steps were launched (at "
+                                   "most two steps may be in flight)")
+            if self._event is not None:
+                self._event.synchronize()
+            self._tokens = program._async_out[self._slot][: self.num_rows].numpy().copy()
+        return self._tokens
 
 
 class CudaProgram:
@@ -216,6 +243,15 @@ class CudaProgram:
         self._graph_pool = None
         self._static = None
         self._pad_templates: dict[tuple[int, int], np.ndarray] = {}  # (b, q) -> _fill_decode's padding
+        self._stage = 0  # which pinned staging buffer of _static the next decode step fills (step_async alternates)
+        self._stage_events: list = [None, None]  # each staging buffer's last copy to the device
+        # step_async: the last async step's tokens on the device (what the next step's feed reads), how many, and the
+        # two pinned buffers they come back through (one per step in flight)
+        self._feed_src = None
+        self._feed_count = 0
+        self._async_out: list = [None, None]
+        self._async_generation = [0, 0]
+        self._async_slot = 0
         self.num_graph_replays = 0
         self.num_eager_steps = 0
 
@@ -346,9 +382,16 @@ class CudaProgram:
         min_p f32[L] (0 = off), seeds / offsets i64[L]: the same (seed, offset) draws the same token
         for the same logits (see kernels_gpu/sampling.py for the exact rules).
         """
+        host = self._sampling_arrays(inp, "step_sample", temperature=temperature, top_k=top_k, top_p=top_p,
+                                     min_p=min_p, seeds=seeds, offsets=offsets)
+        logits, _, _ = self._step_device(inp, greedy=False)
+        return self._sample_on_device(logits, host).cpu().numpy()
+
+    def _sampling_arrays(self, inp, fn: str, *, temperature, top_k, top_p, seeds, offsets, min_p=None) -> dict:
+        """step_sample's per-row parameters as checked host arrays."""
         import torch
 
-        from kernels_gpu.sampling import check_sampling_values, sample
+        from kernels_gpu.sampling import check_sampling_values
 
         num_rows = int(inp.logit_rows.shape[0])
         host = {"temperature": np.asarray(temperature, np.float32), "top_k": np.asarray(top_k, np.int32),
@@ -357,16 +400,84 @@ class CudaProgram:
                 "seeds": np.asarray(seeds, np.int64), "offsets": np.asarray(offsets, np.int64)}
         for name, a in host.items():
             if a.shape != (num_rows,):
-                raise ValueError(f"step_sample: {name} must have one value per logit row ({num_rows}), got shape {a.shape}")
+                raise ValueError(f"{fn}: {name} must have one value per logit row ({num_rows}), got shape {a.shape}")
         check_sampling_values(*(torch.from_numpy(host[k]) for k in ("temperature", "top_k", "top_p", "min_p")))
-        logits, _, _ = self._step_device(inp, greedy=False)
-        dev = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in host.items()}
-        return sample(logits, **dev).cpu().numpy()
+        return host
 
-    def _step_device(self, inp, *, greedy: bool = True, hidden: bool = False):
+    def _sample_on_device(self, logits, host: dict):
+        import torch
+
+        from kernels_gpu.sampling import sample
+
+        dev = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in host.items()}
+        return sample(logits, **dev)
+
+    # -- async scheduling: launch a step, collect its tokens later --------------------------------------
+
+    @property
+    def supports_async_steps(self) -> bool:
+        """step_async is usable: not on rank 0 of a tensor-parallel group (its workers run steps without the feed)."""
+        return self.on_step is None
+
+    def step_async(self, inp, *, feed_rows=None, feed_from=None, sampling: dict | None = None) -> "PendingTokens":
+        """Launch one step (greedy, or sampled on the device) and return at once; `.result()` waits for its i32[L]
+        tokens. The host builds the next step while this one runs (async scheduling, runtime/engine.py).
+
+        feed_rows / feed_from (i32[K]): this step's token rows feed_rows[i] take the token that the previous
+        step_async picked at its logit row feed_from[i], read on the device (the host has not seen it yet); the
+        step's token_ids there must still be valid ids (they are overwritten). sampling: None for greedy, else
+        step_sample's keyword arguments. At most two steps may be in flight: a third launch before the first's
+        result() makes that result raise."""
+        import torch
+
+        if not self.supports_async_steps:
+            raise RuntimeError("step_async is not available on a tensor-parallel program")
+        feed = self._feed_index(inp, feed_rows, feed_from)
+        host = None if sampling is None else self._sampling_arrays(inp, "step_async", **sampling)
+        logits, tokens, _ = self._step_device(inp, greedy=host is None, feed=feed)
+        if host is not None:
+            tokens = self._sample_on_device(logits, host)
+        n = int(tokens.shape[0])
+        if self._feed_src is None or self._feed_src.shape[0] < n:
+            self._feed_src = torch.zeros(max(n, 256), dtype=torch.int32, device=self.device)
+        self._feed_src[:n].copy_(tokens)
+        self._feed_count = n
+        slot = self._async_slot
+        self._async_slot ^= 1
+        out = self._async_out[slot]
+        if out is None or out.shape[0] < n:
+            cuda = self.device.type == "cuda"
+            out = self._async_out[slot] = torch.zeros(max(n, 256), dtype=torch.int32, pin_memory=cuda)
+        out[:n].copy_(self._feed_src[:n], non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        self._async_generation[slot] += 1
+        return PendingTokens(self, slot, self._async_generation[slot], n, event)
+
+    def _feed_index(self, inp, feed_rows, feed_from) -> np.ndarray | None:
+        """Check a feed against the step and the last async step; -> i32[2K] (rows, then sources) or None."""
+        if feed_rows is None and feed_from is None:
+            return None
+        rows = np.asarray(feed_rows if feed_rows is not None else [], dtype=np.int64).reshape(-1)
+        sources = np.asarray(feed_from if feed_from is not None else [], dtype=np.int64).reshape(-1)
+        if rows.shape != sources.shape:
+            raise ValueError(f"step_async: feed_rows and feed_from differ in length ({rows.size} vs {sources.size})")
+        if rows.size == 0:
+            return None
+        if rows.min() < 0 or rows.max() >= inp.num_tokens or np.unique(rows).size != rows.size:
+            raise ValueError(f"step_async: feed_rows must be distinct token rows in [0, {inp.num_tokens})")
+        if sources.min() < 0 or sources.max() >= self._feed_count:
+            raise ValueError(f"step_async: feed_from must name logit rows of the previous async step, which had "
+                             f"{self._feed_count}; got values in [{sources.min()}, {sources.max()}]")
+        return np.concatenate([rows, sources]).astype(np.int32)
+
+    def _step_device(self, inp, *, greedy: bool = True, hidden: bool = False, feed: np.ndarray | None = None):
         """-> (logits f32[L, V], greedy tokens i32[L] or None, hidden [T, D] or None), all on the device.
 
-        hidden: the graph's second output (insert_speculation for medusa / eagle); such steps run eagerly."""
+        hidden: the graph's second output (insert_speculation for medusa / eagle); such steps run eagerly.
+        feed: step_async's checked i32[2K] (token rows, then the last async step's rows they take their token from)."""
         if hidden:
             check_hidden_output(self.graph)
         self._check_step(inp)
@@ -375,13 +486,13 @@ class CudaProgram:
         num_rows = int(inp.logit_rows.shape[0])
         q = self._uniform_query(inp)
         if self.cuda_graphs and q and inp.num_seqs <= self.graph_batch_buckets[-1]:
-            logits, tokens, extra = self._replay(inp, q)
+            logits, tokens, extra = self._replay(inp, q, feed)
             self.num_graph_replays += 1
             hidden_rows = extra[0][: inp.num_tokens] if hidden else None
             return logits[:num_rows], tokens[:num_rows], hidden_rows
         arrays = {k: getattr(inp, k) for k in self.graph.inputs}
         self.last_step_compiled = False  # (a Triton kernel's first compile is not detected)
-        logits = self._run_eager(arrays)
+        logits = self._run_eager(arrays, feed)
         tokens = _argmax(logits) if greedy else None
         self.num_eager_steps += 1
         hidden_rows = self._extra_outputs[0][: inp.num_tokens] if hidden else None
@@ -401,10 +512,14 @@ class CudaProgram:
             return 0
         return q
 
-    def _run_eager(self, arrays: Mapping[str, np.ndarray]):
+    def _run_eager(self, arrays: Mapping[str, np.ndarray], feed: np.ndarray | None = None):
         packed, views = _pack_inputs(arrays, self.graph.inputs)
         dev = _to_device(packed, self.device)
         inputs = {name: dev[a:b].view(shape) for name, (a, b, shape) in views.items()}
+        if feed is not None:
+            from kernels_gpu.sampling import feed_tokens
+
+            feed_tokens(inputs["token_ids"], self._feed_src, _to_device(feed, self.device), feed.size // 2)
         q_lens = np.diff(arrays["query_start"])
         max_q_len = max(1, int(q_lens.max()) if q_lens.size else 1)
         fresh = (self.prefill_fast_path and max_q_len >= self.prefill_fast_path_min_tokens
@@ -439,7 +554,8 @@ class CudaProgram:
         if self._static is None:
             max_b = self.graph_batch_buckets[-1]
             rows = max_b * MAX_GRAPH_QUERY
-            fields = [("token_ids", rows), ("positions", rows), ("slot_mapping", rows), ("query_start", max_b + 1),
+            # feed first (step_async: rows then sources; copied only when a step has one), block tables last
+            fields = [("feed", 2 * rows), ("token_ids", rows), ("positions", rows), ("slot_mapping", rows), ("query_start", max_b + 1),
                       ("seq_lens", max_b), ("logit_rows", rows)]
             if self._two_groups:
                 fields.append(("slot_mapping_w", rows))
@@ -450,8 +566,10 @@ class CudaProgram:
                 offsets[name] = at
                 at += size
             device_buf = torch.zeros(at, dtype=torch.int32, device=self.device)
-            host_buf = torch.zeros(at, dtype=torch.int32, pin_memory=True)
-            self._static = (device_buf, host_buf, offsets)
+            # two pinned staging buffers: while a step launched by step_async may not have copied its inputs yet,
+            # the next one fills the other
+            host_bufs = tuple(torch.zeros(at, dtype=torch.int32, pin_memory=True) for _ in range(2))
+            self._static = (device_buf, host_bufs, offsets)
             self._graph_pool = torch.cuda.graph_pool_handle()
         return self._static
 
@@ -461,6 +579,7 @@ class CudaProgram:
         positions of block 0 (their rows are computed and dropped)."""
         width = self.max_blocks_per_seq
         n = offsets["block_tables"] + b * width
+        first = offsets["token_ids"]
         head = offsets["block_tables_w"] if self._two_groups else offsets["block_tables"]  # the per-row fields
         templates = self._pad_templates
         if (b, q) not in templates:  # those fields all padding, made once per bucket: a step copies them, then its rows
@@ -473,8 +592,8 @@ class CudaProgram:
             pad[offsets["logit_rows"]: offsets["logit_rows"] + rows] = np.arange(rows, dtype=np.int32)
             if self._two_groups:
                 pad[offsets["slot_mapping_w"]: offsets["slot_mapping_w"] + rows] = -1
-            templates[(b, q)] = pad
-        host[:head] = templates[(b, q)]
+            templates[(b, q)] = pad[first:]
+        host[first:head] = templates[(b, q)]
         tables = host[offsets["block_tables"]: n].reshape(b, width)
         tables[:] = 0
         if self._two_groups:
@@ -520,8 +639,9 @@ class CudaProgram:
                          _bucket_pow2(self.max_blocks_per_seq * self.block_size))
         return (b, rows_per_seq, ctx_bucket) not in self._graphs
 
-    def _replay(self, inp, q: int = 1):
-        """Replay the graph of this uniform step's (batch bucket, q, context bucket); -> logits, tokens, extra outputs."""
+    def _replay(self, inp, q: int = 1, feed: np.ndarray | None = None):
+        """Replay the graph of this uniform step's (batch bucket, q, context bucket); -> logits, tokens, extra outputs.
+        feed: step_async's token feed, applied on the device between the input copy and the replay."""
         s = inp.num_seqs
         b = next(x for x in self.graph_batch_buckets if x >= s)
         ctx_bucket = min(_bucket_pow2(int(inp.seq_lens.max()), MIN_CONTEXT_BUCKET),
@@ -531,18 +651,40 @@ class CudaProgram:
         if self.last_step_compiled:
             self._capture(b, ctx_bucket, q)
         graph, logits, tokens, extra = self._graphs[key]
-        device_buf, host_buf, offsets = self._static
+        device_buf, host_bufs, offsets = self._static
+        stage = self._stage
+        self._stage ^= 1
+        if self._stage_events[stage] is not None:  # its last copy was two steps ago: long done, but never overwrite early
+            self._stage_events[stage].synchronize()
+        host_buf = host_bufs[stage]
         host = host_buf.numpy()
         n = self._fill_decode(host, offsets, b, inp, q)
-        device_buf[:n].copy_(host_buf[:n], non_blocking=True)
+        first = offsets["token_ids"]
+        if feed is not None:
+            host[: feed.size] = feed
+            first = 0
+        device_buf[first:n].copy_(host_buf[first:n], non_blocking=True)
+        event = self._stage_events[stage]
+        if event is None:
+            import torch
+
+            event = self._stage_events[stage] = torch.cuda.Event()
+        event.record()
+        if feed is not None:
+            from kernels_gpu.sampling import feed_tokens
+
+            k = feed.size // 2
+            tok = offsets["token_ids"]
+            feed_tokens(device_buf[tok: tok + b * q], self._feed_src, device_buf[: 2 * k], k)
         graph.replay()
         return logits, tokens, extra
 
     def _capture(self, b: int, ctx_bucket: int, q: int = 1) -> None:
         import torch
 
-        device_buf, host_buf, offsets = self._static_buffers()
+        device_buf, host_bufs, offsets = self._static_buffers()
         torch.cuda.synchronize(self.device)
+        host_buf = host_bufs[self._stage]
         n = self._fill_decode(host_buf.numpy(), offsets, b, q=q)  # safe inputs: nothing written
         device_buf[:n].copy_(host_buf[:n])
         inputs = self._decode_views(b, q)

@@ -208,3 +208,34 @@ def test_sample_rejects_bad_input(kernel_module, device):
     with pytest.raises(ValueError, match="logits"):
         sampling.greedy(torch.randn(4, device=device))
     assert math.isfinite(sampling.UNIFORM_MIN) and 0 < sampling.UNIFORM_MIN < sampling.UNIFORM_MAX < 1
+
+
+def test_feed_tokens_matches_reference(kernel_module, device):
+    """Async scheduling's feed: rows of a step's token ids taken from the previous step's tokens, on the device."""
+    sampling = kernel_module("sampling")
+    gen = torch.Generator().manual_seed(1)
+    for num_rows, num_src, count in [(1, 1, 1), (7, 3, 3), (300, 290, 257), (64, 64, 0)]:
+        dst = torch.randint(0, 1000, (num_rows,), generator=gen, dtype=torch.int32)
+        src = torch.randint(0, 1000, (num_src,), generator=gen, dtype=torch.int32)
+        rows = torch.randperm(num_rows, generator=gen)[:count].to(torch.int32)  # distinct destinations
+        sources = torch.randint(0, num_src, (count,), generator=gen, dtype=torch.int32)  # repeats allowed
+        index = torch.cat([rows, sources, torch.full((5,), -7, dtype=torch.int32)])  # a longer buffer: only 2*count read
+        expected = sampling.ref_feed_tokens(dst, src, index, count)
+        d = dst.to(device)
+        sampling.feed_tokens(d, src.to(device), index.to(device), count)
+        assert torch.equal(d.cpu(), expected)
+        untouched = torch.ones(num_rows, dtype=torch.bool)
+        untouched[rows.long()] = False
+        assert torch.equal(d.cpu()[untouched], dst[untouched])
+
+
+def test_feed_tokens_rejects_bad_input(kernel_module, device):
+    sampling = kernel_module("sampling")
+    dst = torch.zeros(4, dtype=torch.int32, device=device)
+    src = torch.zeros(4, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="index must be an int32 vector"):
+        sampling.feed_tokens(dst, src, torch.zeros(4, dtype=torch.int64, device=device), 1)
+    with pytest.raises(ValueError, match="needs an index of >= 6"):
+        sampling.feed_tokens(dst, src, torch.zeros(4, dtype=torch.int32, device=device), 3)
+    with pytest.raises(ValueError, match="dst must be an int32 vector"):
+        sampling.feed_tokens(dst.view(2, 2), src, torch.zeros(4, dtype=torch.int32, device=device), 1)

@@ -243,3 +243,69 @@ def reference_greedy(program: ToyProgram, prompt_ids: list[int], num_tokens: int
         ids.append(int(np.argmax(program.step(inp)[0])))
     program.reset_pool()
     return ids[len(prompt_ids) :]
+
+
+class _ToyPending:
+    def __init__(self, program: "AsyncToyProgram", generation: int, tokens: np.ndarray):
+        self._program, self._generation, self._tokens = program, generation, tokens
+
+    def result(self) -> np.ndarray:
+        if self._program.generation - self._generation >= 2:
+            raise AssertionError("a step's tokens were read after two later steps were launched")
+        self._program.num_results += 1
+        return self._tokens
+
+
+class AsyncToyProgram(ToyProgram):
+    """ToyProgram with CudaProgram's async-scheduling interface (step_async with a token feed) and device-style
+    sampling (step_sample: a Gumbel draw keyed by (seed, offset), so a token does not depend on the batch).
+
+    step_async runs the step at once (a GPU stream's order) and keeps its tokens for the next step's feed; a fed
+    row must hold a valid id and gets the kept token. Reading a result after two later launches fails, as
+    CudaProgram's does."""
+
+    supports_async_steps = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.generation = 0
+        self.num_results = 0
+        self.num_fed_rows = 0
+        self._last_tokens = np.zeros(0, np.int32)
+
+    def step_greedy(self, inp: StepInput) -> np.ndarray:
+        return np.argmax(self.step(inp), axis=-1).astype(np.int32)
+
+    def step_sample(self, inp, *, temperature, top_k, top_p, seeds, offsets, min_p=None) -> np.ndarray:
+        logits = self.step(inp).astype(np.float64)
+        out = np.argmax(logits, axis=-1).astype(np.int32)
+        for i, t in enumerate(temperature):
+            if t > 0:
+                g = np.random.default_rng([int(seeds[i]), int(offsets[i])]).gumbel(size=logits.shape[1])
+                out[i] = int(np.argmax(logits[i] / t + g))
+        return out
+
+    def step_async(self, inp: StepInput, *, feed_rows=None, feed_from=None, sampling=None) -> _ToyPending:
+        rows = np.asarray(feed_rows if feed_rows is not None else [], np.int64)
+        sources = np.asarray(feed_from if feed_from is not None else [], np.int64)
+        assert rows.shape == sources.shape and np.unique(rows).size == rows.size
+        assert (sources < self._last_tokens.size).all(), "feed from a row the last async step did not have"
+        assert (inp.token_ids >= 0).all(), "a fed row must hold a valid token id"
+        inp.token_ids[rows] = self._last_tokens[sources]
+        self.num_fed_rows += rows.size
+        tokens = self.step_greedy(inp) if sampling is None else self.step_sample(inp, **sampling)
+        self._last_tokens = tokens
+        self.generation += 1
+        return _ToyPending(self, self.generation, tokens)
+
+
+class AsyncToyModel(ToyModel):
+    """ToyModel whose programs are AsyncToyPrograms."""
+
+    def make_program(self, *, num_blocks: int | None = None, max_num_seqs: int = 64, max_model_len: int | None = None):
+        max_len = max_model_len or self.max_model_len
+        program = AsyncToyProgram(
+            vocab_size=BYTE_VOCAB_SIZE, block_size=self.block_size, num_blocks=num_blocks or self.default_num_blocks,
+            max_blocks_per_seq=-(-max_len // self.block_size), seed=self.seed, script=self.script)
+        self.programs.append(program)
+        return program

@@ -369,6 +369,47 @@ def test_cuda_program_rejects_bad_steps(tiny_models):
         cuda_cm.make_program(device=DEVICE, gpu_memory_fraction=1.5)
 
 
+def test_step_async_feeds_the_last_async_steps_tokens(tiny_models):
+    """step_async (async scheduling): a step whose token rows come from the previous async step's tokens on the
+    device picks what the same step given those tokens by the host picks (decode steps replay CUDA graphs on a GPU);
+    device sampling too; bad feeds and a third step in flight are refused."""
+    _, cuda_cm = tiny_models["llama"]
+    fed, ref = (cuda_cm.make_program(num_blocks=48, device=DEVICE) for _ in range(2))
+    lays = {id(p): PagedLayout(48, 16, seed=3) for p in (fed, ref)}
+    prompts = [[1, 2, 3], [5, 9, 11, 13, 17], [40]]
+    lens = [len(p) for p in prompts]
+    pending = fed.step_async(lays[id(fed)].step([(i, p, 0) for i, p in enumerate(prompts)]))
+    want = ref.step_greedy(lays[id(ref)].step([(i, p, 0) for i, p in enumerate(prompts)]))
+    rows = [0, 1, 2]  # row of each sequence in the last step
+    for t, order in enumerate([[2, 0, 1], [0, 1, 2], [1, 2, 0]]):  # sequences in a new order each step
+        step = lays[id(fed)].step([(i, [0], lens[i] + t) for i in order])
+        nxt = fed.step_async(step, feed_rows=[0, 1, 2], feed_from=[rows[i] for i in order])
+        assert pending.result().tolist() == want.tolist()  # the last step's tokens, read after the next launched
+        want = ref.step_greedy(lays[id(ref)].step([(i, [int(want[rows[i]])], lens[i] + t) for i in order]))
+        pending, rows = nxt, [order.index(i) for i in range(3)]
+    sampling = dict(temperature=[0.8, 0.0, 1.3], top_k=[5, 0, 0], top_p=[1.0, 1.0, 0.9], min_p=[0.0, 0.0, 0.0],
+                    seeds=[11, 12, 13], offsets=[4, 4, 4])
+    step = lays[id(fed)].step([(i, [0], lens[i] + 3) for i in range(3)])
+    nxt = fed.step_async(step, feed_rows=[0, 1, 2], feed_from=rows, sampling=sampling)
+    assert pending.result().tolist() == want.tolist()
+    got = nxt.result()
+    want = ref.step_sample(lays[id(ref)].step([(i, [int(want[rows[i]])], lens[i] + 3) for i in range(3)]), **sampling)
+    assert got.tolist() == want.tolist()
+
+    step = lays[id(fed)].step([(i, [0], lens[i] + 4) for i in range(3)])
+    for kwargs, message in [(dict(feed_rows=[0, 1], feed_from=[0]), "differ in length"),
+                            (dict(feed_rows=[0, 0], feed_from=[0, 1]), "distinct token rows"),
+                            (dict(feed_rows=[3], feed_from=[0]), "distinct token rows"),
+                            (dict(feed_rows=[0], feed_from=[3]), "previous async step, which had 3")]:
+        with pytest.raises(ValueError, match=message):
+            fed.step_async(step, **kwargs)
+    first = fed.step_async(step)
+    fed.step_async(lays[id(fed)].step([(i, [0], lens[i] + 5) for i in range(3)]))
+    fed.step_async(lays[id(fed)].step([(i, [0], lens[i] + 6) for i in range(3)]))
+    with pytest.raises(RuntimeError, match="at most two steps may be in flight"):
+        first.result()
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the message given on a machine without a GPU")
 def test_cuda_target_without_gpu_says_what_to_do(tiny_models):
     _, cuda_cm = tiny_models["llama"]
@@ -459,7 +500,7 @@ def test_decode_graph_inputs_are_padded_rows_of_the_step(two_groups):
 
     prog = CudaProgram.__new__(CudaProgram)  # the buffer layout needs only these fields
     prog.max_blocks_per_seq, prog._two_groups, prog._pad_templates = 3, two_groups, {}
-    names = ["token_ids", "positions", "slot_mapping", "query_start", "seq_lens", "logit_rows"]
+    names = ["feed", "token_ids", "positions", "slot_mapping", "query_start", "seq_lens", "logit_rows"]
     names += ["slot_mapping_w", "block_tables_w"] if two_groups else []
     offsets = {name: 40 * i for i, name in enumerate(names + ["block_tables"])}
     host = np.full(40 * len(names) + 8 * 3, 99, np.int32)
@@ -483,6 +524,7 @@ def test_decode_graph_inputs_are_padded_rows_of_the_step(two_groups):
         assert field("query_start", b + 1) == [i * q for i in range(b + 1)]
         assert field("seq_lens", b) == [7] * s + [q if q > 1 else 0] * (b - s)
         assert field("logit_rows", rows) == list(range(rows))
+        assert field("feed", 40) == [99] * 40  # step_async's feed is written by _replay, only when a step has one
         want = np.zeros((b, 3), np.int32)
         want[:s, :2] = tables
         assert host[offsets["block_tables"]: n].reshape(b, 3).tolist() == want.tolist()
