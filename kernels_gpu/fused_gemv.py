@@ -30,6 +30,11 @@ import triton.language as tl
 from kernels_gpu.activations import act_and_mul
 from kernels_gpu.triton_env import tile_target as _target
 
+try:  # programmatic dependent launch (Hopper): griddepcontrol in the kernel, launch_pdl at the launch
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton
+    gdc_launch_dependents = gdc_wait = None
+
 FUSED_MAX_M = 4  # activation rows one launch takes
 # NOTE: on the H100 the fused GEMV beats the unfused norm / SwiGLU kernel + cuBLAS by 1.02-1.18x at M = 1 but loses
 # at M = 2 and 4 (0.52-0.97x with each shape's best tiles: every weight tile is multiplied by each row on the CUDA
@@ -50,6 +55,34 @@ TILE_SIZES = {
 }
 for _bm in (1, 2, 4):
     TILE_SIZES[("interpret", _bm)] = [(1 << 62, 8, 32, 4, 1)]
+
+# Programmatic dependent launch on sm_90+: each launch may start while the kernel before it in the stream (or CUDA
+# graph) finishes; its programs load their first weight tile, which no earlier kernel writes, then wait
+# (griddepcontrol.wait) for that kernel's results before reading activations or writing anything. Off: plain launches
+# (benchmarks' ablation).
+USE_PDL = True
+# peel the first K step off the one-row loop and load its weight tile first: None = when launched with PDL (where it
+# pays); True = always (tests run the peeled path in the interpreter, which has no griddepcontrol)
+PREFETCH_FIRST_TILE: bool | None = None
+
+
+def pdl_enabled(device) -> bool:
+    """Whether launches on device use programmatic dependent launch (USE_PDL, a CUDA device of compute capability >=
+    9.0, and a Triton with griddepcontrol and launch_pdl)."""
+    if not USE_PDL or gdc_wait is None or device.type != "cuda":
+        return False
+    if device not in _PDL_DEVICES:
+        try:
+            from triton.backends.nvidia.compiler import CUDAOptions
+
+            has_option = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+        except ImportError:  # pragma: no cover
+            has_option = False
+        _PDL_DEVICES[device] = has_option and torch.cuda.get_device_capability(device)[0] >= 9
+    return _PDL_DEVICES[device]
+
+
+_PDL_DEVICES: dict = {}
 
 @triton.jit
 def _activation(x_ptr, r_ptr, nw_ptr, rout_ptr, x_off, r_off, o_off, offs_k, k_mask, mask, store_mask, up_offset,
@@ -96,17 +129,17 @@ def fused_gemv_kernel(
     HAS_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     STORE_SUM: tl.constexpr = False,
     ROUND_TO_ACT: tl.constexpr = False,  # round y to the activation dtype before storing it in y's (the IR's logits)
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (see USE_PDL)
+    PREFETCH: tl.constexpr = False,  # one row: the first weight tile is loaded before anything else (with PDL: waited)
 ):
     """One program per BLOCK_N weight rows, all M (<= BLOCK_M) activation rows, the whole of K."""
+    if PDL:
+        gdc_launch_dependents()  # the next kernel may be scheduled once every program of this one has started
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # i32[BN]
     n_mask = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)  # i32[BM]
     m_mask = offs_m < M
-    if HAS_ROWS:
-        xrow = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-    else:
-        xrow = offs_m.to(tl.int64)
     act_ty = x_ptr.dtype.element_ty
     kk = tl.arange(0, BLOCK_K)  # i32[BK]
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
@@ -117,12 +150,24 @@ def fused_gemv_kernel(
     if BLOCK_M == 1:  # one row: 1-D activations, no 3-D layouts (the batch-1 decode path)
         acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         sumsq1 = tl.zeros([BLOCK_K], dtype=tl.float32)
+        k_start = 0
+        if PREFETCH:  # the first weight tile is read while the kernel before finishes (PDL)
+            w_first = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < K)[None, :], other=0.0)
+        if PDL:
+            gdc_wait()
         row0 = 0
         if HAS_ROWS:
             row0 = tl.load(rows_ptr).to(tl.int64)
         x0 = row0 * stride_xm  # the one row's offsets (scalars)
         r0 = row0 * stride_rm
-        for k0 in range(0, K, BLOCK_K):
+        if PREFETCH:
+            k_mask = kk < K
+            a, hsq = _activation(x_ptr, r_ptr, nw_ptr, rout_ptr, x0 + kk, r0 + kk, kk, kk, k_mask, k_mask, kk < store_k,
+                                 up_offset, weight_offset, PROLOGUE, HAS_RESIDUAL, HAS_OFFSET, STORE_SUM)
+            acc1 += w_first.to(tl.float32) * a[None, :]
+            sumsq1 += hsq
+            k_start = BLOCK_K
+        for k0 in range(k_start, K, BLOCK_K):
             offs_k = k0 + kk
             k_mask = offs_k < K
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
@@ -134,6 +179,12 @@ def fused_gemv_kernel(
         acc = tl.sum(acc1, 1)[None, :]  # [1, BN]
         sumsq = tl.sum(sumsq1, 0)[None]  # [1]
     else:
+        if PDL:
+            gdc_wait()
+        if HAS_ROWS:
+            xrow = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        else:
+            xrow = offs_m.to(tl.int64)
         acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
         sumsq2 = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         x_row = (xrow * stride_xm)[:, None]  # [BM, 1]
@@ -210,6 +261,9 @@ def _launch(y, x, weight, bias, rows, *, prologue: str, k: int, up_offset: int =
     block_m = _block_m(m)
     block_n, block_k, warps, stages = _tiles(x.device, block_m, n)
     has_res, store_sum = residual is not None, residual_out is not None
+    pdl = pdl_enabled(x.device)
+    extra = {"launch_pdl": True} if pdl else {}
+    prefetch = pdl if PREFETCH_FIRST_TILE is None else PREFETCH_FIRST_TILE
     fused_gemv_kernel[(triton.cdiv(n, block_n),)](
         y, x, residual if has_res else x, norm_weight if norm_weight is not None else x,
         residual_out if store_sum else (residual if has_res else x), weight, bias if bias is not None else weight,
@@ -219,7 +273,7 @@ def _launch(y, x, weight, bias, rows, *, prologue: str, k: int, up_offset: int =
         weight.stride(0), y.stride(0),
         PROLOGUE=PROLOGUES[prologue], HAS_RESIDUAL=has_res, HAS_OFFSET=weight_offset is not None,
         HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        STORE_SUM=store_sum, ROUND_TO_ACT=round_to_act, num_warps=warps, num_stages=stages,
+        STORE_SUM=store_sum, ROUND_TO_ACT=round_to_act, PDL=pdl, PREFETCH=prefetch and block_m == 1, num_warps=warps, num_stages=stages, **extra,
     )
 
 

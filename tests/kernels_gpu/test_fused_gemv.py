@@ -155,3 +155,26 @@ def test_bad_input_is_refused_by_name(kernel_module, device):
         fg.act_gemv(torch.randn(1, 64, device=device), w, act="relu")
     with pytest.raises(ValueError, match="dtype"):
         fg.gemv(x.to(torch.int32), w)
+
+
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "loop"])
+@pytest.mark.parametrize("k", [20, 64, 100])  # one K step (the loop after the first is empty), two, four ragged
+def test_one_row_with_and_without_the_first_tile_prefetched(kernel_module, device, monkeypatch, prefetch, k):
+    """The one-row path peels its first K step (its weight tile loaded before the wait on the kernel before, with
+    programmatic dependent launch on a GPU); either way every prologue matches its reference."""
+    fg = kernel_module("fused_gemv")
+    monkeypatch.setattr(fg, "PREFETCH_FIRST_TILE", prefetch)
+    x, w, b = make(1, 45, k, torch.float32, device, seed=k, bias=True, x_rows=3)
+    gen = torch.Generator().manual_seed(k + 1)
+    residual = torch.randn(3, k, generator=gen).to(device)
+    norm_w = (1 + 0.3 * torch.randn(k, generator=gen)).to(device)
+    y, new_residual = fg.norm_gemv(x[:1], residual[:1], norm_w, 1e-5, w, b)
+    want, want_residual = fg.ref_norm_gemv(x[:1], residual[:1], norm_w, 1e-5, w, b)
+    assert rel_err(y, want) < TOL[torch.float32]
+    torch.testing.assert_close(new_residual.double(), want_residual.double())
+    rows = torch.tensor([2], dtype=torch.int32, device=device)
+    y, _ = fg.norm_gemv(x, residual, norm_w, 1e-5, w, rows=rows, keep_residual=False)
+    assert rel_err(y, fg.ref_norm_gemv(x, residual, norm_w, 1e-5, w, rows=rows)[0]) < TOL[torch.float32]
+    gate_up = torch.randn(1, 2 * k, generator=gen).to(device)
+    assert rel_err(fg.act_gemv(gate_up, w, b), fg.ref_act_gemv(gate_up, w, b)) < TOL[torch.float32]
+    assert rel_err(fg.gemv(x, w, rows=rows), fg.ref_gemv(x, w, rows=rows)) < TOL[torch.float32]
