@@ -628,13 +628,18 @@ class Engine:
         if async_scheduling and not supported:
             raise ValueError(f"async_scheduling=True needs a Program with step_async (target='cuda', one GPU); "
                              f"this one is a {type(self.program).__name__}")
-        why_not = ("speculative decoding" if self.proposer is not None else
-                   "KV eviction" if self.eviction is not None else None)
+        # speculation: steps run async only while the adaptive controller holds drafts off (high load), so a
+        # fixed draft length never would
+        why_not = ("KV eviction" if self.eviction is not None else
+                   "speculative decoding with a fixed draft length (adaptive=False)"
+                   if self.proposer is not None and not self.draft_controller.adaptive else None)
         if async_scheduling and why_not:
             raise ValueError(f"async_scheduling=True cannot run with {why_not}: its next step needs this step's "
                              "tokens on the host")
         self.async_scheduling = supported and why_not is None and async_scheduling is not False
         self._inflight: _Inflight | None = None
+        self._drafts_held = False  # speculation: the controller chose no drafts and holds that for a few steps
+        self._decided_k: int | None = None  # a draft length chosen during an async step, for the next _propose
         self._step_serial = 0
         self.num_async_steps = 0  # steps launched before their predecessor's tokens were back
         self.scheduler.on_release.append(self._drop_placeholder)
@@ -740,13 +745,16 @@ class Engine:
         """One engine step; returns the requests that finished. With async scheduling, a step launched while every
         request can take its tokens late (_step_async); otherwise the in-flight step is collected first."""
         if self.async_scheduling:
-            if self._can_launch_early():
+            if self._can_launch_early() and (self.proposer is None or self._drafts_held):
                 return self._step_async(on_token)
             if self._inflight is not None:
                 finished = self._collect(self._inflight, on_token)
                 self._inflight = None
                 if not self.scheduler.has_unfinished_requests():
                     return finished
+                if self.proposer is not None:  # the drafts of the next step (async steps do not propose)
+                    decided, self._decided_k = self._decided_k, None
+                    self._propose(decided)
                 return finished + self._step_sync(on_token)
         return self._step_sync(on_token)
 
@@ -814,7 +822,9 @@ class Engine:
                 finished.append(req)
             elif req.cascade_draft is not None:
                 self._continue_draft(req)
-        if self.draft_controller is not None and not compiled:
+        # (with async scheduling a step without drafts is launched early when drafts are held off, and costs what
+        # such steps cost: this synchronous one, run around a drafting step, would make no drafts look dearer)
+        if self.draft_controller is not None and not compiled and (any(num_spec) or not self.async_scheduling):
             # the whole step (scheduling, the Program, the accept rule, appending): verification rows cost host
             # time too, which the controller must weigh; proposing is measured apart
             self.draft_controller.record_step(step.num_tokens, time.perf_counter() - step_start)
@@ -839,6 +849,7 @@ class Engine:
 
     def _step_async(self, on_token=None) -> list[Request]:
         """Launch the next step, feeding it the tokens still in flight, then collect the previous step's tokens."""
+        start = time.perf_counter()
         prev, self._inflight = self._inflight, None
         sched = self.scheduler.schedule()
         launched = None
@@ -846,11 +857,27 @@ class Engine:
             launched = self._launch(sched, prev)
         elif prev is None:
             raise RuntimeError("the scheduler could not schedule any request (this is a bug)")
+        compiled = bool(getattr(self.program, "last_step_compiled", False))
         finished = self._collect(prev, on_token) if prev is not None else []
         if launched is not None:
             self.scheduler.update_after_step(sched)  # (after the collect: the blocks it caches hold real tokens now)
             if any(req.status is not RequestStatus.FINISHED for req, _ in launched.places):
                 self._inflight = launched  # (else every row it computes is dropped: nothing to wait for)
+        if self.proposer is not None:  # a step of the controller's hold on drafts (what _propose counts in sync steps)
+            self._last_had_hidden = False
+            if launched is not None and not compiled:
+                # the controller weighs drafts against plain steps as they run now: launched ahead, collected late
+                self.draft_controller.record_step(sched.num_tokens, time.perf_counter() - start)
+            if self.draft_controller.hold_off():
+                self.spec_stats.record_draft_length(0)
+                if self.proposer.needs_hidden:
+                    self._hidden_next = False
+            else:  # the controller decides again now: a draft length needs no token in flight, drafts do
+                ready, caps, num_decoding = self._draft_candidates()
+                k = self._choose_draft_length(ready, caps, num_decoding) if ready else 0
+                if k or (self.proposer.needs_hidden and self._hidden_next):
+                    self._drafts_held = False  # the next step collects this one, then drafts (or computes features)
+                    self._decided_k = k or None
         return finished
 
     def _launch(self, sched: SchedulerOutput, prev: "_Inflight | None") -> "_Inflight":
@@ -1017,31 +1044,27 @@ class Engine:
         if rows:
             self.proposer.observe(rows)
 
-    def _propose(self) -> None:
-        """Draft for the requests the next step decodes; the draft length comes from the controller."""
-        if self.draft_controller.hold_off():
-            # the controller chose no drafts a moment ago and re-decides only every few steps: at high load this
-            # step-by-step decision (a pass over every request) would cost more than it could gain
-            self.spec_stats.record_draft_length(0)
-            if self.proposer.needs_hidden:
-                self._hidden_next = False
-            return
+    def _draft_candidates(self) -> tuple[list[Request], list[int], int]:
+        """(requests that may draft next step, each one's longest draft, how many requests decode next step)."""
         ready, caps, num_decoding = [], [], 0
         k_max, max_len = self.speculative.num_tokens, self.max_model_len - 1
         for req in self.scheduler.running:
             n = len(req.token_ids)
-            if n - req.num_computed_tokens != 1 or req.draft_source == "cascade":
+            if n - req.num_computed_tokens != 1 or req.draft_source == "cascade" or req.final_pending:
                 continue
             num_decoding += 1
             params = req.params
             if params.needs_host_logits:
                 continue
-            cap = min(k_max, params.max_tokens - len(req.output_token_ids) - 1, max_len - n)
+            num_out = len(req.output_token_ids) + (req.inflight is not None)  # (a token in flight counts)
+            cap = min(k_max, params.max_tokens - num_out - 1, max_len - n)
             if cap >= 1:
                 ready.append(req)
                 caps.append(cap)
-        if not ready:
-            return
+        return ready, caps, num_decoding
+
+    def _choose_draft_length(self, ready: list[Request], caps: list[int], num_decoding: int) -> int:
+        """The controller's draft length for the next step (recorded in spec_stats); 0: no drafts."""
         # the next step also runs prefill chunks (requests still prefilling, then waiting ones) within its budget
         pending = sum(len(r.token_ids) - r.num_computed_tokens for r in self.scheduler.running) - num_decoding
         pending += sum(len(r.token_ids) for r in self.scheduler.waiting[: self.max_num_seqs])
@@ -1065,7 +1088,34 @@ class Engine:
             if not self._last_had_hidden:
                 k = 0
         self.spec_stats.record_draft_length(k)
+        return k
+
+    def _propose(self, decided: int | None = None) -> None:
+        """Draft for the requests the next step decodes; the draft length comes from the controller (decided: the
+        length it chose during an async step, before the tokens then in flight were known)."""
+        ctl = self.draft_controller
+        if decided is None:
+            self._drafts_held = False
+            if ctl.hold_off():
+                # the controller chose no drafts a moment ago and re-decides only every few steps: at high load this
+                # step-by-step decision (a pass over every request) would cost more than it could gain
+                self.spec_stats.record_draft_length(0)
+                if self.proposer.needs_hidden:
+                    self._hidden_next = False
+                self._drafts_held = True  # (async scheduling: the next steps may be launched early)
+                return
+        ready, caps, num_decoding = self._draft_candidates()
+        if not ready:
+            return
+        uniform = bool(getattr(self.program, "prefers_uniform_drafts", False))
+        if decided is None:
+            k = self._choose_draft_length(ready, caps, num_decoding)
+        elif uniform:  # (requests may have finished since the decision)
+            k = min(decided, min(caps)) if len(ready) == num_decoding else 0
+        else:
+            k = decided
         if k == 0:
+            self._drafts_held = ctl.holding
             return
         lengths = [min(k, c) for c in caps]
         start = time.perf_counter()

@@ -358,7 +358,7 @@ class DraftLengthController:
     Guards against what the model does not see: k > 0 must beat k = 0 by GAIN_MARGIN (a new step shape may
     cost a compile or a CUDA graph capture); the last choice is kept while within STICKY of the best (no
     flapping between shapes); after PROBE_EVERY choices of 0 it drafts once, since acceptance is learned only
-    from verifications; after choosing 0 it decides again only every RECHECK_EVERY steps (the decision is a pass
+    from verifications, unless even drafts that were always accepted would lose to no drafts; after choosing 0 it decides again only every RECHECK_EVERY steps (the decision is a pass
     over every request). The two ends (k = max_len, 0) are explored at most twice per batch-size bucket while
     their step size is unmeasured; unmeasured sizes between measured ones are interpolated, larger ones
     extrapolated in proportion to T (prefill chunks sharing the step count too). The first sample of each
@@ -467,11 +467,16 @@ class DraftLengthController:
         self._last_k = best_k
         if best_k == 0:
             # acceptance is learned only from verifications: now and then draft anyway, so a request whose
-            # drafts would be accepted more than assumed is found
+            # drafts would be accepted more than assumed is found; but not where drafts could not win even if every
+            # one were accepted (high load: every row costs), which a probe would only pay for
             self._idle += 1
             if self._idle > self.PROBE_EVERY:
-                self.probing = True
-                return self.max_len
+                k = self.max_len
+                best_case = (b + self.fill * b * k) / max(self._step_estimate(rows(k)) + self._draft_estimate(k), 1e-9)
+                if best_case >= (1.0 + self.GAIN_MARGIN) * rates[0]:
+                    self.probing = True
+                    return self.max_len
+                self._idle = 0
             self._hold = self.RECHECK_EVERY - 1
         return best_k
 
@@ -480,6 +485,11 @@ class DraftLengthController:
         self.probing = False
         self._idle = 0
         self._hold = self.RECHECK_EVERY - 1
+
+    @property
+    def holding(self) -> bool:
+        """Whether the next steps draft nothing until a re-decision (see hold_off)."""
+        return self.adaptive and self._hold > 0
 
     def hold_off(self) -> bool:
         """True for the steps after a choice of no drafts until the next re-decision (RECHECK_EVERY): the engine

@@ -166,3 +166,50 @@ def test_programs_without_step_async_run_synchronously():
     assert not engine.async_scheduling
     engine.generate(make_prompts((4,)), SamplingParams(max_tokens=5, temperature=0.0))
     assert engine.num_async_steps == 0
+
+
+def test_adaptive_speculation_launches_early_while_drafts_are_held_off(monkeypatch):
+    """With adaptive speculation, the steps during which the controller holds drafts off (its choice of none, for
+    RECHECK_EVERY steps) are launched early; when it decides again the engine collects the step in flight and
+    proposes. Greedy output stays that of the engine without speculation."""
+    from lowering.speculation import Speculative
+    from runtime.speculative import DraftLengthController
+
+    calls = []
+
+    def choose(self, requests, prefill_tokens=0, max_tokens=None, uniform=False):  # drafts at every third decision
+        calls.append(len(requests))
+        k = self.max_len if len(calls) % 3 == 0 else 0
+        if k == 0:
+            self._hold = self.RECHECK_EVERY - 1
+        return k
+
+    monkeypatch.setattr(DraftLengthController, "choose", choose)
+    prompts = make_prompts((5, 12, 3, 30))
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    want = Engine(AsyncToyModel(), async_scheduling=False).generate(prompts, params)
+    engine = Engine(AsyncToyModel(), speculative=Speculative("ngram", num_tokens=3, ngram_min=1, ngram_max=2),
+                    max_num_batched_tokens=32)
+    assert engine.async_scheduling
+    decided = []
+    propose = engine._propose
+
+    def spy(k=None):
+        decided.append(k)
+        return propose(k)
+
+    engine._propose = spy
+    got = engine.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert engine.num_async_steps > 10 and engine.spec_stats.num_verifications > 0 and len(calls) >= 3
+    assert any(k for k in decided)  # a length chosen during an async step, drafted after collecting it
+    assert engine._inflight is None and engine.scheduler.stats().num_used_blocks == 0
+
+
+def test_fixed_length_speculation_runs_synchronously():
+    from lowering.speculation import Speculative
+
+    engine = Engine(AsyncToyModel(), speculative=Speculative("ngram", num_tokens=3, adaptive=False))
+    assert not engine.async_scheduling
+    with pytest.raises(ValueError, match="fixed draft length"):
+        Engine(AsyncToyModel(), speculative=Speculative("ngram", num_tokens=3, adaptive=False), async_scheduling=True)

@@ -370,3 +370,18 @@ def test_cpu_program_reports_which_uniform_shapes_would_compile():
     engine.generate([[1, 2, 3], [4, 5, 6, 7]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     assert not cm.make_program(num_blocks=16).would_compile(2, 1, 6)  # decodes of this engine (shared shapes)
     assert cm.make_program(num_blocks=16).would_compile(2, 5, 6)
+
+
+def test_controller_does_not_probe_where_even_accepted_drafts_would_lose():
+    """At high load a step of B (k + 1) rows costs ~k + 1 times one of B rows: drafts could not win even if every
+    one were accepted, so the periodic probe (a verification of every request) is skipped; at low load it runs."""
+    for batch, per_row, probes in ((64, True, False), (4, False, True)):
+        reqs = [object() for _ in range(batch)]
+        ctl = DraftLengthController(4)
+        ctl.step_cost = {cost_bucket(batch * (k + 1)): (k + 1 if per_row else 1.0) * 1e-3 for k in range(5)}
+        ctl.draft_cost = {k: 1e-3 for k in range(1, 5)}
+        ctl._explored = {(cost_bucket(batch), 4): 2, (cost_bucket(batch), 0): 2}
+        for r in reqs:
+            ctl.record_acceptance(r, 4, 0)  # drafts were rejected so far: no drafts chosen
+        picks = [0 if ctl.hold_off() else ctl.choose(reqs) for _ in range(3 * DraftLengthController.PROBE_EVERY)]
+        assert any(picks) == probes, (batch, picks)
