@@ -198,71 +198,51 @@ def main():
         engine = Engine(model, max_num_seqs=max_batch, max_num_batched_tokens=max_batch * args.prompt_len,
                         max_model_len=1024, num_blocks=blocks, enable_prefix_caching=False)
         engine.program.capture_decode_graphs()
-        for batch in args.batch:
-            def run(n, batch=batch):
-                return engine.generate(prompts[:batch], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
 
-            rate, t1, tn = decode_rate(run, batch, args.new_tokens, args.repeats)
-            outs = run(args.new_tokens)
-            llmc_tokens[(name, batch)] = [o.token_ids for o in outs]
+        def generate(batch, n):
+            return engine.generate(prompts[:batch], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+
+        for batch in args.batch:
+            rate, t1, tn = decode_rate(lambda n, batch=batch: generate(batch, n), batch, args.new_tokens, args.repeats)
+            llmc_tokens[(name, batch)] = [o.token_ids for o in generate(batch, args.new_tokens)]
             extra = {"graph_replays": engine.program.num_graph_replays}
             if batch == 1:
                 extra["roofline_fraction"] = rate / roofline
             record(name, batch, rate, t1, tn, extra)
-        if name == "llmc bf16" and args.ablate_async:  # the same engine, each step waiting for the last one's tokens
-            engine.async_scheduling = False
-            for batch in args.batch:
-                def run(n, batch=batch):
-                    return engine.generate(prompts[:batch], SamplingParams(max_tokens=n, temperature=0.0,
-                                                                           ignore_eos=True))
 
-                rate, t1, tn = decode_rate(run, batch, args.new_tokens, args.repeats)
-                same = [o.token_ids for o in run(args.new_tokens)] == llmc_tokens[(name, batch)]
-                extra = {"same_tokens_as_async": same}
+        def ablation(label, batches, what, *, recapture):
+            """Time the engine as the caller changed it, `label` in the table, against the default's tokens."""
+            if recapture:  # what a decode step runs changed: capture its graphs again
+                engine.program.drop_decode_graphs()
+                engine.program.capture_decode_graphs()
+            for batch in batches:
+                rate, t1, tn = decode_rate(lambda n, batch=batch: generate(batch, n), batch, args.new_tokens,
+                                           args.repeats)
+                same = [o.token_ids for o in generate(batch, args.new_tokens)] == llmc_tokens[(name, batch)]
+                extra = {f"same_tokens_as_{what.replace(' ', '_')}": same}
                 if batch == 1:
                     extra["roofline_fraction"] = rate / roofline
-                record("llmc bf16, sync scheduling", batch, rate, t1, tn, extra)
-                print(f"    same greedy tokens as with async scheduling: {same}", flush=True)
+                record(label, batch, rate, t1, tn, extra)
+                print(f"    same greedy tokens as with {what}: {same}", flush=True)
+            if args.profile and recapture:
+                results[f"profile/{label}"] = profile_program(engine.program, batches, args.prompt_len)
+
+        small = [b for b in args.batch if b <= 4]
+        if name == "llmc bf16" and args.ablate_async:  # the same engine, each step waiting for the last one's tokens
+            engine.async_scheduling = False
+            ablation("llmc bf16, sync scheduling", args.batch, "async scheduling", recapture=False)
             engine.async_scheduling = True
         if name == "llmc bf16" and args.ablate_pdl:  # the fused GEMVs launched plainly
             from kernels_gpu import fused_gemv
 
             fused_gemv.USE_PDL = False
-            engine.program.drop_decode_graphs()
-            engine.program.capture_decode_graphs()
-            for batch in [b for b in args.batch if b <= 4]:
-                def run(n, batch=batch):
-                    return engine.generate(prompts[:batch], SamplingParams(max_tokens=n, temperature=0.0,
-                                                                           ignore_eos=True))
-
-                rate, t1, tn = decode_rate(run, batch, args.new_tokens, args.repeats)
-                same = [o.token_ids for o in run(args.new_tokens)] == llmc_tokens[(name, batch)]
-                record("llmc bf16, no PDL", batch, rate, t1, tn,
-                       {"same_tokens_as_pdl": same, "roofline_fraction": rate / roofline})
-                print(f"    same greedy tokens as with PDL: {same}", flush=True)
-            if args.profile:
-                results["profile/llmc bf16, no PDL"] = profile_program(
-                    engine.program, [b for b in args.batch if b <= 4], args.prompt_len)
+            ablation("llmc bf16, no PDL", small, "PDL", recapture=True)
             fused_gemv.USE_PDL = True
-            engine.program.drop_decode_graphs()
-            engine.program.capture_decode_graphs()
         if name == "llmc bf16" and args.ablate_fusion:  # the same steps with the decode fusions off
             engine.program.fused_gemv = engine.program.fused_rope_kv_write = False
-            engine.program.drop_decode_graphs()  # recapture without the fused kernels
-            engine.program.capture_decode_graphs()
-            for batch in [b for b in args.batch if b <= 4]:
-                def run(n, batch=batch):
-                    return engine.generate(prompts[:batch], SamplingParams(max_tokens=n, temperature=0.0,
-                                                                           ignore_eos=True))
-
-                rate, t1, tn = decode_rate(run, batch, args.new_tokens, args.repeats)
-                same = [o.token_ids for o in run(args.new_tokens)] == llmc_tokens[(name, batch)]
-                record("llmc bf16, no decode fusions", batch, rate, t1, tn, {"same_tokens_as_fused": same})
-                print(f"    same greedy tokens as with the fusion: {same}", flush=True)
-            if args.profile:
-                results["profile/llmc bf16, no decode fusions"] = profile_program(
-                    engine.program, [b for b in args.batch if b <= 4], args.prompt_len)
+            ablation("llmc bf16, no decode fusions", small, "the fusion", recapture=True)
             engine.program.fused_gemv = engine.program.fused_rope_kv_write = True
+        if name == "llmc bf16" and (args.ablate_pdl or args.ablate_fusion):  # back to the default's graphs
             engine.program.drop_decode_graphs()
             engine.program.capture_decode_graphs()
         batch = max(args.batch)
