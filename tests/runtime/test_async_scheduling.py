@@ -1,6 +1,9 @@
 """Async scheduling (Engine._step_async): step t+1 launched before step t's tokens are back gives exactly the tokens,
 texts, finish reasons and streaming callbacks of the synchronous engine, on a toy Program whose step_async feeds the
 in-flight tokens the way CudaProgram does (tests/runtime/toy_program.py: AsyncToyProgram)."""
+import asyncio
+import time
+
 import numpy as np
 import pytest
 
@@ -213,3 +216,39 @@ def test_fixed_length_speculation_runs_synchronously():
     assert not engine.async_scheduling
     with pytest.raises(ValueError, match="fixed draft length"):
         Engine(AsyncToyModel(), speculative=Speculative("ngram", num_tokens=3, adaptive=False), async_scheduling=True)
+
+
+def test_async_engine_streams_what_generate_returns_and_abort_frees_blocks():
+    """The serving loop (AsyncEngine) over an engine that launches early: each stream carries exactly the tokens and
+    text of the sync engine's generate(); a stream left early aborts its request, whose blocks come back."""
+    from runtime.async_engine import AsyncEngine
+
+    prompts = ["Hello", "Hello w", "The end"]
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+    want = Engine(AsyncToyModel(script_text=SCRIPT), async_scheduling=False).generate(prompts, params)
+    engine = Engine(AsyncToyModel(script_text=SCRIPT), num_blocks=64)
+    async_engine = AsyncEngine(engine)
+
+    async def stream(prompt, leave_after=None):
+        tokens, text, reason = [], "", None
+        async for event in async_engine.generate(prompt, params):
+            tokens += event.token_ids
+            text += event.text
+            reason = event.finish_reason
+            if leave_after is not None and len(tokens) >= leave_after:
+                break
+        return tokens, text, reason
+
+    async def main():
+        return await asyncio.gather(*(stream(p) for p in prompts), stream("Hello", leave_after=3))
+
+    try:
+        *got, left = asyncio.run(main())
+        assert got == [(o.token_ids, o.text, o.finish_reason) for o in want]
+        assert PLACEHOLDER not in left[0] and len(left[0]) >= 3 and left[2] is None
+        deadline = time.time() + 10
+        while engine.scheduler.has_unfinished_requests() and time.time() < deadline:
+            time.sleep(0.02)
+        assert engine.scheduler.allocator.num_free == 64 and engine.num_async_steps > 0
+    finally:
+        async_engine.shutdown()
