@@ -747,13 +747,13 @@ class Engine:
         if self.async_scheduling:
             if self._can_launch_early() and (self.proposer is None or self._drafts_held):
                 return self._step_async(on_token)
+            decided, self._decided_k = self._decided_k, None
             if self._inflight is not None:
                 finished = self._collect(self._inflight, on_token)
                 self._inflight = None
                 if not self.scheduler.has_unfinished_requests():
                     return finished
                 if self.proposer is not None:  # the drafts of the next step (async steps do not propose)
-                    decided, self._decided_k = self._decided_k, None
                     self._propose(decided)
                 return finished + self._step_sync(on_token)
         return self._step_sync(on_token)
