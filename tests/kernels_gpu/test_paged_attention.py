@@ -121,6 +121,12 @@ def test_choose_num_splits():
     assert choose_num_splits(num_tiles=4, num_kv_heads=8, max_seq_len=100) == 1  # contexts too short
     assert choose_num_splits(num_tiles=1, num_kv_heads=1, max_seq_len=10 ** 6) == SPLIT_KV["max_splits"]
     assert choose_num_splits(num_tiles=4, num_kv_heads=8, max_seq_len=8192) == 17
+    # a tile table's own rule (the D=64 grouped decode tiles): a lone 256-token context splits 4 ways, 64 do not
+    assert choose_num_splits(num_tiles=1, num_kv_heads=8, max_seq_len=256) == 1
+    assert choose_num_splits(num_tiles=1, num_kv_heads=8, max_seq_len=256, target_programs=256,
+                             min_tokens_per_split=64) == 4
+    assert choose_num_splits(num_tiles=64, num_kv_heads=8, max_seq_len=256, target_programs=256,
+                             min_tokens_per_split=64) == 1
 
 
 def test_more_splits_than_context(pa, device, tolerances):
