@@ -8,7 +8,8 @@ Each system runs generate() twice per batch size: with 1 new token (prefill) and
 throughput = batch x 127 / (time(128) - time(1)), so prefill is excluded the same way for everyone.
 Peers: HF `generate` eager (dynamic cache) and HF with a static cache + torch.compile
 ("reduce-overhead", CUDA graphs). The batch-1 roofline is weight bytes / the device-to-device copy rate,
-measured at the start of the run (bytes read + bytes written per second; 3.0 TB/s on the H100 of 2026-11-26). `--quant int4 nvfp4 ...` adds llmc variants compiled with weights=<format> (RTN
+measured at the start of the run (bytes read + bytes written per second; 3.0 TB/s on the H100 of 2026-11-26).
+`--quant int4 nvfp4 ...` adds llmc variants compiled with weights=<format> (RTN
 through the quantization passes, every linear and the logits weight, no accuracy guard: random weights
 have no accuracy to guard); every llmc variant also times a prefill of the largest batch.
 Prints a table, writes JSON to $OUT/gpu_decode.json (else bench_results/).

@@ -273,7 +273,8 @@ def _launch(y, x, weight, bias, rows, *, prologue: str, k: int, up_offset: int =
         weight.stride(0), y.stride(0),
         PROLOGUE=PROLOGUES[prologue], HAS_RESIDUAL=has_res, HAS_OFFSET=weight_offset is not None,
         HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        STORE_SUM=store_sum, ROUND_TO_ACT=round_to_act, PDL=pdl, PREFETCH=prefetch and block_m == 1, num_warps=warps, num_stages=stages, **extra,
+        STORE_SUM=store_sum, ROUND_TO_ACT=round_to_act, PDL=pdl, PREFETCH=prefetch and block_m == 1,
+        num_warps=warps, num_stages=stages, **extra,
     )
 
 

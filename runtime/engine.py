@@ -902,14 +902,7 @@ class Engine:
             step.token_ids[last] = 0  # (a valid id; the feed overwrites it on the device)
         if (step.token_ids < 0).any():
             raise RuntimeError("a step's token ids hold a placeholder the feed does not cover (this is a bug)")
-        sampling = None
-        if not all(r.params.temperature == 0 for r in sampled):
-            sampling = dict(
-                temperature=[r.params.temperature for r in sampled],
-                top_k=[r.params.top_k if r.params.top_k > 0 else 0 for r in sampled],
-                top_p=[r.params.top_p for r in sampled], min_p=[r.params.min_p for r in sampled],
-                seeds=[self._device_seed(r) for r in sampled],
-                offsets=[len(r.output_token_ids) + (r.inflight is not None) for r in sampled])
+        sampling = None if all(r.params.temperature == 0 for r in sampled) else self._device_sampling(sampled)
         pending = self.program.step_async(step, feed_rows=feed_rows, feed_from=feed_from, sampling=sampling)
         self.num_steps += 1
         self.num_async_steps += prev is not None
@@ -975,15 +968,7 @@ class Engine:
             return tokens, None, hidden
         if step_sample is not None and not has_drafts and not with_hidden:
             # the Program samples on its device: Philox keyed by each request's seed, counter = tokens so far
-            tokens = np.asarray(step_sample(
-                step,
-                temperature=[r.params.temperature for r in sampled],
-                top_k=[r.params.top_k if r.params.top_k > 0 else 0 for r in sampled],
-                top_p=[r.params.top_p for r in sampled],
-                min_p=[r.params.min_p for r in sampled],
-                seeds=[self._device_seed(r) for r in sampled],
-                offsets=[len(r.output_token_ids) for r in sampled],
-            ))
+            tokens = np.asarray(step_sample(step, **self._device_sampling(sampled)))
             if tokens.shape != (len(sampled),):
                 raise RuntimeError(f"the Program returned {tokens.shape} tokens, expected ({len(sampled)},)")
             return tokens, None, None
@@ -1142,6 +1127,18 @@ class Engine:
             drafted += len(tokens)
         compiled = bool(getattr(self.proposer, "last_propose_compiled", False))  # a JAX compile is no cost to learn
         self.draft_controller.record_draft(k, None if compiled else seconds, fill=drafted / (k * len(ready)))
+
+    def _device_sampling(self, sampled: list[Request]) -> dict:
+        """step_sample's per-row parameters for these requests: Philox keyed by each request's seed, counter = its
+        tokens so far (a token still in flight counts)."""
+        return dict(
+            temperature=[r.params.temperature for r in sampled],
+            top_k=[r.params.top_k if r.params.top_k > 0 else 0 for r in sampled],
+            top_p=[r.params.top_p for r in sampled],
+            min_p=[r.params.min_p for r in sampled],
+            seeds=[self._device_seed(r) for r in sampled],
+            offsets=[len(r.output_token_ids) + (r.inflight is not None) for r in sampled],
+        )
 
     @staticmethod
     def _device_seed(req: Request) -> int:

@@ -358,13 +358,13 @@ class DraftLengthController:
     Guards against what the model does not see: k > 0 must beat k = 0 by GAIN_MARGIN (a new step shape may
     cost a compile or a CUDA graph capture); the last choice is kept while within STICKY of the best (no
     flapping between shapes); after PROBE_EVERY choices of 0 it drafts once, since acceptance is learned only
-    from verifications, unless even drafts that were always accepted would lose to no drafts; after choosing 0 it decides again only every RECHECK_EVERY steps (the decision is a pass
-    over every request). The two ends (k = max_len, 0) are explored at most twice per batch-size bucket while
-    their step size is unmeasured; unmeasured sizes between measured ones are interpolated, larger ones
-    extrapolated in proportion to T (prefill chunks sharing the step count too). The first sample of each
-    size is dropped, later ones enter a decayed mean with outliers clipped (a stall of the machine must not
-    switch speculation off for good) and replaced outright by a sample many times smaller (the estimate held
-    an unseen compile). a_r is a decayed count of accepted / tried draft tokens per request, starting from the
+    from verifications, unless even drafts that were always accepted would lose to no drafts; after choosing 0 it
+    decides again only every RECHECK_EVERY steps (the decision is a pass over every request). The two ends
+    (k = max_len, 0) are explored at most twice per batch-size bucket while their step size is unmeasured;
+    unmeasured sizes between measured ones are interpolated, larger ones extrapolated in proportion to T (prefill
+    chunks sharing the step count too). The first sample of each size is dropped, later ones enter a decayed mean
+    with outliers clipped (a stall of the machine must not switch speculation off for good) and replaced outright
+    by a sample many times smaller (the estimate held an unseen compile). a_r is a decayed count of accepted / tried draft tokens per request, starting from the
     running average of all requests.
     """
 

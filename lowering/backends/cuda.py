@@ -111,10 +111,6 @@ class PendingTokens:
         self._event = event
         self._tokens: np.ndarray | None = None
 
-    def done(self) -> bool:
-        """Whether result() would return without waiting."""
-        return self._tokens is not None or self._event is None or self._event.query()
-
     def result(self) -> np.ndarray:
         if self._tokens is None:
             program = self._program
@@ -244,7 +240,7 @@ class CudaProgram:
         self._static = None
         self._pad_templates: dict[tuple[int, int], np.ndarray] = {}  # (b, q) -> _fill_decode's padding
         self._stage = 0  # which pinned staging buffer of _static the next decode step fills (step_async alternates)
-        self._stage_events: list = [None, None]  # each staging buffer's last copy to the device
+        self._stage_events: tuple = ()  # each staging buffer's last copy to the device (made with the buffers)
         # step_async: the last async step's tokens on the device (what the next step's feed reads), how many, and the
         # two pinned buffers they come back through (one per step in flight)
         self._feed_src = None
@@ -555,8 +551,8 @@ class CudaProgram:
             max_b = self.graph_batch_buckets[-1]
             rows = max_b * MAX_GRAPH_QUERY
             # feed first (step_async: rows then sources; copied only when a step has one), block tables last
-            fields = [("feed", 2 * rows), ("token_ids", rows), ("positions", rows), ("slot_mapping", rows), ("query_start", max_b + 1),
-                      ("seq_lens", max_b), ("logit_rows", rows)]
+            fields = [("feed", 2 * rows), ("token_ids", rows), ("positions", rows), ("slot_mapping", rows),
+                      ("query_start", max_b + 1), ("seq_lens", max_b), ("logit_rows", rows)]
             if self._two_groups:
                 fields.append(("slot_mapping_w", rows))
                 fields.append(("block_tables_w", max_b * self.max_blocks_per_seq))
@@ -569,6 +565,7 @@ class CudaProgram:
             # two pinned staging buffers: while a step launched by step_async may not have copied its inputs yet,
             # the next one fills the other
             host_bufs = tuple(torch.zeros(at, dtype=torch.int32, pin_memory=True) for _ in range(2))
+            self._stage_events = (torch.cuda.Event(), torch.cuda.Event())
             self._static = (device_buf, host_bufs, offsets)
             self._graph_pool = torch.cuda.graph_pool_handle()
         return self._static
@@ -654,8 +651,8 @@ class CudaProgram:
         device_buf, host_bufs, offsets = self._static
         stage = self._stage
         self._stage ^= 1
-        if self._stage_events[stage] is not None:  # its last copy was two steps ago: long done, but never overwrite early
-            self._stage_events[stage].synchronize()
+        event = self._stage_events[stage]
+        event.synchronize()  # that buffer's last copy was two steps ago: long done, but never overwrite it early
         host_buf = host_bufs[stage]
         host = host_buf.numpy()
         n = self._fill_decode(host, offsets, b, inp, q)
@@ -664,11 +661,6 @@ class CudaProgram:
             host[: feed.size] = feed
             first = 0
         device_buf[first:n].copy_(host_buf[first:n], non_blocking=True)
-        event = self._stage_events[stage]
-        if event is None:
-            import torch
-
-            event = self._stage_events[stage] = torch.cuda.Event()
         event.record()
         if feed is not None:
             from kernels_gpu.sampling import feed_tokens
