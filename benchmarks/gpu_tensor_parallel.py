@@ -5,10 +5,11 @@ random bf16 weights made piece by piece on each rank's GPU (cuda_tp.RandomParams
 The graph is traced from the abstract model, run through llmc's pass pipeline and, for TP > 1,
 shard_tensor_parallel; rank 0 runs in this process, the other ranks in spawned workers (NCCL).
 
-Measured per TP degree and batch size: the decode step as the engine drives it (host StepInput ->
-Program.step_greedy, which broadcasts the step to the workers, replays the CUDA graph with the NCCL all-reduces
-inside, and returns the tokens), at a context of `--context` tokens; tokens/s = batch / step time. Speedup =
-tokens/s over TP=1's in the same run. KV capacity: blocks in each replica's pool at the same
+Measured per TP degree, batch size and mode: the decode step as the engine drives it, at a context of `--context`
+tokens; tokens/s = batch / step time. sync: host StepInput -> Program.step_greedy, which broadcasts the step to the
+workers, replays the CUDA graph with the all-reduces inside, and returns the tokens. async (the engine's default):
+step_async launches step t+1, its token rows fed on the GPUs with step t's picks, before step t's tokens are read.
+Speedup = tokens/s over TP=1's in the same mode and run. `--profile` adds rank 0's kernel times per step. KV capacity: blocks in each replica's pool at the same
 gpu_memory_fraction (a rank holds 1 / tp of each block's KV heads, so the same memory holds tp times the blocks,
 plus what the smaller weight share frees).
 
@@ -71,18 +72,63 @@ def decode_input(program, batch: int, context: int):
                      block_tables=tables, logit_rows=np.arange(batch, dtype=np.int32))
 
 
-def time_decode(program, batch: int, context: int, steps: int, repeats: int) -> float:
-    """Median ms of one decode step (host StepInput -> step_greedy -> tokens on the host)."""
+def time_decode(program, batch: int, context: int, steps: int, repeats: int, mode: str = "sync") -> float:
+    """Median ms of one decode step as the engine drives it.
+
+    sync: host StepInput -> step_greedy -> tokens on the host, one step at a time.
+    async: the engine's async scheduling: step t+1 is launched (step_async, its token rows fed on the GPUs with step
+    t's picks) before step t's tokens are read back, so the host's work overlaps the GPUs'."""
     inp = decode_input(program, batch, context)
+    rows = np.arange(batch, dtype=np.int32)
     for _ in range(5):  # graph capture, warm-up
         program.step_greedy(inp)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        for _ in range(steps):
-            program.step_greedy(inp)
+        if mode == "sync":
+            for _ in range(steps):
+                program.step_greedy(inp)
+        else:
+            last = program.step_async(inp)
+            for _ in range(steps - 1):
+                pending = program.step_async(inp, feed_rows=rows, feed_from=rows)
+                last.result()
+                last = pending
+            last.result()
         times.append((time.perf_counter() - t) / steps * 1e3)
     return statistics.median(times)
+
+
+def profile_decode(program, batch: int, context: int, steps: int = 20, top: int = 12) -> list[dict]:
+    """Device time per kernel name over `steps` async decode steps on rank 0 (torch profiler, CUPTI sees the kernels
+    inside the CUDA graphs): where a step's time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    inp = decode_input(program, batch, context)
+    rows = np.arange(batch, dtype=np.int32)
+    program.step_greedy(inp)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        last = program.step_async(inp)
+        for _ in range(steps - 1):
+            pending = program.step_async(inp, feed_rows=rows, feed_from=rows)
+            last.result()
+            last = pending
+        last.result()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name[:90], [0.0, 0])
+            k[0] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            k[1] += 1
+    rows_out = [{"kernel": n, "us_per_step": t / steps, "calls_per_step": c / steps} for n, (t, c) in kernels.items()]
+    rows_out.sort(key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows_out)
+    print(f"  profile, batch {batch}: {total:.0f} us of kernels a step", flush=True)
+    for r in rows_out[:top]:
+        print(f"  {r['us_per_step']:8.1f} us {r['calls_per_step']:6.1f}x  {r['kernel']}", flush=True)
+    return rows_out
 
 
 def build(graph, tp: int, fraction: float, max_num_seqs: int, max_model_len: int, all_reduce: str = "auto"):
@@ -152,6 +198,9 @@ def main():
     ap.add_argument("--check-only", action="store_true", help="only the token check, no timing")
     ap.add_argument("--all-reduce", nargs="+", default=["symm", "nccl"],
                     help="all-reduce implementations to time for TP > 1 (symm: one-shot symmetric memory; nccl)")
+    ap.add_argument("--modes", nargs="+", default=["async", "sync"], choices=["async", "sync"],
+                    help="async: step t+1 launched before step t's tokens are back (the engine's default); sync")
+    ap.add_argument("--profile", action="store_true", help="also print rank 0's kernel times per step")
     args = ap.parse_args()
 
     import torch
@@ -178,18 +227,24 @@ def main():
         start_s = time.perf_counter() - t0
         weights = sum(int(np.prod(graph.types[p].shape)) * 2 for p in graph.params)
         for batch in args.batch:
-            ms = time_decode(program, batch, args.context, args.steps, args.repeats)
-            tps_rate = batch / ms * 1e3
-            if tp == args.tp[0]:
-                base[batch] = tps_rate
-            row = {"tp": tp, "all_reduce": ar, "batch": batch, "step_ms": ms, "tokens_per_s": tps_rate,
-                   "speedup": tps_rate / base[batch] if batch in base else None,
-                   "num_blocks": program.num_blocks, "kv_tokens": program.num_blocks * program.block_size,
-                   "kv_bytes_per_gpu": program.kv_cache_bytes(), "weight_bytes_per_gpu": weights,
-                   "start_s": start_s}
-            results["runs"].append(row)
-            print(f"TP={tp} ({ar}) batch {batch}: {ms:.3f} ms/step, {tps_rate:.0f} tok/s, x{row['speedup'] or 0:.2f}, "
-                  f"{program.num_blocks} blocks", flush=True)
+            for mode in args.modes:
+                ms = time_decode(program, batch, args.context, args.steps, args.repeats, mode)
+                tps_rate = batch / ms * 1e3
+                if tp == args.tp[0]:
+                    base[(batch, mode)] = tps_rate
+                row = {"tp": tp, "all_reduce": ar, "mode": mode, "batch": batch, "step_ms": ms,
+                       "tokens_per_s": tps_rate,
+                       "speedup": tps_rate / base[(batch, mode)] if (batch, mode) in base else None,
+                       "num_blocks": program.num_blocks, "kv_tokens": program.num_blocks * program.block_size,
+                       "kv_bytes_per_gpu": program.kv_cache_bytes(), "weight_bytes_per_gpu": weights,
+                       "start_s": start_s}
+                results["runs"].append(row)
+                print(f"TP={tp} ({ar}, {mode}) batch {batch}: {ms:.3f} ms/step, {tps_rate:.0f} tok/s, "
+                      f"x{row['speedup'] or 0:.2f}, {program.num_blocks} blocks", flush=True)
+            if args.profile:
+                results.setdefault("profiles", []).append(
+                    {"tp": tp, "all_reduce": ar, "batch": batch,
+                     "kernels": profile_decode(program, batch, args.context)[:40]})
         if hasattr(program, "close"):
             program.close()
         del program
@@ -203,15 +258,16 @@ def main():
     (out_dir / "gpu_tensor_parallel.json").write_text(json.dumps(results, indent=2))
     print(f"\nLlama-3-8B-shaped, bf16, context {args.context}, {results['device']} x{results['gpus']} "
           f"({results['date']})")
-    print(f"{'TP':>3} {'all-reduce':>10} {'batch':>5} {'ms/step':>9} {'tok/s':>9} {'speedup':>8} {'KV blocks':>10} {'KV tokens':>10} "
-          f"{'weights/GPU':>12}")
+    print(f"{'TP':>3} {'all-reduce':>10} {'mode':>5} {'batch':>5} {'ms/step':>9} {'tok/s':>9} {'speedup':>8} "
+          f"{'KV blocks':>10} {'KV tokens':>10} {'weights/GPU':>12}")
     for r in results["runs"]:
         if "error" in r:
             print(f"{r['tp']:>3} {r['all_reduce']:>10} failed: {r['error'][:80]}")
             continue
         sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
-        print(f"{r['tp']:>3} {r['all_reduce']:>10} {r['batch']:>5} {r['step_ms']:>9.3f} {r['tokens_per_s']:>9.0f} {sp:>8} "
-              f"{r['num_blocks']:>10} {r['kv_tokens']:>10} {r['weight_bytes_per_gpu'] / 1e9:>10.2f}GB")
+        print(f"{r['tp']:>3} {r['all_reduce']:>10} {r['mode']:>5} {r['batch']:>5} {r['step_ms']:>9.3f} "
+              f"{r['tokens_per_s']:>9.0f} {sp:>8} {r['num_blocks']:>10} {r['kv_tokens']:>10} "
+              f"{r['weight_bytes_per_gpu'] / 1e9:>10.2f}GB")
 
 
 if __name__ == "__main__":

@@ -626,7 +626,7 @@ class Engine:
         self._setup_speculation(model, speculative, max_num_seqs, program_options)
         supported = bool(getattr(self.program, "supports_async_steps", False))
         if async_scheduling and not supported:
-            raise ValueError(f"async_scheduling=True needs a Program with step_async (target='cuda', one GPU); "
+            raise ValueError(f"async_scheduling=True needs a Program with step_async (target='cuda'); "
                              f"this one is a {type(self.program).__name__}")
         # speculation: steps run async only while the adaptive controller holds drafts off (high load), so a
         # fixed draft length never would

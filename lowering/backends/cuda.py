@@ -412,8 +412,9 @@ class CudaProgram:
 
     @property
     def supports_async_steps(self) -> bool:
-        """step_async is usable: not on rank 0 of a tensor-parallel group (its workers run steps without the feed)."""
-        return self.on_step is None
+        """step_async is usable (on one GPU, and on rank 0 of a tensor-parallel group, whose workers launch the same
+        steps with the same feed: _launch_async)."""
+        return True
 
     def step_async(self, inp, *, feed_rows=None, feed_from=None, sampling: dict | None = None) -> "PendingTokens":
         """Launch one step (greedy, or sampled on the device) and return at once; `.result()` waits for its i32[L]
@@ -426,18 +427,9 @@ class CudaProgram:
         result() makes that result raise."""
         import torch
 
-        if not self.supports_async_steps:
-            raise RuntimeError("step_async is not available on a tensor-parallel program")
         feed = self._feed_index(inp, feed_rows, feed_from)
         host = None if sampling is None else self._sampling_arrays(inp, "step_async", **sampling)
-        logits, tokens, _ = self._step_device(inp, greedy=host is None, feed=feed)
-        if host is not None:
-            tokens = self._sample_on_device(logits, host)
-        n = int(tokens.shape[0])
-        if self._feed_src is None or self._feed_src.shape[0] < n:
-            self._feed_src = torch.zeros(max(n, 256), dtype=torch.int32, device=self.device)
-        self._feed_src[:n].copy_(tokens)
-        self._feed_count = n
+        n = self._launch_async(inp, feed, host)
         slot = self._async_slot
         self._async_slot ^= 1
         out = self._async_out[slot]
@@ -451,6 +443,30 @@ class CudaProgram:
             event.record(torch.cuda.current_stream(self.device))
         self._async_generation[slot] += 1
         return PendingTokens(self, slot, self._async_generation[slot], n, event)
+
+    def _launch_async(self, inp, feed: np.ndarray | None, host: dict | None) -> int:
+        """step_async's device work: run the step with its checked feed, pick its tokens (greedy, or sampled with the
+        checked arrays `host`) and keep them in _feed_src for the next step's feed; -> the number of tokens. On rank 0
+        of a tensor-parallel group every worker runs the same call (on_step), keeping a _feed_src of its own."""
+        import torch
+
+        logits, tokens, _ = self._step_device(inp, greedy=host is None, feed=feed,
+                                              forward=("_launch_async", (inp, feed, host), {}))
+        if host is not None:
+            tokens = self._sample_on_device(logits, host)
+            if self.tp_group is not None:
+                import torch.distributed as dist
+
+                # every rank holds the same all-gathered logits and the draws are counter-based, so the ranks
+                # should pick alike; rank 0's picks are sent anyway, so that a rank can never feed different tokens
+                tokens = tokens.contiguous()
+                dist.broadcast(tokens, src=0, group=self.tp_group)
+        n = int(tokens.shape[0])
+        if self._feed_src is None or self._feed_src.shape[0] < n:
+            self._feed_src = torch.zeros(max(n, 256), dtype=torch.int32, device=self.device)
+        self._feed_src[:n].copy_(tokens)
+        self._feed_count = n
+        return n
 
     def _feed_index(self, inp, feed_rows, feed_from) -> np.ndarray | None:
         """Check a feed against the step and the last async step; -> i32[2K] (rows, then sources) or None."""
@@ -469,16 +485,19 @@ class CudaProgram:
                              f"{self._feed_count}; got values in [{sources.min()}, {sources.max()}]")
         return np.concatenate([rows, sources]).astype(np.int32)
 
-    def _step_device(self, inp, *, greedy: bool = True, hidden: bool = False, feed: np.ndarray | None = None):
+    def _step_device(self, inp, *, greedy: bool = True, hidden: bool = False, feed: np.ndarray | None = None,
+                     forward: tuple | None = None):
         """-> (logits f32[L, V], greedy tokens i32[L] or None, hidden [T, D] or None), all on the device.
 
         hidden: the graph's second output (insert_speculation for medusa / eagle); such steps run eagerly.
-        feed: step_async's checked i32[2K] (token rows, then the last async step's rows they take their token from)."""
+        feed: step_async's checked i32[2K] (token rows, then the last async step's rows they take their token from).
+        forward: (method, args, kwargs) the workers of a tensor-parallel group run for this step, once it is checked
+        (default: this call)."""
         if hidden:
             check_hidden_output(self.graph)
         self._check_step(inp)
         if self.on_step is not None:  # rank 0 of a tensor-parallel group: the other ranks run the same step
-            self.on_step(inp, greedy, hidden)
+            self.on_step(*(forward or ("_step_device", (inp,), {"greedy": greedy, "hidden": hidden})))
         num_rows = int(inp.logit_rows.shape[0])
         q = self._uniform_query(inp)
         if self.cuda_graphs and q and inp.num_seqs <= self.graph_batch_buckets[-1]:

@@ -2,10 +2,10 @@
 
     rank 0 (this process)                         ranks 1..tp-1 (spawned worker processes)
     TensorParallelCudaProgram                      _worker_main
-      .step / step_greedy / step_sample (rank 0's   StepChannel.recv() -> the same _step_device on its
-       CudaProgram) -> _step_device: check the        CudaProgram (no result goes back: the logits are
-       step, on_step sends it on (shared  ──────▶     all-gathered on every rank and rank 0's are the
-       memory, below), run it                         answer)
+      .step / step_greedy / step_sample /           StepChannel.recv() -> the same _step_device (or
+       step_async (rank 0's CudaProgram) ->           _launch_async) on its CudaProgram (no result goes
+       _step_device: check the step, on_step  ──▶     back: the logits are all-gathered on every rank and
+       sends it on (shared memory, below), run it     rank 0's are the answer)
     every rank: CudaProgram over the sharded graph; all_reduce / all_gather are torch.distributed (NCCL)
     collectives in the plan, captured inside the decode CUDA graphs like any kernel.
 
@@ -14,6 +14,12 @@ StepInput and whether tokens are picked greedily or the hidden states kept) and 
 a shared-memory ring (StepChannel): rank 0 writes the payload and bumps a sequence number, workers spin on it (then
 back off to short sleeps when idle) and acknowledge. One host, so no TCP on the step path; the process group's TCP
 store is used only at start-up.
+
+Async scheduling works as on one GPU: a step launched by step_async goes to the workers as _launch_async with its
+feed (which of its token rows take which of the last async step's picks). Each rank picks the step's tokens from
+the same all-gathered logits and keeps them on its own GPU for the next feed (a sampled step's picks are broadcast
+from rank 0, so no rank can ever feed other tokens); the workers do not wait for an async step to finish before
+taking the next, so the host of every rank prepares step t+1 while step t runs.
 
 Weights: every rank builds its params from a ParamSource, piece by piece (shard_tensor_parallel.shard_param), so
 no GPU ever holds more than its share and no whole-model tensor is made on a device. HostParams puts the full
@@ -308,12 +314,13 @@ def _worker_main(rank: int, tp: int, backend: str, init_method: str, timeout_s: 
         chan = StepChannel(*channel)
         reports.put(("ready", rank, None))
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        while True:  # rank 0's calls: _step_device of every step (its results stay here), capture_decode_graphs
+        while True:  # rank 0's calls: _step_device or _launch_async of every step (results stay here), capture_...
             name, args, kw = chan.recv(rank - 1)
             if name == "__stop__":
                 break
             getattr(program, name)(*args, **kw)
-            sync()  # the pinned input buffers are reused by the next call: let this one's copies finish
+            if name != "_launch_async":  # an async step's inputs are staged as on rank 0 (two buffers, events):
+                sync()  # it runs ahead; other calls' pinned inputs are reused by the next call: let the copies finish
         chan.close()
         program.drop_decode_graphs()
         _leave_group(LEAVE_GROUP_TIMEOUT_S)
@@ -392,9 +399,9 @@ class TensorParallelCudaProgram:
 
             self.local = CudaProgram(graph, source.for_rank(graph, 0, dev), device=str(dev), tp_rank=0,
                                      tp_group=group, **kwargs)
-            # every entry point (step, step_greedy, step_sample) checks its step, then sends it on from here
-            self.local.on_step = lambda inp, greedy, hidden: self._broadcast("_step_device", inp, greedy=greedy,
-                                                                             hidden=hidden)
+            # every entry point (step, step_greedy, step_sample, step_async) checks its step, then sends the
+            # workers the call that runs it (_step_device, or _launch_async with the step's feed) from here
+            self.local.on_step = lambda name, args, kwargs: self._broadcast(name, *args, **kwargs)
             if not self._ready.wait(timeout_s):
                 raise RuntimeError(f"tensor-parallel workers did not start within {timeout_s:.0f} s")
         except BaseException:

@@ -103,18 +103,28 @@ def test_cuda_tp2_program_matches_tp1(tp_models):
 
 
 def test_cuda_tp2_engine_tokens_equal_tp1(tp_models):
+    """Greedy and seeded sampled requests: TP=1 without async scheduling, TP=2 with it (the workers launch each step
+    with the feed of tokens still on the GPUs) and without it give the same tokens."""
     one, two = tp_models
     rng = np.random.default_rng(3)
-    prompts = [rng.integers(0, 101, n).tolist() for n in (9, 30, 2)]
-    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = [rng.integers(0, 101, n).tolist() for n in (9, 30, 2, 17)]
+    params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 3 + \
+             [SamplingParams(max_tokens=8, temperature=0.9, top_k=20, seed=11, ignore_eos=True)]
     tokens = {}
-    for tp, cm in ((1, one), (2, two)):
+    for name, cm, async_scheduling in (("tp1 sync", one, False), ("tp2 async", two, None), ("tp2 sync", two, False)):
         engine = Engine(cm, num_blocks=32, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128,
-                        program_options=cuda_device())
-        tokens[tp] = [o.token_ids for o in engine.generate(prompts, params)]
-        if tp == 2:
-            engine.program.close()
-    assert tokens[1] == tokens[2]
+                        program_options=cuda_device(), async_scheduling=async_scheduling)
+        try:
+            tokens[name] = [o.token_ids for o in engine.generate(prompts, params)]
+            assert engine.async_scheduling == (async_scheduling is None)
+            if async_scheduling is None:  # decode steps were launched before the last one's tokens were back
+                assert engine.num_async_steps >= 5
+        finally:
+            if hasattr(engine.program, "close"):
+                engine.program.close()
+    assert tokens["tp2 async"] == tokens["tp1 sync"]
+    assert tokens["tp2 sync"] == tokens["tp1 sync"]
+    assert tokens["tp1 sync"][3] != tokens["tp1 sync"][0]  # not vacuous: the streams differ
 
 
 def test_step_channel_round_trip(tmp_path):
