@@ -68,11 +68,20 @@ SPLIT_KV = {"target_programs": 528, "min_tokens_per_split": 256, "max_splits": 3
 # 16, context 256, 100 calls in a CUDA graph): HG=1, BLOCK_N=32, 4 warps, 2 stages: batch 1 5.05 us with 4 splits
 # (paged_attention_kernel 6.54 us with the 1 split it got, 5.81 us with 4), batch 64 13.18 us with none (15.90 us).
 # min_tokens_per_split: 64 lets a lone short context split (SPLIT_KV's 256 would not below 512 tokens).
+# hg_min_programs: HG is halved while fewer (sequence, head group) programs than this would run: a small batch
+# gets its parallelism from more head groups and splits instead of a few long programs. D=128 batch 1 (.scratch
+# sweep on an H200, 2026-11-28, explicit splits 1-32 x HG 1/2/4 x BLOCK_N 32/64, 50 calls in a CUDA graph):
+# the rule above gave 2 programs of 256 positions at context 512, 15.1 us (bf16; fp8 15.5) against 5.6 us (fp8
+# 6.0) for HG 1 with 16 splits of 32 positions, which hg_min_programs 8 and min_tokens_per_split 32 now choose;
+# context 4096: 17.5 -> 12.9 us; Hkv 4 (tensor-parallel rank of 2): 15.2 -> 5.5 us; batch 8 x 1024: 18.3 -> 13.6
+# us; batch 64 keeps its tiles (40.4 us at 512, 268.4 us at 4096).
 GROUPED_DECODE = {
-    ("cuda", 128, "bf16"): {"HG": 4, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "target_programs": 128},
+    ("cuda", 128, "bf16"): {"HG": 4, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "target_programs": 128,
+                            "min_tokens_per_split": 32, "hg_min_programs": 8},
     ("cuda", 64, "bf16"): {"HG": 1, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "target_programs": 256,
                            "min_tokens_per_split": 64},
-    ("cuda", 128, "fp8"): {"HG": 2, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "target_programs": 256},
+    ("cuda", 128, "fp8"): {"HG": 2, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "target_programs": 256,
+                           "min_tokens_per_split": 64, "hg_min_programs": 8},
     **{("interpret", b, f): {"HG": 2, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "target_programs": 4}
        for b in (64, 128, 256) for f in ("bf16", "fp8")},
 }
@@ -907,13 +916,23 @@ def _grouped_tiles(q, k_cache, max_q_len: int, kv_format: str):
     return {**tiles, "HG": hg}
 
 
+def grouped_heads(tiles: dict, num_seqs: int, num_kv_heads: int) -> int:
+    """HG, the kv heads one grouped-decode program reads: the tile's HG (already a divisor of num_kv_heads), halved
+    while fewer than tiles["hg_min_programs"] (sequence, head group) programs would run."""
+    hg = int(tiles["HG"])
+    least = tiles.get("hg_min_programs") or 0
+    while hg > 1 and num_seqs * (num_kv_heads // hg) < least:
+        hg //= 2
+    return hg
+
+
 def _grouped_decode(q, k_cache, v_cache, query_start, seq_lens, block_tables, tiles, *, scale, kv_format,
                     k_scale, v_scale, num_splits, max_seq_len, out, window=None):
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
     group = num_q_heads // num_kv_heads
-    hg = tiles["HG"]
+    hg = grouped_heads(tiles, num_seqs, num_kv_heads)
     block_d = triton.next_power_of_2(head_dim)
     if num_splits is None:
         if max_seq_len is None:

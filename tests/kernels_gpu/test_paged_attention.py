@@ -129,6 +129,28 @@ def test_choose_num_splits():
                              min_tokens_per_split=64) == 1
 
 
+def test_grouped_heads_and_splits_of_a_small_batch():
+    """A small decode batch gets its programs from more head groups and splits (the D=128 rule, sweep in the
+    GROUPED_DECODE comment); a large one keeps the tile's HG and does not split."""
+    from kernels_gpu.paged_attention import GROUPED_DECODE, choose_num_splits, grouped_heads
+
+    tiles = {"HG": 4, "hg_min_programs": 8}
+    assert grouped_heads(tiles, num_seqs=1, num_kv_heads=8) == 1
+    assert grouped_heads(tiles, num_seqs=1, num_kv_heads=4) == 1
+    assert grouped_heads(tiles, num_seqs=2, num_kv_heads=8) == 2
+    assert grouped_heads(tiles, num_seqs=8, num_kv_heads=8) == 4
+    assert grouped_heads({"HG": 4}, num_seqs=1, num_kv_heads=8) == 4  # no rule: the tile's HG
+    bf16 = GROUPED_DECODE[("cuda", 128, "bf16")]
+
+    def plan(num_seqs, ctx, hkv=8):
+        hg = grouped_heads(bf16, num_seqs, hkv)
+        return hg, choose_num_splits(num_seqs, hkv // hg, ctx, bf16["target_programs"], bf16["min_tokens_per_split"])
+
+    assert plan(1, 512) == (1, 16)  # 8 programs x 16 splits of 32 positions (was 2 programs x 2 splits)
+    assert plan(1, 512, hkv=4) == (1, 16)  # a tensor-parallel rank's 4 kv heads
+    assert plan(64, 4096) == (4, 1)
+
+
 def test_more_splits_than_context(pa, device, tolerances):
     batch = make_batch([(1, 3), (2, 2)], block_size=5, num_q_heads=2, num_kv_heads=2, head_dim=64,
                        kv_format="nvfp4", q_dtype=torch.float32, device=device, seed=5)
@@ -183,6 +205,7 @@ GROUPED_DECODE = [(1, 70), (1, 45), (1, 1), (0, 5), (1, 130), (1, 16), (1, 33)] 
 @pytest.mark.parametrize("block_size, group, num_kv_heads, tiles", [
     (16, 4, 2, {}), (8, 1, 4, {"HG": 4, "BLOCK_N": 32}), (32, 8, 2, {"HG": 1, "BLOCK_N": 16}),
     (16, 4, 8, {"HG": 8, "BLOCK_N": 16, "num_stages": 2}),
+    (16, 2, 8, {"HG": 8, "BLOCK_N": 16, "hg_min_programs": 20, "min_tokens_per_split": 16}),  # 7 seqs: HG 2
 ])
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
 def test_grouped_decode(pa, device, tolerances, monkeypatch, kv_format, block_size, group, num_kv_heads, tiles,
