@@ -22,7 +22,8 @@ Weight-only schemes dequantize in registers; the dot runs in the activation dtyp
 for f32 activations). Decode (M <= DECODE_MAX_M): M = 1 runs gemv_kernel on the CUDA cores (magic-number
 int -> float decoding, f32 FMAs, split-K with f32 atomics when N is small; optionally the weight read as i32
 words, see GEMV_WORDS); 2 <= M <= 16 runs the tensor-core kernel with BLOCK_M = 16 and the weight tile as the
-dot's first operand (MODE 1). Prefill uses a tiled GEMM with grouped tile order (fp8: fp8 x fp8 tl.dot, f32
+dot's first operand (MODE 1). Batched decode (16 < M <= BATCH_MAX_M, weight-only schemes) runs the same tiled GEMM
+with its own tiles and split-K; prefill uses the tiled GEMM with grouped tile order (fp8: fp8 x fp8 tl.dot, f32
 accumulate).
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ from kernels_gpu.triton_env import tile_target as _target
 
 SCHEMES = {"fp8": 0, "int8": 1, "int4": 2, "nvfp4": 3}
 DECODE_MAX_M = 16
+BATCH_MAX_M = 256  # batched decode (DECODE_MAX_M < M <= this): the "batch" tiles, where a scheme has them
 FP8_MAX = 448.0
 NVFP4_GROUP = kv_formats.NVFP4_BLOCK  # 16
 NVFP4_ASM_FACTOR = 256.0  # the E2M1 asm decode yields value * 2**-8 (see _NIBBLES_TO_F16)
@@ -82,6 +84,25 @@ for _s in SCHEMES:
         "MODE": 1, "num_warps": 4, "num_stages": 1}
     TILE_SIZES[("interpret", _s, "prefill")] = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2,
                                                 "MODE": 0, "num_warps": 4, "num_stages": 1}
+# Batched decode (DECODE_MAX_M < M <= BATCH_MAX_M) of the weight-only schemes: the tiled GEMM, keyed by the
+# smallest M bucket >= M. Before these tiles the CUDA backend dequantized row chunks of every weight with torch ops
+# and called cuBLAS at every such step, 5-60x slower than these. Chosen from a sweep on an H200 (Triton 3.6,
+# 2026-11-28; .scratch/sweep_batch_gemm.py: 108 configs x M 32/64/128/256 x Llama-3.2-1B qkv / gate_up / down and
+# Llama-3-8B gate_up, weight copies rotated past the L2, the config with the best geometric mean over the shapes).
+# Against cuBLAS bf16 on the same shapes they are 0.6-1.2x for int8 and 0.15-0.7x for int4 / nvfp4, whose
+# nibble decoding (each weight decoded once per BLOCK_M rows) bounds them. GEMM_SPLIT_K_PROGRAMS / GEMM_MAX_SPLIT_K:
+# K is split (f32 atomics) while fewer programs than that would run (down_proj: few N tiles, long K).
+_B32 = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "MODE": 1, "num_warps": 4, "num_stages": 3,
+        "GEMM_SPLIT_K_PROGRAMS": 264, "GEMM_MAX_SPLIT_K": 8}
+_B64 = dict(_B32, BLOCK_M=64)
+_B128 = dict(_B32, BLOCK_M=128)
+TILE_SIZES[("cuda", "int4", "batch")] = {32: _B32, 256: _B64}
+TILE_SIZES[("cuda", "nvfp4", "batch")] = {32: _B32, 256: _B64}
+TILE_SIZES[("cuda", "int8", "batch")] = {32: _B32, 64: _B64, 256: _B128}
+for _s in ("int8", "int4", "nvfp4"):
+    TILE_SIZES[("interpret", _s, "batch")] = {
+        256: {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "MODE": 1, "num_warps": 4,
+              "num_stages": 1, "GEMM_SPLIT_K_PROGRAMS": 8, "GEMM_MAX_SPLIT_K": 4}}
 # Activation quantizer: K elements per loop step.
 ACT_QUANT_BLOCK = {"cuda": 8192, "interpret": 256}
 
@@ -602,7 +623,7 @@ def quant_linear_kernel(
     gs_ptr,  # nvfp4: f32[] global scale
     bias_ptr,  # [N]
     z_ptr,  # int4 with HAS_ZERO: u8[N, K//G] zero points
-    M, N, K,
+    M, N, K, k_chunk,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_zn, stride_zk, stride_ym, stride_yn,
     SCHEME: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -610,11 +631,14 @@ def quant_linear_kernel(
     FP8_DOT: tl.constexpr,  # fp8 x fp8 tensor-core dot (fp8 scheme on a GPU)
     DOT_F32: tl.constexpr, HAS_BIAS: tl.constexpr, NVFP4_ASM: tl.constexpr,
     HAS_ZERO: tl.constexpr = False,
+    SPLIT_K: tl.constexpr = False,  # program_id(1) takes K columns [pid_k * k_chunk, + k_chunk), adds into f32 y
 ):
     """Tiled GEMM. MODE 0: acc[BM, BN] = dot(x, W^T); MODE 1: acc[BN, BM] = dot(W, x^T), the dequantized weight
     tile as the first operand. Nibble schemes split K into even / odd halves (two dots), so the two nibbles of a
-    byte are never interleaved in registers."""
+    byte are never interleaved in registers. SPLIT_K: each K split adds its scaled partial into y (f32, zeroed by
+    the caller) with atomics; the first split adds the bias. k_chunk is a multiple of BLOCK_K."""
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # grouped order: GROUP_M row tiles share each weight column tile while it is in L2
@@ -637,7 +661,12 @@ def quant_linear_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = 0
+    k_hi = K
+    if SPLIT_K:
+        k_lo = pid_k * k_chunk
+        k_hi = tl.minimum(K, k_lo + k_chunk)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if NIBBLES:
             packed, scale = _load_packed_tile(w_ptr, s_ptr, offs_n, n_mask, k0, K, stride_wn, stride_wk,
                                               stride_sn, stride_sk, GROUP, BLOCK_K)
@@ -694,9 +723,14 @@ def quant_linear_kernel(
     acc = _epilogue_scale(acc, offs_m, m_mask, offs_n, n_mask, s_ptr, xs_ptr, gs_ptr, SCHEME, NVFP4_ASM)
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if SPLIT_K:
+            b = tl.where(pid_k == 0, b, 0.0)  # the first split adds the bias
         acc = acc + b[None, :]
     y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if SPLIT_K:
+        tl.atomic_add(y, acc, mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 # ------------------------------------------------------------------------------------------------ wrappers
@@ -763,8 +797,25 @@ def _validate_qweight(qw):
 
 
 def tile_config(device: torch.device, scheme: str, m: int) -> dict:
-    phase = "decode" if m <= DECODE_MAX_M else "prefill"
-    return dict(TILE_SIZES[(_target(device), scheme, phase)], phase=phase)
+    target = _target(device)
+    if m <= DECODE_MAX_M:
+        phase = "decode"
+    elif m <= BATCH_MAX_M and (target, scheme, "batch") in TILE_SIZES:
+        buckets = TILE_SIZES[(target, scheme, "batch")]
+        return dict(buckets[min(b for b in buckets if b >= m)], phase="batch")
+    else:
+        phase = "prefill"
+    return dict(TILE_SIZES[(target, scheme, phase)], phase=phase)
+
+
+def uses_gemm_kernels(scheme: str, m: int, device: torch.device) -> bool:
+    """Whether quant_linear's kernels are the fast way to multiply m activation rows by a `scheme` weight: decode
+    sizes, batched decode where the scheme has "batch" tiles, and fp8 (W8A8) at any size. Elsewhere (weight-only
+    prefill) dequantizing the weight and calling cuBLAS is faster: the kernels decode each weight once per
+    BLOCK_M rows."""
+    if scheme == "fp8" or m <= DECODE_MAX_M:
+        return True
+    return m <= BATCH_MAX_M and (_target(device), scheme, "batch") in TILE_SIZES
 
 
 def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias=None, *, config=None, out=None) -> torch.Tensor:
@@ -864,21 +915,30 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias=None, *, config=None
                 cfg.get("target_programs", 0):
             block_n //= 2
     _check(g == 1 or block_k % g == 0 or g % block_k == 0, f"BLOCK_K={block_k} incompatible with group size {g}")
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split, k_chunk = 1, k
+    if tiles < cfg.get("GEMM_SPLIT_K_PROGRAMS", 0):
+        split = max(1, min(cfg.get("GEMM_MAX_SPLIT_K", 1), triton.cdiv(cfg["GEMM_SPLIT_K_PROGRAMS"], tiles),
+                           k // (2 * block_k)))
+        k_chunk = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+        split = triton.cdiv(k, k_chunk)
+    y = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     if dot_f32:
         compute = 0
     elif scheme == "fp8":
         compute = 1  # fp8 -> f16 is exact
     else:
         compute = 1 if x.dtype == torch.float16 else 2
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    quant_linear_kernel[grid](
-        out, x_in, xs, w, s, gs, bias_arg, z,
-        m, n, k,
-        *x_in.stride(), *w.stride(), *s_strides, *z_strides, *out.stride(),
+    quant_linear_kernel[(tiles, split)](
+        y, x_in, xs, w, s, gs, bias_arg, z,
+        m, n, k, k_chunk,
+        *x_in.stride(), *w.stride(), *s_strides, *z_strides, *y.stride(),
         SCHEME=SCHEMES[scheme], GROUP=qw.group_size or 1, MODE=mode,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         COMPUTE=compute, FP8_DOT=fp8_dot, DOT_F32=dot_f32, HAS_BIAS=bias is not None,
-        NVFP4_ASM=on_gpu, HAS_ZERO=has_zero,
+        NVFP4_ASM=on_gpu, HAS_ZERO=has_zero, SPLIT_K=split > 1,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if split > 1:
+        out.copy_(y)
     return out

@@ -1068,24 +1068,25 @@ def _add_rms_norm_fn(eps: float, weight_offset: float | None = None) -> Fn:
     return run
 
 
-DEQUANT_CHUNK_ELEMENTS = 1 << 24  # weight-only schemes at M > DECODE_MAX_M: dequantize this many weights at a time
+DEQUANT_CHUNK_ELEMENTS = 1 << 24  # weight-only schemes at prefill sizes: dequantize this many weights at a time
 
 
 def _quantized_matmul(x, qw, bias=None, *, dequantize_always: bool = False):
-    """x @ dequant(W)^T: the quant_linear kernels where they pay (decode-sized M, and fp8 at any M);
-    weight-only schemes at larger M dequantize row chunks of W to x's dtype and use cuBLAS.
-    dequantize_always: always the chunked path (an fp8 weight used weight-only: the kernels' fp8 is W8A8).
+    """x @ dequant(W)^T: the quant_linear kernels where they pay (decode and batched-decode M, and fp8 at any M:
+    kernels_gpu.quant_linear.uses_gemm_kernels); weight-only schemes at prefill sizes dequantize row chunks of W to
+    x's dtype and use cuBLAS. dequantize_always: always the chunked path (an fp8 weight used weight-only: the
+    kernels' fp8 is W8A8).
 
-    NOTE: on the H100 (2026-11-26) the in-register-dequantizing GEMMs ran at 0.05-0.6x cuBLAS bf16 for
-    M >= 64 with int4/nvfp4 and 0.6x with int8, while a chunked dequantize + cuBLAS costs one extra pass
-    over the (small) quantized weight.
+    NOTE: on the H100 (2026-11-26) the in-register-dequantizing GEMMs with prefill tiles ran at 0.05-0.6x cuBLAS
+    bf16 for M >= 64 with int4/nvfp4, so every M > 16 took the chunked path; on an H200 (2026-11-28) that path cost
+    0.09-7 ms per projection at M = 32-256 against 0.01-0.45 ms for the kernels with batch tiles.
     """
     import torch.nn.functional as F
 
-    from kernels_gpu.quant_linear import DECODE_MAX_M, QuantizedWeight, dequantize_weight, quant_linear
+    from kernels_gpu.quant_linear import QuantizedWeight, dequantize_weight, quant_linear, uses_gemm_kernels
 
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if not dequantize_always and (qw.scheme == "fp8" or x.shape[0] <= DECODE_MAX_M):
+    if not dequantize_always and uses_gemm_kernels(qw.scheme, x.shape[0], x.device):
         return quant_linear(x, qw, bias)
     n, k = qw.out_features, qw.in_features
     rows = max(1, DEQUANT_CHUNK_ELEMENTS // k)

@@ -8,7 +8,9 @@ SCHEMES = ("fp8", "int8", "int4", "nvfp4")
 # K per scheme: not a multiple of any K tile where the scheme allows it (int4 needs whole groups of 128)
 K_OF = {"fp8": 200, "int8": 200, "int4": 256, "nvfp4": 208}
 N = 40  # not a multiple of any N tile
-CASES = [(1, True), (3, False), (17, True), (64, False)]  # (M, bias): FMA decode, dot decode, prefill tiles
+# (M, bias): FMA decode, dot decode, batched decode (weight-only schemes: batch tiles, split-K; fp8: prefill tiles;
+# weight-only prefill tiles: test_batched_decode_tiles_and_split_k)
+CASES = [(1, True), (3, False), (17, True), (64, False)]
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 
 
@@ -267,6 +269,28 @@ def test_int4_zero_points_every_path(kernel_module, device):
         assert rel_err(ql.quant_linear(x, qw, b, config=cfg), ref) < 1e-4, cfg
     x1 = x[:1].contiguous()
     assert rel_err(ql.quant_linear(x1, qw, b, config={"GEMV_BLOCK_K": 16}), ql.ref_quant_linear(x1, qw, b)) < 1e-4
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nvfp4"])
+def test_batched_decode_tiles_and_split_k(kernel_module, device, scheme):
+    """16 < M <= BATCH_MAX_M takes the "batch" tiles; K splits (f32 atomics, bias added once) or not, unevenly
+    (the last split shorter), and an M that needs two row tiles: all match the reference."""
+    ql = kernel_module("quant_linear")
+    dev = torch.device(device)
+    assert ql.tile_config(dev, scheme, 40)["phase"] == "batch"
+    assert ql.tile_config(dev, scheme, 16)["phase"] == "decode"
+    assert ql.tile_config(dev, scheme, ql.BATCH_MAX_M + 1)["phase"] == "prefill"
+    assert ql.uses_gemm_kernels(scheme, 200, dev) and not ql.uses_gemm_kernels(scheme, 4096, dev)
+    assert ql.uses_gemm_kernels("fp8", 4096, dev)
+    for m, seed in ((17, 1), (40, 2)):
+        x, qw, b = make(scheme, m, N, K_OF[scheme], torch.float32, device, bias=True, seed=seed)
+        ref = ql.ref_quant_linear(x, qw, b)
+        for cfg in ({}, {"GEMM_SPLIT_K_PROGRAMS": 0}, {"GEMM_SPLIT_K_PROGRAMS": 64, "GEMM_MAX_SPLIT_K": 2},
+                    {"MODE": 0}):
+            assert rel_err(ql.quant_linear(x, qw, b, config=cfg), ref) < 1e-4, (m, cfg)
+    m = ql.BATCH_MAX_M + 1  # the prefill tiles
+    x, qw, b = make(scheme, m, N, K_OF[scheme], torch.bfloat16, device, bias=True, seed=3)
+    assert rel_err(ql.quant_linear(x, qw, b), ql.ref_quant_linear(x, qw, b)) < TOL[torch.bfloat16]
 
 
 def test_int4_zero_of_eight_equals_symmetric(kernel_module, device):
