@@ -91,14 +91,17 @@ for _s in SCHEMES:
 # Llama-3-8B gate_up, weight copies rotated past the L2, the config with the best geometric mean over the shapes).
 # Against cuBLAS bf16 on the same shapes they are 0.6-1.2x for int8 and 0.15-0.7x for int4 / nvfp4, whose
 # nibble decoding (each weight decoded once per BLOCK_M rows) bounds them. GEMM_SPLIT_K_PROGRAMS / GEMM_MAX_SPLIT_K:
-# K is split (f32 atomics) while fewer programs than that would run (down_proj: few N tiles, long K).
+# K is split (f32 atomics) while fewer programs than that (the SMs of an H100 / H200) would run: down_proj's few N
+# tiles and long K, 82 -> 22 us at M = 32 (int4, Llama-3.2-1B). Only up to M = 64: the atomics of a larger output
+# cost more than the split gains (int8 qkv at M = 256: 16 us unsplit, 38 us split three ways).
 _B32 = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "MODE": 1, "num_warps": 4, "num_stages": 3,
-        "GEMM_SPLIT_K_PROGRAMS": 264, "GEMM_MAX_SPLIT_K": 8}
+        "GEMM_SPLIT_K_PROGRAMS": 132, "GEMM_MAX_SPLIT_K": 8}
 _B64 = dict(_B32, BLOCK_M=64)
-_B128 = dict(_B32, BLOCK_M=128)
-TILE_SIZES[("cuda", "int4", "batch")] = {32: _B32, 256: _B64}
-TILE_SIZES[("cuda", "nvfp4", "batch")] = {32: _B32, 256: _B64}
-TILE_SIZES[("cuda", "int8", "batch")] = {32: _B32, 64: _B64, 256: _B128}
+_B64_WHOLE_K = dict(_B64, GEMM_SPLIT_K_PROGRAMS=0)
+_B128_WHOLE_K = dict(_B64_WHOLE_K, BLOCK_M=128)
+TILE_SIZES[("cuda", "int4", "batch")] = {32: _B32, 64: _B64, 256: _B64_WHOLE_K}
+TILE_SIZES[("cuda", "nvfp4", "batch")] = {32: _B32, 64: _B64, 256: _B64_WHOLE_K}
+TILE_SIZES[("cuda", "int8", "batch")] = {32: _B32, 64: _B64, 256: _B128_WHOLE_K}
 for _s in ("int8", "int4", "nvfp4"):
     TILE_SIZES[("interpret", _s, "batch")] = {
         256: {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "MODE": 1, "num_warps": 4,
