@@ -738,6 +738,90 @@ def quant_linear_kernel(
 
 # ------------------------------------------------------------------------------------------------ wrappers
 
+@triton.jit
+def dequantize_kernel(out_ptr, w_ptr, s_ptr, gs_ptr, z_ptr, N, K,
+                      stride_on, stride_wn, stride_sn, stride_sk, stride_zn, stride_zk,
+                      SCHEME: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[N, K] = the weight's values (dequantize_weight's f32 arithmetic), rounded once to out's dtype. One
+    program per (BLOCK_N rows, BLOCK_K columns); nibble schemes decode BLOCK_K // 2 bytes and interleave."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    o_rows = out_ptr + offs_n.to(tl.int64)[:, None] * stride_on
+    if SCHEME <= 1:  # fp8 / int8: value * scale[n]
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = n_mask[:, None] & (offs_k < K)[None, :]
+        if SCHEME == 0:
+            q = tl.load(w_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        else:
+            q = tl.load(w_rows + offs_k[None, :], mask=mask, other=0).to(tl.float32)
+        scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
+        tl.store(o_rows + offs_k[None, :], (q * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        HALF: tl.constexpr = BLOCK_K // 2
+        offs_b = pid_k * HALF + tl.arange(0, HALF)  # byte b holds columns 2b (low nibble) and 2b + 1
+        mask = n_mask[:, None] & (offs_b < K // 2)[None, :]
+        packed = tl.load(w_rows + offs_b[None, :], mask=mask, other=0).to(tl.int32)
+        lo = packed & 15
+        hi = (packed >> 4) & 15
+        group = (2 * offs_b) // GROUP  # GROUP is even: both nibbles of a byte share it
+        s_at = s_ptr + offs_n[:, None] * stride_sn + group[None, :] * stride_sk
+        if SCHEME == 2:
+            scale = tl.load(s_at, mask=mask, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                zero = tl.load(z_ptr + offs_n[:, None] * stride_zn + group[None, :] * stride_zk, mask=mask,
+                               other=0).to(tl.float32)
+            else:
+                zero = tl.full([BLOCK_N, HALF], 8.0, tl.float32)
+            v_lo = (lo.to(tl.float32) - zero) * scale
+            v_hi = (hi.to(tl.float32) - zero) * scale
+        else:
+            denom = tl.load(s_at, mask=mask, other=0.0).to(tl.float32) * tl.load(gs_ptr)
+            v_lo = _e2m1_to_f32(lo) * denom
+            v_hi = _e2m1_to_f32(hi) * denom
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        vals = tl.interleave(v_lo, v_hi)  # [BLOCK_N, BLOCK_K]: columns 2b, 2b + 1
+        tl.store(o_rows + offs_k[None, :], vals.to(out_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & (offs_k < K)[None, :])
+
+
+DEQUANT_TILES = {"cuda": {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4},
+                 "interpret": {"BLOCK_N": 8, "BLOCK_K": 64, "num_warps": 4}}
+
+
+def dequantize_to(qw: QuantizedWeight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """QuantizedWeight -> [N, K] in `dtype` (bf16 / f16 / f32) on the weight's device, in one kernel: exactly
+    dequantize_weight(qw).to(dtype). For weight-only GEMMs at prefill sizes, where dequantizing a weight and
+    calling cuBLAS beats decoding it once per row tile inside the GEMM."""
+    _validate_qweight(qw)
+    _check(dtype in (torch.bfloat16, torch.float16, torch.float32), f"dtype must be bf16, f16 or f32, got {dtype}")
+    n, k = qw.out_features, qw.in_features
+    if out is None:
+        out = torch.empty((n, k), dtype=dtype, device=qw.device)
+    else:
+        _check(out.shape == (n, k) and out.dtype == dtype and out.stride(1) == 1 and out.device == qw.device,
+               f"out must be {dtype}[{n}, {k}] with unit column stride on {qw.device}")
+    t = qw.tensors
+    w = t["weight"]
+    if qw.scheme in ("fp8", "int8"):
+        s, gs, s_strides = t["scale"], t["scale"], (1, 0)
+    elif qw.scheme == "int4":
+        s, gs, s_strides = t["scale"], t["scale"], t["scale"].stride()
+    else:
+        s, gs, s_strides = t["block_scale"], t["global_scale"], t["block_scale"].stride()
+    has_zero = qw.scheme == "int4" and "zero" in t
+    z, z_strides = (t["zero"], t["zero"].stride()) if has_zero else (w, (0, 0))
+    cfg = DEQUANT_TILES[_target(qw.device)]
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]))
+    dequantize_kernel[grid](out, w, s, gs, z, n, k, out.stride(0), w.stride(0), *s_strides, *z_strides,
+                            SCHEME=SCHEMES[qw.scheme], GROUP=qw.group_size or 2, HAS_ZERO=has_zero,
+                            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    return out
+
+
 def quantize_activation_fp8(x: torch.Tensor):
     """x [M, K] float -> (float8_e4m3fn[M, K], f32[M] scale): per-row scale max(amax / 448, FLT_MIN),
     values RNE(clamp(x / scale, +-448)) (Triton)."""

@@ -1074,8 +1074,8 @@ DEQUANT_CHUNK_ELEMENTS = 1 << 24  # weight-only schemes at prefill sizes: dequan
 def _quantized_matmul(x, qw, bias=None, *, dequantize_always: bool = False):
     """x @ dequant(W)^T: the quant_linear kernels where they pay (decode and batched-decode M, and fp8 at any M:
     kernels_gpu.quant_linear.uses_gemm_kernels); weight-only schemes at prefill sizes dequantize row chunks of W to
-    x's dtype and use cuBLAS. dequantize_always: always the chunked path (an fp8 weight used weight-only: the
-    kernels' fp8 is W8A8).
+    x's dtype (kernels_gpu.quant_linear.dequantize_to, one kernel a chunk) and use cuBLAS. dequantize_always: always
+    the chunked path (an fp8 weight used weight-only: the kernels' fp8 is W8A8).
 
     NOTE: on the H100 (2026-11-26) the in-register-dequantizing GEMMs with prefill tiles ran at 0.05-0.6x cuBLAS
     bf16 for M >= 64 with int4/nvfp4, so every M > 16 took the chunked path; on an H200 (2026-11-28) that path cost
@@ -1083,7 +1083,7 @@ def _quantized_matmul(x, qw, bias=None, *, dequantize_always: bool = False):
     """
     import torch.nn.functional as F
 
-    from kernels_gpu.quant_linear import QuantizedWeight, dequantize_weight, quant_linear, uses_gemm_kernels
+    from kernels_gpu.quant_linear import QuantizedWeight, dequantize_to, quant_linear, uses_gemm_kernels
 
     x = x if x.stride(-1) == 1 else x.contiguous()
     if not dequantize_always and uses_gemm_kernels(qw.scheme, x.shape[0], x.device):
@@ -1091,11 +1091,13 @@ def _quantized_matmul(x, qw, bias=None, *, dequantize_always: bool = False):
     n, k = qw.out_features, qw.in_features
     rows = max(1, DEQUANT_CHUNK_ELEMENTS // k)
     out = x.new_empty((x.shape[0], n))
+    buf = x.new_empty((min(rows, n), k))
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         part = QuantizedWeight(qw.scheme, n1 - n0, k, {name: (t if t.dim() == 0 else t[n0:n1])
                                                       for name, t in qw.tensors.items()}, qw.group_size)
-        out[:, n0:n1] = F.linear(x, dequantize_weight(part).to(x.dtype), None if bias is None else bias[n0:n1])
+        w = dequantize_to(part, x.dtype, out=buf[: n1 - n0])
+        out[:, n0:n1] = F.linear(x, w, None if bias is None else bias[n0:n1])
     return out
 
 

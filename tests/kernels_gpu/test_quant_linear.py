@@ -351,3 +351,49 @@ def test_from_parts_and_zero_errors(kernel_module, device):
         qw.tensors["zero"] = qw.tensors["zero"].cpu()
         with pytest.raises(ValueError, match="tensor 'zero' is on cpu"):
             ql.quant_linear(torch.randn(1, 256, device=device), qw)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_dequantize_to_equals_the_reference_rounded_once(kernel_module, device, scheme):
+    """dequantize_to (one kernel, for weight-only GEMMs at prefill sizes) gives dequantize_weight's values rounded
+    once to the target dtype, bit for bit (bf16 on the CPU: within an ulp, as Triton's interpreter rounds its
+    downcasts inexactly): N and K not multiples of its tiles, row slices (the chunked GEMM), int4 with zero points
+    and a small group."""
+    ql = kernel_module("quant_linear")
+
+    def same(got, ref):
+        if got.dtype == torch.float32 or device == "cuda":
+            return torch.equal(got, ref.to(got.dtype))
+        return bool(((got.float() - ref).abs() <= ref.abs() * 2 ** -7).all())
+
+    _, qw, _ = make(scheme, 1, 37, K_OF[scheme] * 3, torch.float32, device, seed=5)
+    weights = [qw]
+    if scheme == "int4":
+        weights.append(make_int4_zero(1, 21, 320, torch.float32, device, seed=6, random_parts=True, group=32)[1])
+    for w in weights:
+        ref = ql.dequantize_weight(w)
+        for dtype in (torch.bfloat16, torch.float32):
+            assert same(ql.dequantize_to(w, dtype), ref), (scheme, dtype)
+        part = ql.QuantizedWeight(w.scheme, 9, w.in_features, {k: (t if t.dim() == 0 else t[7:16])
+                                                                for k, t in w.tensors.items()}, w.group_size)
+        out = torch.full((16, w.in_features), float("nan"), dtype=torch.bfloat16, device=device)
+        ql.dequantize_to(part, torch.bfloat16, out=out[:9])
+        assert same(out[:9], ref[7:16]) and out[9:].isnan().all()
+    with pytest.raises(ValueError, match="out must be"):
+        ql.dequantize_to(qw, torch.bfloat16, out=torch.empty(3, 3, dtype=torch.bfloat16, device=device))
+
+
+def test_prefill_sized_weight_only_matmul_in_chunks(device, monkeypatch):
+    """The CUDA backend's weight-only GEMM above BATCH_MAX_M rows: weight chunks dequantized by dequantize_to into
+    one reused buffer, then cuBLAS (here torch on the device); several chunks, bias per chunk."""
+    import lowering.backends.cuda as cuda_backend
+    from kernels_gpu import quant_linear as ql
+
+    monkeypatch.setattr(cuda_backend, "DEQUANT_CHUNK_ELEMENTS", 16 * 256)  # 16 rows a chunk: 3 chunks of N = 40
+    for scheme in ("int4", "nvfp4", "int8"):
+        x, qw, b = make(scheme, ql.BATCH_MAX_M + 3, N, 256, torch.float32, device, bias=True, seed=8)
+        got = cuda_backend._quantized_matmul(x, qw, b)
+        assert rel_err(got, ql.ref_quant_linear(x, qw, b)) < 1e-5, scheme
+    x, qw, b = make("fp8", 5, N, 256, torch.float32, device, bias=True, seed=9)  # an fp8 weight used weight-only
+    got = cuda_backend._quantized_matmul(x, qw, b, dequantize_always=True)
+    assert rel_err(got, x.double() @ ql.dequantize_weight(qw).double().T + b.double()) < 1e-5
