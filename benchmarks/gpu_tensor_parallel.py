@@ -72,6 +72,18 @@ def decode_input(program, batch: int, context: int):
                      block_tables=tables, logit_rows=np.arange(batch, dtype=np.int32))
 
 
+def run_async(program, inp, steps: int) -> None:
+    """`steps` decode steps as the engine's async scheduling runs them: step t+1 launched (its token rows fed on the
+    GPUs with step t's picks) before step t's tokens are read."""
+    rows = np.arange(inp.num_seqs, dtype=np.int32)
+    last = program.step_async(inp)
+    for _ in range(steps - 1):
+        pending = program.step_async(inp, feed_rows=rows, feed_from=rows)
+        last.result()
+        last = pending
+    last.result()
+
+
 def time_decode(program, batch: int, context: int, steps: int, repeats: int, mode: str = "sync") -> float:
     """Median ms of one decode step as the engine drives it.
 
@@ -79,7 +91,6 @@ def time_decode(program, batch: int, context: int, steps: int, repeats: int, mod
     async: the engine's async scheduling: step t+1 is launched (step_async, its token rows fed on the GPUs with step
     t's picks) before step t's tokens are read back, so the host's work overlaps the GPUs'."""
     inp = decode_input(program, batch, context)
-    rows = np.arange(batch, dtype=np.int32)
     for _ in range(5):  # graph capture, warm-up
         program.step_greedy(inp)
     times = []
@@ -89,12 +100,7 @@ def time_decode(program, batch: int, context: int, steps: int, repeats: int, mod
             for _ in range(steps):
                 program.step_greedy(inp)
         else:
-            last = program.step_async(inp)
-            for _ in range(steps - 1):
-                pending = program.step_async(inp, feed_rows=rows, feed_from=rows)
-                last.result()
-                last = pending
-            last.result()
+            run_async(program, inp, steps)
         times.append((time.perf_counter() - t) / steps * 1e3)
     return statistics.median(times)
 
@@ -106,15 +112,9 @@ def profile_decode(program, batch: int, context: int, steps: int = 20, top: int 
     from torch.profiler import ProfilerActivity, profile
 
     inp = decode_input(program, batch, context)
-    rows = np.arange(batch, dtype=np.int32)
     program.step_greedy(inp)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        last = program.step_async(inp)
-        for _ in range(steps - 1):
-            pending = program.step_async(inp, feed_rows=rows, feed_from=rows)
-            last.result()
-            last = pending
-        last.result()
+        run_async(program, inp, steps)
         torch.cuda.synchronize()
     kernels: dict[str, list[float]] = {}
     for e in prof.events():
