@@ -103,15 +103,16 @@ def test_cuda_tp2_program_matches_tp1(tp_models):
 
 
 def test_cuda_tp2_engine_tokens_equal_tp1(tp_models):
-    """Greedy and seeded sampled requests: TP=1 without async scheduling, TP=2 with it (the workers launch each step
-    with the feed of tokens still on the GPUs) and without it give the same tokens."""
+    """Greedy and seeded sampled requests: TP=1 without async scheduling and TP=2 with it (the workers launch each
+    step with the feed of tokens still on the GPUs) give the same tokens. (TP=2's synchronous steps:
+    test_cuda_tp2_program_matches_tp1.)"""
     one, two = tp_models
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, 101, n).tolist() for n in (9, 30, 2, 17)]
     params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 3 + \
              [SamplingParams(max_tokens=8, temperature=0.9, top_k=20, seed=11, ignore_eos=True)]
     tokens = {}
-    for name, cm, async_scheduling in (("tp1 sync", one, False), ("tp2 async", two, None), ("tp2 sync", two, False)):
+    for name, cm, async_scheduling in (("tp1 sync", one, False), ("tp2 async", two, None)):
         engine = Engine(cm, num_blocks=32, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128,
                         program_options=cuda_device(), async_scheduling=async_scheduling)
         try:
@@ -123,7 +124,6 @@ def test_cuda_tp2_engine_tokens_equal_tp1(tp_models):
             if hasattr(engine.program, "close"):
                 engine.program.close()
     assert tokens["tp2 async"] == tokens["tp1 sync"]
-    assert tokens["tp2 sync"] == tokens["tp1 sync"]
     assert tokens["tp1 sync"][3] != tokens["tp1 sync"][0]  # not vacuous: the streams differ
 
 
