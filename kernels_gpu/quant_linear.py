@@ -738,6 +738,32 @@ def quant_linear_kernel(
 
 # ------------------------------------------------------------------------------------------------ wrappers
 
+def _weight_args(qw: QuantizedWeight) -> tuple:
+    """The kernels' weight arguments: (weight, scale, global scale, scale strides, zero points, their strides,
+    has_zero); per-channel scales take strides (1, 0), and unused pointers repeat a present tensor."""
+    t = qw.tensors
+    w = t["weight"]
+    if qw.scheme in ("fp8", "int8"):
+        s, gs, s_strides = t["scale"], t["scale"], (1, 0)
+    elif qw.scheme == "int4":
+        s, gs, s_strides = t["scale"], t["scale"], t["scale"].stride()
+    else:
+        s, gs, s_strides = t["block_scale"], t["global_scale"], t["block_scale"].stride()
+    has_zero = qw.scheme == "int4" and "zero" in t
+    z, z_strides = (t["zero"], t["zero"].stride()) if has_zero else (w, (0, 0))
+    return w, s, gs, s_strides, z, z_strides, has_zero
+
+
+def _split_k(programs: int, k: int, block_k: int, target_programs: int, max_split: int) -> tuple[int, int]:
+    """(splits, K columns a split, a multiple of block_k): K is split while fewer than target_programs programs would
+    run, up to max_split ways and with at least two K tiles a split."""
+    split = 1
+    if programs < target_programs:
+        split = max(1, min(max_split, triton.cdiv(target_programs, programs), k // (2 * block_k)))
+    k_chunk = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    return triton.cdiv(k, k_chunk), k_chunk
+
+
 @triton.jit
 def dequantize_kernel(out_ptr, w_ptr, s_ptr, gs_ptr, z_ptr, N, K,
                       stride_on, stride_wn, stride_sn, stride_sk, stride_zn, stride_zk,
@@ -804,16 +830,7 @@ def dequantize_to(qw: QuantizedWeight, dtype: torch.dtype, out: torch.Tensor | N
     else:
         _check(out.shape == (n, k) and out.dtype == dtype and out.stride(1) == 1 and out.device == qw.device,
                f"out must be {dtype}[{n}, {k}] with unit column stride on {qw.device}")
-    t = qw.tensors
-    w = t["weight"]
-    if qw.scheme in ("fp8", "int8"):
-        s, gs, s_strides = t["scale"], t["scale"], (1, 0)
-    elif qw.scheme == "int4":
-        s, gs, s_strides = t["scale"], t["scale"], t["scale"].stride()
-    else:
-        s, gs, s_strides = t["block_scale"], t["global_scale"], t["block_scale"].stride()
-    has_zero = qw.scheme == "int4" and "zero" in t
-    z, z_strides = (t["zero"], t["zero"].stride()) if has_zero else (w, (0, 0))
+    w, s, gs, s_strides, z, z_strides, has_zero = _weight_args(qw)
     cfg = DEQUANT_TILES[_target(qw.device)]
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]))
     dequantize_kernel[grid](out, w, s, gs, z, n, k, out.stride(0), w.stride(0), *s_strides, *z_strides,
@@ -900,9 +917,7 @@ def uses_gemm_kernels(scheme: str, m: int, device: torch.device) -> bool:
     sizes, batched decode where the scheme has "batch" tiles, and fp8 (W8A8) at any size. Elsewhere (weight-only
     prefill) dequantizing the weight and calling cuBLAS is faster: the kernels decode each weight once per
     BLOCK_M rows."""
-    if scheme == "fp8" or m <= DECODE_MAX_M:
-        return True
-    return m <= BATCH_MAX_M and (_target(device), scheme, "batch") in TILE_SIZES
+    return scheme == "fp8" or tile_config(device, scheme, m)["phase"] != "prefill"
 
 
 def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias=None, *, config=None, out=None) -> torch.Tensor:
@@ -950,31 +965,15 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias=None, *, config=None
     dot_f32 = interp or (x.dtype == torch.float32 and scheme != "fp8")
     fp8_dot = scheme == "fp8" and on_gpu and not dot_f32
 
-    if scheme in ("fp8", "int8"):
-        s, gs = t["scale"], t["scale"]
-        s_strides = (1, 0)
-    elif scheme == "int4":
-        s, gs = t["scale"], t["scale"]
-        s_strides = s.stride()
-    else:
-        s, gs = t["block_scale"], t["global_scale"]
-        s_strides = s.stride()
-    w = t["weight"]
+    w, s, gs, s_strides, z, z_strides, has_zero = _weight_args(qw)
     g = qw.group_size or 1
     bias_arg = bias if bias is not None else out
-    has_zero = scheme == "int4" and "zero" in t
-    z, z_strides = (t["zero"], t["zero"].stride()) if has_zero else (w, (0, 0))
 
     if cfg["phase"] == "decode" and m <= cfg.get("GEMV_MAX_M", 0):
         block_n, block_k = cfg["GEMV_BLOCK_N"], cfg["GEMV_BLOCK_K"]
         _check(g == 1 or block_k % g == 0 or g % block_k == 0, f"GEMV_BLOCK_K={block_k} incompatible with group {g}")
         programs = triton.cdiv(n, block_n)
-        split = 1
-        if programs < cfg.get("SPLIT_K_PROGRAMS", 0):
-            split = max(1, min(cfg.get("MAX_SPLIT_K", 1), triton.cdiv(cfg["SPLIT_K_PROGRAMS"], programs),
-                               k // (2 * block_k)))
-        k_chunk = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-        split = triton.cdiv(k, k_chunk)
+        split, k_chunk = _split_k(programs, k, block_k, cfg.get("SPLIT_K_PROGRAMS", 0), cfg.get("MAX_SPLIT_K", 1))
         y = torch.zeros((1, n), dtype=torch.float32, device=x.device) if split > 1 else out
         words = (cfg.get("GEMV_WORDS", False) and w.stride(0) % 4 == 0 and w.data_ptr() % 4 == 0
                  and (min(g, block_k) % 8 == 0 if scheme in ("int4", "nvfp4") else k % 4 == 0 and block_k >= 4))
@@ -1003,12 +1002,7 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias=None, *, config=None
             block_n //= 2
     _check(g == 1 or block_k % g == 0 or g % block_k == 0, f"BLOCK_K={block_k} incompatible with group size {g}")
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    split, k_chunk = 1, k
-    if tiles < cfg.get("GEMM_SPLIT_K_PROGRAMS", 0):
-        split = max(1, min(cfg.get("GEMM_MAX_SPLIT_K", 1), triton.cdiv(cfg["GEMM_SPLIT_K_PROGRAMS"], tiles),
-                           k // (2 * block_k)))
-        k_chunk = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-        split = triton.cdiv(k, k_chunk)
+    split, k_chunk = _split_k(tiles, k, block_k, cfg.get("GEMM_SPLIT_K_PROGRAMS", 0), cfg.get("GEMM_MAX_SPLIT_K", 1))
     y = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     if dot_f32:
         compute = 0

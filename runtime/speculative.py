@@ -364,8 +364,8 @@ class DraftLengthController:
     unmeasured sizes between measured ones are interpolated, larger ones extrapolated in proportion to T (prefill
     chunks sharing the step count too). The first sample of each size is dropped, later ones enter a decayed mean
     with outliers clipped (a stall of the machine must not switch speculation off for good) and replaced outright
-    by a sample many times smaller (the estimate held an unseen compile). a_r is a decayed count of accepted / tried draft tokens per request, starting from the
-    running average of all requests.
+    by a sample many times smaller (the estimate held an unseen compile). a_r is a decayed count of accepted /
+    tried draft tokens per request, starting from the running average of all requests.
     """
 
     DECAY = 0.8  # weight of the old estimate per update
