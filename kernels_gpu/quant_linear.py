@@ -70,8 +70,8 @@ _DECODE = {"GEMV_MAX_M": 1, "GEMV_BLOCK_N": 16, "GEMV_BLOCK_K": 512, "GEMV_WARPS
 TILE_SIZES = {
     ("cuda", "fp8", "decode"): dict(_DECODE, BLOCK_K=256),
     ("cuda", "int8", "decode"): dict(_DECODE, BLOCK_K=256),
-    ("cuda", "int4", "decode"): dict(_DECODE, BLOCK_K=256, GEMV_PAIRS=True),
-    ("cuda", "nvfp4", "decode"): dict(_DECODE, GEMV_BLOCK_N=8, GEMV_PAIRS=True),
+    ("cuda", "int4", "decode"): dict(_DECODE, BLOCK_K=256, GEMV_PAIRS=True, PAIRS=True, MODE=0),
+    ("cuda", "nvfp4", "decode"): dict(_DECODE, GEMV_BLOCK_N=8, GEMV_PAIRS=True, PAIRS=True, MODE=0),
     ("cuda", "fp8", "prefill"): {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "MODE": 0,
                                  "num_warps": 8, "num_stages": 3},
     ("cuda", "int8", "prefill"): {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "MODE": 1,
@@ -99,13 +99,20 @@ for _s in SCHEMES:
 # K is split (f32 atomics) while fewer programs than that (the SMs of an H100 / H200) would run: down_proj's few N
 # tiles and long K, 82 -> 22 us at M = 32 (int4, Llama-3.2-1B). Only up to M = 64: the atomics of a larger output
 # cost more than the split gains (int8 qkv at M = 256: 16 us unsplit, 38 us split three ways).
+# int4 / nvfp4 take PAIRS (one dot over the whole K tile, a byte's two nibbles joined into adjacent columns, x read
+# contiguously; before: two dots over the even and the odd columns, each reading x with a stride of 2) with BLOCK_K
+# 64, and the decode tiles (2 <= M <= 16) PAIRS with MODE 0. H200 sweep (.scratch/sweep_pairs_gemm.py, 2026-11-28,
+# Llama-3.2-1B qkv / gate_up / down and Llama-3-8B gate_up): geometric-mean speed-up over the two-dot tiles 1.40x
+# (int4) / 1.24x (nvfp4) at M = 32..256, 1.68x / 1.56x at M = 4 and 16.
 _B32 = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "MODE": 1, "num_warps": 4, "num_stages": 3,
         "GEMM_SPLIT_K_PROGRAMS": 132, "GEMM_MAX_SPLIT_K": 8}
 _B64 = dict(_B32, BLOCK_M=64)
 _B64_WHOLE_K = dict(_B64, GEMM_SPLIT_K_PROGRAMS=0)
 _B128_WHOLE_K = dict(_B64_WHOLE_K, BLOCK_M=128)
-TILE_SIZES[("cuda", "int4", "batch")] = {32: _B32, 64: _B64, 256: _B64_WHOLE_K}
-TILE_SIZES[("cuda", "nvfp4", "batch")] = {32: _B32, 64: _B64, 256: _B64_WHOLE_K}
+_NIBBLE_PAIRS = {"PAIRS": True, "BLOCK_K": 64}
+TILE_SIZES[("cuda", "int4", "batch")] = {32: dict(_B32, **_NIBBLE_PAIRS), 64: dict(_B64, **_NIBBLE_PAIRS),
+                                         256: dict(_B64_WHOLE_K, **_NIBBLE_PAIRS)}
+TILE_SIZES[("cuda", "nvfp4", "batch")] = TILE_SIZES[("cuda", "int4", "batch")]
 TILE_SIZES[("cuda", "int8", "batch")] = {32: _B32, 64: _B64, 256: _B128_WHOLE_K}
 for _s in ("int8", "int4", "nvfp4"):
     TILE_SIZES[("interpret", _s, "batch")] = {
@@ -658,6 +665,8 @@ def quant_linear_kernel(
     DOT_F32: tl.constexpr, HAS_BIAS: tl.constexpr, NVFP4_ASM: tl.constexpr,
     HAS_ZERO: tl.constexpr = False,
     SPLIT_K: tl.constexpr = False,  # program_id(1) takes K columns [pid_k * k_chunk, + k_chunk), adds into f32 y
+    PAIRS: tl.constexpr = False,  # nibble schemes: one dot over the whole tile, a byte's two nibbles joined into
+    # adjacent columns (x read contiguously); else two dots over the even and the odd columns
 ):
     """Tiled GEMM. MODE 0: acc[BM, BN] = dot(x, W^T); MODE 1: acc[BN, BM] = dot(W, x^T), the dequantized weight
     tile as the first operand. Nibble schemes split K into even / odd halves (two dots), so the two nibbles of a
@@ -680,8 +689,9 @@ def quant_linear_kernel(
     n_mask = offs_n < N
     x_row = x_ptr + offs_m.to(tl.int64) * stride_xm
     NIBBLES: tl.constexpr = SCHEME >= 2
-    KT: tl.constexpr = BLOCK_K // 2 if NIBBLES else BLOCK_K  # K extent of one dot
-    KSTEP: tl.constexpr = 2 if NIBBLES else 1  # x column step inside one dot
+    TWO_DOTS: tl.constexpr = NIBBLES and not PAIRS
+    KT: tl.constexpr = BLOCK_K // 2 if TWO_DOTS else BLOCK_K  # K extent of one dot
+    KSTEP: tl.constexpr = 2 if TWO_DOTS else 1  # x column step inside one dot
 
     if MODE == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -700,14 +710,18 @@ def quant_linear_kernel(
             if HAS_ZERO:
                 zero = _load_group_zero(z_ptr, offs_n, n_mask, k0, K, stride_zn, stride_zk, GROUP, BLOCK_K)
             lo, hi = _decode_nibbles(packed, scale, zero, SCHEME, NVFP4_ASM, True, HAS_ZERO)
-            w = _to_compute(tl.reshape(lo, (BLOCK_N, KT)), COMPUTE)
-            w2 = _to_compute(tl.reshape(hi, (BLOCK_N, KT)), COMPUTE)
+            if PAIRS:  # byte j holds columns 2j (low nibble) and 2j + 1
+                w = _to_compute(tl.reshape(tl.join(lo, hi), (BLOCK_N, KT)), COMPUTE)
+                w2 = w
+            else:
+                w = _to_compute(tl.reshape(lo, (BLOCK_N, KT)), COMPUTE)
+                w2 = _to_compute(tl.reshape(hi, (BLOCK_N, KT)), COMPUTE)
         else:
             w = _load_dense_tile(w_ptr, offs_n, n_mask, k0, K, stride_wn, stride_wk, SCHEME, BLOCK_K)
             if not FP8_DOT:
                 w = _to_compute(w, COMPUTE)
             w2 = w
-        offs_k = k0 + KSTEP * tl.arange(0, KT)  # the even columns for nibble schemes
+        offs_k = k0 + KSTEP * tl.arange(0, KT)  # the even columns for two dots
         k_mask = offs_k < K
         if MODE == 1:
             xt = tl.load(x_row[None, :] + offs_k[:, None] * stride_xk, mask=k_mask[:, None] & m_mask[None, :],
@@ -718,7 +732,7 @@ def quant_linear_kernel(
                 acc = tl.dot(w, xt, acc, input_precision="ieee")
             else:
                 acc = tl.dot(w, xt, acc)
-            if NIBBLES:
+            if TWO_DOTS:
                 xt = tl.load(x_row[None, :] + (offs_k + 1)[:, None] * stride_xk,
                              mask=k_mask[:, None] & m_mask[None, :], other=0.0)
                 xt = _to_compute(xt, COMPUTE)
@@ -735,7 +749,7 @@ def quant_linear_kernel(
                 acc = tl.dot(xv, tl.trans(w), acc, input_precision="ieee")
             else:
                 acc = tl.dot(xv, tl.trans(w), acc)
-            if NIBBLES:
+            if TWO_DOTS:
                 xv = tl.load(x_row[:, None] + (offs_k + 1)[None, :] * stride_xk,
                              mask=m_mask[:, None] & k_mask[None, :], other=0.0)
                 xv = _to_compute(xv, COMPUTE)
@@ -1041,7 +1055,7 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias=None, *, config=None
         SCHEME=SCHEMES[scheme], GROUP=qw.group_size or 1, MODE=mode,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         COMPUTE=compute, FP8_DOT=fp8_dot, DOT_F32=dot_f32, HAS_BIAS=bias is not None,
-        NVFP4_ASM=on_gpu, HAS_ZERO=has_zero, SPLIT_K=split > 1,
+        NVFP4_ASM=on_gpu, HAS_ZERO=has_zero, SPLIT_K=split > 1, PAIRS=cfg.get("PAIRS", False),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split > 1:

@@ -291,7 +291,7 @@ def test_batched_decode_tiles_and_split_k(kernel_module, device, scheme):
         x, qw, b = make(scheme, m, N, K_OF[scheme], torch.float32, device, bias=True, seed=seed)
         ref = ql.ref_quant_linear(x, qw, b)
         for cfg in ({}, {"GEMM_SPLIT_K_PROGRAMS": 0}, {"GEMM_SPLIT_K_PROGRAMS": 64, "GEMM_MAX_SPLIT_K": 2},
-                    {"MODE": 0}):
+                    {"MODE": 0}, {"PAIRS": True}, {"PAIRS": True, "MODE": 0}):
             assert rel_err(ql.quant_linear(x, qw, b, config=cfg), ref) < 1e-4, (m, cfg)
     m = ql.BATCH_MAX_M + 1  # the prefill tiles
     x, qw, b = make(scheme, m, N, K_OF[scheme], torch.bfloat16, device, bias=True, seed=3)
