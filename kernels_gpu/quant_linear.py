@@ -669,8 +669,8 @@ def quant_linear_kernel(
     # adjacent columns (x read contiguously); else two dots over the even and the odd columns
 ):
     """Tiled GEMM. MODE 0: acc[BM, BN] = dot(x, W^T); MODE 1: acc[BN, BM] = dot(W, x^T), the dequantized weight
-    tile as the first operand. Nibble schemes split K into even / odd halves (two dots), so the two nibbles of a
-    byte are never interleaved in registers. SPLIT_K: each K split adds its scaled partial into y (f32, zeroed by
+    tile as the first operand. Nibble schemes either join a byte's two decoded nibbles into adjacent columns of one
+    [BLOCK_N, BLOCK_K] tile (PAIRS: one dot, x read contiguously) or split K into even / odd halves (two dots). SPLIT_K: each K split adds its scaled partial into y (f32, zeroed by
     the caller) with atomics; the first split adds the bias. k_chunk is a multiple of BLOCK_K."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
