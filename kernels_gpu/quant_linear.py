@@ -58,8 +58,9 @@ NVFP4_ASM_FACTOR = 256.0  # the E2M1 asm decode yields value * 2**-8 (see _NIBBL
 # GEMV_PAIRS (int4 / nvfp4: a byte's two decoded nibbles joined into adjacent columns, x read as one contiguous
 # vector instead of even / odd strided reads) and, for nvfp4, GEMV_BLOCK_N 8: geometric mean over eight Llama-3.2-1B
 # / Llama-3-8B shapes 0.90x (int4) / 0.79x (nvfp4) of the time before (H200 sweep, 2026-11-28,
-# .scratch/sweep_gemv.py); GEMV_LANE_ACC (per-lane sums) measured no better, and neither did launching the
-# GEMV with PDL (waiting at its start): Llama-3.2-1B int4 decode at batch 1 987 tok/s without, 974 with.
+# .scratch/sweep_gemv.py); per-lane sums (the group scale applied to each weight, one reduction after the loop)
+# measured no better (dropped), and neither did launching the GEMV with PDL (waiting at its start): Llama-3.2-1B
+# int4 decode at batch 1 987 tok/s without, 974 with.
 # GEMV_WORDS (read the weight as i32 words, decode with shifts / masks) is exact but measured 1.1-1.9x slower
 # than the byte-wise path on H100 (sweep of 2026-11-26), so it is off on CUDA; the interpreter config keeps it
 # on so that the tests cover it.
@@ -514,8 +515,6 @@ def gemv_kernel(
     HAS_ZERO: tl.constexpr = False,  # int4 with zero points (z_ptr u8[N, K//G]); else the constant 8
     PAIRS: tl.constexpr = False,  # int4 / nvfp4 bytes: the two nibbles of a byte are joined into adjacent columns
     # of one [BN, NG, GE] tile, so x is read as one contiguous vector (else as even / odd columns, two strided reads)
-    LANE_ACC: tl.constexpr = False,  # int4 / nvfp4 bytes: the group scale is applied to each decoded weight and
-    # products are summed per lane, reduced once after the loop (else per group in every step)
 ):
     """One activation row (decode, M = 1) on the CUDA cores: each program reduces BLOCK_N weight rows over its K
     chunk; the weight streams through registers once, with no shared-memory round trip."""
@@ -608,14 +607,13 @@ def gemv_kernel(
         NG: tl.constexpr = BLOCK_K // GE
         even = (tl.arange(0, NG) * GE)[:, None] + 2 * tl.arange(0, GE // 2)[None, :]  # [NG, GE // 2]
         cols = tl.arange(0, BLOCK_K)
-        lanes = tl.zeros([BLOCK_N, NG, GE if PAIRS else GE // 2], dtype=tl.float32)  # LANE_ACC's sums
         for k0 in range(k_lo, k_hi, BLOCK_K):
             packed, scale = _load_packed_tile(w_ptr, s_ptr, offs_n, n_mask, k0, k_hi, stride_wn, stride_wk,
                                               stride_sn, stride_sk, GROUP, BLOCK_K)
             zero = scale
             if HAS_ZERO:
                 zero = _load_group_zero(z_ptr, offs_n, n_mask, k0, k_hi, stride_zn, stride_zk, GROUP, BLOCK_K)
-            lo, hi = _decode_nibbles(packed, scale, zero, SCHEME, NVFP4_ASM, LANE_ACC, HAS_ZERO)
+            lo, hi = _decode_nibbles(packed, scale, zero, SCHEME, NVFP4_ASM, False, HAS_ZERO)
             if PAIRS:
                 # byte j holds columns 2j (low nibble) and 2j + 1: join puts them side by side, in column order
                 wv = tl.reshape(tl.join(lo.to(tl.float32), hi.to(tl.float32)), [BLOCK_N, NG, GE])
@@ -627,12 +625,7 @@ def gemv_kernel(
                 xe = tl.load(x_ptr + ke * stride_xk, mask=ke < k_hi, other=0.0).to(tl.float32)
                 xo = tl.load(x_ptr + (ke + 1) * stride_xk, mask=ke < k_hi, other=0.0).to(tl.float32)
                 prod = lo.to(tl.float32) * xe[None, :, :] + hi.to(tl.float32) * xo[None, :, :]
-            if LANE_ACC:
-                lanes += prod
-            else:
-                acc += tl.sum(tl.sum(prod, 2) * scale.to(tl.float32), 1)  # the group scale after the group's sum
-        if LANE_ACC:
-            acc += tl.sum(tl.sum(lanes, 2), 1)
+            acc += tl.sum(tl.sum(prod, 2) * scale.to(tl.float32), 1)  # the group scale after the group's sum
     offs_m = tl.arange(0, 1)
     out = _epilogue_scale(acc[None, :], offs_m, offs_m < 1, offs_n, n_mask, s_ptr, xs_ptr, gs_ptr, SCHEME,
                           NVFP4_ASM and not WORDS)
@@ -670,8 +663,9 @@ def quant_linear_kernel(
 ):
     """Tiled GEMM. MODE 0: acc[BM, BN] = dot(x, W^T); MODE 1: acc[BN, BM] = dot(W, x^T), the dequantized weight
     tile as the first operand. Nibble schemes either join a byte's two decoded nibbles into adjacent columns of one
-    [BLOCK_N, BLOCK_K] tile (PAIRS: one dot, x read contiguously) or split K into even / odd halves (two dots). SPLIT_K: each K split adds its scaled partial into y (f32, zeroed by
-    the caller) with atomics; the first split adds the bias. k_chunk is a multiple of BLOCK_K."""
+    [BLOCK_N, BLOCK_K] tile (PAIRS: one dot, x read contiguously) or split K into even / odd halves (two dots).
+    SPLIT_K: each K split adds its scaled partial into y (f32, zeroed by the caller) with atomics; the first split
+    adds the bias. k_chunk is a multiple of BLOCK_K."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -1021,7 +1015,7 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias=None, *, config=None
             x_in.stride(1), *w_strides, *s_strides, *z_strides, y.stride(1),
             SCHEME=SCHEMES[scheme], GROUP=g, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
             HAS_BIAS=bias is not None, NVFP4_ASM=on_gpu, WORDS=words, HAS_ZERO=has_zero,
-            PAIRS=cfg.get("GEMV_PAIRS", False), LANE_ACC=cfg.get("GEMV_LANE_ACC", False),
+            PAIRS=cfg.get("GEMV_PAIRS", False),
             num_warps=cfg.get("GEMV_WARPS", 4), num_stages=cfg.get("GEMV_STAGES", 1),
         )
         if split > 1:

@@ -78,11 +78,10 @@ def test_gemv_paths(kernel_module, device, scheme):
     assert rel_err(ql.quant_linear(x, qw, b, config={"GEMV_MAX_M": 0}), ref) < 1e-4
     for words in (False, True):  # weight read byte-wise or as i32 words
         assert rel_err(ql.quant_linear(x, qw, b, config={"GEMV_WORDS": words}), ref) < 1e-4
-    if scheme in ("int4", "nvfp4"):  # byte-wise: nibble pairs joined or not, per-lane sums or per-group ones
+    if scheme in ("int4", "nvfp4"):  # byte-wise: a byte's two nibbles joined into adjacent columns or not
         for pairs in (False, True):
-            for lane in (False, True):
-                cfg = {"GEMV_WORDS": False, "GEMV_PAIRS": pairs, "GEMV_LANE_ACC": lane}
-                assert rel_err(ql.quant_linear(x, qw, b, config=cfg), ref) < 1e-4, cfg
+            cfg = {"GEMV_WORDS": False, "GEMV_PAIRS": pairs}
+            assert rel_err(ql.quant_linear(x, qw, b, config=cfg), ref) < 1e-4, cfg
 
 
 def test_empty_batch(kernel_module, device):
@@ -266,7 +265,8 @@ def test_int4_zero_points_every_path(kernel_module, device):
     x, qw, b = make_int4_zero(1, 40, 512, torch.float32, device, bias=True, seed=3)
     ref = ql.ref_quant_linear(x, qw, b)
     for cfg in ({}, {"SPLIT_K_PROGRAMS": 0}, {"GEMV_MAX_M": 0}, {"GEMV_WORDS": False}, {"GEMV_WORDS": True},
-                {"GEMV_WORDS": False, "GEMV_PAIRS": True, "GEMV_LANE_ACC": True}, {"GEMV_BLOCK_K": 256}, {"GEMV_MAX_M": 0, "MODE": 0}, {"GEMV_MAX_M": 0, "BLOCK_K": 32}):
+                {"GEMV_WORDS": False, "GEMV_PAIRS": True}, {"GEMV_BLOCK_K": 256}, {"GEMV_MAX_M": 0, "MODE": 0},
+                {"GEMV_MAX_M": 0, "BLOCK_K": 32}):
         assert rel_err(ql.quant_linear(x, qw, b, config=cfg), ref) < 1e-4, cfg
     x, qw, b = make_int4_zero(5, 24, 256, torch.float32, device, bias=True, seed=4, random_parts=True, group=32)
     ref = ql.ref_quant_linear(x, qw, b)
