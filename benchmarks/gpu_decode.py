@@ -142,8 +142,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="split a decode step into GPU time and host time")
     ap.add_argument("--ablate-fusion", action="store_true",
-                    help="also time llmc bf16 at batch <= 4 with the decode fusions (GEMV, rope+kv_write) off "
-                         "(same engine)")
+                    help="also time llmc bf16 at batch <= 4 with the decode fusions (GEMV, rope+kv_write) off, "
+                         "and each --quant variant without its fused quantized GEMVs (same engine)")
     ap.add_argument("--ablate-async", action="store_true",
                     help="also time llmc bf16 with async scheduling off (each step waits for the last one's tokens; "
                          "same engine)")
@@ -243,7 +243,11 @@ def main():
             engine.program.fused_gemv = engine.program.fused_rope_kv_write = False
             ablation("llmc bf16, no decode fusions", small, "the fusion", recapture=True)
             engine.program.fused_gemv = engine.program.fused_rope_kv_write = True
-        if name == "llmc bf16" and (args.ablate_pdl or args.ablate_fusion):  # back to the default's graphs
+        if quant and args.ablate_fusion:  # one-row steps through the norm / SwiGLU kernels and quant_linear's GEMV
+            engine.program.fused_gemv = False  # (split-K: memset + atomics + copy), as before kernels_gpu.fused_qgemv
+            ablation(f"{name}, no fused quantized GEMVs", small, "the fused quantized GEMVs", recapture=True)
+            engine.program.fused_gemv = True
+        if (name == "llmc bf16" and args.ablate_pdl) or args.ablate_fusion:  # back to the default's graphs
             engine.program.drop_decode_graphs()
             engine.program.capture_decode_graphs()
         batch = max(args.batch)

@@ -22,6 +22,7 @@ The same code runs on a CPU torch device under TRITON_INTERPRET=1 (tests), witho
 from __future__ import annotations
 
 import math
+from functools import partial
 import os
 import warnings
 from typing import Any, Callable, Mapping
@@ -859,67 +860,121 @@ def _dense_gemv_consumer(graph, name: str, users) -> Node | None:
     return node
 
 
+def _quant_gemv_consumer(graph, name: str, users, program):
+    """(qlinear / qlogits node, QuantizedWeight) when a weight-only quantized (int8 / int4 / nvfp4) linear or logits,
+    its weight parts held as params, is the only reader of `name`, as its activation: the batch-1 GEMV
+    kernels_gpu.fused_qgemv fuses a producer of `name` into. Else None."""
+    from kernels_gpu.fused_qgemv import QGEMV_SCHEMES
+    from lowering.quant import formats
+
+    node = _only_consumer(graph, name, users)
+    if node is None or node.op not in ("qlinear", "qlogits") or node.inputs[0] != name:
+        return None
+    fmt = node.attrs["format"]
+    if fmt not in QGEMV_SCHEMES or node.attrs.get("act_format") or graph.types[name].dtype not in _FLOAT_DTYPES:
+        return None
+    first = 1 if node.op == "qlinear" else 2
+    if not all(p in program.params for p in node.inputs[first: first + len(formats.WEIGHT_PARTS[fmt])]):
+        return None
+    return node, _qweight_of(node, graph, program)[0]
+
+
+def _gemv_consumer(graph, name: str, users, program):
+    """(GEMV node, QuantizedWeight or None for a dense weight, the node's inputs after the activation that the fused
+    closure reads: linear (weight[, bias]), logits (rows, weight), qlinear ([bias]), qlogits (rows)), or None."""
+    from lowering.quant import formats
+
+    node = _dense_gemv_consumer(graph, name, users)
+    if node is not None:
+        return node, None, list(node.inputs[1:])
+    found = _quant_gemv_consumer(graph, name, users, program)
+    if found is None:
+        return None
+    node, qw = found
+    if node.op == "qlogits":
+        return node, qw, [node.inputs[1]]
+    return node, qw, list(node.inputs[1 + len(formats.WEIGHT_PARTS[node.attrs["format"]]):])
+
+
 def _gemv_fusion(graph, node: Node, users, producers, position, program):
     """(closure, inputs, outputs, label, absorbed nodes) when `node` starts a fusable producer -> GEMV chain:
       add + rms_norm -> linear / logits      kernels_gpu.fused_gemv.norm_gemv (keeps the sum when anyone reads it)
       rms_norm -> linear / logits            norm_gemv without a residual
       silu_mul / gelu_tanh_mul -> linear     act_gemv (gate and up: the halves of one split)
-    Steps of more than program.fused_gemv_rows rows run the unfused kernels and cuBLAS inside the same closure."""
+    and the same with a weight-only quantized qlinear / qlogits (kernels_gpu.fused_qgemv, one-row steps).
+    Steps of more than program.fused_gemv_rows rows (quantized: more than one) run the unfused kernels and cuBLAS /
+    quant_linear inside the same closure."""
+    def label(gemv):
+        return gemv.op if gemv.op in ("linear", "logits") else f"{gemv.op}[{gemv.attrs['format']}]"
+
     if node.op == "add" and len(node.inputs) == 2:
         norm = fusable_norm(graph, node, users, position)
         if norm is None:
             return None
-        gemv = _dense_gemv_consumer(graph, norm.outputs[0], users)
-        if gemv is None:
+        found = _gemv_consumer(graph, norm.outputs[0], users, program)
+        if found is None:
             return None
+        gemv, qw, rest = found
         summed = node.outputs[0]
-        keep = gemv.op == "linear" or bool([u for u in users.get(summed, []) if u is not norm]) \
+        keep = gemv.op in ("linear", "qlinear") or bool([u for u in users.get(summed, []) if u is not norm]) \
             or summed in graph.outputs
-        fn = _norm_gemv_fn(norm, gemv, program, with_residual=True, keep_residual=keep)
-        # the GEMV's other inputs: linear (weight[, bias]) or logits (rows, weight)
-        ins = [node.inputs[0], node.inputs[1], norm.inputs[1]] + gemv.inputs[1:]
+        fn = _norm_gemv_fn(norm, gemv, program, with_residual=True, keep_residual=keep, qw=qw)
+        ins = [node.inputs[0], node.inputs[1], norm.inputs[1]] + rest
         outs = [gemv.outputs[0]] + ([summed] if keep else [])
-        return fn, ins, outs, f"add+rms_norm+{gemv.op}", (norm, gemv)
+        return fn, ins, outs, f"add+rms_norm+{label(gemv)}", (norm, gemv)
     if node.op == "rms_norm" and graph.types[node.inputs[1]].dtype in _FLOAT_DTYPES \
             and len(graph.types[node.inputs[0]].shape) == 2:
-        gemv = _dense_gemv_consumer(graph, node.outputs[0], users)
-        if gemv is None:
+        found = _gemv_consumer(graph, node.outputs[0], users, program)
+        if found is None:
             return None
-        fn = _norm_gemv_fn(node, gemv, program, with_residual=False, keep_residual=False)
-        return fn, [node.inputs[0], node.inputs[1]] + gemv.inputs[1:], [gemv.outputs[0]], \
-            f"rms_norm+{gemv.op}", (gemv,)
+        gemv, qw, rest = found
+        fn = _norm_gemv_fn(node, gemv, program, with_residual=False, keep_residual=False, qw=qw)
+        return fn, [node.inputs[0], node.inputs[1]] + rest, [gemv.outputs[0]], f"rms_norm+{label(gemv)}", (gemv,)
     if node.op in ("silu_mul", "gelu_tanh_mul") and _split_halves(graph, node, producers) is not None:
-        gemv = _dense_gemv_consumer(graph, node.outputs[0], users)
-        if gemv is None or gemv.op != "linear":
+        found = _gemv_consumer(graph, node.outputs[0], users, program)
+        if found is None or found[0].op not in ("linear", "qlinear"):
             return None
-        fn = _act_gemv_fn(node, graph, program, producers)
-        return fn, list(node.inputs) + gemv.inputs[1:], [gemv.outputs[0]], f"{node.op}+linear", (gemv,)
+        gemv, qw, rest = found
+        fn = _act_gemv_fn(node, graph, program, producers, qw=qw)
+        return fn, list(node.inputs) + rest, [gemv.outputs[0]], f"{node.op}+{label(gemv)}", (gemv,)
     return None
 
 
-def _norm_gemv_fn(norm: Node, gemv: Node, program, *, with_residual: bool, keep_residual: bool) -> Fn:
+def _norm_gemv_fn(norm: Node, gemv: Node, program, *, with_residual: bool, keep_residual: bool, qw=None) -> Fn:
+    """qw: the QuantizedWeight of a qlinear / qlogits gemv (its bias / rows are the closure's last inputs)."""
     import torch.nn.functional as F
 
     from kernels_gpu.fused_gemv import norm_gemv
+    from kernels_gpu.fused_qgemv import Workspace, norm_qgemv
     from kernels_gpu.norms import add_rms_norm
 
     eps, offset = norm.attrs["eps"], norm.attrs.get("weight_offset")
-    logits = gemv.op == "logits"
+    logits = gemv.op in ("logits", "qlogits")
+    workspace = None if qw is None else Workspace(program.device)  # this call site's split-K scratch
 
     def run(ctx, *args):
         if with_residual:
             x, residual, norm_w, *rest = args
         else:
             (x, norm_w, *rest), residual = args, None
-        rows, weight, bias = (rest[0], rest[1], None) if logits else (None, rest[0], rest[1] if len(rest) > 1 else None)
+        if qw is not None:
+            rows, weight, bias = (rest[0], None, None) if logits else (None, None, rest[0] if rest else None)
+        else:
+            rows, weight, bias = (rest[0], rest[1], None) if logits else \
+                (None, rest[0], rest[1] if len(rest) > 1 else None)
         m = rows.shape[0] if logits else x.shape[0]
-        if program.fused_gemv and m <= program.fused_gemv_rows:
-            y, summed = norm_gemv(x, residual, norm_w, eps, weight, bias, weight_offset=offset, rows=rows,
-                                  out_dtype=torch_dtype("float32") if logits else None,
-                                  keep_residual=keep_residual, round_to_act=logits)
+        if program.fused_gemv and m <= program.fused_gemv_rows and (qw is None or m == 1):
+            kernel = norm_gemv if qw is None else partial(norm_qgemv, workspace=workspace)
+            y, summed = kernel(x, residual, norm_w, eps, weight if qw is None else qw, bias, weight_offset=offset,
+                               rows=rows, out_dtype=torch_dtype("float32") if logits else None,
+                               keep_residual=keep_residual, round_to_act=logits)
         else:
             normed, summed = add_rms_norm(x, residual, norm_w, eps, offset)
-            y = F.linear(normed.index_select(0, rows), weight).float() if logits else F.linear(normed, weight, bias)
+            if logits:
+                picked = normed.index_select(0, rows)
+                y = (F.linear(picked, weight) if qw is None else _quantized_matmul(picked, qw)).float()
+            else:
+                y = F.linear(normed, weight, bias) if qw is None else _quantized_matmul(normed, qw, bias)
         return (y, summed) if keep_residual else (y,)
 
     return run
@@ -936,21 +991,30 @@ def _split_halves(graph, node: Node, producers) -> int | None:
     return int(graph.types[gate].shape[1]) if fused else None
 
 
-def _act_gemv_fn(node: Node, graph, program, producers) -> Fn:
+def _act_gemv_fn(node: Node, graph, program, producers, qw=None) -> Fn:
+    """qw: the QuantizedWeight of a qlinear consumer (its bias, if any, is the closure's last input)."""
     import torch.nn.functional as F
 
     from kernels_gpu.activations import gelu_tanh_and_mul, silu_and_mul
     from kernels_gpu.fused_gemv import act_gemv
+    from kernels_gpu.fused_qgemv import Workspace, act_qgemv
 
     gelu = node.op == "gelu_tanh_mul"
     width = _split_halves(graph, node, producers)
+    workspace = None if qw is None else Workspace(program.device)
 
-    def run(ctx, g, u, weight, bias=None):
+    def run(ctx, g, u, *rest):
+        weight, bias = (None, rest[0] if rest else None) if qw is not None else \
+            (rest[0], rest[1] if len(rest) > 1 else None)
         base = g.as_strided((g.shape[0], 2 * width), g.stride())  # [T, 2F]: gate | up
+        act_name = "gelu_tanh" if gelu else "silu"
         if program.fused_gemv and g.shape[0] <= program.fused_gemv_rows:
-            return (act_gemv(base, weight, bias, act="gelu_tanh" if gelu else "silu"),)
+            if qw is None:
+                return (act_gemv(base, weight, bias, act=act_name),)
+            if g.shape[0] == 1:
+                return (act_qgemv(base, qw, bias, act=act_name, workspace=workspace),)
         act = gelu_tanh_and_mul(base) if gelu else silu_and_mul(base)
-        return (F.linear(act, weight, bias),)
+        return (F.linear(act, weight, bias) if qw is None else _quantized_matmul(act, qw, bias),)
 
     return run
 
@@ -1127,10 +1191,17 @@ def _qweight_of(node, graph, program):
 
 
 def _lower_qlinear(node, graph, program, producers, users) -> Fn:
+    from kernels_gpu.fused_qgemv import Workspace, qgemv, supports
+
     qw, dense = _qweight_of(node, graph, program)
     n_parts = len(qw.tensors)
+    # one-row steps of a weight-only scheme: the fused GEMV with its memset-free split-K (quant_linear's GEMV zeroes
+    # a buffer, adds into it with atomics and copies it out: two more launches)
+    workspace = Workspace(program.device) if supports(qw) and not dense else None
 
     def run(ctx, x, bias=None):
+        if workspace is not None and x.shape[0] == 1 and program.fused_gemv and x.stride(-1) == 1:
+            return (qgemv(x, qw, bias, workspace=workspace),)
         return (_quantized_matmul(x, qw, bias, dequantize_always=dense),)
 
     run.inputs = [node.inputs[0]] + list(node.inputs[1 + n_parts:])  # x [, bias]

@@ -237,9 +237,13 @@ def test_quantized_ir_program_matches_cpu_program(quant_model_hd32, case, fast_q
                          pool_fill=float("nan"))  # unused pages NaN (all-ones bytes in packed nvfp4 pools)
     plan = prog.launch_plan
     if weights:
-        assert any(label.startswith(f"qlinear[{weights}") for label in plan)
-        assert any(label.startswith("qlogits[") for label in plan) and "linear" not in plan
-        assert {"silu_mul", "add+rms_norm"} <= set(plan)  # fusions survive quantized producers
+        assert any(label.startswith(f"qlinear[{weights}") for label in plan) and "linear" not in plan
+        if weights == "fp8":  # W8A8: the activation rows are quantized first; the norm / SwiGLU kernels stay
+            assert any(label.startswith("qlogits[") for label in plan)
+            assert {"silu_mul", "add+rms_norm"} <= set(plan)  # fusions survive quantized producers
+        else:  # weight-only: the norms and the SwiGLU fused into kernels_gpu.fused_qgemv's GEMV (one-row steps)
+            assert {f"add+rms_norm+qlinear[{weights}]", f"silu_mul+qlinear[{weights}]",
+                    f"rms_norm+qlinear[{weights}]", f"add+rms_norm+qlogits[{weights}]"} <= set(plan)
         assert "rope(q,k)" in plan or "rope(q,k)+kv_write" in plan
     kv_formats = [kv] * 2 if isinstance(kv, str) else [None, None] if kv is None else [kv[0], kv[1]]
     for layer, fmt in enumerate(kv_formats):
@@ -257,6 +261,27 @@ def test_quantized_ir_program_matches_cpu_program(quant_model_hd32, case, fast_q
         # 24 (f32) across Triton, torch and JAX-on-GPU (2026-11-26); not yet explained, so the GPU bound is loose.
         tol = (6e-2 if HAS_GPU else 2e-2) if weights == "fp8" else 2e-3
         assert relerr(got, want) < tol, case
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4", "nvfp4"])
+def test_quantized_one_row_decode_takes_the_fused_qgemv(quant_model_hd32, weights):
+    """One-sequence decode steps over weight-only quantized weights run norm + GEMV, SwiGLU + GEMV and the plain GEMVs
+    as kernels_gpu.fused_qgemv launches; the logits equal the unfused program's (norm / SwiGLU kernels, then
+    quant_linear) and the CPU target's."""
+    from lowering.backends import build_program
+
+    graph, params = quantize_ir(quant_model_hd32, weights, None, False)
+    cpu = build_program("cpu", graph, params, num_blocks=24, max_model_len=64)
+    fused = build_program("cuda", graph, params, num_blocks=24, max_model_len=64, device=DEVICE,
+                          pool_fill=float("nan"))
+    plain = build_program("cuda", graph, params, num_blocks=24, max_model_len=64, device=DEVICE,
+                          pool_fill=float("nan"))
+    plain.fused_gemv = False
+    assert f"silu_mul+qlinear[{weights}]" in fused.launch_plan
+    for want, got, unfused in zip(run_single_sequence(cpu, 3), run_single_sequence(fused, 3),
+                                  run_single_sequence(plain, 3)):
+        assert np.isfinite(got).all()
+        assert relerr(got, want) < 2e-3 and relerr(got, unfused) < 1e-4
 
 
 def test_quantized_kv_prefill_takes_the_paged_kernel_per_layer(quant_model_hd32, fast_quant_tiles):
