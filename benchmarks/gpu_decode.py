@@ -148,8 +148,8 @@ def main():
                     help="also time llmc bf16 with async scheduling off (each step waits for the last one's tokens; "
                          "same engine)")
     ap.add_argument("--ablate-pdl", action="store_true",
-                    help="also time llmc bf16 at batch <= 4 with programmatic dependent launch of the fused GEMVs off "
-                         "(same engine, graphs captured again)")
+                    help="also time each llmc variant at batch <= 4 with programmatic dependent launch of the fused "
+                         "GEMVs (bf16 and quantized) off (same engine, graphs captured again)")
     args = ap.parse_args()
 
     from lowering import compile_model
@@ -233,11 +233,11 @@ def main():
             engine.async_scheduling = False
             ablation("llmc bf16, sync scheduling", args.batch, "async scheduling", recapture=False)
             engine.async_scheduling = True
-        if name == "llmc bf16" and args.ablate_pdl:  # the fused GEMVs launched plainly
+        if args.ablate_pdl:  # the fused GEMVs (bf16 and quantized) launched plainly
             from kernels_gpu import fused_gemv
 
             fused_gemv.USE_PDL = False
-            ablation("llmc bf16, no PDL", small, "PDL", recapture=True)
+            ablation(f"{name}, no PDL", small, "PDL", recapture=True)
             fused_gemv.USE_PDL = True
         if name == "llmc bf16" and args.ablate_fusion:  # the same steps with the decode fusions off
             engine.program.fused_gemv = engine.program.fused_rope_kv_write = False
@@ -247,7 +247,7 @@ def main():
             engine.program.fused_gemv = False  # (split-K: memset + atomics + copy), as before kernels_gpu.fused_qgemv
             ablation(f"{name}, no fused quantized GEMVs", small, "the fused quantized GEMVs", recapture=True)
             engine.program.fused_gemv = True
-        if (name == "llmc bf16" and args.ablate_pdl) or args.ablate_fusion:  # back to the default's graphs
+        if args.ablate_pdl or args.ablate_fusion:  # back to the default's graphs
             engine.program.drop_decode_graphs()
             engine.program.capture_decode_graphs()
         batch = max(args.batch)

@@ -45,8 +45,12 @@ _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # then split-K targets 0-1056 and PDL / prefetch on / off for the best tile). BLOCK_K 1024 won almost everywhere;
 # small layers (N, K <= 4096) want 4 rows a program (768 programs for qkv), long-K / wide ones 16 (int4) or 8 (nvfp4);
 # the split target and PDL moved the best tile by <= 5% except o_proj (int4 3.9 us without PDL, 4.6 us with).
-_CUDA = {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 4, "SPLIT_K_PROGRAMS": 528, "MAX_SPLIT_K": 8, "PDL": True,
-         "PREFETCH": True}
+# DECODE 1 (int4 as 1 + c / 16, nvfp4 without the f16 multiply: see _qtile_dot) took 0-10% off every shape
+# (geometric mean 1.05x int4, 1.03x nvfp4 over the Llama-3.2-1B / 3-8B projections, H200, 2026-11-28).
+# PDL off: end to end (gpu_decode.py --ablate-pdl, Llama-3.2-1B, batch 1, same run) int4 1209 tok/s with it, 1259
+# without; nvfp4 1124 / 1186 (the microbenchmark, one kernel after another, favoured it for the norm GEMVs only).
+_CUDA = {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 4, "SPLIT_K_PROGRAMS": 528, "MAX_SPLIT_K": 8, "PDL": False,
+         "PREFETCH": True, "DECODE": 1}
 _BIG = 1 << 62
 TILE_SIZES = {
     ("cuda", "int8"): [(_BIG, _BIG, dict(_CUDA, BLOCK_K=256))],  # NOTE: not swept (quant_linear's GEMV tiles)
@@ -58,6 +62,40 @@ for _s in QGEMV_SCHEMES:  # small tiles: the interpreter's tests run several N t
     TILE_SIZES[("interpret", _s)] = [(_BIG, _BIG, {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4,
                                                    "SPLIT_K_PROGRAMS": 6, "MAX_SPLIT_K": 4, "PDL": False,
                                                    "PREFETCH": True})]
+
+
+# E2M1 nibbles -> f16 in registers, 4 packed bytes per call (CUDA only): quant_linear's _NIBBLES_TO_F16 without its
+# multiply. $4 = bytes b0..b3; $0 / $1 = the low nibbles of (b0, b1) / (b2, b3), $2 / $3 = the high nibbles, each the
+# f16 whose bits are the nibble's sign at 15 and magnitude at 9..11: the E2M1 value times 2**-14 (exact; code 1 is
+# the subnormal 2**-15). The kernel multiplies its sums by 2**6 to meet quant_linear's epilogue (value * 2**-8).
+_NIBBLES_TO_F16_LEAN = tl.constexpr("""
+{
+.reg .b32 lanes, m, s, z;
+mov.b32 z, 0;
+prmt.b32 lanes, $4, z, 0x4140;
+shl.b32 m, lanes, 9;
+and.b32 m, m, 0x0E000E00;
+shl.b32 s, lanes, 12;
+and.b32 s, s, 0x80008000;
+or.b32 $0, m, s;
+shl.b32 m, lanes, 5;
+and.b32 m, m, 0x0E000E00;
+shl.b32 s, lanes, 8;
+and.b32 s, s, 0x80008000;
+or.b32 $2, m, s;
+prmt.b32 lanes, $4, z, 0x4342;
+shl.b32 m, lanes, 9;
+and.b32 m, m, 0x0E000E00;
+shl.b32 s, lanes, 12;
+and.b32 s, s, 0x80008000;
+or.b32 $1, m, s;
+shl.b32 m, lanes, 5;
+and.b32 m, m, 0x0E000E00;
+shl.b32 s, lanes, 8;
+and.b32 s, s, 0x80008000;
+or.b32 $3, m, s;
+}
+""")
 
 
 @triton.jit
@@ -80,19 +118,39 @@ def _qtile_load(w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, k_hi, stride_wn, stride
 
 @triton.jit
 def _qtile_dot(w, scale, zero, a, SCHEME: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, NVFP4_ASM: tl.constexpr, HAS_ZERO: tl.constexpr):
+               BLOCK_K: tl.constexpr, NVFP4_ASM: tl.constexpr, HAS_ZERO: tl.constexpr, DECODE: tl.constexpr):
     """f32[BN]: the tile's rows times a (f32[BK]), each scale group's sum times its scale (int8's per-channel and
-    nvfp4's global scale come after the loop)."""
+    nvfp4's global scale come after the loop). DECODE 1: int4 as 1 + c / 16 (below); nvfp4 (CUDA) without the f16
+    multiply (_NIBBLES_TO_F16_LEAN: the sums carry 2**-6 more, which the kernel takes out after the loop)."""
     if SCHEME == 1:
         return tl.sum(w * a[None, :], 1)
     else:
         GE: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K
         NG: tl.constexpr = BLOCK_K // GE
-        lo, hi = _decode_nibbles(w, scale, zero, SCHEME, NVFP4_ASM, False, HAS_ZERO)
-        # byte j holds columns 2j (low nibble) and 2j + 1: join puts them side by side, in column order
-        wv = tl.reshape(tl.join(lo.to(tl.float32), hi.to(tl.float32)), [BLOCK_N, NG, GE])
-        prod = wv * tl.reshape(a, [NG, GE])[None, :, :]
-        return tl.sum(tl.sum(prod, 2) * scale.to(tl.float32), 1)
+        a2 = tl.reshape(a, [NG, GE])
+        if SCHEME == 2 and DECODE == 1:
+            # a nibble c in the top mantissa bits of 1.0: the f32 1 + c / 16 from one shift and one and-or, no
+            # subtraction; sum_k (c_k - zero) a_k = 16 * sum_k (1 + c_k / 16) a_k - (16 + zero) * sum_k a_k
+            code = w.to(tl.int32)
+            lo = (((code << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            hi = (((code << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            wv = tl.reshape(tl.join(lo, hi), [BLOCK_N, NG, GE])
+            dots = tl.sum(wv * a2[None, :, :], 2)  # [BN, NG]
+            asum = tl.sum(a2, 1)[None, :]  # [1, NG]
+            if HAS_ZERO:
+                dots = 16.0 * dots - (zero + 16.0) * asum
+            else:
+                dots = 16.0 * dots - 24.0 * asum
+            return tl.sum(dots * scale.to(tl.float32), 1)
+        else:
+            if SCHEME == 3 and NVFP4_ASM and DECODE == 1:
+                lo, hi = tl.inline_asm_elementwise(_NIBBLES_TO_F16_LEAN, "=r,=r,=r,=r,r", [w],
+                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+            else:
+                lo, hi = _decode_nibbles(w, scale, zero, SCHEME, NVFP4_ASM, False, HAS_ZERO)
+            # byte j holds columns 2j (low nibble) and 2j + 1: join puts them side by side, in column order
+            wv = tl.reshape(tl.join(lo.to(tl.float32), hi.to(tl.float32)), [BLOCK_N, NG, GE])
+            return tl.sum(tl.sum(wv * a2[None, :, :], 2) * scale.to(tl.float32), 1)
 
 
 @triton.jit
@@ -128,7 +186,7 @@ def fused_qgemv_kernel(
     HAS_ROWS: tl.constexpr, STORE_SUM: tl.constexpr, ROUND_TO_ACT: tl.constexpr,
     SCHEME: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, NVFP4_ASM: tl.constexpr, HAS_ZERO: tl.constexpr,
-    PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH: tl.constexpr, DECODE: tl.constexpr = 0,
 ):
     """Program (n, s): BLOCK_N weight rows over split s of K; the last split of an N tile to arrive finishes it."""
     if PDL:
@@ -159,7 +217,7 @@ def fused_qgemv_kernel(
         k_mask = offs_k < k_hi
         a, hsq = _activation(x_ptr, r_ptr, nw_ptr, rout_ptr, x0 + offs_k, r0 + offs_k, offs_k, offs_k, k_mask, k_mask,
                              offs_k < store_k, up_offset, weight_offset, PROLOGUE, HAS_RESIDUAL, HAS_OFFSET, STORE_SUM)
-        acc += _qtile_dot(w0, s0, z0, a, SCHEME, GROUP, BLOCK_N, BLOCK_K, NVFP4_ASM, HAS_ZERO)
+        acc += _qtile_dot(w0, s0, z0, a, SCHEME, GROUP, BLOCK_N, BLOCK_K, NVFP4_ASM, HAS_ZERO, DECODE)
         sumsq += hsq
         k_start = k_lo + BLOCK_K
     for k0 in range(k_start, k_hi, BLOCK_K):
@@ -169,8 +227,10 @@ def fused_qgemv_kernel(
                               stride_sk, stride_zn, stride_zk, SCHEME, GROUP, BLOCK_K, HAS_ZERO)
         a, hsq = _activation(x_ptr, r_ptr, nw_ptr, rout_ptr, x0 + offs_k, r0 + offs_k, offs_k, offs_k, k_mask, k_mask,
                              offs_k < store_k, up_offset, weight_offset, PROLOGUE, HAS_RESIDUAL, HAS_OFFSET, STORE_SUM)
-        acc += _qtile_dot(w, s, z, a, SCHEME, GROUP, BLOCK_N, BLOCK_K, NVFP4_ASM, HAS_ZERO)
+        acc += _qtile_dot(w, s, z, a, SCHEME, GROUP, BLOCK_N, BLOCK_K, NVFP4_ASM, HAS_ZERO, DECODE)
         sumsq += hsq
+    if SCHEME == 3 and NVFP4_ASM and DECODE == 1:
+        acc = acc * 64.0  # the lean decode's value * 2**-14 -> quant_linear's asm scale (value * 2**-8)
     offs_m = tl.arange(0, 1)
     out = _epilogue_scale(acc[None, :], offs_m, offs_m < 1, offs_n, n_mask, s_ptr, s_ptr, gs_ptr, SCHEME,
                           NVFP4_ASM)  # [1, BN]
@@ -296,7 +356,8 @@ def _launch(y, x, qw, bias, rows, *, prologue: str, k: int, up_offset: int = 0, 
         HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, STORE_SUM=store_sum, ROUND_TO_ACT=round_to_act,
         SCHEME=SCHEMES[qw.scheme], GROUP=g, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
         SPLIT_P2=triton.next_power_of_2(split), NVFP4_ASM=on_gpu, HAS_ZERO=has_zero, PDL=pdl,
-        PREFETCH=bool(cfg["PREFETCH"]), num_warps=cfg["num_warps"], num_stages=1, **extra,
+        PREFETCH=bool(cfg["PREFETCH"]), DECODE=cfg.get("DECODE", 0), num_warps=cfg["num_warps"], num_stages=1,
+        **extra,
     )
 
 

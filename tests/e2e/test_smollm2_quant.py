@@ -10,7 +10,9 @@ pytestmark = pytest.mark.skipif(not TEXT.is_file(), reason=f"{TEXT} (the evaluat
 
 # config -> (compile options, bound on the relative perplexity increase over 4 windows of 256 tokens)
 CASES = {
-    "kv-fp8": (dict(kv_cache="fp8"), 0.0075),  # target 0.5% (16 windows)
+    # target 0.5% met over 16 windows (+0.35%, 2026-11-28); these first 4 windows measure +0.81% (jax 0.10.2 on
+    # x86-64): a regression guard above that
+    "kv-fp8": (dict(kv_cache="fp8"), 0.0125),
     "w-int8": (dict(weights="int8"), 0.0075),  # target 0.5%
     # W8A8 with GPTQ weights: target 1% met over 16 windows (+0.81%), but these first 4 windows are harder
     # (measured +2.1%; RTN W8A8 +4.7% here, +3.5% over 16): a regression guard at the measured level

@@ -93,12 +93,13 @@ def test_qgemv_matches_quant_linear_and_picks_rows(kernel_module, device, dtype,
     for n, k in SHAPES:
         x, qw, w, b = make_case(kind, n, k, dtype, device, seed=n * k, bias=True, rows=3)
         rows = torch.tensor([2], dtype=torch.int32, device=device)
-        y = fq.qgemv(x, qw, b, rows=rows, out_dtype=torch.float32, config=SMALL_TILES)
-        assert y.shape == (1, n) and y.dtype == torch.float32
         want = x[2:].double() @ w.double().t() + b.double()
-        assert rel_err(y, want) < (1e-5 if dtype == torch.float32 else 1e-4)  # f32 out: only the sums' rounding
         other = ql.quant_linear(x[2:].contiguous(), qw, b).double()
-        assert rel_err(y.to(dtype), other) < TOL[dtype]
+        for decode in (0, 1):  # DECODE 1: int4 as 1 + c / 16 with the group-sum correction; nvfp4's lean asm (GPU)
+            y = fq.qgemv(x, qw, b, rows=rows, out_dtype=torch.float32, config=dict(SMALL_TILES, DECODE=decode))
+            assert y.shape == (1, n) and y.dtype == torch.float32
+            assert rel_err(y, want) < (1e-5 if dtype == torch.float32 else 1e-4), decode  # f32 out: sums' rounding
+            assert rel_err(y.to(dtype), other) < TOL[dtype]
 
 
 def test_split_k_workspace_is_reused_and_left_zeroed(kernel_module, device):
