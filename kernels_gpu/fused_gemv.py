@@ -289,6 +289,25 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return y
 
 
+def norm_prologue_outputs(x, residual, norm_weight, rows, keep_residual: bool, check) -> torch.Tensor | None:
+    """Check an RMSNorm prologue's norm weight and residual against x [T, K] (check(cond, msg) raises) -> the new
+    residual's buffer [T, K] (residual's dtype), or None without a residual or with keep_residual=False."""
+    k = x.shape[1]
+    check(isinstance(norm_weight, torch.Tensor) and tuple(norm_weight.shape) == (k,),
+          f"norm weight must be [{k}], got {tuple(getattr(norm_weight, 'shape', ()))}")
+    check(norm_weight.dtype in _DTYPES, f"unsupported norm weight dtype {norm_weight.dtype}")
+    check(norm_weight.device == x.device, f"norm weight is on {norm_weight.device}, x on {x.device}")
+    if residual is None:
+        return None
+    check(rows is None or not keep_residual,
+          "rows needs keep_residual=False with a residual (a kept new residual covers every row)")
+    check(residual.shape == x.shape, f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+    check(residual.dtype in _DTYPES, f"unsupported residual dtype {residual.dtype}")
+    check(residual.device == x.device, f"residual is on {residual.device}, x on {x.device}")
+    check(k <= 1 or residual.stride(1) == 1, "residual's last dim must be contiguous")
+    return torch.empty(x.shape, dtype=residual.dtype, device=x.device) if keep_residual else None
+
+
 def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
               weight: torch.Tensor, bias: torch.Tensor | None = None, *, weight_offset: float | None = None,
               rows: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, keep_residual: bool = True,
@@ -302,19 +321,7 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
     are computed in the activation dtype, then widened to float32)."""
     m = _check_rows(x, rows, "x")
     k = x.shape[1]
-    _check(norm_weight.shape == (k,), f"norm weight must be [{k}], got {tuple(norm_weight.shape)}")
-    _check(norm_weight.dtype in _DTYPES, f"unsupported norm weight dtype {norm_weight.dtype}")
-    _check(norm_weight.device == x.device, f"norm weight is on {norm_weight.device}, x on {x.device}")
-    residual_out = None
-    if residual is not None:
-        _check(rows is None or not keep_residual,
-               "rows needs keep_residual=False with a residual (a kept new residual covers every row)")
-        _check(residual.shape == x.shape, f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
-        _check(residual.dtype in _DTYPES, f"unsupported residual dtype {residual.dtype}")
-        _check(residual.device == x.device, f"residual is on {residual.device}, x on {x.device}")
-        _check(k <= 1 or residual.stride(1) == 1, "residual's last dim must be contiguous")
-        if keep_residual:
-            residual_out = torch.empty(x.shape, dtype=residual.dtype, device=x.device)  # [T, K]
+    residual_out = norm_prologue_outputs(x, residual, norm_weight, rows, keep_residual, _check)
     _check_weight(weight, bias, k, x.device)
     y = torch.empty((m, weight.shape[0]), dtype=out_dtype or x.dtype, device=x.device)  # [M, N]
     _launch(y, x, weight, bias, rows, prologue="rms_norm", k=k, residual=residual, norm_weight=norm_weight,

@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels_gpu.fused_gemv import PROLOGUES, _activation, gdc_launch_dependents, gdc_wait, pdl_enabled
+from kernels_gpu.fused_gemv import (PROLOGUES, _activation, gdc_launch_dependents, gdc_wait, norm_prologue_outputs,
+                                    pdl_enabled)
 from kernels_gpu.quant_linear import (SCHEMES, QuantizedWeight, _decode_nibbles, _epilogue_scale, _load_dense_tile,
                                       _load_group_zero, _load_packed_tile, _split_k, _validate_qweight, _weight_args)
 from kernels_gpu.triton_env import interpreting as _interpreting
@@ -382,20 +383,7 @@ def norm_qgemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torc
     -> (y [1, N], new residual [1, K] or None)."""
     _check_row(x, rows, "x")
     k = x.shape[1]
-    _check(isinstance(norm_weight, torch.Tensor) and norm_weight.shape == (k,),
-           f"norm weight must be [{k}], got {tuple(getattr(norm_weight, 'shape', ()))}")
-    _check(norm_weight.dtype in _ACT_DTYPES, f"unsupported norm weight dtype {norm_weight.dtype}")
-    _check(norm_weight.device == x.device, f"norm weight is on {norm_weight.device}, x on {x.device}")
-    residual_out = None
-    if residual is not None:
-        _check(rows is None or not keep_residual,
-               "rows needs keep_residual=False with a residual (a kept new residual covers every row)")
-        _check(residual.shape == x.shape, f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
-        _check(residual.dtype in _ACT_DTYPES, f"unsupported residual dtype {residual.dtype}")
-        _check(residual.device == x.device, f"residual is on {residual.device}, x on {x.device}")
-        _check(k <= 1 or residual.stride(1) == 1, "residual's last dim must be contiguous")
-        if keep_residual:
-            residual_out = torch.empty(x.shape, dtype=residual.dtype, device=x.device)
+    residual_out = norm_prologue_outputs(x, residual, norm_weight, rows, keep_residual, _check)
     _check_qweight(qw, k, bias, x.device)
     y = torch.empty((1, qw.out_features), dtype=out_dtype or x.dtype, device=x.device)
     _launch(y, x, qw, bias, rows, prologue="rms_norm", k=k, residual=residual, norm_weight=norm_weight,
