@@ -1,7 +1,10 @@
 """Fixtures shared by every test folder: the real SmolLM2-135M GGUF, fetched into the llmc cache once."""
 import os
+from pathlib import Path
 
 import pytest
+
+JAX_CACHE_DIR = Path(__file__).resolve().parent.parent / ".jax_cache"  # git-ignored
 
 
 def pytest_configure(config):
@@ -11,6 +14,15 @@ def pytest_configure(config):
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+    # XLA compilations shared by every test process (both xdist workers) and kept between runs: many tests compile
+    # the same step of the same model (another Program object, the same HLO), which costs seconds each time on the
+    # CPU. LLMC_TEST_JAX_CACHE="" turns it off.
+    cache = os.environ.get("LLMC_TEST_JAX_CACHE", str(JAX_CACHE_DIR))
+    if cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 @pytest.fixture(scope="session")
