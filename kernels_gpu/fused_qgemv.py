@@ -3,7 +3,7 @@ group-wise with or without zero points, nvfp4), with its input's producer fused 
 dense weights: y[1, N] = a[1, K] @ dequant(W)[N, K]^T (+ bias), where a is
 
   "none"      x[rows[0]]                                                       (qgemv)
-  "rms_norm"  the RMSNorm of x (+ residual; program column 0 stores the sum)   (norm_qgemv)
+  "rms_norm"  the RMSNorm of x (+ residual; N tile 0's programs store the sum)   (norm_qgemv)
   "silu" / "gelu_tanh"  act(gate) * up of one [1, 2K] gate | up row          (act_qgemv)
 
 with fused_gemv's numerics for the prologue (the normalized activation is not rounded before the dot; the SwiGLU /
@@ -62,7 +62,7 @@ TILE_SIZES = {
 for _s in QGEMV_SCHEMES:  # small tiles: the interpreter's tests run several N tiles, K steps and splits
     TILE_SIZES[("interpret", _s)] = [(_BIG, _BIG, {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4,
                                                    "SPLIT_K_PROGRAMS": 6, "MAX_SPLIT_K": 4, "PDL": False,
-                                                   "PREFETCH": True})]
+                                                   "PREFETCH": True, "DECODE": 1})]
 
 
 # E2M1 nibbles -> f16 in registers, 4 packed bytes per call (CUDA only): quant_linear's _NIBBLES_TO_F16 without its
@@ -293,7 +293,7 @@ def tile_config(device: torch.device, scheme: str, n: int, k: int) -> dict:
     return dict(next(cfg for max_n, max_k, cfg in TILE_SIZES[(_target(device), scheme)] if n <= max_n and k <= max_k))
 
 
-def supports(qw, device: torch.device | None = None) -> bool:
+def supports(qw) -> bool:
     """Whether qw is a weight the fused kernel takes (a weight-only scheme)."""
     return isinstance(qw, QuantizedWeight) and qw.scheme in QGEMV_SCHEMES
 

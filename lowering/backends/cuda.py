@@ -22,9 +22,9 @@ The same code runs on a CPU torch device under TRITON_INTERPRET=1 (tests), witho
 from __future__ import annotations
 
 import math
-from functools import partial
 import os
 import warnings
+from functools import partial
 from typing import Any, Callable, Mapping
 
 import numpy as np
