@@ -240,15 +240,20 @@ def _check_weight(weight, bias, k: int, device):
         _check(bias.device == device, f"bias is on {bias.device}, the activations on {device}")
 
 
-def _check_rows(x, rows, name: str) -> int:
-    """The number of output rows (M), checking the activations and the optional row index."""
-    _check(isinstance(x, torch.Tensor) and x.dim() == 2, f"{name} must be a 2-D tensor")
-    _check(x.dtype in _DTYPES, f"unsupported {name} dtype {x.dtype} (bf16, fp16, fp32)")
-    _check(x.shape[1] <= 1 or x.stride(1) == 1, f"{name}'s last dim must be contiguous")
-    m = x.shape[0] if rows is None else rows.shape[0]
+def activation_rows(x, rows, name: str, check) -> int:
+    """The number of output rows (M), checking the activations x [T, K] and the optional row index rows (i32[M]);
+    check(cond, msg) raises."""
+    check(isinstance(x, torch.Tensor) and x.dim() == 2, f"{name} must be a 2-D tensor")
+    check(x.dtype in _DTYPES, f"unsupported {name} dtype {x.dtype} (bf16, fp16, fp32)")
+    check(x.shape[1] <= 1 or x.stride(1) == 1, f"{name}'s last dim must be contiguous")
     if rows is not None:
-        _check(rows.dim() == 1 and rows.dtype in (torch.int32, torch.int64), "rows must be a 1-D int32/int64 index")
-        _check(rows.device == x.device, f"rows is on {rows.device}, {name} on {x.device}")
+        check(rows.dim() == 1 and rows.dtype in (torch.int32, torch.int64), "rows must be a 1-D int32/int64 index")
+        check(rows.device == x.device, f"rows is on {rows.device}, {name} on {x.device}")
+    return x.shape[0] if rows is None else rows.shape[0]
+
+
+def _check_rows(x, rows, name: str) -> int:
+    m = activation_rows(x, rows, name, _check)
     _check(m <= FUSED_MAX_M, f"{m} activation rows; the fused GEMV takes at most FUSED_MAX_M={FUSED_MAX_M}")
     return m
 

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels_gpu.fused_gemv import (PROLOGUES, _activation, gdc_launch_dependents, gdc_wait, norm_prologue_outputs,
-                                    pdl_enabled)
+from kernels_gpu.fused_gemv import (PROLOGUES, _activation, activation_rows, gdc_launch_dependents, gdc_wait,
+                                    norm_prologue_outputs, pdl_enabled)
 from kernels_gpu.quant_linear import (SCHEMES, QuantizedWeight, _decode_nibbles, _epilogue_scale, _load_dense_tile,
                                       _load_group_zero, _load_packed_tile, _split_k, _validate_qweight, _weight_args)
 from kernels_gpu.triton_env import interpreting as _interpreting
@@ -314,13 +314,7 @@ def _check_qweight(qw, k: int, bias, device):
 
 
 def _check_row(x, rows, name: str):
-    _check(isinstance(x, torch.Tensor) and x.dim() == 2, f"{name} must be a 2-D tensor")
-    _check(x.dtype in _ACT_DTYPES, f"unsupported {name} dtype {x.dtype} (bf16, fp16, fp32)")
-    _check(x.shape[1] <= 1 or x.stride(1) == 1, f"{name}'s last dim must be contiguous")
-    m = x.shape[0] if rows is None else rows.shape[0]
-    if rows is not None:
-        _check(rows.dim() == 1 and rows.dtype in (torch.int32, torch.int64), "rows must be a 1-D int32/int64 index")
-        _check(rows.device == x.device, f"rows is on {rows.device}, {name} on {x.device}")
+    m = activation_rows(x, rows, name, _check)
     _check(m == 1, f"{m} activation rows; the fused quantized GEMV takes one (batch-1 decode)")
 
 
