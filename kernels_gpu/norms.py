@@ -3,6 +3,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels_gpu.quant_linear import fp8_row_scale, fp8_scaled
+from kernels_gpu.triton_env import interpreting
+
 # Tuning data: a row is normalized by one program holding it whole; warps by padded row width.
 NORM_MAX_HIDDEN = 65536
 NORM_NUM_WARPS = ((1024, 4), (4096, 8), (NORM_MAX_HIDDEN, 16))  # (max padded width, warps)
@@ -14,10 +17,14 @@ def add_rms_norm_kernel(
     hidden_size, eps, weight_offset,
     stride_xt, stride_rt, stride_ot, stride_rot,
     HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_H: tl.constexpr,
+    scale_ptr=None,  # FP8_OUT: f32[T] row scales
+    FP8_OUT: tl.constexpr = False, ROUND_F32: tl.constexpr = False,
 ):
     """One program per token row: h = x (+ residual, rounded to its dtype);
     out = w * cast(h * rsqrt(mean(h^2) + eps)), or with HAS_OFFSET (Gemma)
-    out = cast(h * rsqrt(mean(h^2) + eps) * (weight_offset + w))."""
+    out = cast(h * rsqrt(mean(h^2) + eps) * (weight_offset + w)), cast = to x's dtype.
+    FP8_OUT (W8A8): that row, as x's dtype holds it, quantized per row to e4m3 (out) with its scale (scale_ptr),
+    as quant_linear.quantize_activation_fp8 would quantize it."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)  # i32[BLOCK_H]
     mask = cols < hidden_size
@@ -35,8 +42,14 @@ def add_rms_norm_kernel(
         w = w + weight_offset
     else:
         # NOTE: HF Llama casts the normalized row to the input dtype *before* multiplying by the weight.
-        normed = normed.to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_ot + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+        normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)
+    y = (normed * w).to(x_ptr.dtype.element_ty)
+    if FP8_OUT:
+        v = y.to(tl.float32)
+        scale = fp8_row_scale(tl.max(tl.abs(v), 0))
+        tl.store(scale_ptr + row, scale)
+        y = fp8_scaled(v, scale, ROUND_F32).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(out_ptr + row * stride_ot + cols, y, mask=mask)
 
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -77,11 +90,28 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     normed = cast_x(h / rms(h) * (weight_offset + weight)) in fp32. Nothing is updated in place.
     """
     _validate(x, residual, weight)
+    out, _, residual_out = _launch(x, residual, weight, eps, weight_offset, fp8=False)
+    return out, residual_out
+
+
+def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     weight_offset: float | None = None):
+    """add_rms_norm whose normed row is quantized for a W8A8 linear in the same kernel: -> (float8_e4m3fn[T, H],
+    f32[T] row scales, new_residual or None). Equal, bit for bit, to quant_linear.quantize_activation_fp8 of
+    add_rms_norm's normed output (the row is rounded to x's dtype first); the bf16 row is never stored."""
+    _validate(x, residual, weight)
+    return _launch(x, residual, weight, eps, weight_offset, fp8=True)
+
+
+def _launch(x, residual, weight, eps, weight_offset, *, fp8: bool):
     num_tokens, hidden = x.shape
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)  # [T, H]
+    out = torch.empty((num_tokens, hidden), dtype=torch.float8_e4m3fn if fp8 else x.dtype, device=x.device)
+    scale = torch.empty((num_tokens,), dtype=torch.float32, device=x.device) if fp8 else None
     residual_out = None if residual is None else torch.empty_like(residual, memory_format=torch.contiguous_format)
     if num_tokens == 0 or hidden == 0:
-        return out, residual_out
+        if fp8:
+            scale.fill_(torch.finfo(torch.float32).tiny)
+        return out, scale, residual_out
     block_h = triton.next_power_of_2(hidden)
     num_warps = next(w for width, w in NORM_NUM_WARPS if block_h <= width)
     has_residual = residual is not None
@@ -90,9 +120,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         hidden, float(eps), float(weight_offset or 0.0),
         x.stride(0), residual.stride(0) if has_residual else 0, out.stride(0),
         residual_out.stride(0) if has_residual else 0,
-        HAS_RESIDUAL=has_residual, HAS_OFFSET=weight_offset is not None, BLOCK_H=block_h, num_warps=num_warps,
+        HAS_RESIDUAL=has_residual, HAS_OFFSET=weight_offset is not None, BLOCK_H=block_h,
+        scale_ptr=scale, FP8_OUT=fp8, ROUND_F32=fp8 and interpreting(), num_warps=num_warps,
     )
-    return out, residual_out
+    return out, scale, residual_out
 
 
 def ref_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,

@@ -24,7 +24,11 @@ int -> float decoding, f32 FMAs, split-K with f32 atomics when N is small; optio
 words, see GEMV_WORDS); 2 <= M <= 16 runs the tensor-core kernel with BLOCK_M = 16 and the weight tile as the
 dot's first operand (MODE 1). Batched decode (16 < M <= BATCH_MAX_M, weight-only schemes) runs the same tiled GEMM
 with its own tiles and split-K; prefill uses the tiled GEMM with grouped tile order (fp8: fp8 x fp8 tl.dot, f32
-accumulate).
+accumulate). On a CUDA GPU with fp8 tensor cores, W8A8 products of at least SCALED_MM_MIN_M rows with bf16 output
+run torch._scaled_mm (row-wise activation scales x per-channel weight scales) instead: 1.5-1.8x bf16 cuBLAS at
+prefill sizes and 3-5x the Triton tiles at M = 2..256 on an H200 (2026-11-28). fp8_linear / Fp8Linear take
+activations already quantized by the kernel that produced them (kernels_gpu.norms.add_rms_norm_fp8,
+kernels_gpu.activations.silu_and_mul_fp8).
 """
 from __future__ import annotations
 
@@ -69,12 +73,12 @@ _DECODE = {"GEMV_MAX_M": 1, "GEMV_BLOCK_N": 16, "GEMV_BLOCK_K": 512, "GEMV_WARPS
            "MAX_SPLIT_K": 8, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "MIN_BLOCK_N": 16,
            "target_programs": 264, "MODE": 1, "num_warps": 4, "num_stages": 4}
 TILE_SIZES = {
-    ("cuda", "fp8", "decode"): dict(_DECODE, BLOCK_K=256),
+    ("cuda", "fp8", "decode"): dict(_DECODE, BLOCK_K=256, SCALED_MM_MIN_M=2),
     ("cuda", "int8", "decode"): dict(_DECODE, BLOCK_K=256),
     ("cuda", "int4", "decode"): dict(_DECODE, BLOCK_K=256, GEMV_PAIRS=True, PAIRS=True, MODE=0),
     ("cuda", "nvfp4", "decode"): dict(_DECODE, GEMV_BLOCK_N=8, GEMV_PAIRS=True, PAIRS=True, MODE=0),
     ("cuda", "fp8", "prefill"): {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "MODE": 0,
-                                 "num_warps": 8, "num_stages": 3},
+                                 "num_warps": 8, "num_stages": 3, "SCALED_MM_MIN_M": 17},
     ("cuda", "int8", "prefill"): {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "MODE": 1,
                                   "num_warps": 8, "num_stages": 4},
     ("cuda", "int4", "prefill"): {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "MODE": 1,
@@ -119,6 +123,13 @@ for _s in ("int8", "int4", "nvfp4"):
     TILE_SIZES[("interpret", _s, "batch")] = {
         256: {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "MODE": 1, "num_warps": 4,
               "num_stages": 1, "GEMM_SPLIT_K_PROGRAMS": 8, "GEMM_MAX_SPLIT_K": 4}}
+# W8A8 GEMMs with at least SCALED_MM_MIN_M rows (a key of the fp8 tiles) run torch._scaled_mm where it can
+# (_scaled_mm_ok); "enabled" turns off for the process if this torch's _scaled_mm refuses.
+_SCALED_MM = {"enabled": True}
+# torch._scaled_mm's use_fast_accum (Hopper fp8 MMAs accumulating without periodic promotion to f32): off, the
+# accurate accumulation.
+SCALED_MM_FAST_ACCUM = False
+_FP8_TENSOR_CORES: dict[int, bool] = {}
 # Activation quantizer: K elements per loop step.
 ACT_QUANT_BLOCK = {"cuda": 8192, "interpret": 256}
 
@@ -308,6 +319,22 @@ def _round_to_e4m3_grid(y):
 
 
 @triton.jit
+def fp8_row_scale(amax):
+    """A row's activation scale from its f32 amax: max(amax / 448, FLT_MIN) (shared by every fp8 quantizer)."""
+    return tl.maximum(tl.math.div_rn(amax, 448.0), 1.1754943508222875e-38)
+
+
+@triton.jit
+def fp8_scaled(v, scale, ROUND_F32: tl.constexpr):
+    """f32 values -> clamp(v / scale, +-448) ready for the RNE cast to e4m3 (already on the e4m3 grid when
+    ROUND_F32, for the interpreter)."""
+    y = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -448.0), 448.0)
+    if ROUND_F32:
+        y = _round_to_e4m3_grid(y)
+    return y
+
+
+@triton.jit
 def quantize_fp8_kernel(q_ptr, scale_ptr, x_ptr, K, stride_xm, stride_xk, stride_qm,
                         BLOCK_K: tl.constexpr, ROUND_F32: tl.constexpr):
     """One row per program: scale = max(amax / 448, FLT_MIN), q = e4m3(RNE, sat)(x / scale). A row that fits one
@@ -320,16 +347,13 @@ def quantize_fp8_kernel(q_ptr, scale_ptr, x_ptr, K, stride_xm, stride_xk, stride
     for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + offs
         amax = tl.maximum(amax, tl.abs(tl.load(x_row + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)))
-    scale = tl.math.div_rn(tl.max(amax, 0), 448.0)
-    scale = tl.maximum(scale, 1.1754943508222875e-38)
+    scale = fp8_row_scale(tl.max(amax, 0))
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs
         if k0 > 0:
             v = tl.load(x_row + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
-        y = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -448.0), 448.0)
-        if ROUND_F32:
-            y = _round_to_e4m3_grid(y)
+        y = fp8_scaled(v, scale, ROUND_F32)
         tl.store(q_ptr + row * stride_qm + k, y.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=k < K)
 
 
@@ -951,6 +975,22 @@ def uses_gemm_kernels(scheme: str, m: int, device: torch.device) -> bool:
     return scheme == "fp8" or tile_config(device, scheme, m)["phase"] != "prefill"
 
 
+def _check_bias_out(bias, out, m: int, n: int, dtype, device):
+    """The checked, contiguous bias (or None) and the output buffer (out, or a new [m, n] of dtype)."""
+    if bias is not None:
+        _check(isinstance(bias, torch.Tensor) and tuple(bias.shape) == (n,), f"bias must be [{n}], got "
+               f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        _check(bias.dtype in (torch.bfloat16, torch.float16, torch.float32), f"bias dtype {bias.dtype} unsupported")
+        _check(bias.device == device, f"bias is on {bias.device}, x on {device}")
+        bias = bias.contiguous()
+    if out is None:
+        out = torch.empty((m, n), dtype=dtype, device=device)
+    else:
+        _check(isinstance(out, torch.Tensor) and out.shape == (m, n) and out.dtype == dtype and out.device == device,
+               f"out must be {dtype}[{m}, {n}] on {device}")
+    return bias, out
+
+
 def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias=None, *, config=None, out=None) -> torch.Tensor:
     """y[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias) in x.dtype (bf16/f16; f32 accepted for tests).
 
@@ -962,23 +1002,122 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias=None, *, config=None
     _check(x.dtype in (torch.bfloat16, torch.float16, torch.float32),
            f"x dtype must be bfloat16, float16 or float32, got {x.dtype}")
     m, k = x.shape
-    n = qw.out_features
     _check(k == qw.in_features, f"x has K={k} columns but the weight has in_features={qw.in_features}")
     _check(x.device == qw.device, f"x is on {x.device}, the weight on {qw.device}")
-    if bias is not None:
-        _check(isinstance(bias, torch.Tensor) and tuple(bias.shape) == (n,), f"bias must be [{n}], got "
-               f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-        _check(bias.dtype in (torch.bfloat16, torch.float16, torch.float32), f"bias dtype {bias.dtype} unsupported")
-        _check(bias.device == x.device, f"bias is on {bias.device}, x on {x.device}")
-        bias = bias.contiguous()
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    else:
-        _check(out.shape == (m, n) and out.dtype == x.dtype and out.device == x.device,
-               f"out must be {x.dtype}[{m}, {n}] on {x.device}")
+    bias, out = _check_bias_out(bias, out, m, qw.out_features, x.dtype, x.device)
     if m == 0:
         return out
+    if qw.scheme == "fp8":
+        xq, xs = quantize_activation_fp8(x)
+        return _launch(xq, xs, qw, bias, out, config, act_dtype=x.dtype)
+    return _launch(x, None, qw, bias, out, config, act_dtype=x.dtype)
 
+
+def fp8_linear(xq: torch.Tensor, x_scale: torch.Tensor, qw: QuantizedWeight, bias=None, *, out_dtype=None,
+               config=None, out=None) -> torch.Tensor:
+    """W8A8 with activations already quantized (kernels_gpu.norms.add_rms_norm_fp8, kernels_gpu.activations
+    .silu_and_mul_fp8, quantize_activation_fp8): y[M, N] = (xq * x_scale[:, None]) @ dequant(W)^T (+ bias), in
+    out_dtype (default bf16). xq: float8_e4m3fn[M, K]; x_scale: f32[M]; qw: an "fp8" QuantizedWeight."""
+    _validate_qweight(qw)
+    _check(qw.scheme == "fp8", f"fp8_linear takes an fp8 (W8A8) weight, got scheme {qw.scheme!r}")
+    _check(isinstance(xq, torch.Tensor) and xq.dim() == 2 and xq.dtype == torch.float8_e4m3fn,
+           f"xq must be float8_e4m3fn[M, K], got "
+           f"{f'{xq.dtype}{list(xq.shape)}' if isinstance(xq, torch.Tensor) else type(xq).__name__}")
+    m, k = xq.shape
+    _check(k == qw.in_features, f"xq has K={k} columns but the weight has in_features={qw.in_features}")
+    _check(xq.device == qw.device, f"xq is on {xq.device}, the weight on {qw.device}")
+    _check(isinstance(x_scale, torch.Tensor) and x_scale.dtype == torch.float32 and tuple(x_scale.shape) == (m,)
+           and x_scale.is_contiguous() and x_scale.device == xq.device,
+           f"x_scale must be a contiguous f32[{m}] on {xq.device}, got "
+           f"{f'{x_scale.dtype}{list(x_scale.shape)}' if isinstance(x_scale, torch.Tensor) else type(x_scale)}")
+    out_dtype = torch.bfloat16 if out_dtype is None else out_dtype
+    _check(out_dtype in (torch.bfloat16, torch.float16, torch.float32), f"out_dtype {out_dtype} unsupported")
+    bias, out = _check_bias_out(bias, out, m, qw.out_features, out_dtype, xq.device)
+    if m == 0:
+        return out
+    return _launch(xq, x_scale, qw, bias, out, config, act_dtype=out_dtype)
+
+
+def _fp8_tensor_cores(device: torch.device) -> bool:
+    """Whether this CUDA device multiplies fp8 on its tensor cores (sm_89+); cached per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _FP8_TENSOR_CORES.get(index)
+    if ok is None:
+        ok = _FP8_TENSOR_CORES[index] = torch.cuda.get_device_capability(index) >= (8, 9)
+    return ok
+
+
+def _scaled_mm_ok(xq, qw, out, cfg) -> bool:
+    """Whether torch._scaled_mm (cuBLASLt / CUTLASS fp8 with row-wise scales) runs this W8A8 product: a CUDA GPU
+    with fp8 tensor cores (sm_89+), M at least the tile's SCALED_MM_MIN_M, K and N multiples of 16, bf16 out."""
+    if not _SCALED_MM["enabled"] or cfg.get("SCALED_MM_MIN_M") is None or xq.shape[0] < cfg["SCALED_MM_MIN_M"]:
+        return False
+    if xq.device.type != "cuda" or out.dtype != torch.bfloat16 or _interpreting():
+        return False
+    n, k = qw.out_features, qw.in_features
+    return (n % 16 == 0 and k % 16 == 0 and xq.stride(1) == 1 and xq.stride(0) % 16 == 0
+            and xq.data_ptr() % 16 == 0 and _fp8_tensor_cores(xq.device))
+
+
+def _scaled_mm(xq, xs, qw, bias, out, w_t=None, ws_row=None):
+    """out = torch._scaled_mm(xq, W^T) with scales xs[M, 1] x scale[1, N] (+ bias); False when this torch cannot
+    (then the Triton kernel runs, and torch._scaled_mm is not tried again in this process). w_t / ws_row: the
+    weight's transposed view and its scales as [1, N], when the caller holds them."""
+    if w_t is None:
+        w_t, ws_row = qw.tensors["weight"].t(), qw.tensors["scale"].view(1, -1)
+    fused_bias = bias is not None and bias.dtype == out.dtype
+    direct = out.is_contiguous() and (bias is None or fused_bias)
+    try:
+        kwargs = {"out": out} if direct else {}
+        y = torch._scaled_mm(xq, w_t, scale_a=xs.view(-1, 1), scale_b=ws_row, bias=bias if fused_bias else None,
+                             out_dtype=out.dtype, use_fast_accum=SCALED_MM_FAST_ACCUM, **kwargs)
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        import warnings
+
+        _SCALED_MM["enabled"] = False
+        warnings.warn(f"quant_linear: torch._scaled_mm is unavailable here ({str(exc)[:200]}); W8A8 GEMMs use the "
+                      "Triton kernel", RuntimeWarning, stacklevel=3)
+        return False
+    if not direct:
+        out.copy_(y if bias is None or fused_bias else (y.float() + bias.float()).to(out.dtype))
+    return True
+
+
+class Fp8Linear:
+    """fp8_linear bound to one W8A8 weight, checked once: what a compiled program calls at every step (the per-call
+    checks of fp8_linear cost host time that an eager prefill step, ~100 GEMMs, feels). Call with activations from
+    kernels_gpu.norms.add_rms_norm_fp8 / kernels_gpu.activations.silu_and_mul_fp8 / quantize_activation_fp8."""
+
+    def __init__(self, qw: QuantizedWeight):
+        _validate_qweight(qw)
+        _check(qw.scheme == "fp8", f"Fp8Linear takes an fp8 (W8A8) weight, got scheme {qw.scheme!r}")
+        self.qw = qw
+        self.out_features = qw.out_features
+        self._w_t = qw.tensors["weight"].t()
+        self._ws_row = qw.tensors["scale"].view(1, -1)
+
+    def __call__(self, xq: torch.Tensor, x_scale: torch.Tensor, bias=None, *, out_dtype) -> torch.Tensor:
+        m = xq.shape[0]
+        _check(xq.dtype == torch.float8_e4m3fn and xq.dim() == 2 and xq.shape[1] == self.qw.in_features
+               and x_scale.shape == (m,), f"Fp8Linear: xq must be float8_e4m3fn[M, {self.qw.in_features}] with "
+               f"x_scale f32[M], got {xq.dtype}{list(xq.shape)} and {list(x_scale.shape)}")
+        out = torch.empty((m, self.out_features), dtype=out_dtype, device=xq.device)
+        if m == 0:
+            return out
+        cfg = tile_config(xq.device, "fp8", m)
+        if _scaled_mm_ok(xq, self.qw, out, cfg) and _scaled_mm(xq, x_scale, self.qw, bias, out, self._w_t,
+                                                              self._ws_row):
+            return out
+        return _launch(xq, x_scale, self.qw, None if bias is None else bias.contiguous(), out, None,
+                       act_dtype=out_dtype)
+
+
+def _launch(x_in, xs, qw, bias, out, config, *, act_dtype) -> torch.Tensor:
+    """The GEMV / tiled-GEMM launch of quant_linear and fp8_linear: x_in is the activation (fp8 scheme: its fp8
+    quantization, with row scales xs); act_dtype the activation dtype that picks the dot precision."""
+    x = x_in
+    m, k = x.shape
+    n = qw.out_features
     cfg = tile_config(x.device, qw.scheme, m)
     if config:
         cfg.update(config)
@@ -986,14 +1125,11 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias=None, *, config=None
     on_gpu = x.device.type == "cuda" and not interp
     scheme = qw.scheme
     t = qw.tensors
-    xs = t["weight"]  # placeholder pointer for unused arguments
-    if scheme == "fp8":
-        x_in, xs = quantize_activation_fp8(x)
-    else:
-        x_in = x
+    if xs is None:
+        xs = t["weight"]  # placeholder pointer for unused arguments
     # fp8 multiplies the quantized activations, so f32 inputs need no f32 dot on the GPU (f32 tiles of the fp8
     # GEMM's config overflow shared memory there: 288 KiB asked, 227 KiB available on the H100)
-    dot_f32 = interp or (x.dtype == torch.float32 and scheme != "fp8")
+    dot_f32 = interp or (act_dtype == torch.float32 and scheme != "fp8")
     fp8_dot = scheme == "fp8" and on_gpu and not dot_f32
 
     w, s, gs, s_strides, z, z_strides, has_zero = _weight_args(qw)
@@ -1022,6 +1158,8 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias=None, *, config=None
             out.copy_(y)
         return out
 
+    if scheme == "fp8" and _scaled_mm_ok(x_in, qw, out, cfg) and _scaled_mm(x_in, xs, qw, bias, out):
+        return out
     block_k = cfg["BLOCK_K"]
     block_n = cfg["BLOCK_N"]
     block_m = cfg["BLOCK_M"]
@@ -1041,7 +1179,7 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias=None, *, config=None
     elif scheme == "fp8":
         compute = 1  # fp8 -> f16 is exact
     else:
-        compute = 1 if x.dtype == torch.float16 else 2
+        compute = 1 if act_dtype == torch.float16 else 2
     quant_linear_kernel[(tiles, split)](
         y, x_in, xs, w, s, gs, bias_arg, z,
         m, n, k, k_chunk,

@@ -201,6 +201,9 @@ class CudaProgram:
         self.fused_gemv = True
         self.fused_gemv_rows = FUSED_GEMV_ROWS
         self.fused_rope_kv_write = True  # "rope(q,k)+kv_write" in one launch (off: the two kernels, for ablations)
+        # W8A8 linears fed by a norm / SwiGLU get fp8 activations from that kernel (off: the norm / SwiGLU stores
+        # its bf16 row and quant_linear quantizes it in a kernel of its own, for ablations)
+        self.fused_act_quant = True
         self.num_fresh_prefill_steps = 0  # eager steps that took the prefill kernel
         self.prefill_fast_path_min_tokens = PREFILL_FAST_PATH_MIN_TOKENS
         self.eager_only_ops: list[str] = []  # generic ops run through JAX (no CUDA graphs then)
@@ -907,6 +910,9 @@ def _gemv_fusion(graph, node: Node, users, producers, position, program):
     def label(gemv):
         return gemv.op if gemv.op in ("linear", "logits") else f"{gemv.op}[{gemv.attrs['format']}]"
 
+    fp8 = _w8a8_fusion(graph, node, users, producers, position, program)
+    if fp8 is not None:
+        return fp8
     if node.op == "add" and len(node.inputs) == 2:
         norm = fusable_norm(graph, node, users, position)
         if norm is None:
@@ -938,6 +944,99 @@ def _gemv_fusion(graph, node: Node, users, producers, position, program):
         fn = _act_gemv_fn(node, graph, program, producers, qw=qw)
         return fn, list(node.inputs) + rest, [gemv.outputs[0]], f"{node.op}+{label(gemv)}", (gemv,)
     return None
+
+
+def _w8a8_consumer(graph, name: str, users, program):
+    """(qlinear node, QuantizedWeight, its bias inputs) when a W8A8 qlinear (fp8 weight, act_format fp8, weight
+    parts held as params) is the only reader of `name`, as its activation: its activation quantizer can run inside
+    the kernel producing `name`. Else None."""
+    from lowering.quant import formats
+
+    node = _only_consumer(graph, name, users)
+    if node is None or node.op != "qlinear" or node.inputs[0] != name or graph.types[name].dtype not in _FLOAT_DTYPES:
+        return None
+    if node.attrs["format"] != "fp8" or node.attrs.get("act_format") != "fp8":
+        return None
+    n_parts = len(formats.WEIGHT_PARTS["fp8"])
+    if not all(p in program.params for p in node.inputs[1: 1 + n_parts]):
+        return None
+    return node, _qweight_of(node, graph, program)[0], list(node.inputs[1 + n_parts:])
+
+
+def _w8a8_fusion(graph, node: Node, users, producers, position, program):
+    """(closure, inputs, outputs, label, absorbed nodes) when `node` produces the activation of a W8A8 qlinear and
+    can quantize it to fp8 itself (every step size; kernels_gpu.norms.add_rms_norm_fp8, kernels_gpu.activations
+    .silu_and_mul_fp8 / gelu_tanh_and_mul_fp8, then the weight's quant_linear.Fp8Linear):
+      add + rms_norm -> qlinear[fp8+a8]      rms_norm -> qlinear[fp8+a8]      silu_mul / gelu_tanh_mul -> ..."""
+    if node.op == "add" and len(node.inputs) == 2:
+        norm = fusable_norm(graph, node, users, position)
+        found = None if norm is None else _w8a8_consumer(graph, norm.outputs[0], users, program)
+        if found is None:
+            return None
+        gemv, qw, rest = found
+        fn = _norm_fp8_fn(norm, program, qw, with_residual=True)
+        return (fn, [node.inputs[0], node.inputs[1], norm.inputs[1]] + rest, [gemv.outputs[0], node.outputs[0]],
+                "add+rms_norm[fp8]+qlinear[fp8+a8]", (norm, gemv))
+    if node.op == "rms_norm" and graph.types[node.inputs[1]].dtype in _FLOAT_DTYPES \
+            and len(graph.types[node.inputs[0]].shape) == 2:
+        found = _w8a8_consumer(graph, node.outputs[0], users, program)
+        if found is None:
+            return None
+        gemv, qw, rest = found
+        fn = _norm_fp8_fn(node, program, qw, with_residual=False)
+        return fn, [node.inputs[0], node.inputs[1]] + rest, [gemv.outputs[0]], "rms_norm[fp8]+qlinear[fp8+a8]", (gemv,)
+    if node.op in ("silu_mul", "gelu_tanh_mul") and _split_halves(graph, node, producers) is not None:
+        found = _w8a8_consumer(graph, node.outputs[0], users, program)
+        if found is None:
+            return None
+        gemv, qw, rest = found
+        fn = _act_fp8_fn(node, graph, program, producers, qw)
+        return fn, list(node.inputs) + rest, [gemv.outputs[0]], f"{node.op}[fp8]+qlinear[fp8+a8]", (gemv,)
+    return None
+
+
+def _norm_fp8_fn(norm: Node, program, qw, *, with_residual: bool) -> Fn:
+    from kernels_gpu.norms import add_rms_norm, add_rms_norm_fp8
+    from kernels_gpu.quant_linear import Fp8Linear
+
+    eps, offset = norm.attrs["eps"], norm.attrs.get("weight_offset")
+    fp8_linear = Fp8Linear(qw)
+
+    def run(ctx, *args):
+        if with_residual:
+            x, residual, norm_w, *rest = args
+        else:
+            (x, norm_w, *rest), residual = args, None
+        bias = rest[0] if rest else None
+        if program.fused_act_quant:
+            xq, xs, summed = add_rms_norm_fp8(x, residual, norm_w, eps, offset)
+            y = fp8_linear(xq, xs, bias, out_dtype=x.dtype)
+        else:
+            normed, summed = add_rms_norm(x, residual, norm_w, eps, offset)
+            y = _quantized_matmul(normed, qw, bias)
+        return (y, summed) if with_residual else (y,)
+
+    return run
+
+
+def _act_fp8_fn(node: Node, graph, program, producers, qw) -> Fn:
+    from kernels_gpu.activations import gelu_tanh_and_mul, gelu_tanh_and_mul_fp8, silu_and_mul, silu_and_mul_fp8
+    from kernels_gpu.quant_linear import Fp8Linear
+
+    gelu = node.op == "gelu_tanh_mul"
+    width = _split_halves(graph, node, producers)
+    fp8_linear = Fp8Linear(qw)
+
+    def run(ctx, g, u, *rest):
+        bias = rest[0] if rest else None
+        base = g.as_strided((g.shape[0], 2 * width), g.stride())  # [T, 2F]: gate | up
+        if program.fused_act_quant:
+            xq, xs = gelu_tanh_and_mul_fp8(base) if gelu else silu_and_mul_fp8(base)
+            return (fp8_linear(xq, xs, bias, out_dtype=g.dtype),)
+        act = gelu_tanh_and_mul(base) if gelu else silu_and_mul(base)
+        return (_quantized_matmul(act, qw, bias),)
+
+    return run
 
 
 def _norm_gemv_fn(norm: Node, gemv: Node, program, *, with_residual: bool, keep_residual: bool, qw=None) -> Fn:
@@ -1192,16 +1291,20 @@ def _qweight_of(node, graph, program):
 
 def _lower_qlinear(node, graph, program, producers, users) -> Fn:
     from kernels_gpu.fused_qgemv import Workspace, qgemv, supports
+    from kernels_gpu.quant_linear import Fp8Linear, quantize_activation_fp8
 
     qw, dense = _qweight_of(node, graph, program)
     n_parts = len(qw.tensors)
     # one-row steps of a weight-only scheme: the fused GEMV with its memset-free split-K (quant_linear's GEMV zeroes
     # a buffer, adds into it with atomics and copies it out: two more launches)
     workspace = Workspace(program.device) if supports(qw) and not dense else None
+    w8a8 = Fp8Linear(qw) if qw.scheme == "fp8" and not dense else None  # (checked once, not at every step)
 
     def run(ctx, x, bias=None):
         if workspace is not None and x.shape[0] == 1 and program.fused_gemv and x.stride(-1) == 1:
             return (qgemv(x, qw, bias, workspace=workspace),)
+        if w8a8 is not None and x.dim() == 2:
+            return (w8a8(*quantize_activation_fp8(x), bias, out_dtype=x.dtype),)
         return (_quantized_matmul(x, qw, bias, dequantize_always=dense),)
 
     run.inputs = [node.inputs[0]] + list(node.inputs[1 + n_parts:])  # x [, bias]

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from kernels_gpu.norms import add_rms_norm, ref_add_rms_norm
+from tests.kernels_gpu.fp8_checks import assert_same_fp8_rows
 
 TOLERANCES = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
@@ -92,3 +93,42 @@ def test_add_rms_norm_with_weight_offset_matches_hf_gemma3_rms_norm(device):
         want = norm(x)
     normed, _ = add_rms_norm(x, None, norm.weight.detach(), 1e-6, weight_offset=1.0)
     torch.testing.assert_close(normed, want, **TOLERANCES[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("offset", [None, 1.0])
+@pytest.mark.parametrize("num_tokens, hidden", [(1, 64), (7, 576), (5, 1000)])
+def test_add_rms_norm_fp8_equals_norm_then_activation_quantizer(kernel_module, device, dtype, with_residual, offset,
+                                                                num_tokens, hidden):
+    """The W8A8 norm: the row add_rms_norm stores, quantized as quant_linear.quantize_activation_fp8 does."""
+    norms, ql = kernel_module("norms"), kernel_module("quant_linear")
+    torch.manual_seed(num_tokens + hidden)
+    x = (torch.randn(num_tokens, hidden, device=device) * 3).to(dtype)
+    x[-1] *= 1e-4  # a row of small values (its own scale)
+    residual = torch.randn(num_tokens, hidden, device=device).to(dtype) if with_residual else None
+    weight = (0.5 * torch.randn(hidden, device=device)).to(dtype)
+    q, scale, summed = norms.add_rms_norm_fp8(x, residual, weight, 1e-5, offset)
+    normed, want_summed = norms.add_rms_norm(x, residual, weight, 1e-5, offset)
+    want_q, want_scale = ql.quantize_activation_fp8(normed)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape and scale.shape == (num_tokens,)
+    assert_same_fp8_rows(q, scale, want_q, want_scale)
+    if with_residual:
+        torch.testing.assert_close(summed, want_summed, rtol=0, atol=0)
+    else:
+        assert summed is None
+    # against float64: the e4m3 step (2**-3 relative) bounds each element
+    ref, _ = norms.ref_add_rms_norm(x, residual, weight, 1e-5, offset)
+    deq = q.double() * scale.double()[:, None]
+    assert ((deq - ref).abs() <= ref.abs() * 0.07 + scale.double()[:, None] * 2 ** -8 + 2e-2 * ref.abs()).all()
+
+
+def test_add_rms_norm_fp8_empty_and_bad_input(kernel_module, device):
+    norms = kernel_module("norms")
+    q, scale, _ = norms.add_rms_norm_fp8(torch.empty(0, 64, device=device), None, torch.ones(64, device=device), 1e-6)
+    assert q.shape == (0, 64) and scale.shape == (0,)
+    with pytest.raises(ValueError, match="weight"):
+        norms.add_rms_norm_fp8(torch.randn(4, 64, device=device), None, torch.ones(32, device=device), 1e-6)
+    with pytest.raises(ValueError, match="dtype"):
+        norms.add_rms_norm_fp8(torch.ones(4, 64, dtype=torch.int32, device=device), None,
+                               torch.ones(64, device=device), 1e-6)

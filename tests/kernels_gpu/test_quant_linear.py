@@ -402,3 +402,77 @@ def test_prefill_sized_weight_only_matmul_in_chunks(device, monkeypatch):
     x, qw, b = make("fp8", 5, N, 256, torch.float32, device, bias=True, seed=9)  # an fp8 weight used weight-only
     got = cuda_backend._quantized_matmul(x, qw, b, dequantize_always=True)
     assert rel_err(got, x.double() @ ql.dequantize_weight(qw).double().T + b.double()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "f16", "f32"])
+@pytest.mark.parametrize("m,bias", CASES + [(96, True)])
+def test_fp8_linear_takes_prequantized_rows(kernel_module, device, m, bias, dtype):
+    """fp8_linear (activations quantized by the kernel producing them) equals quant_linear's own quantization."""
+    ql = kernel_module("quant_linear")
+    x, qw, b = make("fp8", m, 48, 208, dtype, device, bias=bias, seed=m + 5)  # N, K multiples of 16: torch's GEMM
+    xq, xs = ql.quantize_activation_fp8(x)
+    out = ql.fp8_linear(xq, xs, qw, b, out_dtype=dtype)
+    assert out.shape == (m, 48) and out.dtype == dtype
+    torch.testing.assert_close(out, ql.quant_linear(x, qw, b), rtol=0, atol=0)
+    err = rel_err(out, ql.ref_quant_linear(x, qw, b))
+    assert err < (max(TOL[dtype], 5e-4) if device == "cuda" else TOL[dtype]), f"M={m} {dtype}: rel err {err:.2e}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._scaled_mm runs on a CUDA GPU with fp8 tensor cores")
+@pytest.mark.parametrize("m", [17, 64, 200])
+@pytest.mark.parametrize("bias", [None, "bf16", "f32"])
+def test_fp8_linear_scaled_mm_equals_triton_kernel(kernel_module, m, bias):
+    """Prefill-sized bf16 W8A8 runs torch._scaled_mm (row-wise scales); the Triton GEMM it replaces agrees."""
+    ql = kernel_module("quant_linear")
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no fp8 tensor cores")
+    x, qw, b = make("fp8", m, 272, 512, torch.bfloat16, "cuda", bias=bias is not None, seed=m)
+    b = None if b is None else b.to(torch.bfloat16 if bias == "bf16" else torch.float32)
+    xq, xs = ql.quantize_activation_fp8(x)
+    cfg = ql.tile_config(x.device, "fp8", m)
+    assert ql._scaled_mm_ok(xq, qw, torch.empty(m, 272, dtype=torch.bfloat16, device="cuda"), cfg)
+    got = ql.fp8_linear(xq, xs, qw, b)
+    strided = torch.empty(m, 300, dtype=torch.bfloat16, device="cuda")[:, :272]  # out with a row stride of 300
+    ql.fp8_linear(xq, xs, qw, b, out=strided)
+    triton_out = ql.fp8_linear(xq, xs, qw, b, config={"SCALED_MM_MIN_M": None})
+    ref = ql.ref_quant_linear(x, qw, b)
+    assert ql._SCALED_MM["enabled"]
+    assert rel_err(got, ref) < 2e-2 and rel_err(triton_out, ref) < 2e-2
+    assert rel_err(got, triton_out.double()) < 1e-2
+    torch.testing.assert_close(strided, got, rtol=0, atol=0)
+
+
+def test_fp8_linear_rejects_bad_input(kernel_module, device):
+    ql = kernel_module("quant_linear")
+    x, qw, _ = make("fp8", 4, 48, 208, torch.bfloat16, device)
+    xq, xs = ql.quantize_activation_fp8(x)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        ql.fp8_linear(x, xs, qw)
+    with pytest.raises(ValueError, match=r"x_scale must be a contiguous f32\[4\]"):
+        ql.fp8_linear(xq, xs[:3], qw)
+    with pytest.raises(ValueError, match="x_scale"):
+        ql.fp8_linear(xq, xs.double(), qw)
+    with pytest.raises(ValueError, match="in_features"):
+        ql.fp8_linear(xq[:, :200], xs, qw)
+    with pytest.raises(ValueError, match="fp8_linear takes an fp8"):
+        ql.fp8_linear(xq, xs, make("int8", 4, 48, 208, torch.bfloat16, device)[1])
+    with pytest.raises(ValueError, match="out_dtype"):
+        ql.fp8_linear(xq, xs, qw, out_dtype=torch.int8)
+    with pytest.raises(ValueError, match="bias must be"):
+        ql.fp8_linear(xq, xs, qw, torch.zeros(7, device=device))
+    assert ql.fp8_linear(xq[:0], xs[:0], qw).shape == (0, 48)
+
+
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_fp8_linear_bound_to_its_weight(kernel_module, device, m):
+    """Fp8Linear (what the CUDA backend calls per step: the weight checked once) equals fp8_linear."""
+    ql = kernel_module("quant_linear")
+    x, qw, b = make("fp8", m, 48, 208, torch.bfloat16, device, bias=True, seed=m)
+    xq, xs = ql.quantize_activation_fp8(x)
+    lin = ql.Fp8Linear(qw)
+    torch.testing.assert_close(lin(xq, xs, b, out_dtype=torch.bfloat16), ql.fp8_linear(xq, xs, qw, b),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"float8_e4m3fn\[M, 208\]"):
+        lin(x, xs, out_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="takes an fp8"):
+        ql.Fp8Linear(make("int8", 4, 48, 208, torch.bfloat16, device)[1])

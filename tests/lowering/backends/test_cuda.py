@@ -238,9 +238,10 @@ def test_quantized_ir_program_matches_cpu_program(quant_model_hd32, case, fast_q
     plan = prog.launch_plan
     if weights:
         assert any(label.startswith(f"qlinear[{weights}") for label in plan) and "linear" not in plan
-        if weights == "fp8":  # W8A8: the activation rows are quantized first; the norm / SwiGLU kernels stay
+        if weights == "fp8":  # W8A8: the norm / SwiGLU kernels quantize the activation rows they produce
             assert any(label.startswith("qlogits[") for label in plan)
-            assert {"silu_mul", "add+rms_norm"} <= set(plan)  # fusions survive quantized producers
+            assert {"rms_norm[fp8]+qlinear[fp8+a8]", "add+rms_norm[fp8]+qlinear[fp8+a8]",
+                    "silu_mul[fp8]+qlinear[fp8+a8]", "qlinear[fp8+a8]"} <= set(plan)  # (o_proj quantizes its own)
         else:  # weight-only: the norms and the SwiGLU fused into kernels_gpu.fused_qgemv's GEMV (one-row steps)
             assert {f"add+rms_norm+qlinear[{weights}]", f"silu_mul+qlinear[{weights}]",
                     f"rms_norm+qlinear[{weights}]", f"add+rms_norm+qlogits[{weights}]"} <= set(plan)
@@ -290,6 +291,26 @@ def test_quantized_one_row_decode_takes_the_fused_qgemv(quant_model_hd32, weight
                                   run_single_sequence(plain, 3)):
         assert np.isfinite(got).all()
         assert relerr(got, want) < 2e-3 and relerr(got, unfused) < 1e-4
+
+
+def test_w8a8_activation_quantizer_fused_into_norm_and_swiglu(quant_model_hd32, fast_quant_tiles):
+    """W8A8: the norms and the SwiGLU hand fp8 rows and their scales to the GEMM (kernels_gpu.norms.add_rms_norm_fp8,
+    kernels_gpu.activations.silu_and_mul_fp8, quant_linear.fp8_linear); the logits of ragged prefill, decode and
+    chunked steps equal those of the same program quantizing each activation in a kernel of its own."""
+    from lowering.backends import build_program
+
+    graph, params = quantize_ir(quant_model_hd32, "fp8", None, False)
+    fused = build_program("cuda", graph, params, num_blocks=24, max_model_len=64, device=DEVICE,
+                          pool_fill=float("nan"))
+    plain = build_program("cuda", graph, params, num_blocks=24, max_model_len=64, device=DEVICE,
+                          pool_fill=float("nan"))
+    plain.fused_act_quant = False
+    for got, want in zip(run_decode_steps(fused, 9, 24), run_decode_steps(plain, 9, 24)):
+        assert np.isfinite(got).all()
+        if HAS_GPU:  # two compiled norms may sum a row in different orders: an fp8 value may move one step
+            assert relerr(got, want) < 1e-2
+        else:
+            np.testing.assert_array_equal(got, want)
 
 
 def test_quantized_kv_prefill_takes_the_paged_kernel_per_layer(quant_model_hd32, fast_quant_tiles):
