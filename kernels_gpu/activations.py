@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from kernels_gpu.quant_linear import fp8_row_scale, fp8_scaled
-from kernels_gpu.triton_env import interpreting
+from kernels_gpu.triton_env import interpreting, tile_target
 
 # Tuning data: columns of the output each program handles, and its warps.
 SILU_BLOCK_F = 1024
@@ -56,6 +56,16 @@ def silu_and_mul_kernel(
 
 
 @triton.jit
+def _act_row_block(g_row, cols, num_features, GELU_TANH: tl.constexpr):
+    """f32 act(gate) * up of columns `cols` of one gate | up row, rounded to the row's dtype (as silu_and_mul
+    stores it); 0 past num_features."""
+    m = cols < num_features
+    h = act_and_mul(tl.load(g_row + cols, mask=m, other=0.0).to(tl.float32),
+                    tl.load(g_row + num_features + cols, mask=m, other=0.0).to(tl.float32), GELU_TANH)
+    return h.to(g_row.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
 def act_and_mul_fp8_kernel(
     gate_up_ptr, q_ptr, scale_ptr,
     num_features,
@@ -68,28 +78,19 @@ def act_and_mul_fp8_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_F)
     g_row = gate_up_ptr + row * stride_gt
-    mask = offs < num_features
-    h = act_and_mul(tl.load(g_row + offs, mask=mask, other=0.0).to(tl.float32),
-                    tl.load(g_row + num_features + offs, mask=mask, other=0.0).to(tl.float32), GELU_TANH)
-    h = h.to(gate_up_ptr.dtype.element_ty).to(tl.float32)
+    h = _act_row_block(g_row, offs, num_features, GELU_TANH)
     amax = tl.abs(h)
     for f0 in range(BLOCK_F, num_features, BLOCK_F):
-        cols = f0 + offs
-        m = cols < num_features
-        hb = act_and_mul(tl.load(g_row + cols, mask=m, other=0.0).to(tl.float32),
-                         tl.load(g_row + num_features + cols, mask=m, other=0.0).to(tl.float32), GELU_TANH)
-        amax = tl.maximum(amax, tl.abs(hb.to(gate_up_ptr.dtype.element_ty).to(tl.float32)))
+        amax = tl.maximum(amax, tl.abs(_act_row_block(g_row, f0 + offs, num_features, GELU_TANH)))
     scale = fp8_row_scale(tl.max(amax, 0))
     tl.store(scale_ptr + row, scale)
     for f0 in range(0, num_features, BLOCK_F):
         cols = f0 + offs
-        m = cols < num_features
         if f0 > 0:
-            h = act_and_mul(tl.load(g_row + cols, mask=m, other=0.0).to(tl.float32),
-                            tl.load(g_row + num_features + cols, mask=m, other=0.0).to(tl.float32), GELU_TANH)
-            h = h.to(gate_up_ptr.dtype.element_ty).to(tl.float32)
+            h = _act_row_block(g_row, cols, num_features, GELU_TANH)
         y = fp8_scaled(h, scale, ROUND_F32)
-        tl.store(q_ptr + row * stride_qt + cols, y.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
+        tl.store(q_ptr + row * stride_qt + cols, y.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+                 mask=cols < num_features)
 
 
 def _validate(gate_up, name):
@@ -129,11 +130,10 @@ def _act_and_mul_fp8(gate_up: torch.Tensor, *, gelu_tanh: bool, name: str):
         return q, scale
     if num_features == 0:
         return q, scale.fill_(torch.finfo(torch.float32).tiny)
-    interp = interpreting()
-    block_f = min(SILU_FP8_BLOCK_F["interpret" if interp else "cuda"], triton.next_power_of_2(num_features))
+    block_f = min(SILU_FP8_BLOCK_F[tile_target(gate_up.device)], triton.next_power_of_2(num_features))
     act_and_mul_fp8_kernel[(num_tokens,)](
         gate_up, q, scale, num_features, gate_up.stride(0), q.stride(0),
-        GELU_TANH=gelu_tanh, BLOCK_F=block_f, ROUND_F32=interp,
+        GELU_TANH=gelu_tanh, BLOCK_F=block_f, ROUND_F32=interpreting(),
         num_warps=next(w for width, w in SILU_FP8_NUM_WARPS if block_f <= width),
     )
     return q, scale

@@ -1104,17 +1104,14 @@ class Fp8Linear:
         out = torch.empty((m, self.out_features), dtype=out_dtype, device=xq.device)
         if m == 0:
             return out
-        cfg = tile_config(xq.device, "fp8", m)
-        if _scaled_mm_ok(xq, self.qw, out, cfg) and _scaled_mm(xq, x_scale, self.qw, bias, out, self._w_t,
-                                                              self._ws_row):
-            return out
         return _launch(xq, x_scale, self.qw, None if bias is None else bias.contiguous(), out, None,
-                       act_dtype=out_dtype)
+                       act_dtype=out_dtype, scaled_mm_views=(self._w_t, self._ws_row))
 
 
-def _launch(x_in, xs, qw, bias, out, config, *, act_dtype) -> torch.Tensor:
-    """The GEMV / tiled-GEMM launch of quant_linear and fp8_linear: x_in is the activation (fp8 scheme: its fp8
-    quantization, with row scales xs); act_dtype the activation dtype that picks the dot precision."""
+def _launch(x_in, xs, qw, bias, out, config, *, act_dtype, scaled_mm_views=(None, None)) -> torch.Tensor:
+    """The GEMV / tiled-GEMM / torch._scaled_mm launch of quant_linear, fp8_linear and Fp8Linear: x_in is the
+    activation (fp8 scheme: its fp8 quantization, with row scales xs); act_dtype the activation dtype that picks the
+    dot precision; scaled_mm_views: _scaled_mm's w_t / ws_row when the caller holds them."""
     x = x_in
     m, k = x.shape
     n = qw.out_features
@@ -1158,7 +1155,8 @@ def _launch(x_in, xs, qw, bias, out, config, *, act_dtype) -> torch.Tensor:
             out.copy_(y)
         return out
 
-    if scheme == "fp8" and _scaled_mm_ok(x_in, qw, out, cfg) and _scaled_mm(x_in, xs, qw, bias, out):
+    if scheme == "fp8" and _scaled_mm_ok(x_in, qw, out, cfg) and _scaled_mm(x_in, xs, qw, bias, out,
+                                                                            *scaled_mm_views):
         return out
     block_k = cfg["BLOCK_K"]
     block_n = cfg["BLOCK_N"]
