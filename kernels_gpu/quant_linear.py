@@ -126,9 +126,12 @@ for _s in ("int8", "int4", "nvfp4"):
 # W8A8 GEMMs with at least SCALED_MM_MIN_M rows (a key of the fp8 tiles) run torch._scaled_mm where it can
 # (_scaled_mm_ok); "enabled" turns off for the process if this torch's _scaled_mm refuses.
 _SCALED_MM = {"enabled": True}
-# torch._scaled_mm's use_fast_accum (Hopper fp8 MMAs accumulating without periodic promotion to f32): off, the
-# accurate accumulation.
-SCALED_MM_FAST_ACCUM = False
+# torch._scaled_mm's use_fast_accum: Hopper fp8 MMAs accumulate in the tensor cores without periodic promotion
+# to f32 (what vLLM's and FlashInfer's CUTLASS fp8 GEMMs on sm90 run). On, by default: measured on an H200
+# (2026-11-29), SmolLM2-135M W8A8 perplexity moved by -0.14% (RTN) and +0.16% (GPTQ) of the base, within the
+# window noise, and the GEMM's error against float64 stayed below the bf16 output rounding up to K = 2048 (1.6x it
+# at K = 8192); prefill ran 1.08x faster. False: the accurate accumulation.
+SCALED_MM_FAST_ACCUM = True
 _FP8_TENSOR_CORES: dict[int, bool] = {}
 # Activation quantizer: K elements per loop step.
 ACT_QUANT_BLOCK = {"cuda": 8192, "interpret": 256}

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from lowering.backends.patterns import check_hidden_output, fusable_norm
-from lowering.ir import (Graph, IRError, Node, bind_symbols, decode_param, eval_dim, generic_primitive,
+from lowering.ir import (Graph, IRError, Node, bind_symbols, decode_param, dim_symbols, eval_dim, generic_primitive,
                          kv_bytes_per_block, resolve_window_blocks, split_kv_blocks)
 from lowering.kv_policy import plan_for_graph
 from lowering.passes.shard_tensor_parallel import tp_plan
@@ -254,6 +254,13 @@ class CudaProgram:
         self._async_slot = 0
         self.num_graph_replays = 0
         self.num_eager_steps = 0
+        # ragged steps (prefill, mixed, ragged verification) of at most PIECEWISE_TOKEN_BUCKETS[-1] rows replay
+        # piecewise CUDA graphs: everything but attention captured per token bucket (lowering/backends/
+        # cuda_piecewise.py); off: they run eagerly (ablations, tests)
+        self.piecewise_graphs = True
+        self._piecewise = None  # its PiecewiseGraphs, made on first use (None until then, or when unsupported)
+        self._piecewise_checked = False
+        self.num_piecewise_steps = 0
 
     @property
     def prefers_uniform_drafts(self) -> bool:
@@ -511,9 +518,13 @@ class CudaProgram:
             return logits[:num_rows], tokens[:num_rows], hidden_rows
         arrays = {k: getattr(inp, k) for k in self.graph.inputs}
         self.last_step_compiled = False  # (a Triton kernel's first compile is not detected)
-        logits = self._run_eager(arrays, feed)
+        logits = self._run_piecewise(arrays, feed)
+        if logits is None:
+            logits = self._run_eager(arrays, feed)
+            self.num_eager_steps += 1
+        else:
+            self.num_piecewise_steps += 1
         tokens = _argmax(logits) if greedy else None
-        self.num_eager_steps += 1
         hidden_rows = self._extra_outputs[0][: inp.num_tokens] if hidden else None
         return logits[:num_rows], (tokens[:num_rows] if tokens is not None else None), hidden_rows
 
@@ -539,14 +550,40 @@ class CudaProgram:
             from kernels_gpu.sampling import feed_tokens
 
             feed_tokens(inputs["token_ids"], self._feed_src, _to_device(feed, self.device), feed.size // 2)
+        ctx = self._step_context(arrays)
+        ctx.env = self._env(inputs)
+        return self._execute(inputs, ctx)
+
+    def _step_context(self, arrays: Mapping[str, np.ndarray]) -> "_StepContext":
+        """A ragged step's host values (its env is bound by the caller, from the tensors it runs on)."""
         q_lens = np.diff(arrays["query_start"])
         max_q_len = max(1, int(q_lens.max()) if q_lens.size else 1)
         fresh = (self.prefill_fast_path and max_q_len >= self.prefill_fast_path_min_tokens
                  and bool(np.array_equal(arrays["seq_lens"], q_lens)))
         self.num_fresh_prefill_steps += int(fresh)
-        ctx = _StepContext(env=self._env(inputs), max_q_len=max_q_len, fresh_prefill=fresh,
-                           max_seq_len=max(1, int(arrays["seq_lens"].max()) if arrays["seq_lens"].size else 1))
-        return self._execute(inputs, ctx)
+        return _StepContext(env={}, max_q_len=max_q_len, fresh_prefill=fresh,
+                            max_seq_len=max(1, int(arrays["seq_lens"].max()) if arrays["seq_lens"].size else 1))
+
+    def _run_piecewise(self, arrays: Mapping[str, np.ndarray], feed: np.ndarray | None = None):
+        """A ragged step through piecewise CUDA graphs (lowering/backends/cuda_piecewise.py): -> logits [L, V], or
+        None where this step or program runs eagerly (piecewise_graphs off, unsupported, a step past the largest
+        bucket, a capture that failed)."""
+        from lowering.backends import cuda_piecewise as pw_lib
+
+        if not self.piecewise_graphs:
+            return None
+        if not self._piecewise_checked:
+            self._piecewise_checked = True
+            self._piecewise = pw_lib.make_piecewise(self)
+        pw = self._piecewise
+        if pw is None or not pw.fits(arrays["token_ids"].shape[0], arrays["logit_rows"].shape[0]):
+            return None
+        seq = {n: arrays[n] for n in pw_lib.SEQUENCE_INPUTS if n in self.graph.inputs}
+        packed, views = _pack_inputs(seq, list(seq))
+        dev = _to_device(packed, self.device)
+        seq_inputs = {name: dev[a:b].view(shape) for name, (a, b, shape) in views.items()}
+        feed_dev = _to_device(feed, self.device) if feed is not None else None
+        return pw.run(arrays, seq_inputs, self._step_context(arrays), feed_dev)
 
     def _env(self, inputs) -> dict:
         names = list(self.graph.inputs) + list(self.graph.state)
@@ -720,11 +757,15 @@ class CudaProgram:
         self._graphs[(b, q, ctx_bucket)] = (graph, logits, tokens, extra)
 
     def drop_decode_graphs(self) -> None:
-        """Forget every captured decode graph and its memory pool; later steps capture again. For changes to what a
-        decode step runs (fused_gemv, fused_gemv_rows), and before a tensor-parallel rank leaves its process group (a
+        """Forget every captured decode graph and its memory pool, and the ragged steps' piecewise graphs; later
+        steps capture again. For changes to what a step runs (fused_gemv, fused_gemv_rows, fused_act_quant), and before a tensor-parallel rank leaves its process group (a
         live graph holding NCCL collectives keeps the communicator's teardown waiting)."""
         import torch
 
+        if self._piecewise is not None:  # the ragged steps' graphs too (captured again on next use)
+            torch.cuda.synchronize(self.device)
+            self._piecewise = None
+            self._piecewise_checked = False
         if self._static is None:  # nothing was captured
             return
         torch.cuda.synchronize(self.device)
@@ -1960,6 +2001,7 @@ def _generic_fn(node: Node, graph: Graph, program: CudaProgram) -> Fn:
             params = static_params if static_params is not None else {k: decode_param(v, ctx.env) for k, v in node.attrs.items()}
             return (fn(*args, **params),)
 
+        run.symbols = _attr_symbols(node.attrs)  # (a piecewise graph captures it only if these are T and L)
         return run
 
     # no torch equivalent: run the lax primitive itself through DLPack (eager steps only)
@@ -1975,6 +2017,18 @@ def _generic_fn(node: Node, graph: Graph, program: CudaProgram) -> Fn:
         return tuple(torch.from_dlpack(o) for o in outs)
 
     return run_jax
+
+
+def _attr_symbols(attrs) -> set[str]:
+    """The dim symbols a generic op's attrs name."""
+    if isinstance(attrs, dict):
+        if "$dim" in attrs:
+            d = attrs["$dim"]
+            return set() if isinstance(d, int) else set(dim_symbols(d))
+        return set().union(*(_attr_symbols(v) for v in attrs.values())) if attrs else set()
+    if isinstance(attrs, (list, tuple)):
+        return set().union(*(_attr_symbols(v) for v in attrs)) if attrs else set()
+    return set()
 
 
 def _has_symbolic(attrs) -> bool:

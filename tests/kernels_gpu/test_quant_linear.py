@@ -421,11 +421,14 @@ def test_fp8_linear_takes_prequantized_rows(kernel_module, device, m, bias, dtyp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._scaled_mm runs on a CUDA GPU with fp8 tensor cores")
 @pytest.mark.parametrize("m", [17, 64, 200])
 @pytest.mark.parametrize("bias", [None, "bf16", "f32"])
-def test_fp8_linear_scaled_mm_equals_triton_kernel(kernel_module, m, bias):
-    """Prefill-sized bf16 W8A8 runs torch._scaled_mm (row-wise scales); the Triton GEMM it replaces agrees."""
+@pytest.mark.parametrize("fast_accum", [True, False])
+def test_fp8_linear_scaled_mm_equals_triton_kernel(kernel_module, m, bias, fast_accum, monkeypatch):
+    """Prefill-sized bf16 W8A8 runs torch._scaled_mm (row-wise scales; fast accumulation by default, the accurate
+    one too); the Triton GEMM it replaces agrees."""
     ql = kernel_module("quant_linear")
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no fp8 tensor cores")
+    monkeypatch.setattr(ql, "SCALED_MM_FAST_ACCUM", fast_accum)
     x, qw, b = make("fp8", m, 272, 512, torch.bfloat16, "cuda", bias=bias is not None, seed=m)
     b = None if b is None else b.to(torch.bfloat16 if bias == "bf16" else torch.float32)
     xq, xs = ql.quantize_activation_fp8(x)

@@ -161,7 +161,10 @@ def test_cuda_greedy_generation_equals_cpu_target(tiny_models):
                     program_options={"device": DEVICE, "pool_fill": float("nan")})
     got = engine.generate(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
-    assert engine.program.num_eager_steps + engine.program.num_graph_replays == engine.num_steps
+    prog = engine.program
+    assert prog.num_eager_steps + prog.num_piecewise_steps + prog.num_graph_replays == engine.num_steps
+    if HAS_GPU:  # the ragged steps (prefill chunks beside decodes) replay piecewise graphs
+        assert prog.num_piecewise_steps > 0 and prog.num_eager_steps == 0
 
 
 def test_cuda_sampling_on_device_is_seeded_and_reproducible(tiny_models):
@@ -586,3 +589,110 @@ def test_decode_graph_inputs_are_padded_rows_of_the_step(two_groups):
             assert field("slot_mapping_w", rows) == list(range(50, 50 + t)) + [-1] * (rows - t)
             want[:s, :2] = tables + 5
             assert field("block_tables_w", b * 3) == want.reshape(-1).tolist()
+
+
+def test_piecewise_plan_cuts_at_attention_and_buckets_rows(tiny_models):
+    """Ragged steps replay piecewise CUDA graphs: the plan is cut at the entries that read per-sequence inputs (the
+    attention of each layer), everything between is captured per token-row bucket."""
+    from lowering.backends import cuda_piecewise as pw
+
+    for name in ("llama", "gemma3", "mixtral"):
+        _, cuda_cm = tiny_models[name]
+        prog = cuda_cm.make_program(num_blocks=24, device=DEVICE)
+        runs = pw.split_plan(prog._plan)
+        eager = [prog._plan[i][3] for captured, idx in runs if not captured for i in idx]
+        assert eager and all("attention" in label for label in eager), eager
+        assert [c for c, _ in runs] == [True, False] * (len(runs) // 2) + [True], (name, runs)
+        attention = [label for *_, label in prog._plan if "attention" in label]
+        assert attention == eager  # every attention entry runs eagerly, one per layer
+        if not HAS_GPU:
+            assert pw.why_not_piecewise(prog) == "not on a CUDA device"
+    assert [pw.bucket(n) for n in (1, 16, 17, 513, 8192)] == [16, 16, 32, 768, 8192] and pw.bucket(8193) is None
+    assert pw.bucket(0, pw.LOGIT_ROW_BUCKETS) == 1 and pw.bucket(5, pw.LOGIT_ROW_BUCKETS) == 8
+
+
+def _ragged_steps(prog, seed=0, async_feed=False):
+    """Four ragged steps: a fresh prefill (the prefill kernel), a mixed step (decodes, a chunk with context, a new
+    prompt), the same buckets with other rows, and a step with logits for every row; -> each step's logits (or,
+    with async_feed, greedy tokens of steps 2-3 launched by step_async with their decode rows fed on the device)."""
+    lay = PagedLayout(64, 16, seed=4)
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, 97, n).tolist() for n in (70, 3, 20)]
+    new = rng.integers(0, 97, 30).tolist()
+    more = rng.integers(0, 97, 40).tolist()
+    first = for_program(prog, lay.step([(i, p, 0) for i, p in enumerate(prompts)]))
+    if async_feed:  # the decode rows of step 2 take step 1's picks on the device
+        pending = prog.step_async(first)
+        tokens = [pending.result()]
+        second = for_program(prog, lay.step([(3, new, 0), (0, [0], 70), (2, [0], 20)]))
+        pending = prog.step_async(second, feed_rows=[30, 31], feed_from=[0, 2])
+        tokens.append(pending.result())
+        return tokens
+    out = [prog.step(first)]
+    out.append(prog.step(for_program(prog, lay.step([(0, [7], 70), (1, list(range(10, 19)), 3), (2, [5], 20),
+                                                     (3, new, 0)]))))
+    out.append(prog.step(for_program(prog, lay.step([(3, more, 30), (0, [8], 71), (1, [1] * 9, 12)]))))
+    step = lay.step([(4, rng.integers(0, 97, 33).tolist(), 0)])
+    step.logit_rows = np.arange(33, dtype=np.int32)
+    out.append(prog.step(for_program(prog, step)))
+    return out
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", ["llama", "gemma3", "mixtral", "qwen3"])
+def test_piecewise_graphs_equal_eager_steps(tiny_models, name):
+    _, cuda_cm = tiny_models[name]
+    graphs = cuda_cm.make_program(num_blocks=64, cuda_graphs=True, pool_fill=float("nan"))
+    eager = cuda_cm.make_program(num_blocks=64, cuda_graphs=False, pool_fill=float("nan"))
+    got, want = _ragged_steps(graphs), _ragged_steps(eager)
+    assert graphs.num_piecewise_steps == 4 and eager.num_piecewise_steps == 0
+    assert graphs._piecewise.num_captures == 3  # (128 rows, fresh), (64, 4 logit rows), (64, 64 logit rows)
+    assert graphs.num_fresh_prefill_steps == 1
+    for a, b in zip(got, want):
+        assert np.isfinite(a).all() and a.shape == b.shape and relerr(a, b) < 1e-5
+    fed, ref = (cuda_cm.make_program(num_blocks=64, cuda_graphs=g) for g in (True, False))
+    tokens = _ragged_steps(fed, seed=1, async_feed=True)
+    lay = PagedLayout(64, 16, seed=4)  # the reference: the same steps, the fed tokens given by the host
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 97, n).tolist() for n in (70, 3, 20)]
+    new = rng.integers(0, 97, 30).tolist()
+    first = ref.step_greedy(for_program(ref, lay.step([(i, p, 0) for i, p in enumerate(prompts)])))
+    second = ref.step_greedy(for_program(ref, lay.step([(3, new, 0), (0, [int(first[0])], 70),
+                                                        (2, [int(first[2])], 20)])))
+    assert tokens[0].tolist() == first.tolist() and tokens[1].tolist() == second.tolist()
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="CUDA graphs need a GPU")
+def test_quantized_piecewise_graphs_equal_eager_steps(quant_model_hd32):
+    """W8A8 linears (fp8 activations from the norms and SwiGLU), nvfp4 and fp8 KV layers with the rotation."""
+    from lowering.backends import build_program
+
+    graph, params = quantize_ir(quant_model_hd32, "fp8", {0: "nvfp4", 1: "fp8"}, True)
+    progs = [build_program("cuda", graph, params, num_blocks=64, max_model_len=128, cuda_graphs=g,
+                           pool_fill=float("nan")) for g in (True, False)]
+    got, want = (_ragged_steps(p) for p in progs)
+    assert progs[0].num_piecewise_steps == 4
+    for a, b in zip(got, want):
+        assert np.isfinite(a).all() and relerr(a, b) < 1e-5
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="CUDA graphs need a GPU")
+def test_piecewise_capture_failure_falls_back_to_eager(tiny_models):
+    """An entry that cannot be captured (here: one that reads a value on the host) turns piecewise graphs off for
+    the program, with a warning; the step, and later ones, run eagerly and give the same logits."""
+    _, cuda_cm = tiny_models["llama"]
+    prog = cuda_cm.make_program(num_blocks=64, cuda_graphs=True, pool_fill=float("nan"))
+    eager = cuda_cm.make_program(num_blocks=64, cuda_graphs=False, pool_fill=float("nan"))
+    fn, ins, outs, label = prog._plan[0]
+
+    def syncing(ctx, *args):
+        results = fn(ctx, *args)
+        float(results[0].float().sum().item())  # a host read: not capturable
+        return results
+
+    prog._plan[0] = (syncing, ins, outs, label)
+    with pytest.warns(RuntimeWarning, match="piecewise CUDA graphs turned off"):
+        got = _ragged_steps(prog)
+    assert not prog.piecewise_graphs and prog.num_piecewise_steps == 0 and prog.num_eager_steps == 4
+    for a, b in zip(got, _ragged_steps(eager)):
+        assert relerr(a, b) < 1e-5
