@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels_gpu.quant_linear import fp8_row_scale, fp8_scaled
+from kernels_gpu.quant_linear import fp8_inv_scale, fp8_row_scale, fp8_scaled
 from kernels_gpu.triton_env import interpreting, tile_target
 
 # Tuning data: columns of the output each program handles, and its warps.
@@ -17,7 +17,8 @@ SILU_BLOCK_F = 1024
 SILU_NUM_WARPS = 4
 # The fp8-quantizing variant (one program per row): columns per loop step (a row that fits is read once), warps.
 SILU_FP8_BLOCK_F = {"cuda": 8192, "interpret": 64}
-# H200, 2026-11-28, 8192 x 8192 SwiGLU rows: block 8192 with 16 warps 131 us, 8 warps 151 us, 4096 / 8 warps 135 us.
+# H200, 2026-11-28, 8192 x 8192 SwiGLU rows: block 8192 with 16 warps 131 us, 8 warps 151 us, 4096 / 8 warps 135 us;
+# 2026-11-29, values multiplied by the row's reciprocal scale instead of divided: 98 us (silu_and_mul's bf16 row: 99).
 SILU_FP8_NUM_WARPS = ((2048, 4), (4096, 8), (1 << 30, 16))  # (max block, warps)
 
 # 0.5 * (1 + tanh(u)) == sigmoid(2u): GELU-tanh is x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3)).
@@ -84,11 +85,12 @@ def act_and_mul_fp8_kernel(
         amax = tl.maximum(amax, tl.abs(_act_row_block(g_row, f0 + offs, num_features, GELU_TANH)))
     scale = fp8_row_scale(tl.max(amax, 0))
     tl.store(scale_ptr + row, scale)
+    inv = fp8_inv_scale(scale)
     for f0 in range(0, num_features, BLOCK_F):
         cols = f0 + offs
         if f0 > 0:
             h = _act_row_block(g_row, cols, num_features, GELU_TANH)
-        y = fp8_scaled(h, scale, ROUND_F32)
+        y = fp8_scaled(h, inv, ROUND_F32)
         tl.store(q_ptr + row * stride_qt + cols, y.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
                  mask=cols < num_features)
 

@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels_gpu.quant_linear import fp8_row_scale, fp8_scaled
+from kernels_gpu.quant_linear import fp8_inv_scale, fp8_row_scale, fp8_scaled
 from kernels_gpu.triton_env import interpreting
 
 # Tuning data: a row is normalized by one program holding it whole; warps by padded row width.
@@ -48,7 +48,7 @@ def add_rms_norm_kernel(
         v = y.to(tl.float32)
         scale = fp8_row_scale(tl.max(tl.abs(v), 0))
         tl.store(scale_ptr + row, scale)
-        y = fp8_scaled(v, scale, ROUND_F32).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        y = fp8_scaled(v, fp8_inv_scale(scale), ROUND_F32).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
     tl.store(out_ptr + row * stride_ot + cols, y, mask=mask)
 
 

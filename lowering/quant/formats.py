@@ -7,7 +7,8 @@ params in the graph):
           scale = max(amax|W[n]| / 127, FLT_MIN), q = RNE(W / scale) clipped to [-127, 127]; W ~ q * scale.
   "fp8"   q float8_e4m3fn[N, K], scale f32[N]        per output channel: scale = max(amax|W[n]| / 448, FLT_MIN),
           q = e4m3(RNE, saturating)(W / scale); W ~ q * scale. Used as W8A8: activations are quantized per
-          token the same way at run time (quantize_fp8_rows).
+          token at run time with the same scale rule, the values multiplied by the f32 reciprocal of the scale
+          (quantize_fp8_tokens: one division per row, as vLLM's and our GPU quantizers do).
   "int4"  q u8[N, K/2], scale f16[N, K/G], zero u8[N, K/G]   asymmetric per group of G along K (128, or the
           largest power of two >= 16 dividing K when 128 does not: int4_group_size):
           lo = min(group, 0), hi = max(group, 0), scale = f16((hi - lo) / 15) (1 when the group is all zero),
@@ -118,6 +119,14 @@ def quantize_fp8_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, np.float32)
     scale = fp8_scale(np.abs(x).max(axis=1))
     return to_fp8(x / scale[:, None]), scale
+
+
+def quantize_fp8_tokens(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W8A8 activations x f32[M, K] -> (q e4m3[M, K], scale f32[M]): the scale rule of quantize_fp8_rows, the
+    values multiplied by the reciprocal of their row's scale: q = e4m3(RNE, saturating)(x * f32(1 / scale))."""
+    x = np.asarray(x, np.float32)
+    scale = fp8_scale(np.abs(x).max(axis=1))
+    return to_fp8(x * (np.float32(1.0) / scale)[:, None]), scale
 
 
 def dequantize_fp8(q: np.ndarray, scale: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -346,10 +355,11 @@ def jnp_quantize_fp8(x, scale):
 
 
 def jnp_fake_quant_fp8_rows(x):
-    """Per-row (per-token) fp8 quantize + dequantize of x f32[M, K]: what W8A8 does to activations."""
+    """Per-row (per-token) fp8 quantize + dequantize of x f32[M, K]: what W8A8 does to activations
+    (quantize_fp8_tokens's rule)."""
     x32 = x.astype(jnp.float32)
     scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=1, keepdims=True) / FP8_MAX, F32_TINY)
-    return jnp_round_fp8(x32 / scale) * scale
+    return jnp_round_fp8(x32 * (jnp.float32(1.0) / scale)) * scale
 
 
 def jnp_unpack_nibbles(packed):

@@ -167,7 +167,7 @@ def test_arithmetic_fp8_rounding_matches_the_cast_under_jit():
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(np.signbit(got[~np.isnan(want)]), np.signbit(want[~np.isnan(want)]))
     fake = np.asarray(jax.jit(formats.jnp_fake_quant_fp8_rows)(x[:20000].reshape(100, 200)))
-    q, s = formats.quantize_fp8_rows(x[:20000].reshape(100, 200))
+    q, s = formats.quantize_fp8_tokens(x[:20000].reshape(100, 200))
     np.testing.assert_allclose(fake, formats.dequantize_fp8(q, s), rtol=1e-6)
 
 

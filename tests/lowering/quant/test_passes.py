@@ -108,7 +108,7 @@ def test_qlinear_reference_is_a_float_linear_on_dequantized_weights():
         act = "fp8" if fmt == "fp8" else None
         got = ops.ref_qlinear(jnp.asarray(x), *args, jnp.asarray(bias), format=fmt, in_features=64, out_features=24,
                               act_format=act)
-        xin = x if act is None else (lambda q, s: formats.dequantize_fp8(q, s))(*formats.quantize_fp8_rows(x))
+        xin = x if act is None else (lambda q, s: formats.dequantize_fp8(q, s))(*formats.quantize_fp8_tokens(x))
         want = xin.astype(np.float64) @ formats.dequantize_weight(parts, fmt).T.astype(np.float64) + bias
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
 
