@@ -101,6 +101,9 @@ class _StepContext:
         self.max_q_len = max_q_len
         self.max_seq_len = max_seq_len
         self.fresh_prefill = fresh_prefill
+        # piecewise graphs: the fixed [T, Hq * D] buffer the next captured run reads, for an attention entry to write
+        # its output into (instead of a copy after it); None: the entry allocates its output
+        self.out = None
 
 
 class PendingTokens:
@@ -1624,7 +1627,7 @@ def _lower_paged_attention(node, graph, program, producers, users) -> Fn:
             t = q.shape[0]
             out = paged_attention(q.view(t, hq, dim), k_pool, v_pool, query_start, seq_lens, block_tables,
                                   scale=scale, max_q_len=ctx.max_q_len, max_seq_len=ctx.max_seq_len, window=window,
-                                  **_kv_format_args(kv_format, extras))
+                                  out=_out_hint(ctx, t, hq, dim), **_kv_format_args(kv_format, extras))
             return (out.view(t, hq * dim),)
 
         run_quantized.label = f"paged_attention[{kv_format}]"
@@ -1641,11 +1644,12 @@ def _lower_paged_attention(node, graph, program, producers, users) -> Fn:
             t = q.shape[0]
             if ctx.fresh_prefill:  # nothing cached: attend over the new K/V straight from the projections
                 out = prefill_attention(q.view(t, hq, dim), k.view(t, hkv, dim), v.view(t, hkv, dim), query_start,
-                                        scale=scale, max_seqlen=ctx.max_q_len, window=window)
+                                        scale=scale, max_seqlen=ctx.max_q_len, window=window,
+                                        out=_out_hint(ctx, t, hq, dim))
             else:
                 out = paged_attention(q.view(t, hq, dim), k_pool, v_pool, query_start, seq_lens, block_tables,
                                       scale=scale, max_q_len=ctx.max_q_len, max_seq_len=ctx.max_seq_len,
-                                      window=window)
+                                      window=window, out=_out_hint(ctx, t, hq, dim))
             return (out.view(t, hq * dim),)
 
         run_either.extra_inputs = [new_k, new_v]
@@ -1654,10 +1658,19 @@ def _lower_paged_attention(node, graph, program, producers, users) -> Fn:
     def run(ctx, q, k_pool, v_pool, query_start, seq_lens, block_tables):
         t = q.shape[0]
         out = paged_attention(q.view(t, hq, dim), k_pool, v_pool, query_start, seq_lens, block_tables, scale=scale,
-                              max_q_len=ctx.max_q_len, max_seq_len=ctx.max_seq_len, window=window)
+                              max_q_len=ctx.max_q_len, max_seq_len=ctx.max_seq_len, window=window,
+                              out=_out_hint(ctx, t, hq, dim))
         return (out.view(t, hq * dim),)
 
     return run
+
+
+def _out_hint(ctx, t: int, hq: int, dim: int):
+    """ctx.out as the attention kernels' [T, Hq, D] out, where it fits (else None: they allocate)."""
+    out = ctx.out
+    if out is None or out.shape[0] != t or out.numel() != t * hq * dim or not out.is_contiguous():
+        return None
+    return out.view(t, hq, dim)
 
 
 def _lower_attention_mass(node, graph, program, producers, users) -> Fn:

@@ -176,11 +176,16 @@ class PiecewiseGraphs:
         plan = self.program._plan
         for i in idx:
             fn, ins, outs, _ = plan[i]
-            results = fn(ctx, *[values[n] for n in ins])
+            # an entry with one output the next runs read (attention) writes it into that buffer itself
+            ctx.out = entry.static_out.get(outs[0]) if len(outs) == 1 else None
+            try:
+                results = fn(ctx, *[values[n] for n in ins])
+            finally:
+                ctx.out = None
             for name, r in zip(outs, results):
                 fixed = entry.static_out.get(name)
-                if fixed is None or r is fixed:
-                    values[name] = r
+                if fixed is None or r.data_ptr() == fixed.data_ptr():
+                    values[name] = fixed if fixed is not None else r
                     continue
                 rows = t if r.dim() and r.shape[0] == entry.rows else r.shape[0]
                 fixed[:rows].copy_(r[:rows])
