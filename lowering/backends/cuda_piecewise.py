@@ -28,7 +28,10 @@ import numpy as np
 # token-row buckets of a captured step (a step of more rows runs eagerly): powers of two up to 512, then at most
 # 1.5x apart (padding wastes at most half a bucket of compute where steps are compute-bound)
 PIECEWISE_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
-LOGIT_ROW_BUCKETS = (1, 2, 4, 8) + PIECEWISE_TOKEN_BUCKETS
+# logit rows of a captured step: up to min(rows, LOGIT_ROWS_SMALL) (one per sequence: prefill, mixed steps) pad to
+# that many, more (logits for every row: perplexity) to the row bucket; so a row bucket has at most two captures
+# per fresh-prefill flag. A padded row costs a logits GEMM row, next to nothing beside the weight read.
+LOGIT_ROWS_SMALL = 64
 ROW_INPUTS = ("token_ids", "positions", "slot_mapping", "slot_mapping_w")  # i32[T]: padded to the bucket
 SEQUENCE_INPUTS = ("query_start", "seq_lens", "block_tables", "block_tables_w")  # per sequence: eager entries only
 ROW_SYMBOLS = frozenset({"T", "L"})  # symbols a captured entry may bind (the buckets fix them)
@@ -37,6 +40,14 @@ ROW_SYMBOLS = frozenset({"T", "L"})  # symbols a captured entry may bind (the bu
 def bucket(n: int, buckets=PIECEWISE_TOKEN_BUCKETS) -> int | None:
     """The smallest bucket >= n, or None past the largest."""
     return next((b for b in buckets if b >= n), None)
+
+
+def logit_bucket(num_logit_rows: int, rows: int) -> int | None:
+    """The logit rows a step of `rows` (bucketed) token rows is captured with, or None (more than rows)."""
+    small = min(rows, LOGIT_ROWS_SMALL)
+    if num_logit_rows <= small:
+        return small
+    return rows if num_logit_rows <= rows else None
 
 
 def eager_entry(ins, fn) -> bool:
@@ -142,14 +153,16 @@ class PiecewiseGraphs:
                 (self.captured_reads if captured else self.eager_reads).update(plan[i][1])
 
     def fits(self, num_tokens: int, num_logit_rows: int) -> bool:
-        return bucket(num_tokens) is not None and bucket(num_logit_rows, LOGIT_ROW_BUCKETS) is not None
+        rows = bucket(num_tokens)
+        return rows is not None and logit_bucket(num_logit_rows, rows) is not None
 
     def run(self, arrays, seq_inputs: dict, ctx, feed_dev=None):
         """Run one ragged step; -> its logits [L, V] (a view of static memory, valid until the next step), or None
         when its capture failed (the program then runs it, and every later ragged step, eagerly)."""
         program = self.program
         t, l = arrays["token_ids"].shape[0], arrays["logit_rows"].shape[0]
-        key = (bucket(t), bucket(l, LOGIT_ROW_BUCKETS), bool(ctx.fresh_prefill))
+        rows = bucket(t)
+        key = (rows, logit_bucket(l, rows), bool(ctx.fresh_prefill))
         entry = self.buckets.get(key)
         first = entry is None
         if first:

@@ -608,7 +608,9 @@ def test_piecewise_plan_cuts_at_attention_and_buckets_rows(tiny_models):
         if not HAS_GPU:
             assert pw.why_not_piecewise(prog) == "not on a CUDA device"
     assert [pw.bucket(n) for n in (1, 16, 17, 513, 8192)] == [16, 16, 32, 768, 8192] and pw.bucket(8193) is None
-    assert pw.bucket(0, pw.LOGIT_ROW_BUCKETS) == 1 and pw.bucket(5, pw.LOGIT_ROW_BUCKETS) == 8
+    # logit rows: one bucket for a few rows (min(rows, 64)), the row bucket for more
+    assert [pw.logit_bucket(n, 16) for n in (0, 5, 16, 17)] == [16, 16, 16, None]
+    assert [pw.logit_bucket(n, 512) for n in (1, 64, 65, 512, 513)] == [64, 64, 512, 512, None]
 
 
 def _ragged_steps(prog, seed=0, async_feed=False):
@@ -646,7 +648,7 @@ def test_piecewise_graphs_equal_eager_steps(tiny_models, name):
     eager = cuda_cm.make_program(num_blocks=64, cuda_graphs=False, pool_fill=float("nan"))
     got, want = _ragged_steps(graphs), _ragged_steps(eager)
     assert graphs.num_piecewise_steps == 4 and eager.num_piecewise_steps == 0
-    assert graphs._piecewise.num_captures == 3  # (128 rows, fresh), (64, 4 logit rows), (64, 64 logit rows)
+    assert graphs._piecewise.num_captures == 2  # (128 rows, 64 logit rows, fresh), (64, 64, not fresh)
     assert graphs.num_fresh_prefill_steps == 1
     for a, b in zip(got, want):
         assert np.isfinite(a).all() and a.shape == b.shape and relerr(a, b) < 1e-5
