@@ -108,8 +108,6 @@ class _Bucket:
         self.graphs: list[Any] = []  # per run: a CUDAGraph, or None for an eager run
         self.values: dict[str, Any] = {}  # static tensors the replays read and write: inputs, run outputs
         self.static_out: dict[str, Any] = {}  # eager outputs a captured run reads: name -> the buffer it reads
-        self.pad: dict[str, int] = {"token_ids": 0, "positions": 0, "slot_mapping": -1, "slot_mapping_w": -1,
-                                    "logit_rows": 0}
 
     def stage_inputs(self, arrays) -> None:
         """Copy the step's row inputs, padded, into the static inputs (non-blocking, double-buffered)."""
@@ -117,14 +115,25 @@ class _Bucket:
         self.stage ^= 1
         event = self.events[stage]
         event.synchronize()  # that staging buffer's last copy was two steps ago
-        host = self.host_bufs[stage].numpy()
-        for name, (a, b) in self.offsets.items():
-            values = arrays[name]
-            n = values.shape[0]
-            host[a:a + n] = values
-            host[a + n:b] = self.pad[name]
+        fill_row_inputs(self.host_bufs[stage].numpy(), self.offsets, arrays)
         self.device_buf.copy_(self.host_bufs[stage], non_blocking=True)
         event.record()
+
+
+# what a pad row holds: token 0 at position 0, writing no KV slot; a pad logit row reads row 0
+PAD_VALUES = {"token_ids": 0, "positions": 0, "slot_mapping": -1, "slot_mapping_w": -1, "logit_rows": 0}
+
+
+def fill_row_inputs(host: np.ndarray, offsets: dict, arrays) -> None:
+    """Lay a step's row inputs (and logit rows) out in the packed host buffer: each field's real rows, then its
+    padding up to the bucket (offsets: name -> (start, end) in `host`)."""
+    for name, (a, b) in offsets.items():
+        values = arrays[name]
+        n = values.shape[0]
+        if n > b - a:
+            raise ValueError(f"{name}: {n} rows do not fit the bucket's {b - a}")
+        host[a:a + n] = values
+        host[a + n:b] = PAD_VALUES[name]
 
 
 class PiecewiseGraphs:

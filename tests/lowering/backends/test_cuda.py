@@ -698,3 +698,21 @@ def test_piecewise_capture_failure_falls_back_to_eager(tiny_models):
     assert not prog.piecewise_graphs and prog.num_piecewise_steps == 0 and prog.num_eager_steps == 4
     for a, b in zip(got, _ragged_steps(eager)):
         assert relerr(a, b) < 1e-5
+
+
+def test_piecewise_row_inputs_are_padded_to_the_bucket():
+    """fill_row_inputs (the host side of every piecewise replay): real rows first, then pad rows that are token 0 at
+    position 0 writing no KV slot, pad logit rows reading row 0; a step past the bucket is refused."""
+    from lowering.backends.cuda_piecewise import fill_row_inputs
+
+    offsets = {"token_ids": (0, 16), "positions": (16, 32), "slot_mapping": (32, 48), "logit_rows": (48, 64)}
+    host = np.full(64, 99, np.int32)
+    arrays = {"token_ids": np.arange(5, 10, dtype=np.int32), "positions": np.arange(3, 8, dtype=np.int32),
+              "slot_mapping": np.arange(40, 45, dtype=np.int32), "logit_rows": np.array([4, 2], np.int32)}
+    fill_row_inputs(host, offsets, arrays)
+    assert host[:16].tolist() == list(range(5, 10)) + [0] * 11
+    assert host[16:32].tolist() == list(range(3, 8)) + [0] * 11
+    assert host[32:48].tolist() == list(range(40, 45)) + [-1] * 11
+    assert host[48:].tolist() == [4, 2] + [0] * 14
+    with pytest.raises(ValueError, match="do not fit"):
+        fill_row_inputs(host, offsets, {**arrays, "token_ids": np.zeros(17, np.int32)})
