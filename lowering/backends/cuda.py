@@ -141,12 +141,14 @@ class CudaProgram:
                  gpu_memory_fraction: float | None = None, kv_cache_bytes: int | None = None,
                  max_num_batched_tokens: int = 8192, cuda_graphs: bool | None = None, pool_fill: float = 0.0,
                  num_blocks_w: int | None = None, tp_rank: int = 0, tp_group: Any = None,
-                 tp_all_reduce: str = "auto"):
+                 tp_all_reduce: str = "auto", piecewise_graphs: bool | None = None):
         """tp_rank / tp_group: this process's rank and its torch.distributed group, for a graph sharded by
         shard_tensor_parallel (lowering/backends/cuda_tp.py starts the ranks; a plain build refuses such a graph).
         tp_all_reduce: "nccl" (torch.distributed.all_reduce), "symm" (one-shot all-reduce through torch symmetric
         memory: one kernel reading the peers' buffers over NVLink, for activations up to SYMM_ALL_REDUCE_BYTES,
-        NCCL above), "auto" (symm where torch has it on CUDA, else nccl)."""
+        NCCL above), "auto" (symm where torch has it on CUDA, else nccl).
+        piecewise_graphs: ragged steps replay piecewise CUDA graphs (lowering/backends/cuda_piecewise.py; default:
+        where decode steps replay CUDA graphs); False runs them eagerly (less GPU memory held by graphs)."""
         import torch
 
         if "block_size" not in graph.meta:
@@ -260,7 +262,12 @@ class CudaProgram:
         # ragged steps (prefill, mixed, ragged verification) of at most PIECEWISE_TOKEN_BUCKETS[-1] rows replay
         # piecewise CUDA graphs: everything but attention captured per token bucket (lowering/backends/
         # cuda_piecewise.py); off: they run eagerly (ablations, tests)
-        self.piecewise_graphs = True
+        if piecewise_graphs not in (None, True, False):
+            raise ValueError(f"piecewise_graphs must be True, False or None, got {piecewise_graphs!r}")
+        if piecewise_graphs and not self.cuda_graphs:
+            raise ValueError("piecewise_graphs=True needs CUDA graphs (a CUDA device, cuda_graphs not False, no "
+                             "eager-only ops)")
+        self.piecewise_graphs = self.cuda_graphs if piecewise_graphs is None else piecewise_graphs
         self._piecewise = None  # its PiecewiseGraphs, made on first use (None until then, or when unsupported)
         self._piecewise_checked = False
         self.num_piecewise_steps = 0

@@ -607,6 +607,10 @@ def test_piecewise_plan_cuts_at_attention_and_buckets_rows(tiny_models):
         assert attention == eager  # every attention entry runs eagerly, one per layer
         if not HAS_GPU:
             assert pw.why_not_piecewise(prog) == "not on a CUDA device"
+            assert prog.piecewise_graphs is False  # (follows cuda_graphs)
+            with pytest.raises(ValueError, match="piecewise_graphs=True needs CUDA graphs"):
+                cuda_cm.make_program(num_blocks=24, device=DEVICE, piecewise_graphs=True)
+        assert not cuda_cm.make_program(num_blocks=24, device=DEVICE, piecewise_graphs=False).piecewise_graphs
     assert [pw.bucket(n) for n in (1, 16, 17, 513, 8192)] == [16, 16, 32, 768, 8192] and pw.bucket(8193) is None
     # logit rows: one bucket for a few rows (min(rows, 64)), the row bucket for more
     assert [pw.logit_bucket(n, 16) for n in (0, 5, 16, 17)] == [16, 16, 16, None]
