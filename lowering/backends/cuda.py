@@ -593,7 +593,11 @@ class CudaProgram:
         dev = _to_device(packed, self.device)
         seq_inputs = {name: dev[a:b].view(shape) for name, (a, b, shape) in views.items()}
         feed_dev = _to_device(feed, self.device) if feed is not None else None
-        return pw.run(arrays, seq_inputs, self._step_context(arrays), feed_dev)
+        ctx = self._step_context(arrays)
+        logits = pw.run(arrays, seq_inputs, ctx, feed_dev)
+        if logits is None:  # the capture failed: the eager run that follows counts the step
+            self.num_fresh_prefill_steps -= int(ctx.fresh_prefill)
+        return logits
 
     def _env(self, inputs) -> dict:
         names = list(self.graph.inputs) + list(self.graph.state)
@@ -768,8 +772,9 @@ class CudaProgram:
 
     def drop_decode_graphs(self) -> None:
         """Forget every captured decode graph and its memory pool, and the ragged steps' piecewise graphs; later
-        steps capture again. For changes to what a step runs (fused_gemv, fused_gemv_rows, fused_act_quant), and before a tensor-parallel rank leaves its process group (a
-        live graph holding NCCL collectives keeps the communicator's teardown waiting)."""
+        steps capture again. For changes to what a step runs (fused_gemv, fused_gemv_rows, fused_act_quant), and
+        before a tensor-parallel rank leaves its process group (a live graph holding NCCL collectives keeps the
+        communicator's teardown waiting)."""
         import torch
 
         if self._piecewise is not None:  # the ragged steps' graphs too (captured again on next use)

@@ -702,6 +702,7 @@ def test_piecewise_capture_failure_falls_back_to_eager(tiny_models):
     assert not prog.piecewise_graphs and prog.num_piecewise_steps == 0 and prog.num_eager_steps == 4
     for a, b in zip(got, _ragged_steps(eager)):
         assert relerr(a, b) < 1e-5
+    assert prog.num_fresh_prefill_steps == eager.num_fresh_prefill_steps == 1  # the failed step counted once
 
 
 def test_piecewise_row_inputs_are_padded_to_the_bucket():
