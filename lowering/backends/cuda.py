@@ -955,28 +955,45 @@ def _gemv_consumer(graph, name: str, users, program):
     return node, qw, list(node.inputs[1 + len(formats.WEIGHT_PARTS[node.attrs["format"]]):])
 
 
+def _fused_producer(graph, node: Node, users, producers, position):
+    """(kind, norm) when `node` makes a linear's input that a fused kernel can compute, the input being
+    (norm or node).outputs[0]: "add+rms_norm" (norm: the rms_norm its sum feeds), "rms_norm" (norm: node), or
+    node.op for a silu_mul / gelu_tanh_mul of one split's halves (norm: None). Else None."""
+    if node.op == "add" and len(node.inputs) == 2:
+        norm = fusable_norm(graph, node, users, position)
+        return None if norm is None else ("add+rms_norm", norm)
+    if node.op == "rms_norm" and graph.types[node.inputs[1]].dtype in _FLOAT_DTYPES \
+            and len(graph.types[node.inputs[0]].shape) == 2:
+        return "rms_norm", node
+    if node.op in ("silu_mul", "gelu_tanh_mul") and _split_halves(graph, node, producers) is not None:
+        return node.op, None
+    return None
+
+
 def _gemv_fusion(graph, node: Node, users, producers, position, program):
     """(closure, inputs, outputs, label, absorbed nodes) when `node` starts a fusable producer -> GEMV chain:
       add + rms_norm -> linear / logits      kernels_gpu.fused_gemv.norm_gemv (keeps the sum when anyone reads it)
       rms_norm -> linear / logits            norm_gemv without a residual
       silu_mul / gelu_tanh_mul -> linear     act_gemv (gate and up: the halves of one split)
-    and the same with a weight-only quantized qlinear / qlogits (kernels_gpu.fused_qgemv, one-row steps).
-    Steps of more than program.fused_gemv_rows rows (quantized: more than one) run the unfused kernels and cuBLAS /
-    quant_linear inside the same closure."""
+    and the same with a weight-only quantized qlinear / qlogits (kernels_gpu.fused_qgemv, one-row steps), or, for a
+    W8A8 qlinear, the producer quantizing its row (_w8a8_fusion). Steps of more than program.fused_gemv_rows rows
+    (quantized: more than one) run the unfused kernels and cuBLAS / quant_linear inside the same closure."""
     def label(gemv):
         return gemv.op if gemv.op in ("linear", "logits") else f"{gemv.op}[{gemv.attrs['format']}]"
 
-    fp8 = _w8a8_fusion(graph, node, users, producers, position, program)
+    match = _fused_producer(graph, node, users, producers, position)
+    if match is None:
+        return None
+    kind, norm = match
+    activation = (norm or node).outputs[0]
+    fp8 = _w8a8_fusion(graph, node, kind, norm, activation, users, producers, program)
     if fp8 is not None:
         return fp8
-    if node.op == "add" and len(node.inputs) == 2:
-        norm = fusable_norm(graph, node, users, position)
-        if norm is None:
-            return None
-        found = _gemv_consumer(graph, norm.outputs[0], users, program)
-        if found is None:
-            return None
-        gemv, qw, rest = found
+    found = _gemv_consumer(graph, activation, users, program)
+    if found is None:
+        return None
+    gemv, qw, rest = found
+    if kind == "add+rms_norm":
         summed = node.outputs[0]
         keep = gemv.op in ("linear", "qlinear") or bool([u for u in users.get(summed, []) if u is not norm]) \
             or summed in graph.outputs
@@ -984,22 +1001,13 @@ def _gemv_fusion(graph, node: Node, users, producers, position, program):
         ins = [node.inputs[0], node.inputs[1], norm.inputs[1]] + rest
         outs = [gemv.outputs[0]] + ([summed] if keep else [])
         return fn, ins, outs, f"add+rms_norm+{label(gemv)}", (norm, gemv)
-    if node.op == "rms_norm" and graph.types[node.inputs[1]].dtype in _FLOAT_DTYPES \
-            and len(graph.types[node.inputs[0]].shape) == 2:
-        found = _gemv_consumer(graph, node.outputs[0], users, program)
-        if found is None:
-            return None
-        gemv, qw, rest = found
+    if kind == "rms_norm":
         fn = _norm_gemv_fn(node, gemv, program, with_residual=False, keep_residual=False, qw=qw)
         return fn, [node.inputs[0], node.inputs[1]] + rest, [gemv.outputs[0]], f"rms_norm+{label(gemv)}", (gemv,)
-    if node.op in ("silu_mul", "gelu_tanh_mul") and _split_halves(graph, node, producers) is not None:
-        found = _gemv_consumer(graph, node.outputs[0], users, program)
-        if found is None or found[0].op not in ("linear", "qlinear"):
-            return None
-        gemv, qw, rest = found
-        fn = _act_gemv_fn(node, graph, program, producers, qw=qw)
-        return fn, list(node.inputs) + rest, [gemv.outputs[0]], f"{node.op}+{label(gemv)}", (gemv,)
-    return None
+    if gemv.op not in ("linear", "qlinear"):
+        return None
+    fn = _act_gemv_fn(node, graph, program, producers, qw=qw)
+    return fn, list(node.inputs) + rest, [gemv.outputs[0]], f"{node.op}+{label(gemv)}", (gemv,)
 
 
 def _w8a8_consumer(graph, name: str, users, program):
@@ -1019,36 +1027,25 @@ def _w8a8_consumer(graph, name: str, users, program):
     return node, _qweight_of(node, graph, program)[0], list(node.inputs[1 + n_parts:])
 
 
-def _w8a8_fusion(graph, node: Node, users, producers, position, program):
-    """(closure, inputs, outputs, label, absorbed nodes) when `node` produces the activation of a W8A8 qlinear and
-    can quantize it to fp8 itself (every step size; kernels_gpu.norms.add_rms_norm_fp8, kernels_gpu.activations
-    .silu_and_mul_fp8 / gelu_tanh_and_mul_fp8, then the weight's quant_linear.Fp8Linear):
+def _w8a8_fusion(graph, node: Node, kind: str, norm, activation: str, users, producers, program):
+    """(closure, inputs, outputs, label, absorbed nodes) when the fusable producer `node` (_fused_producer's kind and
+    norm) makes the activation of a W8A8 qlinear and can quantize it to fp8 itself (every step size; kernels_gpu
+    .norms.add_rms_norm_fp8, kernels_gpu.activations.silu_and_mul_fp8 / gelu_tanh_and_mul_fp8, then the weight's
+    quant_linear.Fp8Linear):
       add + rms_norm -> qlinear[fp8+a8]      rms_norm -> qlinear[fp8+a8]      silu_mul / gelu_tanh_mul -> ..."""
-    if node.op == "add" and len(node.inputs) == 2:
-        norm = fusable_norm(graph, node, users, position)
-        found = None if norm is None else _w8a8_consumer(graph, norm.outputs[0], users, program)
-        if found is None:
-            return None
-        gemv, qw, rest = found
+    found = _w8a8_consumer(graph, activation, users, program)
+    if found is None:
+        return None
+    gemv, qw, rest = found
+    if kind == "add+rms_norm":
         fn = _norm_fp8_fn(norm, program, qw, with_residual=True)
         return (fn, [node.inputs[0], node.inputs[1], norm.inputs[1]] + rest, [gemv.outputs[0], node.outputs[0]],
                 "add+rms_norm[fp8]+qlinear[fp8+a8]", (norm, gemv))
-    if node.op == "rms_norm" and graph.types[node.inputs[1]].dtype in _FLOAT_DTYPES \
-            and len(graph.types[node.inputs[0]].shape) == 2:
-        found = _w8a8_consumer(graph, node.outputs[0], users, program)
-        if found is None:
-            return None
-        gemv, qw, rest = found
+    if kind == "rms_norm":
         fn = _norm_fp8_fn(node, program, qw, with_residual=False)
         return fn, [node.inputs[0], node.inputs[1]] + rest, [gemv.outputs[0]], "rms_norm[fp8]+qlinear[fp8+a8]", (gemv,)
-    if node.op in ("silu_mul", "gelu_tanh_mul") and _split_halves(graph, node, producers) is not None:
-        found = _w8a8_consumer(graph, node.outputs[0], users, program)
-        if found is None:
-            return None
-        gemv, qw, rest = found
-        fn = _act_fp8_fn(node, graph, program, producers, qw)
-        return fn, list(node.inputs) + rest, [gemv.outputs[0]], f"{node.op}[fp8]+qlinear[fp8+a8]", (gemv,)
-    return None
+    fn = _act_fp8_fn(node, graph, program, producers, qw)
+    return fn, list(node.inputs) + rest, [gemv.outputs[0]], f"{node.op}[fp8]+qlinear[fp8+a8]", (gemv,)
 
 
 def _norm_fp8_fn(norm: Node, program, qw, *, with_residual: bool) -> Fn:
