@@ -553,9 +553,7 @@ class CudaProgram:
         return q
 
     def _run_eager(self, arrays: Mapping[str, np.ndarray], feed: np.ndarray | None = None):
-        packed, views = _pack_inputs(arrays, self.graph.inputs)
-        dev = _to_device(packed, self.device)
-        inputs = {name: dev[a:b].view(shape) for name, (a, b, shape) in views.items()}
+        inputs = _upload_inputs(arrays, self.graph.inputs, self.device)
         if feed is not None:
             from kernels_gpu.sampling import feed_tokens
 
@@ -588,10 +586,8 @@ class CudaProgram:
         pw = self._piecewise
         if pw is None or not pw.fits(arrays["token_ids"].shape[0], arrays["logit_rows"].shape[0]):
             return None
-        seq = {n: arrays[n] for n in pw_lib.SEQUENCE_INPUTS if n in self.graph.inputs}
-        packed, views = _pack_inputs(seq, list(seq))
-        dev = _to_device(packed, self.device)
-        seq_inputs = {name: dev[a:b].view(shape) for name, (a, b, shape) in views.items()}
+        seq_inputs = _upload_inputs(arrays, [n for n in pw_lib.SEQUENCE_INPUTS if n in self.graph.inputs],
+                                    self.device)
         feed_dev = _to_device(feed, self.device) if feed is not None else None
         ctx = self._step_context(arrays)
         logits = pw.run(arrays, seq_inputs, ctx, feed_dev)
@@ -815,6 +811,13 @@ def _argmax(logits):
     if logits.dim() == 2 and 0 < logits.shape[0] <= GREEDY_SPLIT_MAX_ROWS:
         return greedy(logits)
     return torch.argmax(logits, dim=-1).to(torch.int32)
+
+
+def _upload_inputs(arrays: Mapping[str, np.ndarray], names, device) -> dict:
+    """The named int32 step inputs on the device, packed into one buffer and copied once: name -> tensor view."""
+    packed, views = _pack_inputs(arrays, names)
+    dev = _to_device(packed, device)
+    return {name: dev[a:b].view(shape) for name, (a, b, shape) in views.items()}
 
 
 def _pack_inputs(arrays: Mapping[str, np.ndarray], names) -> tuple[np.ndarray, dict]:
