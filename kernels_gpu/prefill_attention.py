@@ -42,7 +42,13 @@ from kernels_gpu.triton_env import tile_target
 # spills: 189). Within noise of the default: WARP_SPEC, ONE_LOOP, DIAG_STAGES=1; slower: device descriptors
 # (-10%), ORDER 0 (-6%), LAZY_RESCALE (-5%), BLOCK_N=32 (-15%), 64x64/4 warps (-3 to -20%).
 # The 2026-11-26 sweep (older rows): 128x128/8 warps/3 stages beat 128x64, 64x64 and 2 stages there (without
-# the register cap); ORDER 1 beat ORDER 0. d=64/256 are scaled from d=128, not tuned.
+# the register cap); ORDER 1 beat ORDER 0. d=256 is scaled from d=128, not tuned.
+# cuda d=64 (Llama-3.2-1B / SmolLM2 heads): sweep of 23 variants on an H200, 2026-11-29 (.scratch script; 32 q / 8
+# kv heads, device time): host descriptors (USE_TMA 2) 1.10x at 1 x 4096 (0.171 ms, 402 TFLOP/s; SDPA cuDNN 0.181,
+# flash 0.296) and 1.14x at 4 x 4096; 128-key tiles / 8 warps / maxnreg 1.04-1.06x; the rest within noise or slower
+# (WARP_SPEC fails to compile). Building four host descriptors costs ~30 us of host time a launch, more than the
+# kernel saves on short steps (64 x 128: 0.80x, launch-bound), hence HOST_TMA_MIN_TOKENS: fewer token rows take the
+# device-side descriptors (USE_TMA 1).
 _BASE = {"ORDER": 1, "USE_TMA": True, "WARP_SPEC": False, "LAZY_RESCALE": False, "PIPELINE_QK": False}
 TILE_SIZES = {
     ("cuda", 64): {**_BASE, "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
@@ -459,7 +465,8 @@ def prefill_attention(
     use_tma = int(cfg["USE_TMA"]) if q.device.type == "cuda" and not _interpreting() else 0
     if use_tma and not _tma_ok((q, k, v, out)):
         use_tma = 0
-    if use_tma == 2 and not _host_tma_ok((q, k, v, out), head_dim, block_d):
+    if use_tma == 2 and (num_tokens < cfg.get("HOST_TMA_MIN_TOKENS", 0)
+                         or not _host_tma_ok((q, k, v, out), head_dim, block_d)):
         use_tma = 1
     if use_tma:
         _ensure_allocator()

@@ -669,17 +669,24 @@ def test_piecewise_graphs_equal_eager_steps(tiny_models, name):
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="CUDA graphs need a GPU")
-def test_quantized_piecewise_graphs_equal_eager_steps(quant_model_hd32):
-    """W8A8 linears (fp8 activations from the norms and SwiGLU), nvfp4 and fp8 KV layers with the rotation."""
+@pytest.mark.parametrize("fast_accum", [False, True])
+def test_quantized_piecewise_graphs_equal_eager_steps(quant_model_hd32, monkeypatch, fast_accum):
+    """W8A8 linears (fp8 activations from the norms and SwiGLU), nvfp4 and fp8 KV layers with the rotation.
+
+    A captured step runs its GEMMs over the padded row count (the logits over 64 rows here), so cuBLAS picks other
+    fp8 kernels than the eager step; the fp8 tensor cores' partial sums are not f32 (with or without fast
+    accumulation), so the order of the sums shows: ~1e-4 on the H200. A wrong row or a stale buffer shows at ~1."""
+    from kernels_gpu import quant_linear as ql
     from lowering.backends import build_program
 
+    monkeypatch.setattr(ql, "SCALED_MM_FAST_ACCUM", fast_accum)
     graph, params = quantize_ir(quant_model_hd32, "fp8", {0: "nvfp4", 1: "fp8"}, True)
     progs = [build_program("cuda", graph, params, num_blocks=64, max_model_len=128, cuda_graphs=g,
                            pool_fill=float("nan")) for g in (True, False)]
     got, want = (_ragged_steps(p) for p in progs)
     assert progs[0].num_piecewise_steps == 4
     for a, b in zip(got, want):
-        assert np.isfinite(a).all() and relerr(a, b) < 1e-5
+        assert np.isfinite(a).all() and relerr(a, b) < 1e-3
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="CUDA graphs need a GPU")
