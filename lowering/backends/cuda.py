@@ -586,11 +586,10 @@ class CudaProgram:
         pw = self._piecewise
         if pw is None or not pw.fits(arrays["token_ids"].shape[0], arrays["logit_rows"].shape[0]):
             return None
-        seq_inputs = _upload_inputs(arrays, [n for n in pw_lib.SEQUENCE_INPUTS if n in self.graph.inputs],
-                                    self.device)
+        names = [n for n in pw_lib.SEQUENCE_INPUTS if n in self.graph.inputs]
         feed_dev = _to_device(feed, self.device) if feed is not None else None
         ctx = self._step_context(arrays)
-        logits = pw.run(arrays, seq_inputs, ctx, feed_dev)
+        logits = pw.run(arrays, lambda: _upload_inputs(arrays, names, self.device), ctx, feed_dev)
         if logits is None:  # the capture failed: the eager run that follows counts the step
             self.num_fresh_prefill_steps -= int(ctx.fresh_prefill)
         return logits

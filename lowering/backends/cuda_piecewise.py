@@ -15,8 +15,12 @@ pad rows unwritten and every op outside attention is row-wise, so pad rows never
 
 Static memory: the captured runs share one graph memory pool (a run's temporaries are reused by later captures;
 only values a later run reads stay alive), and an eager entry's output that a captured run reads is copied into
-a fixed buffer (reused once its value is dead). This mirrors vLLM's piecewise CUDA graphs (attention outside the
-graph), written for our plan of closures.
+a fixed buffer (reused once its value is dead). A captured value that only eager entries read later (each layer's
+q / k / v, read by its attention) is held by a non-owning tensor once its last reader has run: its memory goes back
+to the pool for the next layer's run and for other buckets' captures (a replay runs in the same order, so the
+reader is done before anything else writes there). Without that, every bucket kept every layer's q / k / v alive:
+~0.6 MB a token row for a Llama-3-8B, 18 GB over the buckets up to 8192 rows. This mirrors vLLM's piecewise CUDA
+graphs (attention outside the graph, weak references to graph outputs), written for our plan of closures.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ PIECEWISE_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 307
 # that many, more (logits for every row: perplexity) to the row bucket; so a row bucket has at most two captures
 # per fresh-prefill flag. A padded row costs a logits GEMM row, next to nothing beside the weight read.
 LOGIT_ROWS_SMALL = 64
+# hand the memory of captured values only eager entries read back to the pool after their last read (module doc)
+SHARE_EAGER_READS = True
 ROW_INPUTS = ("token_ids", "positions", "slot_mapping", "slot_mapping_w")  # i32[T]: padded to the bucket
 SEQUENCE_INPUTS = ("query_start", "seq_lens", "block_tables", "block_tables_w")  # per sequence: eager entries only
 ROW_SYMBOLS = frozenset({"T", "L"})  # symbols a captured entry may bind (the buckets fix them)
@@ -145,6 +151,7 @@ class PiecewiseGraphs:
         self.buckets: dict[tuple[int, int, bool], _Bucket] = {}
         self.pool = None
         self.num_captures = 0
+        self._envs: dict[tuple, dict] = {}  # (bucket key, per-sequence input shapes) -> symbol bindings
         plan = program._plan
         # the last plan entry that reads each value (graph outputs: never dead)
         self.last_use: dict[str, int] = {}
@@ -165,9 +172,12 @@ class PiecewiseGraphs:
         rows = bucket(num_tokens)
         return rows is not None and logit_bucket(num_logit_rows, rows) is not None
 
-    def run(self, arrays, seq_inputs: dict, ctx, feed_dev=None):
+    def run(self, arrays, upload_seq, ctx, feed_dev=None):
         """Run one ragged step; -> its logits [L, V] (a view of static memory, valid until the next step), or None
-        when its capture failed (the program then runs it, and every later ragged step, eagerly)."""
+        when its capture failed (the program then runs it, and every later ragged step, eagerly).
+
+        upload_seq() -> the step's per-sequence inputs on the device: a replay calls it after launching the first
+        captured run, so their copy and the symbols' binding overlap the GPU instead of delaying its first kernel."""
         program = self.program
         t, l = arrays["token_ids"].shape[0], arrays["logit_rows"].shape[0]
         rows = bucket(t)
@@ -181,8 +191,9 @@ class PiecewiseGraphs:
             from kernels_gpu.sampling import feed_tokens
 
             feed_tokens(entry.inputs["token_ids"], program._feed_src, feed_dev, feed_dev.numel() // 2)
-        ctx.env = program._env({**entry.inputs, **seq_inputs})
         if first:
+            seq_inputs = upload_seq()
+            ctx.env = self._env(key, entry, seq_inputs)
             try:
                 logits = self._capture(entry, seq_inputs, ctx, t)
             except Exception as err:  # e.g. an op that syncs with the host: this program's ragged steps run eagerly
@@ -190,8 +201,19 @@ class PiecewiseGraphs:
                 return None
             self.buckets[key] = entry
         else:
-            logits = self._replay(entry, seq_inputs, ctx, t)
+            logits = self._replay(entry, key, upload_seq, ctx, t)
         return logits[:l]
+
+    def _env(self, key, entry, seq_inputs: dict) -> dict:
+        """The step's symbol bindings (bind_symbols over every input and pool), cached by bucket and the shapes of the
+        per-sequence inputs: the rest is fixed by the bucket."""
+        shapes = (key,) + tuple(tuple(v.shape) for v in seq_inputs.values())
+        env = self._envs.get(shapes)
+        if env is None:
+            if len(self._envs) >= 512:
+                self._envs.clear()
+            env = self._envs[shapes] = self.program._env({**entry.inputs, **seq_inputs})
+        return dict(env)
 
     def _eager(self, entry, values: dict, idx, ctx, t: int) -> None:
         """Run eager entries; outputs a captured run reads are copied (their real rows) into the fixed buffers."""
@@ -213,13 +235,18 @@ class PiecewiseGraphs:
                 fixed[:rows].copy_(r[:rows])
                 values[name] = fixed
 
-    def _replay(self, entry, seq_inputs, ctx, t: int):
+    def _replay(self, entry, key, upload_seq, ctx, t: int):
         values = dict(entry.values)
-        values.update(seq_inputs)
+        staged = False
         for (captured, idx), graph in zip(self.runs, entry.graphs):
             if captured:
                 graph.replay()
             else:
+                if not staged:  # the GPU has the first captured run to do meanwhile
+                    seq_inputs = upload_seq()
+                    values.update(seq_inputs)
+                    ctx.env = self._env(key, entry, seq_inputs)
+                    staged = True
                 self._eager(entry, values, idx, ctx, t)
         program = self.program
         program._extra_outputs = [values[o] for o in program.graph.outputs[1:]]
@@ -243,8 +270,13 @@ class PiecewiseGraphs:
         values.update(program.state)
         keep = set(entry.inputs) | set(program.params) | set(program.state) | set(program.graph.outputs)
         keep |= self.eager_reads - set(seq_inputs)
+        # eager reads of captured values that nothing reads after the step (each layer's q / k / v)
+        shareable = (self.eager_reads - set(entry.inputs) - set(program.params) - set(program.state)
+                     - set(program.graph.state_updates.values()) - set(program.graph.outputs)) \
+            if SHARE_EAGER_READS else set()
         free: dict[tuple, list] = {}  # fixed eager-output buffers whose value is dead, by (shape, dtype)
         owner: dict[str, Any] = {}  # value name -> the fixed buffer holding it
+        captured_outs: set[str] = set()  # values a captured run made (graph-pool memory)
         side = torch.cuda.Stream(program.device)
         for r, (captured, idx) in enumerate(self.runs):
             if captured:
@@ -257,6 +289,7 @@ class PiecewiseGraphs:
                 torch.cuda.current_stream(program.device).wait_stream(side)
                 graph.replay()
                 entry.graphs.append(graph)
+                captured_outs.update(name for i in idx for name in plan[i][2])
             else:
                 for i in idx:  # fixed buffers for the outputs a captured run reads, before the entries run
                     for name in plan[i][2]:
@@ -282,6 +315,10 @@ class PiecewiseGraphs:
                 fixed = owner.pop(name, None)
                 if fixed is not None:
                     free.setdefault((tuple(fixed.shape), fixed.dtype), []).append(fixed)
+            for name in [n for n in captured_outs & shareable if n in values and self.last_use.get(n, -1) <= done]:
+                if isinstance(values[name], torch.Tensor):  # (a closure may return None for an unused output)
+                    values[name] = non_owning(values[name])  # read for the last time: the pool reuses its memory
+                captured_outs.discard(name)
         for s in program.graph.state:
             now = values[program.graph.state_updates.get(s, s)]
             if now.data_ptr() != program.state[s].data_ptr():
@@ -293,6 +330,15 @@ class PiecewiseGraphs:
         self.num_captures += 1
         program._extra_outputs = [values[o] for o in program.graph.outputs[1:]]
         return values[program.graph.outputs[0]]
+
+
+def non_owning(t):
+    """A tensor over t's memory that does not keep it allocated (the caller guarantees the memory's use)."""
+    import torch
+
+    storage = torch._C._construct_storage_from_data_pointer(t.untyped_storage().data_ptr(), t.device,
+                                                            t.untyped_storage().nbytes())
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(storage, t.storage_offset(), t.shape, t.stride())
 
 
 def make_piecewise(program) -> "PiecewiseGraphs | None":

@@ -728,3 +728,22 @@ def test_piecewise_row_inputs_are_padded_to_the_bucket():
     assert host[48:].tolist() == [4, 2] + [0] * 14
     with pytest.raises(ValueError, match="do not fit"):
         fill_row_inputs(host, offsets, {**arrays, "token_ids": np.zeros(17, np.int32)})
+
+
+def test_piecewise_non_owning_views_alias_without_holding_memory():
+    """non_owning (how a captured run's q / k / v stay readable by their attention while their memory goes back to
+    the graph pool): the same memory, offset and strides as the view it copies, writes seen through both, and no
+    reference to the original storage (its owners' count is unchanged)."""
+    import torch
+
+    from lowering.backends.cuda_piecewise import non_owning
+
+    base = torch.arange(24, dtype=torch.float32).view(4, 6)
+    view = base[1:, 2:5]  # an offset, strided view
+    owners = torch._C._storage_Use_Count(base.untyped_storage()._cdata)
+    alias = non_owning(view)
+    assert torch._C._storage_Use_Count(base.untyped_storage()._cdata) == owners
+    assert alias.data_ptr() == view.data_ptr() and alias.stride() == view.stride() and alias.shape == view.shape
+    torch.testing.assert_close(alias, view)
+    alias[0, 0] = -1.0
+    assert base[1, 2] == -1.0
