@@ -231,8 +231,7 @@ class PiecewiseGraphs:
                 if fixed is None or r.data_ptr() == fixed.data_ptr():
                     values[name] = fixed if fixed is not None else r
                     continue
-                rows = t if r.dim() and r.shape[0] == entry.rows else r.shape[0]
-                fixed[:rows].copy_(r[:rows])
+                _copy_real_rows(fixed, r, t, entry.rows)
                 values[name] = fixed
 
     def _replay(self, entry, key, upload_seq, ctx, t: int):
@@ -304,8 +303,7 @@ class PiecewiseGraphs:
                             fixed = free.get(spec, []).pop() if free.get(spec) else torch.zeros(
                                 spec[0], dtype=spec[1], device=program.device)
                             entry.static_out[name] = owner[name] = fixed
-                            rows = t if res.dim() and res.shape[0] == entry.rows else res.shape[0]
-                            fixed[:rows].copy_(res[:rows])
+                            _copy_real_rows(fixed, res, t, entry.rows)
                             res = fixed
                         values[name] = res
                 entry.graphs.append(None)
@@ -330,6 +328,13 @@ class PiecewiseGraphs:
         self.num_captures += 1
         program._extra_outputs = [values[o] for o in program.graph.outputs[1:]]
         return values[program.graph.outputs[0]]
+
+
+def _copy_real_rows(fixed, value, t: int, bucket_rows: int) -> None:
+    """Copy an eager output into its fixed buffer: its first t rows when it has one row per token row (the pad rows
+    are garbage), else all of it."""
+    rows = t if value.dim() and value.shape[0] == bucket_rows else value.shape[0]
+    fixed[:rows].copy_(value[:rows])
 
 
 def non_owning(t):
