@@ -167,6 +167,11 @@ class PiecewiseGraphs:
         for captured, idx in self.runs:
             for i in idx:
                 (self.captured_reads if captured else self.eager_reads).update(plan[i][1])
+        # values a captured run makes and an eager entry reads (each layer's q / k / v): a capture holds them by a
+        # non-owning tensor once their last reader has run (SHARE_EAGER_READS; module doc)
+        captured_outs = {name for captured, idx in self.runs if captured for i in idx for name in plan[i][2]}
+        self.shareable = (self.eager_reads & captured_outs) - set(program.graph.state_updates.values()) \
+            - set(program.graph.outputs)
 
     def fits(self, num_tokens: int, num_logit_rows: int) -> bool:
         rows = bucket(num_tokens)
@@ -269,13 +274,9 @@ class PiecewiseGraphs:
         values.update(program.state)
         keep = set(entry.inputs) | set(program.params) | set(program.state) | set(program.graph.outputs)
         keep |= self.eager_reads - set(seq_inputs)
-        # eager reads of captured values that nothing reads after the step (each layer's q / k / v)
-        shareable = (self.eager_reads - set(entry.inputs) - set(program.params) - set(program.state)
-                     - set(program.graph.state_updates.values()) - set(program.graph.outputs)) \
-            if SHARE_EAGER_READS else set()
+        pending = set(self.shareable) if SHARE_EAGER_READS else set()  # not yet handed back to the pool
         free: dict[tuple, list] = {}  # fixed eager-output buffers whose value is dead, by (shape, dtype)
         owner: dict[str, Any] = {}  # value name -> the fixed buffer holding it
-        captured_outs: set[str] = set()  # values a captured run made (graph-pool memory)
         side = torch.cuda.Stream(program.device)
         for r, (captured, idx) in enumerate(self.runs):
             if captured:
@@ -288,7 +289,6 @@ class PiecewiseGraphs:
                 torch.cuda.current_stream(program.device).wait_stream(side)
                 graph.replay()
                 entry.graphs.append(graph)
-                captured_outs.update(name for i in idx for name in plan[i][2])
             else:
                 for i in idx:  # fixed buffers for the outputs a captured run reads, before the entries run
                     for name in plan[i][2]:
@@ -313,10 +313,10 @@ class PiecewiseGraphs:
                 fixed = owner.pop(name, None)
                 if fixed is not None:
                     free.setdefault((tuple(fixed.shape), fixed.dtype), []).append(fixed)
-            for name in [n for n in captured_outs & shareable if n in values and self.last_use.get(n, -1) <= done]:
+            for name in [n for n in pending if n in values and self.last_use.get(n, -1) <= done]:
                 if isinstance(values[name], torch.Tensor):  # (a closure may return None for an unused output)
                     values[name] = non_owning(values[name])  # read for the last time: the pool reuses its memory
-                captured_outs.discard(name)
+                pending.discard(name)
         for s in program.graph.state:
             now = values[program.graph.state_updates.get(s, s)]
             if now.data_ptr() != program.state[s].data_ptr():
