@@ -167,9 +167,18 @@ def test_queue_full_gets_429():
         server.stop()
 
 
-def test_client_disconnect_mid_stream_frees_the_blocks(live):
+def test_client_disconnect_mid_stream_frees_the_blocks(live, monkeypatch):
     async_engine = live.async_engine
     assert wait_idle(async_engine)
+    # the toy model decodes 200 tokens in well under 0.1 s on a fast machine, which could finish the request before the
+    # server sees the disconnect; a slowed step keeps it running for seconds, so the abort path is what frees it
+    engine, real_step = async_engine.engine, async_engine.engine._step
+
+    def slow_step(on_token=None):
+        time.sleep(0.01)
+        return real_step(on_token)
+
+    monkeypatch.setattr(engine, "_step", slow_step)
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
