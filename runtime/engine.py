@@ -786,7 +786,8 @@ class Engine:
         plain = [i for i, k in enumerate(num_spec) if k == 0]
         if logits is not None and plain:  # rows without a draft: the sampler (penalties, logprobs) as before
             picked = sample(logits[first_rows[plain]], [sampled[i].params for i in plain],
-                            [sampled[i].generator for i in plain], [sampled[i].output_token_ids for i in plain])
+                            [sampled[i].generator for i in plain], [sampled[i].output_token_ids for i in plain],
+                            self.eos_token_ids)
             plain_tokens = dict(zip(plain, picked.tolist()))
         for i, (req, k) in enumerate(zip(sampled, num_spec)):
             row = int(first_rows[i])
@@ -1157,25 +1158,26 @@ class Engine:
     def _check_stop(self, req: Request, token: int, *, num_tokens: int) -> None:
         """Decide whether the request stops at its newest output token (the num_tokens-th of prompt + output)."""
         params = req.params
+        stops = len(req.output_token_ids) >= params.min_tokens  # before min_tokens only the length ends a request
         is_eos = token in self.eos_token_ids and not params.ignore_eos
-        if is_eos or (params.stop_token_ids and token in params.stop_token_ids):
+        if stops and (is_eos or (params.stop_token_ids and token in params.stop_token_ids)):
             self._add_text(req, req.detokenizer.flush())
             req.finish_reason = "stop"
             return
-        if self._add_text(req, req.detokenizer.add_token(token)):
+        if self._add_text(req, req.detokenizer.add_token(token), find_stops=stops):
             req.finish_reason = "stop"
             return
         if len(req.output_token_ids) >= params.max_tokens or num_tokens >= self.max_model_len:
             req.finish_reason = "stop" if self._add_text(req, req.detokenizer.flush()) else "length"
 
-    def _add_text(self, req: Request, delta: str) -> bool:
+    def _add_text(self, req: Request, delta: str, *, find_stops: bool = True) -> bool:
         """Append delta to req.text; on a stop string cut the text before it and return True."""
         if not delta:
             return False
         new_from = len(req.text)
         req.text += delta
         stops = req.params.stop_strings
-        if stops:
+        if stops and find_stops:
             i = find_stop_string(req.text, stops, new_from)
             if i >= 0:
                 req.text = req.text[:i]
@@ -1223,6 +1225,9 @@ class Engine:
                     f"prompt {index} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
                 )
         self._check_fits(index, len(prompt_ids), params)
+        bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias names token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
 
         request_id = str(next(self._request_counter))
         req = Request(

@@ -4,8 +4,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Iterable
 
 import numpy as np
+
+MAX_LOGIT_BIAS_ENTRIES = 1024  # OpenAI accepts at most 300; vLLM does not bound it
 
 
 @dataclasses.dataclass
@@ -18,7 +21,10 @@ class SamplingParams:
     subtract penalty (once / per occurrence) from the logits of tokens already generated, before
     everything else. logprobs N returns the log-probability of each sampled token and of the N most
     likely tokens (of the raw, unpenalised logits). seed None draws fresh OS entropy for the request.
-    `stop` strings end generation; the text is cut before the first one found.
+    `stop` strings end generation; the text is cut before the first one found. logit_bias {token id: bias in
+    [-100, 100]} is added to those logits before the penalties (OpenAI's; -100 in effect bans a token). min_tokens:
+    until that many tokens are out, EOS and stop_token_ids cannot be sampled and stop strings do not end the text
+    (vLLM's). logit_bias, the penalties, min_tokens and logprobs take the host sampler.
     """
 
     max_tokens: int = 16
@@ -33,6 +39,8 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -71,6 +79,20 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids must be a list of non-negative integers, got {ids!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a dict {{token id: bias}}, got {self.logit_bias!r}")
+            if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+                raise ValueError(f"logit_bias has {len(self.logit_bias)} entries, at most {MAX_LOGIT_BIAS_ENTRIES}")
+            for token, bias in self.logit_bias.items():
+                if not _is_int(token) or token < 0:
+                    raise ValueError(f"logit_bias keys must be token ids >= 0, got {token!r}")
+                if not _is_real(bias) or not math.isfinite(bias) or not -100.0 <= bias <= 100.0:
+                    raise ValueError(f"logit_bias[{token}] must be a number in [-100, 100], got {bias!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -87,9 +109,14 @@ class SamplingParams:
         return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
+    def adjusts_logits(self) -> bool:
+        """True when the sampler changes logits before picking (logit_bias, penalties, min_tokens)."""
+        return self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0
+
+    @property
     def needs_host_logits(self) -> bool:
-        """True when sampling needs the logits on the host (penalties, logprobs)."""
-        return self.has_penalties or self.logprobs is not None
+        """True when sampling needs the logits on the host (logit_bias, penalties, min_tokens, logprobs)."""
+        return self.adjusts_logits or self.logprobs is not None
 
 
 def _is_int(x) -> bool:
@@ -114,22 +141,43 @@ def sample(
     logits: np.ndarray,  # f32[L, V]
     params: list[SamplingParams],  # [L]
     generators: list[np.random.Generator],  # [L]
-    output_tokens: list[list[int]] | None = None,  # [L] tokens generated so far (for the penalties)
+    output_tokens: list[list[int]] | None = None,  # [L] tokens generated so far (penalties, min_tokens)
+    eos_token_ids: Iterable[int] = (),  # what min_tokens holds back (with each row's stop_token_ids)
 ) -> np.ndarray:  # i32[L]
     """Pick one token per logit row; row i uses params[i] and draws one number from generators[i]."""
     num_rows = logits.shape[0]
     if len(params) != num_rows or len(generators) != num_rows:
         raise ValueError(f"sample got {num_rows} logit rows, {len(params)} params and {len(generators)} generators")
-    if any(p.has_penalties for p in params):
+    if any(p.adjusts_logits for p in params):
         logits = np.array(logits, copy=True)
+        eos = tuple(eos_token_ids)
         for row, p in enumerate(params):
-            if p.has_penalties and output_tokens is not None:
-                apply_penalties(logits[row], output_tokens[row], p.presence_penalty, p.frequency_penalty)
+            if p.adjusts_logits:
+                adjust_logits(logits[row], p, output_tokens[row] if output_tokens is not None else [], eos)
     tokens = np.argmax(logits, axis=-1).astype(np.int32)  # i32[L]  greedy; argmax picks the lowest id on ties
     for row, (p, generator) in enumerate(zip(params, generators)):
         if not p.is_greedy:
             tokens[row] = sample_row(logits[row], p, generator)
     return tokens
+
+
+def adjust_logits(logits: np.ndarray, params: SamplingParams, generated: list[int], eos_token_ids=()) -> None:
+    """In place, in this order: logit_bias, the presence / frequency penalties, then min_tokens (EOS, unless
+    ignore_eos, and stop_token_ids to -inf while fewer than min_tokens tokens are out)."""
+    vocab = logits.shape[0]
+    if params.logit_bias:
+        ids = np.fromiter(params.logit_bias, np.int64, len(params.logit_bias))
+        bias = np.fromiter(params.logit_bias.values(), np.float64, len(params.logit_bias))
+        keep = ids < vocab
+        logits[ids[keep]] += bias[keep].astype(logits.dtype)
+    if params.has_penalties:
+        apply_penalties(logits, generated, params.presence_penalty, params.frequency_penalty)
+    if len(generated) < params.min_tokens:
+        banned = [] if params.ignore_eos else list(eos_token_ids)
+        banned += list(params.stop_token_ids or ())
+        banned = [t for t in banned if 0 <= t < vocab]
+        if len(banned) < vocab:  # never ban every token
+            logits[banned] = -np.inf
 
 
 def apply_penalties(logits: np.ndarray, generated: list[int], presence: float, frequency: float) -> None:

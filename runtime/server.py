@@ -27,10 +27,10 @@ from runtime.sampler import SamplingParams
 SUPPORTED_FIELDS = {
     "completions": {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stream",
                     "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "logprobs",
-                    "ignore_eos", "stop_token_ids", "echo", "best_of", "suffix", "logit_bias"},
+                    "ignore_eos", "stop_token_ids", "echo", "best_of", "suffix", "logit_bias", "min_tokens"},
     "chat": {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
              "stop", "stream", "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "logprobs",
-             "top_logprobs", "ignore_eos", "stop_token_ids", "logit_bias"},
+             "top_logprobs", "ignore_eos", "stop_token_ids", "logit_bias", "min_tokens"},
 }
 
 
@@ -67,6 +67,24 @@ def _number(body, name, default, *, lo=None, hi=None, integer=False, lo_open=Fal
     return value
 
 
+def _logit_bias(value: Any) -> dict[int, float] | None:
+    """OpenAI's logit_bias {"token id": bias in [-100, 100]} -> {int: float}."""
+    if value is None or value == {}:
+        return None
+    if not isinstance(value, dict):
+        raise RequestError("'logit_bias' must be an object mapping token ids to biases", param="logit_bias")
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise RequestError(f"'logit_bias' keys must be token ids, got {key!r}", param="logit_bias") from None
+        if token < 0:
+            raise RequestError(f"'logit_bias' keys must be token ids >= 0, got {key!r}", param="logit_bias")
+        out[token] = _number({"logit_bias": bias}, "logit_bias", 0.0, lo=-100.0, hi=100.0)
+    return out
+
+
 def parse_request(body: Any, kind: str, *, models: dict[str, int], max_prompt_chars: int):
     """Validate an OpenAI request body against the served models (name -> max_model_len); returns
     (model, prompt | None, messages | None, SamplingParams, stream, usage_in_stream)."""
@@ -84,7 +102,7 @@ def parse_request(body: Any, kind: str, *, models: dict[str, int], max_prompt_ch
     max_model_len = models[model]
     if body.get("n", 1) != 1 or body.get("best_of", 1) not in (1, None):
         raise RequestError("only n=1 is supported", param="n")
-    for name in ("echo", "suffix", "logit_bias"):
+    for name in ("echo", "suffix"):
         if body.get(name) not in (None, False, {}):
             raise RequestError(f"'{name}' is not supported yet", param=name)
     if kind == "completions":
@@ -145,6 +163,13 @@ def parse_request(body: Any, kind: str, *, models: dict[str, int], max_prompt_ch
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError("'stream_options' must be an object", param="stream_options")
+    if not isinstance(options.get("include_usage", False), bool):
+        raise RequestError("'stream_options.include_usage' must be a boolean", param="stream_options")
+    if not isinstance(body.get("user", ""), str):
+        raise RequestError("'user' must be a string", param="user")
+    if not isinstance(body.get("ignore_eos", False), bool):
+        raise RequestError("'ignore_eos' must be a boolean", param="ignore_eos")
+    logit_bias = _logit_bias(body.get("logit_bias"))
     try:
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -159,6 +184,8 @@ def parse_request(body: Any, kind: str, *, models: dict[str, int], max_prompt_ch
             stop=stop or None,
             stop_token_ids=body.get("stop_token_ids"),
             ignore_eos=body.get("ignore_eos", False),
+            logit_bias=logit_bias,
+            min_tokens=_number(body, "min_tokens", 0, lo=0, integer=True),
         )
     except ValueError as e:
         raise RequestError(str(e)) from None

@@ -247,6 +247,40 @@ def test_max_tokens_and_max_model_len_finish_with_length():
     assert len(out.token_ids) == 100 and out.token_ids[-1] == EOS_ID and out.finish_reason == "length"
 
 
+def test_min_tokens_holds_back_eos_stop_ids_and_stop_strings():
+    base = script_engine().generate("Hello", SamplingParams(max_tokens=100, temperature=0.0))[0]
+    assert len(base.token_ids) == 32 and base.token_ids[-1] == EOS_ID
+    out = script_engine().generate("Hello", SamplingParams(max_tokens=60, temperature=0.0, min_tokens=40))[0]
+    # the script's EOS (token 32) is held back; past the script the model asks for EOS, which ends token 41
+    assert len(out.token_ids) == 41 and EOS_ID not in out.token_ids[:40] and out.token_ids[-1] == EOS_ID
+    assert out.token_ids[:31] == base.token_ids[:31] and out.finish_reason == "stop"
+    # "end" is complete at token 16, before min_tokens: it does not stop; "done" (token 31) does
+    out = script_engine().generate("Hello", SamplingParams(max_tokens=60, temperature=0.0, min_tokens=20,
+                                                           stop=["end", "done"]))[0]
+    assert out.text == " wörld! The end. € 😀 " and out.finish_reason == "stop"
+    bang = NUM_SPECIAL + ord("!")
+    out = script_engine().generate("Hello", SamplingParams(max_tokens=60, temperature=0.0, min_tokens=10,
+                                                           stop_token_ids=[bang]))[0]
+    assert bang not in out.token_ids[:10] and len(out.token_ids) >= 10 and out.text.startswith(" wörld")
+    out = script_engine().generate("Hello", SamplingParams(max_tokens=60, temperature=0.0, min_tokens=5,
+                                                           stop_token_ids=[bang]))[0]
+    assert out.text == " wörld" and out.token_ids[-1] == bang  # "!" is token 8: past min_tokens, it stops
+
+
+def test_logit_bias_steers_decoding_and_is_checked_against_the_vocabulary():
+    prompt = make_prompts([9])[0]
+    free_run = Engine(ToyModel()).generate([prompt], GREEDY)[0].token_ids
+    banned = Engine(ToyModel()).generate(
+        [prompt], SamplingParams(max_tokens=10, temperature=0.0, logit_bias={free_run[0]: -100}))[0].token_ids
+    assert banned[0] != free_run[0]
+    favourite = next(t for t in range(NUM_SPECIAL, 200) if t not in free_run)
+    forced = Engine(ToyModel()).generate(
+        [prompt], SamplingParams(max_tokens=10, temperature=0.0, logit_bias={favourite: 100}))[0].token_ids
+    assert forced == [favourite] * 10
+    with pytest.raises(ValueError, match="logit_bias names token ids outside the vocabulary"):
+        Engine(ToyModel()).generate([prompt], SamplingParams(logit_bias={10**6: 1.0}))
+
+
 # ---------------------------------------------------------------------------------------------
 # Prompts: chat, strings, bad inputs
 

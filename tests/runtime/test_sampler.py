@@ -223,3 +223,42 @@ def test_token_logprobs_are_normalised_and_ranked():
 def test_new_sampling_params_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"logit_bias": [1, 2]}, "logit_bias"), ({"logit_bias": {"3": 1.0}}, "logit_bias keys"),
+    ({"logit_bias": {-1: 1.0}}, "logit_bias keys"), ({"logit_bias": {3: 101}}, r"logit_bias\[3\]"),
+    ({"logit_bias": {3: float("inf")}}, r"logit_bias\[3\]"), ({"logit_bias": {3: "1"}}, r"logit_bias\[3\]"),
+    ({"logit_bias": dict.fromkeys(range(1025), 1.0)}, "at most 1024"),
+    ({"min_tokens": -1}, "min_tokens"), ({"min_tokens": 1.5}, "min_tokens"),
+    ({"min_tokens": 17, "max_tokens": 16}, "must not exceed max_tokens"),
+])
+def test_logit_bias_and_min_tokens_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_logit_bias_adds_to_the_logits_before_sampling():
+    row = np.array([[2.0, 1.0, 0.0, 1.5]], np.float32)
+    greedy = SamplingParams(temperature=0.0, logit_bias={0: -100, 2: 1.75})
+    assert greedy.needs_host_logits and sample(row, [greedy], [make_generator(0)], [[]])[0] == 2
+    assert sample(row, [SamplingParams(temperature=0.0, logit_bias={0: -1.0})], [make_generator(0)], [[]])[0] == 3
+    # with temperature: a -100 bias bans the best token in practice; the rest keep their relative odds
+    p = SamplingParams(temperature=1.0, logit_bias={0: -100.0}, seed=3)
+    gen = make_generator(3)
+    draws = [sample(row, [p], [gen], [[]])[0] for _ in range(2000)]
+    assert 0 not in draws
+    w = np.exp([1.0, 0.0, 1.5])
+    np.testing.assert_allclose([draws.count(t) / 2000 for t in (1, 2, 3)], w / w.sum(), atol=0.04)
+    # ids past the logits row (the engine refuses ids outside the vocabulary; padded rows may be shorter) are skipped
+    assert sample(row, [SamplingParams(temperature=0.0, logit_bias={9: 100})], [make_generator(0)], [[]])[0] == 0
+
+
+def test_min_tokens_holds_back_eos_and_stop_token_ids_until_enough_tokens_are_out():
+    row = np.array([[0.0, 5.0, 4.0, 3.0]], np.float32)  # token 1 (EOS here) is the best, 2 a stop token
+    p = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[2])
+    assert sample(row, [p], [make_generator(0)], [[]], eos_token_ids=[1])[0] == 3
+    assert sample(row, [p], [make_generator(0)], [[7]], eos_token_ids=[1])[0] == 3
+    assert sample(row, [p], [make_generator(0)], [[7, 7]], eos_token_ids=[1])[0] == 1  # two out: anything goes
+    ignore = SamplingParams(temperature=0.0, min_tokens=2, ignore_eos=True)  # EOS does not stop it: not held back
+    assert sample(row, [ignore], [make_generator(0)], [[]], eos_token_ids=[1])[0] == 1

@@ -13,7 +13,7 @@ pytest.importorskip("uvicorn")
 from runtime import Engine, SamplingParams  # noqa: E402
 from runtime.async_engine import AsyncEngine, QueueFullError  # noqa: E402
 from runtime.server import BackgroundServer  # noqa: E402
-from tests.runtime.toy_program import ToyModel  # noqa: E402
+from tests.runtime.toy_program import NUM_SPECIAL, ToyModel  # noqa: E402
 
 SCRIPT = "Hello there! The capital of France is Paris. " * 3
 MODEL = "toy"
@@ -109,6 +109,16 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "frequency_penalty": 2.5}, "'frequency_penalty' must be <= 2"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, "not supported yet"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 50}, "'logprobs' must be <= 20"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"abc": 1}}, "keys must be token ids"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 200}}, "'logit_bias' must be <= 100"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": [5]}, "must be an object"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"9999": 1}}, "outside the vocabulary"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 4, "min_tokens": 5}, "must not exceed"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "min_tokens": -1}, "'min_tokens' must be >= 0"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": True, "stream_options": {"include_usage": "y"}},
+     "include_usage' must be a boolean"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "user": 5}, "'user' must be a string"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "ignore_eos": "no"}, "'ignore_eos' must be a boolean"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
      "needs 'logprobs': true"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "bogus": 1}, "unsupported field"),
@@ -265,6 +275,33 @@ def test_logprobs_and_penalties_over_http(live, client):
     penalised = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, temperature=0,
                                           frequency_penalty=2.0, presence_penalty=2.0)
     assert penalised.usage.completion_tokens == 12  # accepted (the scripted toy model outweighs any penalty)
+
+
+def test_logit_bias_and_min_tokens_over_http():
+    """OpenAI's logit_bias (string token ids) and vLLM's min_tokens reach the sampler; a plain random toy model (no
+    script), so a bias of +-100 decides the greedy pick."""
+    async_engine = AsyncEngine(Engine(ToyModel(seed=3), max_num_seqs=4))
+    server = LiveServer(async_engine)
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        plain = c.completions.create(model=MODEL, prompt="ab", max_tokens=8, temperature=0)
+        ids = async_engine.engine.generate(["ab"], SamplingParams(max_tokens=8, temperature=0.0))[0].token_ids
+        favourite = next(t for t in range(NUM_SPECIAL + 32, NUM_SPECIAL + 127) if t not in ids)
+        forced = c.completions.create(model=MODEL, prompt="ab", max_tokens=5, temperature=0,
+                                      logit_bias={str(favourite): 100})
+        assert forced.choices[0].text == chr(favourite - NUM_SPECIAL) * 5
+        banned = c.completions.create(model=MODEL, prompt="ab", max_tokens=8, temperature=0,
+                                      logit_bias={str(ids[0]): -100})
+        assert banned.choices[0].text != plain.choices[0].text
+        # min_tokens: a stop token cannot end the answer before 6 tokens, even when every step would pick it
+        held = c.completions.create(model=MODEL, prompt="ab", max_tokens=10, temperature=0,
+                                    logit_bias={str(favourite): 100},
+                                    extra_body={"min_tokens": 6, "stop_token_ids": [favourite]})
+        assert held.usage.completion_tokens == 7 and held.choices[0].finish_reason == "stop"
+        assert chr(favourite - NUM_SPECIAL) not in held.choices[0].text
+        assert wait_idle(async_engine) and blocks_in_use(async_engine) == 0
+    finally:
+        server.stop()
 
 
 def test_penalties_change_greedy_repetition_in_the_engine():
