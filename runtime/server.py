@@ -15,6 +15,7 @@ in a "route" field and an `x-llmc-route` header; /metrics counts decisions, esca
 """
 
 import asyncio
+import dataclasses
 import json
 import math
 import time
@@ -32,6 +33,9 @@ SUPPORTED_FIELDS = {
              "stop", "stream", "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "logprobs",
              "top_logprobs", "ignore_eos", "stop_token_ids", "logit_bias", "min_tokens"},
 }
+
+
+MAX_CHOICES = 16  # the most choices (`n`) one request may ask for
 
 
 class RequestError(ValueError):
@@ -87,7 +91,7 @@ def _logit_bias(value: Any) -> dict[int, float] | None:
 
 def parse_request(body: Any, kind: str, *, models: dict[str, int], max_prompt_chars: int):
     """Validate an OpenAI request body against the served models (name -> max_model_len); returns
-    (model, prompt | None, messages | None, SamplingParams, stream, usage_in_stream)."""
+    (model, prompt | None, messages | None, SamplingParams, stream, usage_in_stream, n)."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     unknown = sorted(set(body) - SUPPORTED_FIELDS[kind])
@@ -100,8 +104,9 @@ def parse_request(body: Any, kind: str, *, models: dict[str, int], max_prompt_ch
         raise RequestError(f"model {model!r} is not served here (available: {', '.join(map(repr, models))})",
                            param="model", code="model_not_found")
     max_model_len = models[model]
-    if body.get("n", 1) != 1 or body.get("best_of", 1) not in (1, None):
-        raise RequestError("only n=1 is supported", param="n")
+    n = _number(body, "n", 1, lo=1, hi=MAX_CHOICES, integer=True)
+    if body.get("best_of") not in (None, n):
+        raise RequestError("'best_of' other than n is not supported", param="best_of")
     for name in ("echo", "suffix"):
         if body.get(name) not in (None, False, {}):
             raise RequestError(f"'{name}' is not supported yet", param=name)
@@ -189,7 +194,7 @@ def parse_request(body: Any, kind: str, *, models: dict[str, int], max_prompt_ch
         )
     except ValueError as e:
         raise RequestError(str(e)) from None
-    return model, prompt, messages, params, stream, bool(options.get("include_usage", False))
+    return model, prompt, messages, params, stream, bool(options.get("include_usage", False)), n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,54 +384,73 @@ def build_app(async_engine, *, model_name: str | None = None, api_key: str | Non
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return fail(400, f"the request body is not valid JSON: {e}")
         try:
-            model, prompt, messages, params, stream, usage_in_stream = parse_request(
+            model, prompt, messages, params, stream, usage_in_stream, n = parse_request(
                 body, kind, models=served, max_prompt_chars=max_prompt_chars)
+        except RequestError as e:
+            return fail(e.status, str(e), e.kind, e.param, e.code)
+        handles = []  # one per choice: n requests of one prompt (the prefix cache shares its blocks)
+        try:
             if router is not None and model == router.name:
+                if n != 1:
+                    raise RequestError("n > 1 is not supported for routed requests", param="n")
                 handle = await router.start(prompt, params, messages=messages, is_disconnected=request.is_disconnected)
                 if handle is None:  # the client left while the cascade's small model answered
                     return Response(status_code=499)
+                handles.append(handle)
             else:
-                request_id, queue = engines[model].add_request(prompt, params, messages=messages)
-                handle = RoutedStream(None, queue, engines[model], request_id)
-        except RequestError as e:
-            return fail(e.status, str(e), e.kind, e.param, e.code)
-        except QueueFullError as e:
-            return fail(429, str(e), "rate_limit_error", code="queue_full")
-        except ValueError as e:  # the engine's own checks: prompt too long for the context, bad token ids, ...
-            return fail(400, str(e))
+                for i in range(n):  # a seeded request gives choice i the seed + i: distinct, reproducible samples
+                    p = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
+                    request_id, queue = engines[model].add_request(prompt, p, messages=messages)
+                    handles.append(RoutedStream(None, queue, engines[model], request_id))
+        except (RequestError, QueueFullError, ValueError) as e:
+            for h in handles:  # the choices already queued
+                h.abort()
+            if isinstance(e, RequestError):
+                return fail(e.status, str(e), e.kind, e.param, e.code)
+            if isinstance(e, QueueFullError):
+                return fail(429, str(e), "rate_limit_error", code="queue_full")
+            return fail(400, str(e))  # the engine's own checks: prompt too long for the context, bad token ids, ...
+        handle = handles[0]
         rid = ("cmpl-" if kind == "completions" else "chatcmpl-") + uuid.uuid4().hex[:24]
         obj = "text_completion" if kind == "completions" else "chat.completion"
         decision = handle.decision
         answered = decision.model if decision is not None else model
         headers = {"x-llmc-route": decision.header()} if decision is not None else None
         if stream:
-            return StreamingResponse(_stream(handle, request, rid, obj, kind, usage_in_stream,
+            return StreamingResponse(_stream(handles, request, rid, obj, kind, usage_in_stream,
                                              params.logprobs is not None, answered),
                                      media_type="text/event-stream", headers=headers)
-        text, reason, usage, logprobs = [], None, None, []
+        choices, usage = [], None
         try:
-            while reason is None:
-                event = await _next_event(handle.queue, request)
-                if event is None:
-                    handle.abort()
-                    return Response(status_code=499)
-                text.append(event.text)
-                logprobs.extend(event.logprobs or [])
-                reason = event.finish_reason
-                usage = _usage(event)
+            for index, h in enumerate(handles):  # the engine runs them together; their queues hold what is done
+                text, reason, logprobs = [], None, []
+                while reason is None:
+                    event = await _next_event(h.queue, request)
+                    if event is None:
+                        for other in handles:
+                            other.abort()
+                        return Response(status_code=499)
+                    text.append(event.text)
+                    logprobs.extend(event.logprobs or [])
+                    reason = event.finish_reason
+                if reason == "error":
+                    for other in handles:
+                        other.abort()
+                    return fail(500, f"the request failed: {event.error}", "server_error")
+                if h.on_finish is not None:
+                    h.on_finish(event)
+                usage = _add_usage(usage, event)
+                body = "".join(text)
+                lp = _logprobs_json(logprobs, kind) if params.logprobs is not None else None
+                choices.append({"index": index, "text": body, "logprobs": lp, "finish_reason": reason}
+                               if kind == "completions" else
+                               {"index": index, "message": {"role": "assistant", "content": body}, "logprobs": lp,
+                                "finish_reason": reason})
         except asyncio.CancelledError:
-            handle.abort()
+            for h in handles:
+                h.abort()
             raise
-        if reason == "error":
-            return fail(500, f"the request failed: {event.error}", "server_error")
-        if handle.on_finish is not None:
-            handle.on_finish(event)
-        body = "".join(text)
-        lp = _logprobs_json(logprobs, kind) if params.logprobs is not None else None
-        choice = ({"index": 0, "text": body, "logprobs": lp, "finish_reason": reason} if kind == "completions"
-                  else {"index": 0, "message": {"role": "assistant", "content": body}, "logprobs": lp,
-                        "finish_reason": reason})
-        out = {"id": rid, "object": obj, "created": int(time.time()), "model": answered, "choices": [choice],
+        out = {"id": rid, "object": obj, "created": int(time.time()), "model": answered, "choices": choices,
                "usage": usage}
         if decision is not None:
             out["route"] = decision.to_json()
@@ -446,6 +470,15 @@ def build_app(async_engine, *, model_name: str | None = None, api_key: str | Non
 def _usage(event) -> dict:
     return {"prompt_tokens": event.num_prompt_tokens, "completion_tokens": event.num_output_tokens,
             "total_tokens": event.num_prompt_tokens + event.num_output_tokens}
+
+
+def _add_usage(usage: dict | None, event) -> dict:
+    """Usage over the choices of one request: the prompt counted once, the completions summed (OpenAI's)."""
+    if usage is None:
+        return _usage(event)
+    done = usage["completion_tokens"] + event.num_output_tokens
+    return {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": done,
+            "total_tokens": usage["prompt_tokens"] + done}
 
 
 async def _next_event(queue: asyncio.Queue, request, poll_s: float = 0.5):
@@ -474,52 +507,61 @@ def _logprobs_json(entries, kind: str):
                         for t, lp, top in entries]}
 
 
-async def _stream(handle, request, rid, obj, kind, usage_in_stream, with_logprobs, model_name):
-    """Server-sent events: one chunk per step's delta, the finish reason (with the route of a routed request),
-    optionally usage, then [DONE]."""
+async def _stream(handles, request, rid, obj, kind, usage_in_stream, with_logprobs, model_name):
+    """Server-sent events: one chunk per step's delta of each choice (its `index`), each choice's finish reason
+    (with the route of a routed request), optionally usage, then [DONE]."""
     created = int(time.time())
     obj = obj + ".chunk" if kind == "chat" else obj
-    finished = False
+    pending = set(range(len(handles)))  # the choices still running
+    usage = None
 
-    def chunk(delta_text, reason, first=False, logprobs=None):
+    def chunk(index, delta_text, reason, first=False, logprobs=None):
         lp = _logprobs_json(logprobs or [], kind) if with_logprobs else None
         if kind == "completions":
-            choice = {"index": 0, "text": delta_text, "logprobs": lp, "finish_reason": reason}
+            choice = {"index": index, "text": delta_text, "logprobs": lp, "finish_reason": reason}
         else:
             delta = {"role": "assistant", "content": delta_text} if first else ({"content": delta_text} if delta_text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
         return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice]}
 
+    gets: dict[int, asyncio.Future] = {}
     try:
-        first = True
-        while True:
-            event = await _next_event(handle.queue, request)
-            if event is None:
-                return  # the finally clause aborts the request
-            if event.finish_reason == "error":
-                finished = True
-                yield f"data: {json.dumps(error_body(f'the request failed: {event.error}', 'server_error'))}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-            if event.finish_reason is not None and handle.on_finish is not None:
-                handle.on_finish(event)
-            if event.text or event.finish_reason is not None or first or event.logprobs:
-                body = chunk(event.text, event.finish_reason, first, event.logprobs)
-                if event.finish_reason is not None and handle.decision is not None:
-                    body["route"] = handle.decision.to_json()
-                yield f"data: {json.dumps(body)}\n\n"
-                first = False
-            if event.finish_reason is not None:
-                finished = True
-                if usage_in_stream:
-                    tail = {"id": rid, "object": obj, "created": created, "model": model_name,
-                            "choices": [], "usage": _usage(event)}
-                    yield f"data: {json.dumps(tail)}\n\n"
-                yield "data: [DONE]\n\n"
-                return
+        first = set(pending)
+        while pending:
+            for i in pending - set(gets):
+                gets[i] = asyncio.ensure_future(handles[i].queue.get())
+            done, _ = await asyncio.wait(set(gets.values()), timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                if await request.is_disconnected():
+                    return  # the finally clause aborts the requests
+                continue
+            for i in sorted(i for i, f in gets.items() if f in done):
+                event, handle = gets.pop(i).result(), handles[i]
+                if event.finish_reason == "error":
+                    pending.discard(i)
+                    yield f"data: {json.dumps(error_body(f'the request failed: {event.error}', 'server_error'))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return  # the finally clause aborts the other choices
+                if event.finish_reason is not None and handle.on_finish is not None:
+                    handle.on_finish(event)
+                if event.text or event.finish_reason is not None or i in first or event.logprobs:
+                    body = chunk(i, event.text, event.finish_reason, i in first, event.logprobs)
+                    if event.finish_reason is not None and handle.decision is not None:
+                        body["route"] = handle.decision.to_json()
+                    yield f"data: {json.dumps(body)}\n\n"
+                    first.discard(i)
+                if event.finish_reason is not None:
+                    pending.discard(i)
+                    usage = _add_usage(usage, event)
+        if usage_in_stream:
+            tail = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [], "usage": usage}
+            yield f"data: {json.dumps(tail)}\n\n"
+        yield "data: [DONE]\n\n"
     finally:
-        if not finished:  # the client went away (or the server is stopping): free the request's blocks
-            handle.abort()
+        for f in gets.values():
+            f.cancel()
+        for i in pending:  # the client went away (or the server is stopping): free those requests' blocks
+            handles[i].abort()
 
 
 class BackgroundServer:

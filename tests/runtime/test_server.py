@@ -104,7 +104,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "", "max_tokens": 4}, "must not be empty"),
     ("/v1/completions", {"model": MODEL, "prompt": [1, 2, 9999]}, "outside the vocabulary"),
     ("/v1/completions", {"model": MODEL, "prompt": 42}, "'prompt' must be"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, "only n=1"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 17}, "'n' must be <= 16"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, "'n' must be >= 1"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2, "best_of": 3}, "'best_of' other than n"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": "yes"}, "'stream' must be a boolean"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "frequency_penalty": 2.5}, "'frequency_penalty' must be <= 2"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, "not supported yet"),
@@ -299,6 +301,44 @@ def test_logit_bias_and_min_tokens_over_http():
                                     extra_body={"min_tokens": 6, "stop_token_ids": [favourite]})
         assert held.usage.completion_tokens == 7 and held.choices[0].finish_reason == "stop"
         assert chr(favourite - NUM_SPECIAL) not in held.choices[0].text
+        assert wait_idle(async_engine) and blocks_in_use(async_engine) == 0
+    finally:
+        server.stop()
+
+
+def test_n_choices_sync_and_streaming():
+    """n > 1: n requests of one prompt; with a seed, choice i is what a single request seeded seed + i gives; usage
+    counts the prompt once; a stream interleaves the choices by index and ends each with its finish reason."""
+    async_engine = AsyncEngine(Engine(ToyModel(seed=3), max_num_seqs=8))
+    server = LiveServer(async_engine)
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        kw = dict(model=MODEL, prompt="ab", max_tokens=12, temperature=1.0, extra_body={"ignore_eos": True})
+        got = c.completions.create(n=3, seed=5, **kw)
+        singles = [c.completions.create(seed=5 + i, **kw) for i in range(3)]
+        assert [ch.index for ch in got.choices] == [0, 1, 2]
+        assert [ch.text for ch in got.choices] == [s.choices[0].text for s in singles]
+        assert len({ch.text for ch in got.choices}) > 1  # distinct samples
+        assert got.usage.prompt_tokens == singles[0].usage.prompt_tokens and got.usage.completion_tokens == 36
+        body = {"model": MODEL, "prompt": "ab", "max_tokens": 12, "temperature": 1.0, "ignore_eos": True, "n": 3,
+                "seed": 5, "stream": True, "stream_options": {"include_usage": True}}
+        texts, reasons, usage = {}, {}, None
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    usage = event["usage"]
+                for ch in event["choices"]:
+                    texts[ch["index"]] = texts.get(ch["index"], "") + ch["text"]
+                    if ch["finish_reason"]:
+                        reasons[ch["index"]] = ch["finish_reason"]
+        assert texts == {i: ch.text for i, ch in enumerate(got.choices)}
+        assert reasons == {0: "length", 1: "length", 2: "length"} and usage["completion_tokens"] == 36
+        chat = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                         temperature=0, n=2)
+        assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
         assert wait_idle(async_engine) and blocks_in_use(async_engine) == 0
     finally:
         server.stop()
