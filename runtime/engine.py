@@ -787,7 +787,7 @@ class Engine:
         if logits is not None and plain:  # rows without a draft: the sampler (penalties, logprobs) as before
             picked = sample(logits[first_rows[plain]], [sampled[i].params for i in plain],
                             [sampled[i].generator for i in plain], [sampled[i].output_token_ids for i in plain],
-                            self.eos_token_ids)
+                            self.eos_token_ids, [sampled[i].prompt_token_ids for i in plain])
             plain_tokens = dict(zip(plain, picked.tolist()))
         for i, (req, k) in enumerate(zip(sampled, num_spec)):
             row = int(first_rows[i])

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import numpy as np
 
 MAX_LOGIT_BIAS_ENTRIES = 1024  # OpenAI accepts at most 300; vLLM does not bound it
+MAX_REPETITION_PENALTY = 10.0
 
 
 @dataclasses.dataclass
@@ -41,6 +42,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         self.validate()
@@ -89,6 +91,9 @@ class SamplingParams:
                     raise ValueError(f"logit_bias keys must be token ids >= 0, got {token!r}")
                 if not _is_real(bias) or not math.isfinite(bias) or not -100.0 <= bias <= 100.0:
                     raise ValueError(f"logit_bias[{token}] must be a number in [-100, 100], got {bias!r}")
+        rp = self.repetition_penalty
+        if not _is_real(rp) or not math.isfinite(rp) or not 0.0 < rp <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be a number in (0, {MAX_REPETITION_PENALTY}], got {rp!r}")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if self.min_tokens > self.max_tokens:
@@ -111,7 +116,7 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool:
         """True when the sampler changes logits before picking (logit_bias, penalties, min_tokens)."""
-        return self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0
+        return self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0 or self.repetition_penalty != 1.0
 
     @property
     def needs_host_logits(self) -> bool:
@@ -143,6 +148,7 @@ def sample(
     generators: list[np.random.Generator],  # [L]
     output_tokens: list[list[int]] | None = None,  # [L] tokens generated so far (penalties, min_tokens)
     eos_token_ids: Iterable[int] = (),  # what min_tokens holds back (with each row's stop_token_ids)
+    prompt_tokens: list[list[int]] | None = None,  # [L] each row's prompt (repetition_penalty)
 ) -> np.ndarray:  # i32[L]
     """Pick one token per logit row; row i uses params[i] and draws one number from generators[i]."""
     num_rows = logits.shape[0]
@@ -153,7 +159,8 @@ def sample(
         eos = tuple(eos_token_ids)
         for row, p in enumerate(params):
             if p.adjusts_logits:
-                adjust_logits(logits[row], p, output_tokens[row] if output_tokens is not None else [], eos)
+                adjust_logits(logits[row], p, output_tokens[row] if output_tokens is not None else [], eos,
+                              prompt_tokens[row] if prompt_tokens is not None else ())
     tokens = np.argmax(logits, axis=-1).astype(np.int32)  # i32[L]  greedy; argmax picks the lowest id on ties
     for row, (p, generator) in enumerate(zip(params, generators)):
         if not p.is_greedy:
@@ -161,15 +168,19 @@ def sample(
     return tokens
 
 
-def adjust_logits(logits: np.ndarray, params: SamplingParams, generated: list[int], eos_token_ids=()) -> None:
-    """In place, in this order: logit_bias, the presence / frequency penalties, then min_tokens (EOS, unless
-    ignore_eos, and stop_token_ids to -inf while fewer than min_tokens tokens are out)."""
+def adjust_logits(logits: np.ndarray, params: SamplingParams, generated: list[int], eos_token_ids=(),
+                  prompt=()) -> None:
+    """In place, in this order: logit_bias, the repetition penalty (over the prompt and the generated tokens),
+    the presence / frequency penalties (generated tokens), then min_tokens (EOS, unless ignore_eos, and
+    stop_token_ids to -inf while fewer than min_tokens tokens are out)."""
     vocab = logits.shape[0]
     if params.logit_bias:
         ids = np.fromiter(params.logit_bias, np.int64, len(params.logit_bias))
         bias = np.fromiter(params.logit_bias.values(), np.float64, len(params.logit_bias))
         keep = ids < vocab
         logits[ids[keep]] += bias[keep].astype(logits.dtype)
+    if params.repetition_penalty != 1.0:
+        apply_repetition_penalty(logits, [*prompt, *generated], params.repetition_penalty)
     if params.has_penalties:
         apply_penalties(logits, generated, params.presence_penalty, params.frequency_penalty)
     if len(generated) < params.min_tokens:
@@ -178,6 +189,16 @@ def adjust_logits(logits: np.ndarray, params: SamplingParams, generated: list[in
         banned = [t for t in banned if 0 <= t < vocab]
         if len(banned) < vocab:  # never ban every token
             logits[banned] = -np.inf
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen, penalty: float) -> None:
+    """The CTRL / Hugging Face / vLLM repetition penalty, in place: the logit of every token in `seen` is divided
+    by `penalty` where positive and multiplied by it where negative (> 1 discourages repeats)."""
+    ids = np.unique(np.asarray(list(seen), np.int64))
+    ids = ids[(ids >= 0) & (ids < logits.shape[0])]
+    if ids.size:
+        row = logits[ids]
+        logits[ids] = np.where(row > 0, row / penalty, row * penalty).astype(logits.dtype)
 
 
 def apply_penalties(logits: np.ndarray, generated: list[int], presence: float, frequency: float) -> None:

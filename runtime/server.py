@@ -28,14 +28,17 @@ from runtime.sampler import SamplingParams
 SUPPORTED_FIELDS = {
     "completions": {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stream",
                     "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "logprobs",
-                    "ignore_eos", "stop_token_ids", "echo", "best_of", "suffix", "logit_bias", "min_tokens"},
+                    "ignore_eos", "stop_token_ids", "echo", "best_of", "suffix", "logit_bias", "min_tokens",
+                    "repetition_penalty"},
     "chat": {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
              "stop", "stream", "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "logprobs",
-             "top_logprobs", "ignore_eos", "stop_token_ids", "logit_bias", "min_tokens"},
+             "top_logprobs", "ignore_eos", "stop_token_ids", "logit_bias", "min_tokens", "repetition_penalty"},
 }
 
 
-MAX_CHOICES = 16  # the most choices (`n`) one request may ask for
+MAX_CHOICES = 16  # the most choices (`n`) per prompt
+MAX_PROMPTS = 256  # the most prompts in one completions request (OpenAI's batch form: "prompt": [...])
+MAX_TOTAL_CHOICES = 256  # prompts x n
 
 
 class RequestError(ValueError):
@@ -71,6 +74,23 @@ def _number(body, name, default, *, lo=None, hi=None, integer=False, lo_open=Fal
     return value
 
 
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                            for t in value)
+
+
+@dataclasses.dataclass
+class ParsedRequest:
+    model: str
+    prompts: list | None  # completions: each prompt a string or a list of token ids
+    messages: list | None  # chat
+    params: SamplingParams
+    stream: bool
+    usage_in_stream: bool
+    n: int  # choices per prompt
+    echo: bool  # completions: each choice's text starts with its prompt
+
+
 def _logit_bias(value: Any) -> dict[int, float] | None:
     """OpenAI's logit_bias {"token id": bias in [-100, 100]} -> {int: float}."""
     if value is None or value == {}:
@@ -90,8 +110,7 @@ def _logit_bias(value: Any) -> dict[int, float] | None:
 
 
 def parse_request(body: Any, kind: str, *, models: dict[str, int], max_prompt_chars: int):
-    """Validate an OpenAI request body against the served models (name -> max_model_len); returns
-    (model, prompt | None, messages | None, SamplingParams, stream, usage_in_stream, n)."""
+    """Validate an OpenAI request body against the served models (name -> max_model_len) -> ParsedRequest."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     unknown = sorted(set(body) - SUPPORTED_FIELDS[kind])
@@ -107,9 +126,14 @@ def parse_request(body: Any, kind: str, *, models: dict[str, int], max_prompt_ch
     n = _number(body, "n", 1, lo=1, hi=MAX_CHOICES, integer=True)
     if body.get("best_of") not in (None, n):
         raise RequestError("'best_of' other than n is not supported", param="best_of")
-    for name in ("echo", "suffix"):
-        if body.get(name) not in (None, False, {}):
-            raise RequestError(f"'{name}' is not supported yet", param=name)
+    if body.get("suffix") is not None:
+        raise RequestError("'suffix' is not supported yet", param="suffix")
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise RequestError("'echo' must be a boolean", param="echo")
+    if echo and body.get("logprobs") is not None:
+        raise RequestError("'echo' with 'logprobs' (the prompt's log-probabilities) is not supported yet",
+                           param="echo")
     if kind == "completions":
         logprobs = _number(body, "logprobs", None, lo=0, hi=20, integer=True)
     else:
@@ -122,19 +146,22 @@ def parse_request(body: Any, kind: str, *, models: dict[str, int], max_prompt_ch
         logprobs = top if wants else None
 
     prompt = messages = None
-    if kind == "completions":
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            if not prompt:
-                raise RequestError("'prompt' must not be empty", param="prompt")
-            if len(prompt) > max_prompt_chars:
-                raise RequestError(f"'prompt' is longer than {max_prompt_chars} characters", param="prompt")
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            pass
-        else:
-            raise RequestError("'prompt' must be a non-empty string or a list of token ids", param="prompt")
+    if kind == "completions":  # prompt -> a list of prompts, each a string or a list of token ids
+        raw = body.get("prompt")
+        prompt = raw if isinstance(raw, list) and raw and not _is_token_ids(raw) else [raw]
+        if len(prompt) > MAX_PROMPTS:
+            raise RequestError(f"at most {MAX_PROMPTS} prompts in one request, got {len(prompt)}", param="prompt")
+        chars = 0
+        for one in prompt:
+            if isinstance(one, str):
+                if not one:
+                    raise RequestError("'prompt' must not be empty", param="prompt")
+                chars += len(one)
+            elif not _is_token_ids(one):
+                raise RequestError("'prompt' must be a non-empty string or a list of token ids, or a list of those",
+                                   param="prompt")
+        if chars > max_prompt_chars:
+            raise RequestError(f"'prompt' is longer than {max_prompt_chars} characters", param="prompt")
     else:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -191,10 +218,11 @@ def parse_request(body: Any, kind: str, *, models: dict[str, int], max_prompt_ch
             ignore_eos=body.get("ignore_eos", False),
             logit_bias=logit_bias,
             min_tokens=_number(body, "min_tokens", 0, lo=0, integer=True),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, lo=0.0, hi=10.0, lo_open=True),
         )
     except ValueError as e:
         raise RequestError(str(e)) from None
-    return model, prompt, messages, params, stream, bool(options.get("include_usage", False)), n
+    return ParsedRequest(model, prompt, messages, params, stream, bool(options.get("include_usage", False)), n, echo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,24 +412,36 @@ def build_app(async_engine, *, model_name: str | None = None, api_key: str | Non
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return fail(400, f"the request body is not valid JSON: {e}")
         try:
-            model, prompt, messages, params, stream, usage_in_stream, n = parse_request(
-                body, kind, models=served, max_prompt_chars=max_prompt_chars)
+            req = parse_request(body, kind, models=served, max_prompt_chars=max_prompt_chars)
+            prompts = req.prompts if req.prompts is not None else [None]  # (chat: the messages, once)
+            if len(prompts) * req.n > MAX_TOTAL_CHOICES:
+                raise RequestError(f"{len(prompts)} prompts x n={req.n} is more than {MAX_TOTAL_CHOICES} choices",
+                                   param="n")
         except RequestError as e:
             return fail(e.status, str(e), e.kind, e.param, e.code)
-        handles = []  # one per choice: n requests of one prompt (the prefix cache shares its blocks)
+        model, messages, params, stream, n = req.model, req.messages, req.params, req.stream, req.n
+        # one request per choice, choice index = prompt index x n + i (OpenAI's order); n requests of one prompt
+        # share its blocks through the prefix cache
+        handles, prompt_of, echoes = [], [], []
         try:
             if router is not None and model == router.name:
-                if n != 1:
-                    raise RequestError("n > 1 is not supported for routed requests", param="n")
-                handle = await router.start(prompt, params, messages=messages, is_disconnected=request.is_disconnected)
+                if len(prompts) * n != 1:
+                    raise RequestError("several prompts or n > 1 are not supported for routed requests", param="n")
+                handle = await router.start(prompts[0], params, messages=messages,
+                                            is_disconnected=request.is_disconnected)
                 if handle is None:  # the client left while the cascade's small model answered
                     return Response(status_code=499)
                 handles.append(handle)
+                prompt_of.append(0)
             else:
-                for i in range(n):  # a seeded request gives choice i the seed + i: distinct, reproducible samples
-                    p = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
-                    request_id, queue = engines[model].add_request(prompt, p, messages=messages)
-                    handles.append(RoutedStream(None, queue, engines[model], request_id))
+                for index, prompt in enumerate(prompts):
+                    for i in range(n):  # a seeded request gives choice i the seed + i: distinct, reproducible
+                        p = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
+                        request_id, queue = engines[model].add_request(prompt, p, messages=messages)
+                        handles.append(RoutedStream(None, queue, engines[model], request_id))
+                        prompt_of.append(index)
+            for index in prompt_of:
+                echoes.append(_prompt_text(prompts[index], engines.get(model)) if req.echo else "")
         except (RequestError, QueueFullError, ValueError) as e:
             for h in handles:  # the choices already queued
                 h.abort()
@@ -417,13 +457,13 @@ def build_app(async_engine, *, model_name: str | None = None, api_key: str | Non
         answered = decision.model if decision is not None else model
         headers = {"x-llmc-route": decision.header()} if decision is not None else None
         if stream:
-            return StreamingResponse(_stream(handles, request, rid, obj, kind, usage_in_stream,
-                                             params.logprobs is not None, answered),
+            return StreamingResponse(_stream(handles, request, rid, obj, kind, req.usage_in_stream,
+                                             params.logprobs is not None, answered, prompt_of, echoes),
                                      media_type="text/event-stream", headers=headers)
-        choices, usage = [], None
+        choices, finals = [], {}
         try:
             for index, h in enumerate(handles):  # the engine runs them together; their queues hold what is done
-                text, reason, logprobs = [], None, []
+                text, reason, logprobs = [echoes[index]], None, []
                 while reason is None:
                     event = await _next_event(h.queue, request)
                     if event is None:
@@ -439,7 +479,7 @@ def build_app(async_engine, *, model_name: str | None = None, api_key: str | Non
                     return fail(500, f"the request failed: {event.error}", "server_error")
                 if h.on_finish is not None:
                     h.on_finish(event)
-                usage = _add_usage(usage, event)
+                finals[index] = event
                 body = "".join(text)
                 lp = _logprobs_json(logprobs, kind) if params.logprobs is not None else None
                 choices.append({"index": index, "text": body, "logprobs": lp, "finish_reason": reason}
@@ -451,7 +491,7 @@ def build_app(async_engine, *, model_name: str | None = None, api_key: str | Non
                 h.abort()
             raise
         out = {"id": rid, "object": obj, "created": int(time.time()), "model": answered, "choices": choices,
-               "usage": usage}
+               "usage": _total_usage(finals, prompt_of)}
         if decision is not None:
             out["route"] = decision.to_json()
         return JSONResponse(out, headers=headers)
@@ -472,13 +512,23 @@ def _usage(event) -> dict:
             "total_tokens": event.num_prompt_tokens + event.num_output_tokens}
 
 
-def _add_usage(usage: dict | None, event) -> dict:
-    """Usage over the choices of one request: the prompt counted once, the completions summed (OpenAI's)."""
-    if usage is None:
-        return _usage(event)
-    done = usage["completion_tokens"] + event.num_output_tokens
-    return {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": done,
-            "total_tokens": usage["prompt_tokens"] + done}
+def _total_usage(finals: dict, prompt_of: list[int]) -> dict:
+    """Usage over the choices of one request (their final events by choice index): each prompt counted once, the
+    completions summed (OpenAI's)."""
+    prompt_tokens = {prompt_of[i]: e.num_prompt_tokens for i, e in finals.items()}
+    done = sum(e.num_output_tokens for e in finals.values())
+    total = sum(prompt_tokens.values())
+    return {"prompt_tokens": total, "completion_tokens": done, "total_tokens": total + done}
+
+
+def _prompt_text(prompt, async_engine) -> str:
+    """What `echo` puts before a completion: the prompt string, or its token ids decoded."""
+    if isinstance(prompt, str):
+        return prompt
+    tokenizer = getattr(getattr(async_engine, "engine", None), "tokenizer", None)
+    if tokenizer is None:
+        raise RequestError("'echo' of a token-id prompt needs the model's tokenizer", param="echo")
+    return tokenizer.decode(list(prompt), skip_special_tokens=True)
 
 
 async def _next_event(queue: asyncio.Queue, request, poll_s: float = 0.5):
@@ -507,13 +557,14 @@ def _logprobs_json(entries, kind: str):
                         for t, lp, top in entries]}
 
 
-async def _stream(handles, request, rid, obj, kind, usage_in_stream, with_logprobs, model_name):
-    """Server-sent events: one chunk per step's delta of each choice (its `index`), each choice's finish reason
-    (with the route of a routed request), optionally usage, then [DONE]."""
+async def _stream(handles, request, rid, obj, kind, usage_in_stream, with_logprobs, model_name, prompt_of, echoes):
+    """Server-sent events: one chunk per step's delta of each choice (its `index`; the first one starts with the
+    echoed prompt), each choice's finish reason (with the route of a routed request), optionally usage, then
+    [DONE]."""
     created = int(time.time())
     obj = obj + ".chunk" if kind == "chat" else obj
     pending = set(range(len(handles)))  # the choices still running
-    usage = None
+    finals = {}
 
     def chunk(index, delta_text, reason, first=False, logprobs=None):
         lp = _logprobs_json(logprobs or [], kind) if with_logprobs else None
@@ -545,16 +596,18 @@ async def _stream(handles, request, rid, obj, kind, usage_in_stream, with_logpro
                 if event.finish_reason is not None and handle.on_finish is not None:
                     handle.on_finish(event)
                 if event.text or event.finish_reason is not None or i in first or event.logprobs:
-                    body = chunk(i, event.text, event.finish_reason, i in first, event.logprobs)
+                    text = echoes[i] + event.text if i in first else event.text
+                    body = chunk(i, text, event.finish_reason, i in first, event.logprobs)
                     if event.finish_reason is not None and handle.decision is not None:
                         body["route"] = handle.decision.to_json()
                     yield f"data: {json.dumps(body)}\n\n"
                     first.discard(i)
                 if event.finish_reason is not None:
                     pending.discard(i)
-                    usage = _add_usage(usage, event)
+                    finals[i] = event
         if usage_in_stream:
-            tail = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [], "usage": usage}
+            tail = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [],
+                    "usage": _total_usage(finals, prompt_of)}
             yield f"data: {json.dumps(tail)}\n\n"
         yield "data: [DONE]\n\n"
     finally:

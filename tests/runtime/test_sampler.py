@@ -262,3 +262,22 @@ def test_min_tokens_holds_back_eos_and_stop_token_ids_until_enough_tokens_are_ou
     assert sample(row, [p], [make_generator(0)], [[7, 7]], eos_token_ids=[1])[0] == 1  # two out: anything goes
     ignore = SamplingParams(temperature=0.0, min_tokens=2, ignore_eos=True)  # EOS does not stop it: not held back
     assert sample(row, [ignore], [make_generator(0)], [[]], eos_token_ids=[1])[0] == 1
+
+
+@pytest.mark.parametrize("value", [0, -1.0, 10.5, float("nan"), "2", True])
+def test_repetition_penalty_is_validated(value):
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=value)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
+    from runtime.sampler import apply_repetition_penalty
+
+    logits = np.array([2.0, -1.0, 3.0, 0.5, -2.0], np.float32)
+    apply_repetition_penalty(logits, [0, 1, 1, 4, 99], 2.0)  # 99: past the row, skipped
+    np.testing.assert_allclose(logits, [1.0, -2.0, 3.0, 0.5, -4.0])
+    row = np.array([[3.0, 2.0, 0.0]], np.float32)
+    p = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    assert sample(row, [p], [make_generator(0)], [[]], prompt_tokens=[[0]])[0] == 1  # the prompt counts
+    assert sample(row, [p], [make_generator(0)], [[0]], prompt_tokens=[[]])[0] == 1  # and the output
+    assert sample(row, [p], [make_generator(0)], [[]], prompt_tokens=[[2]])[0] == 0

@@ -109,7 +109,14 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2, "best_of": 3}, "'best_of' other than n"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": "yes"}, "'stream' must be a boolean"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "frequency_penalty": 2.5}, "'frequency_penalty' must be <= 2"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, "not supported yet"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1}, "'echo' with 'logprobs'"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": "yes"}, "'echo' must be a boolean"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "suffix": "y"}, "'suffix' is not supported"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["x", 5]}, "or a list of those"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[1], []]}, "or a list of those"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["x"] * 257}, "at most 256 prompts"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["x"] * 17, "n": 16}, "more than 256 choices"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["x", [1, 9999]]}, "outside the vocabulary"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 50}, "'logprobs' must be <= 20"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"abc": 1}}, "keys must be token ids"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 200}}, "'logit_bias' must be <= 100"),
@@ -117,6 +124,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"9999": 1}}, "outside the vocabulary"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 4, "min_tokens": 5}, "must not exceed"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "min_tokens": -1}, "'min_tokens' must be >= 0"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "repetition_penalty": 0}, "'repetition_penalty' must be > 0"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": True, "stream_options": {"include_usage": "y"}},
      "include_usage' must be a boolean"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "user": 5}, "'user' must be a string"),
@@ -344,12 +352,40 @@ def test_n_choices_sync_and_streaming():
         server.stop()
 
 
+def test_prompt_batches_and_echo(live, client):
+    """OpenAI's batch form ("prompt": [...], strings or token-id lists): choice index = prompt index x n + i, usage
+    counts each prompt once; echo puts the prompt before each choice's text, streamed or not."""
+    engine = make_engine()
+    prompts = ["Hello", "Hello there! The", [5, 6, 7]]
+    want = [engine.generate([p], SamplingParams(max_tokens=6, temperature=0.0))[0] for p in prompts]
+    got = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in got.choices] == list(range(6))
+    assert [c.text for c in got.choices] == [w.text for w in want for _ in range(2)]
+    assert got.usage.prompt_tokens == sum(len(w.prompt_token_ids) for w in want)
+    assert got.usage.completion_tokens == 2 * sum(len(w.token_ids) for w in want)
+    echoed = client.completions.create(model=MODEL, prompt=["Hello", [5, 6, 7]], max_tokens=6, temperature=0,
+                                       echo=True)
+    tok = engine.tokenizer
+    assert echoed.choices[0].text == "Hello" + want[0].text
+    assert echoed.choices[1].text == tok.decode([5, 6, 7], skip_special_tokens=True) + want[2].text
+    streamed = {}
+    for chunk in client.completions.create(model=MODEL, prompt=["Hello", "Hello there! The"], max_tokens=6,
+                                           temperature=0, echo=True, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert streamed == {0: "Hello" + want[0].text, 1: "Hello there! The" + want[1].text}
+    assert wait_idle(live.async_engine) and blocks_in_use(live.async_engine) == 0
+
+
 def test_penalties_change_greedy_repetition_in_the_engine():
     engine = Engine(ToyModel(seed=3), max_num_seqs=4)  # no script: plain random logits, greedy loops
     plain = engine.generate(["ab"], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))[0].token_ids
     penalised = engine.generate(["ab"], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True,
                                                        frequency_penalty=2.0, presence_penalty=2.0))[0].token_ids
     assert penalised != plain and len(set(penalised)) > len(set(plain))
+    repeated = engine.generate(["ab"], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True,
+                                                      repetition_penalty=10.0))[0].token_ids
+    assert repeated != plain and len(set(repeated)) > len(set(plain))
 
 
 def test_staggered_arrivals_give_the_tokens_of_each_request_alone():
