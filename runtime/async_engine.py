@@ -103,12 +103,13 @@ class AsyncEngine:
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams, *, chat: bool = False,
                     messages: list[dict] | None = None, draft: Sequence[int] | None = None,
-                    track_entropy: bool = False) -> tuple[str, asyncio.Queue]:
+                    track_entropy: bool = False, prompt_index: int = 0) -> tuple[str, asyncio.Queue]:
         """Validate and enqueue one request; returns (request id, queue of RequestEvent).
 
         Must be called from a running event loop. Raises ValueError for a bad prompt or parameters
         and QueueFullError when `max_pending` requests are already in flight. draft / track_entropy: as
-        Engine.generate's drafts / track_entropy (runtime/router.py's cascade).
+        Engine.generate's drafts / track_entropy (runtime/router.py's cascade). prompt_index: how error
+        messages number the prompt (the server's batches of prompts).
         """
         engine = self.engine
         params.validate()
@@ -118,7 +119,7 @@ class AsyncEngine:
             text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             prompt = list(engine.tokenizer.encode(text, add_special_tokens=False))
         # validates length, vocabulary, fit in the pool
-        req = engine._make_request(0, prompt, params, chat, draft=draft, track_entropy=track_entropy)
+        req = engine._make_request(prompt_index, prompt, params, chat, draft=draft, track_entropy=track_entropy)
         loop = asyncio.get_running_loop()
         tracked = _Tracked(req, asyncio.Queue(), loop)
         with self._lock:

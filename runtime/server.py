@@ -436,8 +436,9 @@ def build_app(async_engine, *, model_name: str | None = None, api_key: str | Non
             else:
                 for index, prompt in enumerate(prompts):
                     for i in range(n):  # a seeded request gives choice i the seed + i: distinct, reproducible
-                        p = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
-                        request_id, queue = engines[model].add_request(prompt, p, messages=messages)
+                        p = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                        request_id, queue = engines[model].add_request(prompt, p, messages=messages,
+                                                                       prompt_index=index)
                         handles.append(RoutedStream(None, queue, engines[model], request_id))
                         prompt_of.append(index)
             for index in prompt_of:
@@ -505,11 +506,6 @@ def build_app(async_engine, *, model_name: str | None = None, api_key: str | Non
         return await serve(request, "chat")
 
     return app
-
-
-def _usage(event) -> dict:
-    return {"prompt_tokens": event.num_prompt_tokens, "completion_tokens": event.num_output_tokens,
-            "total_tokens": event.num_prompt_tokens + event.num_output_tokens}
 
 
 def _total_usage(finals: dict, prompt_of: list[int]) -> dict:

@@ -116,7 +116,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": [[1], []]}, "or a list of those"),
     ("/v1/completions", {"model": MODEL, "prompt": ["x"] * 257}, "at most 256 prompts"),
     ("/v1/completions", {"model": MODEL, "prompt": ["x"] * 17, "n": 16}, "more than 256 choices"),
-    ("/v1/completions", {"model": MODEL, "prompt": ["x", [1, 9999]]}, "outside the vocabulary"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["x", [1, 9999]]}, "prompt 1 has token ids outside"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 50}, "'logprobs' must be <= 20"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"abc": 1}}, "keys must be token ids"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 200}}, "'logit_bias' must be <= 100"),
