@@ -25,7 +25,9 @@ class SamplingParams:
     `stop` strings end generation; the text is cut before the first one found. logit_bias {token id: bias in
     [-100, 100]} is added to those logits before the penalties (OpenAI's; -100 in effect bans a token). min_tokens:
     until that many tokens are out, EOS and stop_token_ids cannot be sampled and stop strings do not end the text
-    (vLLM's). logit_bias, the penalties, min_tokens and logprobs take the host sampler.
+    (vLLM's). repetition_penalty divides positive logits of tokens in the prompt or output by it and multiplies
+    negative ones (Hugging Face's / vLLM's; 1 = off). logit_bias, the penalties, min_tokens and logprobs take the
+    host sampler.
     """
 
     max_tokens: int = 16
@@ -115,12 +117,12 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """True when the sampler changes logits before picking (logit_bias, penalties, min_tokens)."""
+        """True when the sampler changes logits before picking (logit_bias, the three penalties, min_tokens)."""
         return self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0 or self.repetition_penalty != 1.0
 
     @property
     def needs_host_logits(self) -> bool:
-        """True when sampling needs the logits on the host (logit_bias, penalties, min_tokens, logprobs)."""
+        """True when sampling needs the logits on the host (adjusts_logits, logprobs)."""
         return self.adjusts_logits or self.logprobs is not None
 
 

@@ -527,16 +527,24 @@ def _prompt_text(prompt, async_engine) -> str:
     return tokenizer.decode(list(prompt), skip_special_tokens=True)
 
 
-async def _next_event(queue: asyncio.Queue, request, poll_s: float = 0.5):
-    """The request's next RequestEvent, or None once the client has disconnected (checked every poll_s)."""
-    get = asyncio.ensure_future(queue.get())
+async def _first_done(futures, request, poll_s: float = 0.5):
+    """The futures among `futures` that are done once any is, or None once the client has disconnected (checked
+    every poll_s)."""
     while True:
-        done, _ = await asyncio.wait({get}, timeout=poll_s)
+        done, _ = await asyncio.wait(futures, timeout=poll_s, return_when=asyncio.FIRST_COMPLETED)
         if done:
-            return get.result()
+            return done
         if await request.is_disconnected():
-            get.cancel()
             return None
+
+
+async def _next_event(queue: asyncio.Queue, request):
+    """The request's next RequestEvent, or None once the client has disconnected."""
+    get = asyncio.ensure_future(queue.get())
+    if await _first_done({get}, request) is None:
+        get.cancel()
+        return None
+    return get.result()
 
 
 def _logprobs_json(entries, kind: str):
@@ -577,11 +585,9 @@ async def _stream(handles, request, rid, obj, kind, usage_in_stream, with_logpro
         while pending:
             for i in pending - set(gets):
                 gets[i] = asyncio.ensure_future(handles[i].queue.get())
-            done, _ = await asyncio.wait(set(gets.values()), timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                if await request.is_disconnected():
-                    return  # the finally clause aborts the requests
-                continue
+            done = await _first_done(set(gets.values()), request)
+            if done is None:
+                return  # the client went away: the finally clause aborts the requests
             for i in sorted(i for i, f in gets.items() if f in done):
                 event, handle = gets.pop(i).result(), handles[i]
                 if event.finish_reason == "error":
