@@ -103,6 +103,9 @@ def main() -> None:
     ap.add_argument("--num-tokens", type=int, default=4, help="the longest draft (k)")
     ap.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--both", action="store_true", help="run each method adaptive and with a fixed draft length")
+    ap.add_argument("--spec-on-device", default="auto", choices=["auto", "off", "both"],
+                    help="n-gram: drafts, verification and the accept rule on the device where the Program can "
+                         "(Engine(spec_on_device=)); off: host drafts between synchronous steps; both: each")
     ap.add_argument("--draft-layers", type=int, default=6)
     ap.add_argument("--medusa-heads", default=None)
     ap.add_argument("--eagle-heads", default=None)
@@ -112,6 +115,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--num-blocks", type=int, default=None, help="KV blocks of each engine's pool (default: enough "
                     "for the batch)")
+    ap.add_argument("--fused-gemv-rows", type=int, default=None,
+                    help="CUDA: steps of at most this many rows run the fused norm / SwiGLU + GEMV kernels (the "
+                         "program's default otherwise)")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench_results"), "spec_decode.json"))
     args = ap.parse_args()
 
@@ -135,15 +141,29 @@ def main() -> None:
     # on the GPU), which would otherwise dominate short runs; --repeats N keeps the best of N timed runs
     warm = prompts
     base = Engine(target, speculative=False, **engine_kw)
+
+    def configure(engine):
+        if args.fused_gemv_rows is not None:
+            engine.program.fused_gemv_rows = args.fused_gemv_rows
+            engine.program.drop_decode_graphs()
+        return engine
+
+    configure(base)
     run(base, warm, params)
     rows, results = [], {}
     variants = {}  # each method with the adaptive controller and with a fixed draft length
     for name, spec in methods.items():
         for adaptive in ([True, False] if args.both else [args.adaptive]):
             label = f"{name} adaptive" if adaptive else f"{name} k={spec.num_tokens}"
-            variants[label] = spec.__class__(**{**spec.__dict__, "adaptive": adaptive})
-    for name, spec in variants.items():
-        engine = Engine(target, speculative=spec, **engine_kw)
+            spec_k = spec.__class__(**{**spec.__dict__, "adaptive": adaptive})
+            if name != "ngram" or args.spec_on_device == "auto":
+                variants[label] = (spec_k, None)
+            else:
+                if args.spec_on_device == "both":
+                    variants[label + " device"] = (spec_k, None)
+                variants[label + " host"] = (spec_k, False)
+    for name, (spec, on_device) in variants.items():
+        engine = configure(Engine(target, speculative=spec, spec_on_device=on_device, **engine_kw))
         run(engine, warm, params)  # warm-up: compiles the verification shapes, trains the controller
         engine.spec_stats.__init__(method=spec.method)
         off_rates, on_rates = [], []
@@ -157,7 +177,11 @@ def main() -> None:
         off, on = max(off_rates), max(on_rates)
         ctl = engine.draft_controller
         # the costs the controller measured (seconds): target steps by row-count bucket, proposals by draft length
-        results[name] = {"tok_s_off": off, "tok_s_on": on, "speedup": on / off, **s.to_json(), **same,
+        device = {"spec_on_device": engine.spec_on_device, "device_iterations": engine.num_device_spec_iterations,
+                  "device_bursts": engine.num_device_spec_bursts,
+                  "device_iteration_cost_s": {f"b{b}q{q}": v for (b, q), v in engine._burst_cost.items()},
+                  "device_tokens_per_s": {str(k): v for k, v in engine._burst_rate.items()}}
+        results[name] = {"tok_s_off": off, "tok_s_on": on, "speedup": on / off, **s.to_json(), **same, **device,
                          "step_cost_s": {str(k): v for k, v in sorted(ctl.step_cost.items())},
                          "draft_cost_s": {str(k): v for k, v in sorted(ctl.draft_cost.items())}}
         rows.append((name, off, on, on / off, s.acceptance_rate, s.mean_accepted_length, s.mean_draft_length,
@@ -187,6 +211,11 @@ def main() -> None:
         if cost:
             print(f"  {name}: measured step ms by rows " + ", ".join(f"{k}:{v * 1e3:.2f}" for k, v in cost.items())
                   + "; proposal ms by k " + ", ".join(f"{k}:{v * 1e3:.2f}" for k, v in r["draft_cost_s"].items()))
+        if r["device_iterations"]:
+            print(f"  {name}: {r['device_iterations']} device iterations in {r['device_bursts']} bursts; ms per "
+                  "iteration " + ", ".join(f"{k}:{v * 1e3:.3f}" for k, v in r["device_iteration_cost_s"].items())
+                  + "; tokens/s a request by batch " + ", ".join(f"{k}:{v:.0f}" for k, v in
+                                                                  r["device_tokens_per_s"].items()))
         if "per_dataset" in r:
             print(f"  {name}: " + ", ".join(f"{d} accept {v['acceptance_rate']:.2f} / mean len "
                                            f"{v['mean_accepted_length']:.2f} / speed-up {v['speedup']:.2f}x"

@@ -35,7 +35,7 @@ try:  # programmatic dependent launch (Hopper): griddepcontrol in the kernel, la
 except ImportError:  # pragma: no cover - older Triton
     gdc_launch_dependents = gdc_wait = None
 
-FUSED_MAX_M = 4  # activation rows one launch takes
+FUSED_MAX_M = 8  # activation rows one launch takes
 # NOTE: on the H100 the fused GEMV beats the unfused norm / SwiGLU kernel + cuBLAS by 1.02-1.18x at M = 1 but loses
 # at M = 2 and 4 (0.52-0.97x with each shape's best tiles: every weight tile is multiplied by each row on the CUDA
 # cores), so the CUDA backend fuses only single-row steps (lowering/backends/cuda.py, FUSED_GEMV_ROWS); BENCHMARKS.md
@@ -52,9 +52,17 @@ TILE_SIZES = {
     ("cuda", 1): [(2048, 4, 1024, 8, 3), (32768, 4, 1024, 4, 3), (1 << 62, 8, 1024, 4, 3)],
     ("cuda", 2): [(2048, 4, 512, 4, 3), (1 << 62, 8, 512, 4, 3)],
     ("cuda", 4): [(2048, 4, 256, 8, 3), (1 << 62, 8, 256, 4, 3)],
+    ("cuda", 8): [(2048, 4, 128, 8, 3), (1 << 62, 8, 128, 4, 3)],  # (scaled from M = 4, not swept)
 }
-for _bm in (1, 2, 4):
+for _bm in (1, 2, 4, 8):
     TILE_SIZES[("interpret", _bm)] = [(1 << 62, 8, 32, 4, 1)]
+
+# M > 1 rows: one program per (N tile, row), each running the one-row loop, the M programs of a tile side by side so
+# that its weights are read from memory once and from the caches after (True); or one program per N tile taking all
+# rows in [BLOCK_M, BLOCK_N, BLOCK_K] products (False).
+# NOTE: the all-rows programs ran a q = 5 verification step of SmolLM2 in 1.56 ms against 1.04 ms with the unfused
+# kernels and cuBLAS, and Llama-3.2-1B's in 3.87 ms against 1.19 ms (H200, 2026-11-29): BENCHMARKS.md.
+ROW_SPLIT = True
 
 # Programmatic dependent launch on sm_90+: each launch may start while the kernel before it in the stream (or CUDA
 # graph) finishes; its programs load their first weight tile, which no earlier kernel writes, then wait
@@ -131,14 +139,22 @@ def fused_gemv_kernel(
     ROUND_TO_ACT: tl.constexpr = False,  # round y to the activation dtype before storing it in y's (the IR's logits)
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (see USE_PDL)
     PREFETCH: tl.constexpr = False,  # one row: the first weight tile is loaded before anything else (with PDL: waited)
+    ROW_SPLIT: tl.constexpr = False,  # BLOCK_M == 1 over M rows: program pid takes row pid % M of N tile pid // M
 ):
-    """One program per BLOCK_N weight rows, all M (<= BLOCK_M) activation rows, the whole of K."""
+    """One program per BLOCK_N weight rows, all M (<= BLOCK_M) activation rows, the whole of K (ROW_SPLIT: one
+    program per BLOCK_N weight rows and activation row; the M programs of a tile run side by side and share its
+    weights through the caches)."""
     if PDL:
         gdc_launch_dependents()  # the next kernel may be scheduled once every program of this one has started
     pid = tl.program_id(0)
+    if ROW_SPLIT:
+        m0 = pid % M
+        pid = pid // M
+    else:
+        m0 = 0
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # i32[BN]
     n_mask = offs_n < N
-    offs_m = tl.arange(0, BLOCK_M)  # i32[BM]
+    offs_m = m0 + tl.arange(0, BLOCK_M)  # i32[BM]
     m_mask = offs_m < M
     act_ty = x_ptr.dtype.element_ty
     kk = tl.arange(0, BLOCK_K)  # i32[BK]
@@ -156,13 +172,18 @@ def fused_gemv_kernel(
         if PDL:
             gdc_wait()
         row0 = 0
+        o0 = 0  # the new residual's row (STORE_SUM)
+        if ROW_SPLIT:
+            row0 = m0.to(tl.int64)
+            o0 = m0.to(tl.int64) * stride_rom
         if HAS_ROWS:
-            row0 = tl.load(rows_ptr).to(tl.int64)
+            row0 = tl.load(rows_ptr + m0).to(tl.int64)
         x0 = row0 * stride_xm  # the one row's offsets (scalars)
         r0 = row0 * stride_rm
         if PREFETCH:
             k_mask = kk < K
-            a, hsq = _activation(x_ptr, r_ptr, nw_ptr, rout_ptr, x0 + kk, r0 + kk, kk, kk, k_mask, k_mask, kk < store_k,
+            a, hsq = _activation(x_ptr, r_ptr, nw_ptr, rout_ptr, x0 + kk, r0 + kk, o0 + kk, kk, k_mask, k_mask,
+                                 kk < store_k,
                                  up_offset, weight_offset, PROLOGUE, HAS_RESIDUAL, HAS_OFFSET, STORE_SUM)
             acc1 += w_first.to(tl.float32) * a[None, :]
             sumsq1 += hsq
@@ -171,7 +192,7 @@ def fused_gemv_kernel(
             offs_k = k0 + kk
             k_mask = offs_k < K
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            a, hsq = _activation(x_ptr, r_ptr, nw_ptr, rout_ptr, x0 + offs_k, r0 + offs_k, offs_k, offs_k, k_mask,
+            a, hsq = _activation(x_ptr, r_ptr, nw_ptr, rout_ptr, x0 + offs_k, r0 + offs_k, o0 + offs_k, offs_k, k_mask,
                                  k_mask, offs_k < store_k, up_offset, weight_offset, PROLOGUE, HAS_RESIDUAL,
                                  HAS_OFFSET, STORE_SUM)
             acc1 += w * a[None, :]
@@ -222,7 +243,7 @@ def _check(cond: bool, msg: str):
 
 
 def _block_m(m: int) -> int:
-    return 1 if m <= 1 else (2 if m == 2 else 4)
+    return 1 if m <= 1 else (2 if m == 2 else (4 if m <= 4 else 8))
 
 
 def _tiles(device, block_m: int, n: int) -> tuple[int, int, int, int]:
@@ -263,13 +284,14 @@ def _launch(y, x, weight, bias, rows, *, prologue: str, k: int, up_offset: int =
     m, n = y.shape
     if m == 0 or n == 0:
         return
-    block_m = _block_m(m)
+    row_split = m > 1 and ROW_SPLIT
+    block_m = 1 if row_split else _block_m(m)
     block_n, block_k, warps, stages = _tiles(x.device, block_m, n)
     has_res, store_sum = residual is not None, residual_out is not None
     pdl = pdl_enabled(x.device)
     extra = {"launch_pdl": True} if pdl else {}
     prefetch = pdl if PREFETCH_FIRST_TILE is None else PREFETCH_FIRST_TILE
-    fused_gemv_kernel[(triton.cdiv(n, block_n),)](
+    fused_gemv_kernel[(triton.cdiv(n, block_n) * (m if row_split else 1),)](
         y, x, residual if has_res else x, norm_weight if norm_weight is not None else x,
         residual_out if store_sum else (residual if has_res else x), weight, bias if bias is not None else weight,
         rows if rows is not None else y,
@@ -279,7 +301,7 @@ def _launch(y, x, weight, bias, rows, *, prologue: str, k: int, up_offset: int =
         PROLOGUE=PROLOGUES[prologue], HAS_RESIDUAL=has_res, HAS_OFFSET=weight_offset is not None,
         HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         STORE_SUM=store_sum, ROUND_TO_ACT=round_to_act, PDL=pdl, PREFETCH=prefetch and block_m == 1,
-        num_warps=warps, num_stages=stages, **extra,
+        ROW_SPLIT=row_split, num_warps=warps, num_stages=stages, **extra,
     )
 
 

@@ -14,7 +14,7 @@ from runtime.block_pool import BlockPool
 from runtime.block_pool import blocks_needed
 from runtime.kv_manager import KVCacheManager, PrefixCacheStats
 from runtime.sampler import SamplingParams, entropy, find_stop_string, make_generator, sample, token_logprobs
-from runtime.speculative import Draft
+from runtime.speculative import Draft, cost_bucket
 from runtime.step import Program, StepInput
 
 if TYPE_CHECKING:
@@ -448,6 +448,24 @@ class _Inflight:
     places: list
 
 
+@dataclasses.dataclass(eq=False)
+class _Burst:
+    """A device-speculation burst (Engine._step_device_spec): its requests (in the loop's sequence order), the
+    Program's loop, the chunks in flight and how many iterations they hold."""
+
+    reqs: list
+    q: int
+    loop: object = None
+    next_q: int = 1  # rows a sequence of the next chunk's steps (q, or 1 while n-gram matches are not found)
+    inflight: list = dataclasses.field(default_factory=list)
+    inflight_iters: int = 0
+    inflight_rows: int = 0  # the rows a sequence of those iterations (what they may add to its length)
+    stopping: bool = False
+    timed: bool = False  # a chunk was collected already (later ones are cost samples)
+    num_iters: int = 0  # iterations collected
+    mark: float = 0.0  # when the last chunk was collected (or the burst launched)
+
+
 def _arrival(req: Request) -> int:
     return req.arrival
 
@@ -557,6 +575,7 @@ class Engine:
         enable_prefix_caching: bool | None = None,
         speculative: "Speculative | bool | None" = None,
         async_scheduling: bool | None = None,
+        spec_on_device: bool | None = None,
     ):
         """program_options: extra keyword arguments for the target's Program (e.g. gpu_memory_fraction,
         cuda_graphs for target="cuda"; kv_cache_bytes for both). enable_prefix_caching: reuse the K/V of
@@ -569,7 +588,12 @@ class Engine:
         next step on the device, and a request's stop is seen one step late (that step's extra row is dropped).
         None: on where the Program supports it (CudaProgram.step_async) and nothing needs a step's tokens on the host
         before the next (no speculation, KV eviction, cascade drafts, penalties or logprobs; other steps run as
-        before); False: off."""
+        before); False: off.
+        spec_on_device: n-gram speculation at low batch (at most DEVICE_SPEC_MAX_SEQS greedy decoding requests, none
+        waiting) runs on the device: drafts, verification and the accept rule of many steps are launched without
+        waiting for the host, which reads the tokens a chunk later (Program.start_ngram_loop; _step_device_spec).
+        None: on where the Program supports it and the model speculates with method="ngram"; True: required;
+        False: off (drafts are made on the host between synchronous verification steps)."""
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -577,8 +601,9 @@ class Engine:
             raise ValueError(f"num_blocks must be an integer >= 1 or None, got {num_blocks!r}")
         config = model.config
         max_positions = config.max_position_embeddings if config is not None else None
-        if async_scheduling not in (None, True, False):
-            raise ValueError(f"async_scheduling must be True, False or None, got {async_scheduling!r}")
+        for name, value in (("async_scheduling", async_scheduling), ("spec_on_device", spec_on_device)):
+            if value not in (None, True, False):
+                raise ValueError(f"{name} must be True, False or None, got {value!r}")
         if max_model_len is not None:
             if not isinstance(max_model_len, int) or max_model_len < 2:
                 raise ValueError(f"max_model_len must be an integer >= 2 or None, got {max_model_len!r}")
@@ -643,6 +668,8 @@ class Engine:
         self._step_serial = 0
         self.num_async_steps = 0  # steps launched before their predecessor's tokens were back
         self.scheduler.on_release.append(self._drop_placeholder)
+        self._no_host_drafts = False  # this step: device speculation chose plain steps (no drafts on the host)
+        self._setup_spec_on_device(spec_on_device)
 
     def _setup_speculation(self, model, speculative, max_num_seqs: int, program_options: dict | None) -> None:
         from runtime import speculative as spec_lib
@@ -731,7 +758,7 @@ class Engine:
                 if progress is not None:
                     progress.update(len(finished))
         except BaseException:
-            self._inflight = None
+            self._inflight = self._burst = None
             self.scheduler.abort_all_requests()
             raise
         finally:
@@ -742,21 +769,34 @@ class Engine:
     # -- one step --------------------------------------------------------------------------------
 
     def _step(self, on_token=None) -> list[Request]:
-        """One engine step; returns the requests that finished. With async scheduling, a step launched while every
-        request can take its tokens late (_step_async); otherwise the in-flight step is collected first."""
-        if self.async_scheduling:
-            if self._can_launch_early() and (self.proposer is None or self._drafts_held):
-                return self._step_async(on_token)
-            decided, self._decided_k = self._decided_k, None
+        """One engine step; returns the requests that finished. A device-speculation burst while one runs or should
+        start (_step_device_spec); with async scheduling, a step launched while every request can take its tokens
+        late (_step_async); otherwise the in-flight step is collected first."""
+        if self._burst is not None:
+            return self._step_device_spec(on_token)
+        device = self._device_spec_state()
+        finished: list[Request] = []
+        if device == "burst":
             if self._inflight is not None:
                 finished = self._collect(self._inflight, on_token)
                 self._inflight = None
+            if not self.scheduler.has_unfinished_requests() or self._start_burst():
+                return finished
+            device = "plain"
+        self._no_host_drafts = device == "plain"  # the requests could burst, and plain steps beat it: no drafts
+        if self.async_scheduling:
+            if self._can_launch_early() and (self.proposer is None or self._drafts_held or self._no_host_drafts):
+                return finished + self._step_async(on_token)
+            decided, self._decided_k = self._decided_k, None
+            if self._inflight is not None:
+                finished += self._collect(self._inflight, on_token)
+                self._inflight = None
                 if not self.scheduler.has_unfinished_requests():
                     return finished
-                if self.proposer is not None:  # the drafts of the next step (async steps do not propose)
+                if self.proposer is not None and not self._no_host_drafts:  # the next step's drafts (async: none)
                     self._propose(decided)
                 return finished + self._step_sync(on_token)
-        return self._step_sync(on_token)
+        return finished + self._step_sync(on_token)
 
     def _step_sync(self, on_token=None) -> list[Request]:
         """Schedule, run the Program once, sample (or verify drafts), append; return the requests that finished."""
@@ -829,7 +869,7 @@ class Engine:
             # the whole step (scheduling, the Program, the accept rule, appending): verification rows cost host
             # time too, which the controller must weigh; proposing is measured apart
             self.draft_controller.record_step(step.num_tokens, time.perf_counter() - step_start)
-        if self.proposer is not None:
+        if self.proposer is not None and not self._no_host_drafts:
             self._propose()
         return finished
 
@@ -869,7 +909,9 @@ class Engine:
             if launched is not None and not compiled:
                 # the controller weighs drafts against plain steps as they run now: launched ahead, collected late
                 self.draft_controller.record_step(sched.num_tokens, time.perf_counter() - start)
-            if self.draft_controller.hold_off():
+            if self._no_host_drafts:  # (device speculation measures these plain steps against its bursts)
+                self.spec_stats.record_draft_length(0)
+            elif self.draft_controller.hold_off():
                 self.spec_stats.record_draft_length(0)
                 if self.proposer.needs_hidden:
                     self._hidden_next = False
@@ -943,6 +985,239 @@ class Engine:
                     self.scheduler.abort_request(req)
                 finished.append(req)
         return finished
+
+    # -- speculation on the device -----------------------------------------------------------------
+    #
+    # At low batch, n-gram speculation with a verification step that must come back to the host before the next
+    # draft loses to plain steps launched ahead (async scheduling). A Program with start_ngram_loop keeps the token
+    # histories on the device and runs draft -> verify -> accept there, so the engine launches chunks of iterations
+    # back to back and collects each chunk's emitted tokens while the next one runs. A burst lasts while the same
+    # requests decode: an arrival the scheduler could admit, an abort or a finished request ends it (the chunks in flight are collected
+    # first; a finished request's extra tokens are dropped, and the K/V they wrote lie past its end).
+
+    DEVICE_SPEC_MAX_SEQS = 8  # bursts run for at most this many decoding requests
+    DEVICE_SPEC_CHUNK = 2  # iterations a launch runs (two launches in flight)
+    DEVICE_SPEC_PROBE_EVERY = 64  # after a burst lost to plain steps, plain steps this long before trying again
+    DEVICE_SPEC_PLAIN_PROBE = 8  # plain steps run once per batch size to measure them against bursts
+    DEVICE_SPEC_MIN_ITERS = 8  # an adaptive burst runs at least this many iterations before it may stop for losing
+
+    def _setup_spec_on_device(self, spec_on_device: bool | None) -> None:
+        program = self.program
+        why_not = None
+        if self.speculative is None or self.speculative.method != "ngram":
+            why_not = "a model that does not speculate with method='ngram'"
+        elif not getattr(program, "supports_ngram_loop", False):
+            why_not = f"this Program ({type(program).__name__}: no start_ngram_loop for it)"
+        if spec_on_device and why_not:
+            raise ValueError(f"spec_on_device=True cannot run with {why_not}")
+        self.spec_on_device = why_not is None and spec_on_device is not False
+        self._burst: _Burst | None = None
+        self.num_device_spec_iterations = 0  # steps run by device bursts (verifications and plain decodes)
+        self.num_device_spec_bursts = 0
+        self._burst_rate: dict[int, float] = {}  # batch size -> tokens a request gets per second in bursts
+        self._burst_cost: dict[tuple[int, int], float] = {}  # (batch size, q) -> seconds per iteration (reported)
+        self._burst_hold = 0  # eligible steps left that run plain before a burst is tried again
+        self._plain_probed: set[int] = set()
+
+    def _device_spec_eligible(self) -> bool:
+        """Whether the running requests could run a device burst next step: a few, all greedy and decoding, with room
+        for two iterations, and no request the scheduler could admit waiting. (Host drafts are then never made.)"""
+        if not self.spec_on_device:
+            return False
+        sched = self.scheduler
+        if not sched.running or len(sched.running) > self.DEVICE_SPEC_MAX_SEQS or self._admissible():
+            return False
+        q = self.speculative.num_tokens + 1
+        for r in sched.running:
+            params = r.params
+            num_out = len(r.output_token_ids) + (r.inflight is not None)
+            if (r.num_uncomputed_tokens != 1 or r.final_pending or params.temperature != 0 or params.needs_host_logits
+                    or r.cascade_draft is not None or r.spec_token_ids or params.max_tokens - num_out < 2
+                    or len(r.token_ids) + 2 * q > self.max_model_len):
+                return False
+        return True
+
+    def _device_spec_state(self) -> str | None:
+        """"burst" when the next step should start a device burst, "plain" when the requests could burst but plain
+        steps are measured faster (no drafts at all then), None when device speculation does not apply."""
+        if not self._device_spec_eligible():
+            return None
+        if not self.draft_controller.adaptive:
+            return "burst"
+        if self._burst_hold > 0:
+            self._burst_hold -= 1
+            # the last held step: burst again, a probe (acceptance is learned only from bursts; a probe that loses
+            # stops after DEVICE_SPEC_MIN_ITERS iterations, see _collect_burst_chunk)
+            return "plain" if self._burst_hold else "burst"
+        b = len(self.scheduler.running)
+        rate = self._burst_rate.get(b)
+        if rate is None:
+            return "burst"
+        plain = self.draft_controller.step_cost.get(cost_bucket(b))
+        if plain is None:
+            if b not in self._plain_probed:  # measure plain steps at this batch size once
+                self._plain_probed.add(b)
+                self._burst_hold = self.DEVICE_SPEC_PLAIN_PROBE - 1  # (this step is the first)
+                return "plain"
+            return "burst"
+        if rate < (1.0 + self.draft_controller.GAIN_MARGIN) / plain:
+            self._burst_hold = self.DEVICE_SPEC_PROBE_EVERY - 1
+            return "plain"
+        return "burst"
+
+    def _admissible(self) -> bool:
+        """A request waits that the scheduler could admit now (a burst would keep it waiting)."""
+        sched = self.scheduler
+        return bool(sched.waiting) and len(sched.running) < self.max_num_seqs
+
+    def _start_burst(self) -> bool:
+        """Start a device burst over the running requests (all decoding, nothing in flight); False if it cannot."""
+        reqs = list(self.scheduler.running)
+        if not reqs or any(r.inflight is not None or r.num_uncomputed_tokens != 1 for r in reqs):
+            return False
+        spec = self.speculative
+        q = spec.num_tokens + 1
+        burst = _Burst(reqs=reqs, q=q, next_q=q)
+        if not self._grow_burst_blocks(burst, q):
+            return False
+        burst.loop = self.program.start_ngram_loop(
+            [r.token_ids for r in reqs], self._burst_tables(reqs), k=spec.num_tokens, ngram_min=spec.ngram_min,
+            ngram_max=spec.ngram_max, capacity=self.max_model_len + q, max_chunk=self.DEVICE_SPEC_CHUNK)
+        self._burst = burst
+        self.num_device_spec_bursts += 1
+        burst.mark = time.perf_counter()
+        self._launch_burst_chunk(burst)
+        if not burst.inflight:
+            self._burst = None
+            return False
+        return True
+
+    @staticmethod
+    def _burst_tables(reqs: list[Request]) -> np.ndarray:
+        width = max(len(r.block_ids) for r in reqs)
+        tables = np.zeros((len(reqs), width), np.int32)
+        for i, r in enumerate(reqs):
+            tables[i, : len(r.block_ids)] = r.block_ids
+        return tables
+
+    def _burst_limit(self, burst: "_Burst", rows: int) -> int:
+        """The longest a request of the burst may be once iterations of `rows` more rows a sequence (after those in
+        flight) ran."""
+        return max(len(r.token_ids) for r in burst.reqs) + burst.inflight_rows + rows
+
+    def _grow_burst_blocks(self, burst: "_Burst", rows: int) -> bool:
+        """Blocks for every K/V slot iterations of `rows` more rows may write; False when the pool is short."""
+        kv = self.scheduler.kv
+        for r in burst.reqs:
+            need = len(r.token_ids) + burst.inflight_rows + rows - 1
+            if not kv.allocate_for(r, 0, max(0, need - r.num_computed_tokens)):
+                return False
+        return True
+
+    def _launch_burst_chunk(self, burst: "_Burst") -> None:
+        """Launch up to DEVICE_SPEC_CHUNK more iterations of burst.next_q rows, as far as lengths, max_tokens and
+        blocks allow; none: the burst stops."""
+        q, n = burst.next_q, 0
+        for _ in range(self.DEVICE_SPEC_CHUNK):
+            if self._burst_limit(burst, q * (n + 1)) + burst.q > self.max_model_len + 1:
+                break
+            # an iteration emits at least one token: no more are needed once every in-flight one could end a request
+            if any(len(r.output_token_ids) + burst.inflight_iters + n >= r.params.max_tokens for r in burst.reqs):
+                break
+            blocks = [len(r.block_ids) for r in burst.reqs]
+            if not self._grow_burst_blocks(burst, q * (n + 1)):
+                break
+            if [len(r.block_ids) for r in burst.reqs] != blocks:
+                burst.loop.set_block_tables(self._burst_tables(burst.reqs))
+            n += 1
+        if n == 0:
+            burst.stopping = True
+            return
+        burst.inflight.append(burst.loop.launch(n, self._burst_limit(burst, q * n), q))
+        burst.inflight_iters += n
+        burst.inflight_rows += q * n
+
+    def _step_device_spec(self, on_token=None) -> list[Request]:
+        """One engine step of a device burst: launch the next chunk (unless the burst is ending), collect the oldest
+        one in flight; once it ends, collect the rest and hand the requests back to the scheduler."""
+        burst = self._burst
+        try:
+            if self._admissible() or any(r.status is not RequestStatus.RUNNING for r in burst.reqs):
+                burst.stopping = True
+            if not burst.stopping:
+                self._launch_burst_chunk(burst)
+            finished = self._collect_burst_chunk(burst, on_token) if burst.inflight else []
+            while burst.stopping and burst.inflight:
+                finished += self._collect_burst_chunk(burst, on_token)
+        except BaseException:
+            self._burst = None
+            raise
+        if not burst.inflight:
+            self._burst = None
+        return finished
+
+    def _collect_burst_chunk(self, burst: "_Burst", on_token=None) -> list[Request]:
+        """Wait for the oldest chunk in flight; append each iteration's tokens, check stops, count acceptance, and
+        pick the next chunk's rows: a draft's k + 1 while the last iteration found n-gram matches, else 1."""
+        pending = burst.inflight.pop(0)
+        res = pending.result()
+        num_iters, q = res.counts.shape[0], res.q
+        burst.inflight_iters -= num_iters
+        burst.inflight_rows -= q * num_iters
+        now = time.perf_counter()
+        b = len(burst.reqs)
+        if burst.timed:  # (the first chunk may hold a CUDA graph capture or a compile)
+            seconds = now - burst.mark
+            self._update_estimate(self._burst_cost, (b, q), seconds / num_iters)
+            self._update_estimate(self._burst_rate, b, float(res.counts.sum()) / b / max(seconds, 1e-9))
+        burst.timed, burst.mark = True, now
+        burst.num_iters += num_iters
+        stats, ctl = self.spec_stats, self.draft_controller
+        finished = []
+        for it in range(num_iters):
+            self.num_steps += 1
+            self.num_device_spec_iterations += 1
+            stats.record_draft_length(q - 1)
+            for i, req in enumerate(burst.reqs):
+                if req.status is not RequestStatus.RUNNING:
+                    continue
+                count, real = int(res.counts[it, i]), min(int(res.real[it, i]), q - 1)
+                if real > 0:
+                    accepted = min(count - 1, real)
+                    stats.num_verifications += 1
+                    stats.num_draft_tokens += real
+                    stats.num_accepted_tokens += accepted
+                    stats.num_emitted_tokens += accepted + 1
+                    ctl.record_acceptance(req, real, accepted)
+                for token in res.tokens[it, i, :count].tolist():
+                    self._append_token(req, token)
+                    if on_token is not None:
+                        on_token(req.request_id, token)
+                    if req.finish_reason is not None:
+                        break
+                req.num_computed_tokens = len(req.token_ids) - 1
+                if req.finish_reason is not None:
+                    self.scheduler.finish_request(req)
+                    finished.append(req)
+                    burst.stopping = True
+        for req in burst.reqs:
+            if req.status is RequestStatus.RUNNING:
+                self.scheduler.kv.cache_full_blocks(req)
+        burst.next_q = burst.q if (res.real[-1] > 0).any() else 1
+        if self.draft_controller.adaptive and not burst.stopping and burst.num_iters >= self.DEVICE_SPEC_MIN_ITERS:
+            # a burst that gets fewer tokens a second than plain steps do stops, and bursts are held off a while
+            rate = self._burst_rate.get(b)
+            plain = self.draft_controller.step_cost.get(cost_bucket(b))
+            if rate is not None and plain is not None and rate < 1.0 / plain:
+                burst.stopping = True
+                self._burst_hold = self.DEVICE_SPEC_PROBE_EVERY
+        return finished
+
+    def _update_estimate(self, table: dict, key, value: float) -> None:
+        old = table.get(key)
+        decay = self.draft_controller.DECAY
+        table[key] = value if old is None else decay * old + (1 - decay) * min(value, 4.0 * old)
+
 
     def _drop_placeholder(self, req: Request) -> None:
         """on_release: a request that finished (or was aborted) with a token in flight ends at its known tokens."""
@@ -1080,6 +1355,8 @@ class Engine:
         """Draft for the requests the next step decodes; the draft length comes from the controller (decided: the
         length it chose during an async step, before the tokens then in flight were known)."""
         ctl = self.draft_controller
+        if self._device_spec_eligible():  # the next step bursts on the device, or runs plain steps measured faster
+            return
         if decided is None:
             self._drafts_held = False
             if ctl.hold_off():

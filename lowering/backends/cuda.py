@@ -259,6 +259,7 @@ class CudaProgram:
         self._async_slot = 0
         self.num_graph_replays = 0
         self.num_eager_steps = 0
+        self._ngram_buffers: dict = {}  # start_ngram_loop's chunk buffers, by (sequences, q, chunk)
         # ragged steps (prefill, mixed, ragged verification) of at most PIECEWISE_TOKEN_BUCKETS[-1] rows replay
         # piecewise CUDA graphs: everything but attention captured per token bucket (lowering/backends/
         # cuda_piecewise.py); off: they run eagerly (ablations, tests)
@@ -464,6 +465,29 @@ class CudaProgram:
             event.record(torch.cuda.current_stream(self.device))
         self._async_generation[slot] += 1
         return PendingTokens(self, slot, self._async_generation[slot], n, event)
+
+    # -- speculation on the device: n-gram drafts, verification and the accept rule without the host --------
+
+    @property
+    def supports_ngram_loop(self) -> bool:
+        """start_ngram_loop is usable (lowering/backends/cuda_spec.py: not with tensor parallelism, KV eviction or
+        sliding-window KV)."""
+        from lowering.backends.cuda_spec import ngram_loop_unsupported
+
+        return ngram_loop_unsupported(self) is None
+
+    def start_ngram_loop(self, histories, block_tables, *, k: int, ngram_min: int = 1, ngram_max: int = 4,
+                         capacity: int | None = None, max_chunk: int = 8):
+        """Device-side n-gram speculation for these decoding sequences (their tokens so far; block tables i32[S, w]):
+        -> a lowering.backends.cuda_spec.NgramLoop whose launch(n, max_seq_len) runs n draft / verify / accept
+        iterations without waiting for the host. capacity: the longest history it may hold (default: the block
+        tables' reach plus k + 1). No other step may run on this program while a loop's iterations are in flight."""
+        from lowering.backends.cuda_spec import NgramLoop
+
+        if capacity is None:
+            capacity = self.max_blocks_per_seq * self.block_size + k + 1
+        return NgramLoop(self, histories, block_tables, k=k, ngram_min=ngram_min, ngram_max=ngram_max,
+                         capacity=capacity, max_chunk=max_chunk)
 
     def _launch_async(self, inp, feed: np.ndarray | None, host: dict | None) -> int:
         """step_async's device work: run the step with its checked feed, pick its tokens (greedy, or sampled with the
@@ -700,19 +724,21 @@ class CudaProgram:
         has no CUDA graph yet, so running it would capture one (tens to hundreds of milliseconds)."""
         if not (self.cuda_graphs and 1 <= rows_per_seq <= MAX_GRAPH_QUERY and num_seqs <= self.graph_batch_buckets[-1]):
             return False
+        return self.graph_key(num_seqs, rows_per_seq, max_seq_len) not in self._graphs
+
+    def graph_key(self, num_seqs: int, q: int, max_seq_len: int) -> tuple[int, int, int]:
+        """(batch bucket, q, context bucket): the CUDA graph a uniform step of num_seqs sequences of q rows, the
+        longest max_seq_len tokens after it, replays."""
         b = next(x for x in self.graph_batch_buckets if x >= num_seqs)
         ctx_bucket = min(_bucket_pow2(int(max_seq_len), MIN_CONTEXT_BUCKET),
                          _bucket_pow2(self.max_blocks_per_seq * self.block_size))
-        return (b, rows_per_seq, ctx_bucket) not in self._graphs
+        return b, q, ctx_bucket
 
     def _replay(self, inp, q: int = 1, feed: np.ndarray | None = None):
         """Replay the graph of this uniform step's (batch bucket, q, context bucket); -> logits, tokens, extra outputs.
         feed: step_async's token feed, applied on the device between the input copy and the replay."""
-        s = inp.num_seqs
-        b = next(x for x in self.graph_batch_buckets if x >= s)
-        ctx_bucket = min(_bucket_pow2(int(inp.seq_lens.max()), MIN_CONTEXT_BUCKET),
-                         _bucket_pow2(self.max_blocks_per_seq * self.block_size))
-        key = (b, q, ctx_bucket)
+        key = self.graph_key(inp.num_seqs, q, int(inp.seq_lens.max()))
+        b, _, ctx_bucket = key
         self.last_step_compiled = key not in self._graphs  # a capture (and its warm-up runs): not a step's cost
         if self.last_step_compiled:
             self._capture(b, ctx_bucket, q)

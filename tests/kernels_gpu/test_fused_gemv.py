@@ -5,8 +5,9 @@ import torch
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-5}  # relative (Frobenius) error
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-# (M, N, K): one to four rows; N and K multiples of no tile (the interpreter's tiles are 8 x 32)
-SHAPES = [(1, 37, 100), (2, 64, 96), (3, 13, 257), (4, 40, 64)]
+# (M, N, K): one to eight rows (a verification step's k + 1); N and K multiples of no tile (the interpreter's tiles are
+# 8 x 32)
+SHAPES = [(1, 37, 100), (2, 64, 96), (3, 13, 257), (4, 40, 64), (5, 24, 70), (8, 19, 33)]
 
 
 def rel_err(out, ref):
@@ -178,3 +179,27 @@ def test_one_row_with_and_without_the_first_tile_prefetched(kernel_module, devic
     gate_up = torch.randn(1, 2 * k, generator=gen).to(device)
     assert rel_err(fg.act_gemv(gate_up, w, b), fg.ref_act_gemv(gate_up, w, b)) < TOL[torch.float32]
     assert rel_err(fg.gemv(x, w, rows=rows), fg.ref_gemv(x, w, rows=rows)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("m", [2, 3, 5, 8])
+@pytest.mark.parametrize("row_split", [True, False], ids=["row-split", "all-rows"])
+def test_multi_row_paths_match_reference(kernel_module, device, monkeypatch, m, row_split):
+    """Both ways of running M > 1 rows (one program per row, or all rows in one program) give the reference's
+    norm + GEMV with the new residual of every row, and SwiGLU + GEMV, for rows taken out of order."""
+    fg = kernel_module("fused_gemv")
+    monkeypatch.setattr(fg, "ROW_SPLIT", row_split)
+    dtype = torch.float32
+    x, w, b = make(m, 45, 70, dtype, device, seed=m, bias=True)
+    gen = torch.Generator().manual_seed(m)
+    residual = torch.randn(m, 70, generator=gen).to(dtype).to(device)
+    norm_w = (1 + 0.3 * torch.randn(70, generator=gen)).to(dtype).to(device)
+    y, new_residual = fg.norm_gemv(x, residual, norm_w, 1e-5, w, b)
+    want, want_residual = fg.ref_norm_gemv(x, residual, norm_w, 1e-5, w, b)
+    assert rel_err(y, want) < TOL[dtype]
+    torch.testing.assert_close(new_residual.double(), want_residual.double(), atol=TOL[dtype], rtol=TOL[dtype])
+    gu = (torch.randn(m, 2 * 70, generator=gen) * 2).to(dtype).to(device)
+    assert rel_err(fg.act_gemv(gu, w, b, act="silu"), fg.ref_act_gemv(gu, w, b, act="silu")) < TOL[dtype]
+    xs = torch.randn(m + 3, 70, generator=gen).to(dtype).to(device)
+    rows = torch.randperm(m + 3, generator=gen)[:m].to(torch.int32).to(device)
+    want3 = xs.double()[rows.long()] @ w.double().T + b.double()
+    assert rel_err(fg.gemv(xs, w, b, rows=rows), want3) < TOL[dtype]

@@ -19,11 +19,17 @@ def make_prompts(lengths=(1, 7, 16, 17, 33, 4, 2, 9), seed=0):
     return [rng.integers(NUM_SPECIAL, 259, size=n).tolist() for n in lengths]
 
 
-def run(async_scheduling, prompts, params, *, model_kwargs=None, **engine_kwargs):
-    engine = Engine(AsyncToyModel(**(model_kwargs or {})), async_scheduling=async_scheduling, **engine_kwargs)
+def run_engine(model, prompts, params, **engine_kwargs):
+    """-> (engine, [(token_ids, text, finish_reason)] per prompt, the (request id, token) callbacks in order)."""
+    engine = Engine(model, **engine_kwargs)
     streamed = []
     outs = engine.generate(prompts, params, on_token=lambda rid, tok: streamed.append((rid, tok)))
     return engine, [(o.token_ids, o.text, o.finish_reason) for o in outs], streamed
+
+
+def run(async_scheduling, prompts, params, *, model_kwargs=None, **engine_kwargs):
+    return run_engine(AsyncToyModel(**(model_kwargs or {})), prompts, params, async_scheduling=async_scheduling,
+                      **engine_kwargs)
 
 
 def per_request(stream):

@@ -209,9 +209,11 @@ class ToyModel:
         self.seed = seed
         self.programs: list[ToyProgram] = []
 
+    program_class = ToyProgram  # what make_program builds (subclasses: programs with more of CudaProgram's interface)
+
     def make_program(self, *, num_blocks: int | None = None, max_num_seqs: int = 64, max_model_len: int | None = None):
         max_len = max_model_len or self.max_model_len
-        program = ToyProgram(
+        program = self.program_class(
             vocab_size=BYTE_VOCAB_SIZE,
             block_size=self.block_size,
             num_blocks=num_blocks or self.default_num_blocks,
@@ -302,10 +304,97 @@ class AsyncToyProgram(ToyProgram):
 class AsyncToyModel(ToyModel):
     """ToyModel whose programs are AsyncToyPrograms."""
 
-    def make_program(self, *, num_blocks: int | None = None, max_num_seqs: int = 64, max_model_len: int | None = None):
-        max_len = max_model_len or self.max_model_len
-        program = AsyncToyProgram(
-            vocab_size=BYTE_VOCAB_SIZE, block_size=self.block_size, num_blocks=num_blocks or self.default_num_blocks,
-            max_blocks_per_seq=-(-max_len // self.block_size), seed=self.seed, script=self.script)
-        self.programs.append(program)
-        return program
+    program_class = AsyncToyProgram
+
+
+class _ToyChunk:
+    def __init__(self, loop: "ToyNgramLoop", buffer: int, generation: int, result):
+        self._loop, self._buffer, self._generation, self._result = loop, buffer, generation, result
+        self.num_iters = result.counts.shape[0]
+
+    def result(self):
+        if self._loop.generation[self._buffer] != self._generation:
+            raise AssertionError("a chunk was read after two later chunks were launched")
+        return self._result
+
+
+class ToyNgramLoop:
+    """CudaProgram.start_ngram_loop's contract on the toy model: each iteration drafts by
+    kernels_gpu.spec_ngram's reference rule from the history it holds, runs the uniform verification step through
+    the NaN-paged pool (a slot outside the blocks given, or a bound the engine got wrong, fails) and accepts greedily;
+    launch runs its iterations at once (a GPU stream's order) and a chunk read after two later launches fails."""
+
+    def __init__(self, program, histories, block_tables, *, k, ngram_min, ngram_max, capacity, max_chunk):
+        self.program, self.k, self.q = program, k, k + 1
+        self.ngram_min, self.ngram_max, self.capacity, self.max_chunk = ngram_min, ngram_max, capacity, max_chunk
+        self.hist = [list(map(int, h)) for h in histories]
+        self.generation, self.buffer = [0, 0], 0
+        self.set_block_tables(block_tables)
+
+    def set_block_tables(self, block_tables) -> None:
+        tables = np.asarray(block_tables, np.int32)
+        assert tables.shape[0] == len(self.hist) and tables.shape[1] <= self.program.max_blocks_per_seq
+        self.tables = np.zeros((len(self.hist), self.program.max_blocks_per_seq), np.int32)
+        self.tables[:, : tables.shape[1]] = tables
+        self.width = tables.shape[1]
+
+    def launch(self, num_iters: int, max_seq_len: int, q: int | None = None):
+        from kernels_gpu.spec_ngram import ref_accept_greedy, ref_ngram_propose
+        from lowering.backends.cuda_spec import ChunkResult
+
+        assert 1 <= num_iters <= self.max_chunk
+        s, q = len(self.hist), self.q if q is None else q
+        assert 1 <= q <= self.q
+        self.program.launched_q.append(q)
+        tokens = np.zeros((num_iters, s, self.q), np.int32)
+        counts = np.zeros((num_iters, s), np.int32)
+        real = np.zeros((num_iters, s), np.int32)
+        for it in range(num_iters):
+            n = np.array([len(h) for h in self.hist], np.int32)
+            assert int(n.max()) - 1 + q <= max_seq_len <= self.capacity - 1, "launch's max_seq_len bound is wrong"
+            assert int(n.max()) - 1 + q <= self.width * self.program.block_size, "the block tables are too short"
+            hist = np.zeros((s, int(n.max())), np.int32)
+            for i, h in enumerate(self.hist):
+                hist[i, : len(h)] = h
+            rows = ref_ngram_propose(hist, n, self.tables, q=q, block_size=self.program.block_size,
+                                     ngram_min=self.ngram_min, ngram_max=self.ngram_max, max_draft=self.k)
+            inp = StepInput(token_ids=rows["token_ids"], positions=rows["positions"],
+                            slot_mapping=rows["slot_mapping"], query_start=np.arange(s + 1, dtype=np.int32) * q,
+                            seq_lens=rows["seq_lens"], block_tables=self.tables,
+                            logit_rows=np.arange(s * q, dtype=np.int32))
+            targets = self.program.step_greedy(inp)
+            for i in range(s):
+                a = ref_accept_greedy(targets[i * q:(i + 1) * q], rows["token_ids"][i * q + 1:(i + 1) * q])
+                self.hist[i] += targets[i * q: i * q + a + 1].tolist()
+                tokens[it, i, :q] = targets[i * q:(i + 1) * q]
+                counts[it, i], real[it, i] = a + 1, rows["real"][i]
+        buf = self.buffer
+        self.buffer ^= 1
+        self.generation[buf] += 1
+        self.program.num_loop_iterations += num_iters
+        return _ToyChunk(self, buf, self.generation[buf], ChunkResult(tokens, counts, real, q))
+
+
+class SpecToyProgram(AsyncToyProgram):
+    """AsyncToyProgram with CudaProgram's device-side n-gram loop (start_ngram_loop, ToyNgramLoop)."""
+
+    supports_ngram_loop = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.num_loop_iterations = 0
+        self.loops: list[ToyNgramLoop] = []
+        self.launched_q: list[int] = []  # each launch's rows a sequence
+
+    def start_ngram_loop(self, histories, block_tables, *, k, ngram_min=1, ngram_max=4, capacity=None, max_chunk=8):
+        loop = ToyNgramLoop(self, histories, block_tables, k=k, ngram_min=ngram_min, ngram_max=ngram_max,
+                            capacity=capacity or self.max_blocks_per_seq * self.block_size + k + 1,
+                            max_chunk=max_chunk)
+        self.loops.append(loop)
+        return loop
+
+
+class SpecToyModel(ToyModel):
+    """ToyModel whose programs are SpecToyPrograms."""
+
+    program_class = SpecToyProgram

@@ -147,3 +147,46 @@ def test_torch_eagle_graph_replay_matches_eager(models, tmp_path):
                 r.token_ids = list(s[:n + 1])
                 p.observe([StepRows(r, n - 1, s[n - 1:n], f[n - 1:n], 1, int(s[n]))])
     assert props[0]._backend.graphs
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_device_ngram_loop_engine_matches_plain_engine(models, k):
+    """n-gram speculation run on the device (CudaProgram.start_ngram_loop: propose and accept kernels around the
+    verification step; CUDA graphs on a GPU, the eager plan here): greedy tokens equal the engine without
+    speculation for a ragged batch with mixed max_tokens, and every block comes back."""
+    cfg, _, cuda_cm = models
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10, 11, 9, 10], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (20, 9, 14)]
+    opts = {"device": DEVICE, "cuda_graphs": HAS_GPU}
+    base = Engine(cuda_cm, num_blocks=40, program_options=opts, speculative=False).generate(prompts, params)
+    engine = Engine(cuda_cm, num_blocks=40, program_options=opts,
+                    speculative=Speculative("ngram", num_tokens=k, adaptive=False))
+    assert engine.spec_on_device
+    outs = engine.generate(prompts, params)
+    assert engine.num_device_spec_iterations > 0 and engine.spec_stats.num_verifications > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in base]
+    assert engine.scheduler.allocator.num_free == engine.program.num_blocks
+
+
+def test_ngram_loop_checks_its_arguments(models):
+    _, _, cuda_cm = models
+    prog = cuda_cm.make_program(num_blocks=16, device=DEVICE, cuda_graphs=False)
+    tables = np.arange(4, dtype=np.int32)[None]
+    assert prog.supports_ngram_loop
+    with pytest.raises(ValueError, match="k must be in"):
+        prog.start_ngram_loop([[1, 2, 3]], tables, k=20)
+    with pytest.raises(ValueError, match="do not fit a capacity"):
+        prog.start_ngram_loop([[1, 2, 3]], tables, k=3, capacity=5)
+    with pytest.raises(ValueError, match="a block outside"):
+        prog.start_ngram_loop([[1, 2, 3]], tables + 100, k=3)
+    loop = prog.start_ngram_loop([[1, 2, 3, 1, 2]], tables, k=3, max_chunk=2)
+    with pytest.raises(ValueError, match="1 to 2 iterations"):
+        loop.launch(3, 16)
+    with pytest.raises(ValueError, match="past the loop's capacity"):
+        loop.launch(1, 10_000)
+    res = loop.launch(2, 5 + 2 * 4).result()
+    assert res.tokens.shape == (2, 1, 4) and res.counts.shape == (2, 1) and (res.counts >= 1).all() and res.q == 4
+    with pytest.raises(ValueError, match="q must be in"):
+        loop.launch(1, 20, q=5)
+    plain = loop.launch(2, 5 + 2 * 4 + 2, q=1).result()  # plain decode steps: one token each
+    assert plain.q == 1 and (plain.counts == 1).all()
