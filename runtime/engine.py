@@ -589,8 +589,8 @@ class Engine:
         None: on where the Program supports it (CudaProgram.step_async) and nothing needs a step's tokens on the host
         before the next (no speculation, KV eviction, cascade drafts, penalties or logprobs; other steps run as
         before); False: off.
-        spec_on_device: n-gram speculation at low batch (at most DEVICE_SPEC_MAX_SEQS greedy decoding requests, none
-        waiting) runs on the device: drafts, verification and the accept rule of many steps are launched without
+        spec_on_device: n-gram speculation at low batch (at most DEVICE_SPEC_MAX_SEQS greedy decoding requests, by
+        default one, none waiting) runs on the device: drafts, verification and the accept rule of many steps are launched without
         waiting for the host, which reads the tokens a chunk later (Program.start_ngram_loop; _step_device_spec).
         None: on where the Program supports it and the model speculates with method="ngram"; True: required;
         False: off (drafts are made on the host between synchronous verification steps)."""
@@ -995,7 +995,11 @@ class Engine:
     # requests decode: an arrival the scheduler could admit, an abort or a finished request ends it (the chunks in flight are collected
     # first; a finished request's extra tokens are dropped, and the K/V they wrote lie past its end).
 
-    DEVICE_SPEC_MAX_SEQS = 8  # bursts run for at most this many decoding requests
+    # bursts run for at most this many decoding requests
+    # NOTE: at batch 8 (SmolLM2, H200) bursts ran 0.43x of plain steps against 0.94x for host drafts: requests finish
+    # at different steps, each finish ends a burst, and the next one, with fewer requests, often needs a new CUDA
+    # graph (batch bucket, q, context); at batch 1 they ran 0.95-1.07x (BENCHMARKS.md, twenty-second session)
+    DEVICE_SPEC_MAX_SEQS = 1
     DEVICE_SPEC_CHUNK = 2  # iterations a launch runs (two launches in flight)
     DEVICE_SPEC_PROBE_EVERY = 64  # after a burst lost to plain steps, plain steps this long before trying again
     DEVICE_SPEC_PLAIN_PROBE = 8  # plain steps run once per batch size to measure them against bursts
@@ -1177,6 +1181,7 @@ class Engine:
         for it in range(num_iters):
             self.num_steps += 1
             self.num_device_spec_iterations += 1
+            stats.num_device_steps += 1
             stats.record_draft_length(q - 1)
             for i, req in enumerate(burst.reqs):
                 if req.status is not RequestStatus.RUNNING:

@@ -263,6 +263,8 @@ class Metrics:
             "spec_mean_draft_len": ("llmc_spec_mean_draft_length", "Speculative decoding: mean chosen draft length"),
             "spec_draft_tokens": ("llmc_spec_draft_tokens_total", "Speculative decoding: drafted tokens verified"),
             "spec_accepted_tokens": ("llmc_spec_accepted_tokens_total", "Speculative decoding: accepted tokens"),
+            "spec_device_steps": ("llmc_spec_device_steps_total", "Speculative decoding: steps run on the device "
+                                  "(drafting, verification and the accept rule without the host)"),
         }
         for attr, (name, doc) in gauges.items():
             setattr(self, attr, Gauge(name, doc, m, registry=reg))
@@ -333,6 +335,7 @@ class Metrics:
             self.spec_mean_draft_len.labels(name).set(sp["mean_draft_length"])
             self.spec_draft_tokens.labels(name).set(sp["num_draft_tokens"])
             self.spec_accepted_tokens.labels(name).set(sp["num_accepted_tokens"])
+            self.spec_device_steps.labels(name).set(sp["num_device_steps"])
         sched = async_engine.engine.scheduler
         queries = getattr(sched, "prefix_cache_queries", 0)
         if queries:

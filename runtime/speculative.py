@@ -544,6 +544,7 @@ class SpecStats:
     num_accepted_tokens: int = 0
     num_emitted_tokens: int = 0  # tokens those verifications emitted (accepted + one each)
     num_steps: int = 0  # engine steps with decoding requests
+    num_device_steps: int = 0  # of those, steps run on the device by bursts (Engine(spec_on_device=...))
     draft_length_steps: dict[int, int] = dataclasses.field(default_factory=dict)  # chosen k -> steps
     last_draft_length: int = 0
 
@@ -573,7 +574,7 @@ class SpecStats:
                 "num_draft_tokens": self.num_draft_tokens, "num_accepted_tokens": self.num_accepted_tokens,
                 "num_emitted_tokens": self.num_emitted_tokens, "acceptance_rate": self.acceptance_rate,
                 "mean_accepted_length": self.mean_accepted_length, "mean_draft_length": self.mean_draft_length,
-                "last_draft_length": self.last_draft_length,
+                "last_draft_length": self.last_draft_length, "num_device_steps": self.num_device_steps,
                 "draft_length_steps": {str(k): v for k, v in sorted(self.draft_length_steps.items())}}
 
 

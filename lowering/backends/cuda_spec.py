@@ -121,7 +121,8 @@ class NgramLoop:
             host = [tuple(torch.zeros(t.shape, dtype=torch.int32, pin_memory=self._cuda).reshape(max_chunk, -1)
                           for t in r) for r in ring]
             cached = (ring, host, [])
-        program._ngram_buffers.clear()  # (one shape at a time: an older loop's buffers are not read any more)
+        if len(program._ngram_buffers) >= 8:  # a few shapes kept (an older loop's buffers are not read any more)
+            program._ngram_buffers.pop(next(iter(program._ngram_buffers)))
         program._ngram_buffers[key] = cached
         self._ring, self._host, self._stages = cached
         self._generation = [0, 0]

@@ -18,6 +18,12 @@ from tests.runtime.toy_program import NUM_SPECIAL, AsyncToyModel, SpecToyModel, 
 SCRIPT = "the cat sat on the mat. the cat sat on the hat. the dog sat on the cat. the end"
 
 
+@pytest.fixture
+def multi_seq(monkeypatch):
+    """Bursts over several requests (the engine's default takes one: DEVICE_SPEC_MAX_SEQS)."""
+    monkeypatch.setattr(Engine, "DEVICE_SPEC_MAX_SEQS", 8)
+
+
 def ngram(k=3, adaptive=False, **kw):
     return Speculative("ngram", num_tokens=k, adaptive=adaptive, **kw)
 
@@ -47,6 +53,8 @@ def test_one_request_runs_on_the_device_and_equals_the_plain_engine():
     engine = same_as_plain(repetitive_prompts((12,)), SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
     assert engine.spec_on_device and engine.num_device_spec_bursts == 1
     assert engine.program.num_loop_iterations == engine.num_device_spec_iterations > 0
+    assert engine.spec_stats.num_device_steps == engine.num_device_spec_iterations
+    assert engine.spec_stats.to_json()["num_device_steps"] == engine.num_device_spec_iterations
     stats = engine.spec_stats
     assert stats.num_verifications > 0 and stats.num_accepted_tokens <= stats.num_draft_tokens
     # each iteration emits one to k + 1 tokens; the prefill step emitted the first
@@ -56,7 +64,7 @@ def test_one_request_runs_on_the_device_and_equals_the_plain_engine():
 
 
 @pytest.mark.parametrize("block_size,budget", [(16, 512), (4, 7)])
-def test_ragged_batch_with_chunked_prefill_and_mixed_max_tokens(block_size, budget):
+def test_ragged_batch_with_chunked_prefill_and_mixed_max_tokens(multi_seq, block_size, budget):
     prompts = repetitive_prompts()
     params = [SamplingParams(max_tokens=5 + 9 * i, temperature=0.0, ignore_eos=True) for i in range(len(prompts))]
     engine = same_as_plain(prompts, params, model_kwargs={"block_size": block_size}, num_blocks=200,
@@ -66,7 +74,7 @@ def test_ragged_batch_with_chunked_prefill_and_mixed_max_tokens(block_size, budg
 
 
 @pytest.mark.parametrize("stop", [None, "cat", ["mat.", "zz"]])
-def test_eos_and_stop_strings_mid_chunk(stop):
+def test_eos_and_stop_strings_mid_chunk(multi_seq, stop):
     prompts = ["the cat sat", "the", "the dog sat on"]
     engine = same_as_plain(prompts, SamplingParams(max_tokens=200, temperature=0.0, stop=stop),
                            model_kwargs={"script_text": SCRIPT}, spec=ngram(k=4))
@@ -74,14 +82,14 @@ def test_eos_and_stop_strings_mid_chunk(stop):
     assert engine.spec_stats.num_accepted_tokens > 0  # the script repeats its phrases: drafts are taken
 
 
-def test_max_model_len_caps_generation_near_the_end_of_the_table():
+def test_max_model_len_caps_generation_near_the_end_of_the_table(multi_seq):
     engine = same_as_plain(repetitive_prompts((30, 5)), SamplingParams(max_tokens=100, temperature=0.0,
                                                                        ignore_eos=True),
                            max_model_len=48, num_blocks=40)
     assert engine.num_device_spec_iterations > 0
 
 
-def test_a_short_pool_stops_bursts_without_losing_tokens():
+def test_a_short_pool_stops_bursts_without_losing_tokens(multi_seq):
     """Bursts take blocks ahead for the iterations in flight; when the pool is short they stop (or never start) and
     the plain engine's preemption takes over."""
     prompts = repetitive_prompts((9, 14, 20))
@@ -89,7 +97,7 @@ def test_a_short_pool_stops_bursts_without_losing_tokens():
     same_as_plain(prompts, params, model_kwargs={"block_size": 4}, num_blocks=16)
 
 
-def test_waiting_requests_end_a_burst_and_bursts_resume_once_all_decode():
+def test_waiting_requests_end_a_burst_and_bursts_resume_once_all_decode(multi_seq):
     prompts = repetitive_prompts((9, 3, 17, 30, 6, 11))
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     engine = same_as_plain(prompts, params, max_num_seqs=2, num_blocks=100)
@@ -107,7 +115,7 @@ def test_sampling_and_host_logit_requests_do_not_burst():
         assert engine.num_device_spec_iterations == 0
 
 
-def test_abort_mid_burst_frees_the_blocks_and_drops_the_tokens_in_flight():
+def test_abort_mid_burst_frees_the_blocks_and_drops_the_tokens_in_flight(multi_seq):
     engine = Engine(SpecToyModel(), speculative=ngram(), num_blocks=64)
     params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
     reqs = [engine._make_request(i, p, params, False) for i, p in enumerate(repetitive_prompts((9, 12)))]
@@ -125,7 +133,7 @@ def test_abort_mid_burst_frees_the_blocks_and_drops_the_tokens_in_flight():
     assert engine._burst is None and engine.scheduler.allocator.num_free == engine.program.num_blocks
 
 
-def test_async_engine_streams_the_plain_engines_tokens():
+def test_async_engine_streams_the_plain_engines_tokens(multi_seq):
     from runtime.async_engine import AsyncEngine
 
     prompts = ["the cat sat", "the dog", "the"]
@@ -173,7 +181,7 @@ def test_adaptive_bursts_only_where_they_beat_plain_steps():
     assert engine._device_spec_state() == "burst"
 
 
-def test_adaptive_engine_equals_the_plain_engine():
+def test_adaptive_engine_equals_the_plain_engine(multi_seq):
     prompts = repetitive_prompts((9, 12, 5))
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     engine = same_as_plain(prompts, params, spec=ngram(adaptive=True))
@@ -203,3 +211,12 @@ def test_without_ngram_matches_bursts_decode_plainly():
     launched = engine.program.launched_q
     assert launched[:2] == [4, 4] and set(launched[2:]) == {1}
     assert engine.spec_stats.num_draft_tokens == 0
+
+
+def test_by_default_only_a_lone_request_bursts():
+    """DEVICE_SPEC_MAX_SEQS = 1: two decoding requests take the plain (host-drafted) path; the one left bursts."""
+    prompts = repetitive_prompts((9, 12))
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (6, 30)]
+    engine = same_as_plain(prompts, params)
+    assert engine.DEVICE_SPEC_MAX_SEQS == 1
+    assert engine.num_device_spec_bursts == 1 and all(loop.tables.shape[0] == 1 for loop in engine.program.loops)

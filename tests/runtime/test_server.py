@@ -429,5 +429,6 @@ def test_speculative_server_streams_the_same_text_and_reports_metrics(client):
                           if line.startswith(f'llmc_spec_acceptance_rate{{model="{MODEL}"}} ')))
         assert 0 < rate <= 1
         assert "llmc_spec_mean_accepted_length" in metrics and f'llmc_spec_draft_length{{model="{MODEL}"}} 4.0' in metrics
+        assert f'llmc_spec_device_steps_total{{model="{MODEL}"}} 0.0' in metrics  # (a Program without the loop)
     finally:
         server.stop()

@@ -150,7 +150,7 @@ def test_torch_eagle_graph_replay_matches_eager(models, tmp_path):
 
 
 @pytest.mark.parametrize("k", [2, 4])
-def test_device_ngram_loop_engine_matches_plain_engine(models, k):
+def test_device_ngram_loop_engine_matches_plain_engine(models, k, monkeypatch):
     """n-gram speculation run on the device (CudaProgram.start_ngram_loop: propose and accept kernels around the
     verification step; CUDA graphs on a GPU, the eager plan here): greedy tokens equal the engine without
     speculation for a ragged batch with mixed max_tokens, and every block comes back."""
@@ -159,6 +159,7 @@ def test_device_ngram_loop_engine_matches_plain_engine(models, k):
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (20, 9, 14)]
     opts = {"device": DEVICE, "cuda_graphs": HAS_GPU}
     base = Engine(cuda_cm, num_blocks=40, program_options=opts, speculative=False).generate(prompts, params)
+    monkeypatch.setattr(Engine, "DEVICE_SPEC_MAX_SEQS", 4)  # bursts over several sequences (default: one)
     engine = Engine(cuda_cm, num_blocks=40, program_options=opts,
                     speculative=Speculative("ngram", num_tokens=k, adaptive=False))
     assert engine.spec_on_device
