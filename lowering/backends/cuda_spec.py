@@ -10,8 +10,6 @@ at batch 1 costs more than the drafts save (BENCHMARKS.md, fourteenth session).
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 STEP_INPUTS = frozenset({"token_ids", "positions", "slot_mapping", "query_start", "seq_lens", "block_tables",
