@@ -16,8 +16,8 @@ ngram_propose: the draft, by the rule of runtime.speculative.NgramProposer (prom
   whether drafts are there to be had.
 spec_accept_greedy: given the step's greedy targets t[0..Q) (the argmax of each row), a = the number of leading
   i < k with t[i] == draft[i] (token_ids[s * Q + i + 1]); the step emits t[0..a]: they are appended to hist,
-  n += a + 1, and (t, a + 1, real) go to the output ring the host reads back (rows of ring_stride >= Q tokens). K/V written for rejected drafts lie
-  past the new n - 1 and are overwritten by later steps.
+  n += a + 1, and (t, a + 1, real) go to the output ring the host reads back (rows of ring_stride >= Q tokens). K/V
+  written for rejected drafts lie past the new n - 1 and are overwritten by later steps.
 
 Both are integer-exact, so the references below (numpy, on the host) must agree with them bit for bit.
 """
@@ -128,8 +128,9 @@ def ngram_propose(hist: torch.Tensor, n: torch.Tensor, block_tables: torch.Tenso
     kmax = q - 1 if max_draft is None else int(max_draft)
     if kmax < q - 1:
         raise ValueError(f"ngram_propose: max_draft={kmax} is shorter than the step's draft ({q - 1})")
-    if q < 1 or n.shape[0] != s or block_tables.shape[0] < s or token_ids.shape[0] < s * q \
-            or positions.shape[0] < s * q or slot_mapping.shape[0] < s * q or seq_lens.shape[0] < s or real.shape[0] < s:
+    rows = min(token_ids.shape[0], positions.shape[0], slot_mapping.shape[0])
+    per_seq = min(seq_lens.shape[0], real.shape[0])
+    if q < 1 or n.shape[0] != s or block_tables.shape[0] < s or rows < s * q or per_seq < s:
         raise ValueError(f"ngram_propose: {s} sequences of q={q} rows do not fit the given buffers")
     if s == 0:
         return
@@ -189,7 +190,8 @@ def ref_ngram_draft(tokens, k: int, ngram_min: int, ngram_max: int) -> tuple[lis
 
 def ref_ngram_propose(hist: np.ndarray, n: np.ndarray, block_tables: np.ndarray, *, q: int, block_size: int,
                       ngram_min: int, ngram_max: int, max_draft: int | None = None) -> dict:
-    """ngram_propose's outputs for S sequences: token_ids / positions / slot_mapping i32[S q], seq_lens / real i32[S]."""
+    """ngram_propose's outputs for S sequences: token_ids / positions / slot_mapping i32[S q], seq_lens / real
+    i32[S]."""
     kmax = max(q - 1 if max_draft is None else max_draft, 1)
     s = hist.shape[0]
     out = {name: np.zeros(s * q, np.int32) for name in ("token_ids", "positions", "slot_mapping")}

@@ -14,7 +14,7 @@ from runtime.block_pool import BlockPool
 from runtime.block_pool import blocks_needed
 from runtime.kv_manager import KVCacheManager, PrefixCacheStats
 from runtime.sampler import SamplingParams, entropy, find_stop_string, make_generator, sample, token_logprobs
-from runtime.speculative import Draft, cost_bucket
+from runtime.speculative import Draft, cost_bucket, decayed_mean
 from runtime.step import Program, StepInput
 
 if TYPE_CHECKING:
@@ -461,8 +461,7 @@ class _Burst:
     inflight_iters: int = 0
     inflight_rows: int = 0  # the rows a sequence of those iterations (what they may add to its length)
     stopping: bool = False
-    timed: bool = False  # a chunk was collected already (later ones are cost samples)
-    num_iters: int = 0  # iterations collected
+    num_iters: int = 0  # iterations collected (once a chunk is, later ones are cost samples)
     mark: float = 0.0  # when the last chunk was collected (or the burst launched)
 
 
@@ -590,8 +589,9 @@ class Engine:
         before the next (no speculation, KV eviction, cascade drafts, penalties or logprobs; other steps run as
         before); False: off.
         spec_on_device: n-gram speculation at low batch (at most DEVICE_SPEC_MAX_SEQS greedy decoding requests, by
-        default one, none waiting) runs on the device: drafts, verification and the accept rule of many steps are launched without
-        waiting for the host, which reads the tokens a chunk later (Program.start_ngram_loop; _step_device_spec).
+        default one, none waiting) runs on the device: drafts, verification and the accept rule of many steps are
+        launched without waiting for the host, which reads the tokens a chunk later (Program.start_ngram_loop;
+        _step_device_spec).
         None: on where the Program supports it and the model speculates with method="ngram"; True: required;
         False: off (drafts are made on the host between synchronous verification steps)."""
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
@@ -992,8 +992,9 @@ class Engine:
     # draft loses to plain steps launched ahead (async scheduling). A Program with start_ngram_loop keeps the token
     # histories on the device and runs draft -> verify -> accept there, so the engine launches chunks of iterations
     # back to back and collects each chunk's emitted tokens while the next one runs. A burst lasts while the same
-    # requests decode: an arrival the scheduler could admit, an abort or a finished request ends it (the chunks in flight are collected
-    # first; a finished request's extra tokens are dropped, and the K/V they wrote lie past its end).
+    # requests decode: an arrival the scheduler could admit, an abort or a finished request ends it (the chunks in
+    # flight are collected first; a finished request's extra tokens are dropped, and the K/V they wrote lie past its
+    # end).
 
     # bursts run for at most this many decoding requests
     # NOTE: at batch 8 (SmolLM2, H200) bursts ran 0.43x of plain steps against 0.94x for host drafts: requests finish
@@ -1170,11 +1171,11 @@ class Engine:
         burst.inflight_rows -= q * num_iters
         now = time.perf_counter()
         b = len(burst.reqs)
-        if burst.timed:  # (the first chunk may hold a CUDA graph capture or a compile)
+        if burst.num_iters:  # (the first chunk may hold a CUDA graph capture or a compile: no cost sample)
             seconds = now - burst.mark
             self._update_estimate(self._burst_cost, (b, q), seconds / num_iters)
             self._update_estimate(self._burst_rate, b, float(res.counts.sum()) / b / max(seconds, 1e-9))
-        burst.timed, burst.mark = True, now
+        burst.mark = now
         burst.num_iters += num_iters
         stats, ctl = self.spec_stats, self.draft_controller
         finished = []
@@ -1219,10 +1220,8 @@ class Engine:
         return finished
 
     def _update_estimate(self, table: dict, key, value: float) -> None:
-        old = table.get(key)
-        decay = self.draft_controller.DECAY
-        table[key] = value if old is None else decay * old + (1 - decay) * min(value, 4.0 * old)
-
+        ctl = self.draft_controller
+        table[key] = decayed_mean(table.get(key), value, ctl.DECAY, ctl.OUTLIER)
 
     def _drop_placeholder(self, req: Request) -> None:
         """on_release: a request that finished (or was aborted) with a token in flight ends at its known tokens."""

@@ -344,6 +344,12 @@ def cost_bucket(num_tokens: int) -> int:
     return -(-num_tokens // step) * step
 
 
+def decayed_mean(old: float | None, sample: float, decay: float, outlier: float) -> float:
+    """A decayed running mean: the sample itself when there is no estimate yet, else decay * old + (1 - decay) *
+    sample, the sample clipped to outlier * old (one stall of the machine must not swamp the estimate)."""
+    return sample if old is None else decay * old + (1 - decay) * min(sample, outlier * old)
+
+
 class DraftLengthController:
     """Chooses each step's draft length k in 0..max_len from measured costs and acceptance.
 
@@ -528,10 +534,9 @@ class DraftLengthController:
             self._seen.add((id(table), key))
             return
         old = table.get(key)
-        if old is None or seconds * self.OUTLIER < old:  # first, or the estimate held a stall (an unseen compile)
-            table[key] = seconds
-        else:
-            table[key] = self.DECAY * old + (1 - self.DECAY) * min(seconds, self.OUTLIER * old)
+        if old is not None and seconds * self.OUTLIER < old:  # the estimate held a stall (an unseen compile)
+            old = None
+        table[key] = decayed_mean(old, seconds, self.DECAY, self.OUTLIER)
 
 
 @dataclasses.dataclass

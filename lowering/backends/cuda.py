@@ -106,6 +106,16 @@ class _StepContext:
         self.out = None
 
 
+def await_copy(generations, slot: int, generation: int, event, stale: str) -> None:
+    """Wait for a launch's results to reach the host through pinned buffer `slot` (`event`: recorded after the copy;
+    None on a CPU device); RuntimeError(stale) when a later launch has reused that buffer (generations[slot] moved
+    past `generation`)."""
+    if generations[slot] != generation:
+        raise RuntimeError(stale)
+    if event is not None:
+        event.synchronize()
+
+
 class PendingTokens:
     """The tokens of a step launched by CudaProgram.step_async: result() waits for the copy back (i32[L])."""
 
@@ -118,11 +128,9 @@ class PendingTokens:
     def result(self) -> np.ndarray:
         if self._tokens is None:
             program = self._program
-            if program._async_generation[self._slot] != self._generation:
-                raise RuntimeError("step_async: a step's tokens were read after two later steps were launched (at "
-                                   "most two steps may be in flight)")
-            if self._event is not None:
-                self._event.synchronize()
+            await_copy(program._async_generation, self._slot, self._generation, self._event,
+                       "step_async: a step's tokens were read after two later steps were launched (at most two steps "
+                       "may be in flight)")
             self._tokens = program._async_out[self._slot][: self.num_rows].numpy().copy()
         return self._tokens
 
@@ -247,7 +255,7 @@ class CudaProgram:
         self._graphs: dict[tuple[int, int, int], tuple[Any, ...]] = {}  # (batch, q, ctx bucket) -> graph, outputs
         self._graph_pool = None
         self._static = None
-        self._pad_templates: dict[tuple[int, int], np.ndarray] = {}  # (b, q) -> _fill_decode's padding
+        self._pad_templates: dict[tuple[int, int], np.ndarray] = {}  # (b, q) -> _pad_template
         self._stage = 0  # which pinned staging buffer of _static the next decode step fills (step_async alternates)
         self._stage_events: tuple = ()  # each staging buffer's last copy to the device (made with the buffers)
         # step_async: the last async step's tokens on the device (what the next step's feed reads), how many, and the
@@ -671,19 +679,7 @@ class CudaProgram:
         n = offsets["block_tables"] + b * width
         first = offsets["token_ids"]
         head = offsets["block_tables_w"] if self._two_groups else offsets["block_tables"]  # the per-row fields
-        templates = self._pad_templates
-        if (b, q) not in templates:  # those fields all padding, made once per bucket: a step copies them, then its rows
-            pad = np.zeros(head, np.int32)
-            rows = b * q
-            pad[offsets["positions"]: offsets["positions"] + rows] = np.tile(np.arange(q, dtype=np.int32), b)
-            pad[offsets["slot_mapping"]: offsets["slot_mapping"] + rows] = -1
-            pad[offsets["query_start"]: offsets["query_start"] + b + 1] = np.arange(b + 1, dtype=np.int32) * q
-            pad[offsets["seq_lens"]: offsets["seq_lens"] + b] = q if q > 1 else 0  # a decode pad sees no context
-            pad[offsets["logit_rows"]: offsets["logit_rows"] + rows] = np.arange(rows, dtype=np.int32)
-            if self._two_groups:
-                pad[offsets["slot_mapping_w"]: offsets["slot_mapping_w"] + rows] = -1
-            templates[(b, q)] = pad[first:]
-        host[first:head] = templates[(b, q)]
+        host[first:head] = self._pad_template(offsets, b, q)  # all padding: a step copies it, then its rows
         tables = host[offsets["block_tables"]: n].reshape(b, width)
         tables[:] = 0
         if self._two_groups:
@@ -700,6 +696,26 @@ class CudaProgram:
                 host[offsets["slot_mapping_w"]: offsets["slot_mapping_w"] + t] = inp.slot_mapping_w
                 tables_w[:s, : inp.block_tables_w.shape[1]] = inp.block_tables_w
         return n
+
+    def _pad_template(self, offsets: dict, b: int, q: int) -> np.ndarray:
+        """The packed decode buffer's per-row fields (token_ids up to the block tables) of a uniform step of q rows a
+        sequence padded to batch b, all padding (pad sequences own q rows that write nowhere and see q positions of
+        block 0); made once per (b, q)."""
+        template = self._pad_templates.get((b, q))
+        if template is None:
+            first = offsets["token_ids"]
+            head = offsets["block_tables_w"] if self._two_groups else offsets["block_tables"]
+            pad = np.zeros(head, np.int32)
+            rows = b * q
+            pad[offsets["positions"]: offsets["positions"] + rows] = np.tile(np.arange(q, dtype=np.int32), b)
+            pad[offsets["slot_mapping"]: offsets["slot_mapping"] + rows] = -1
+            pad[offsets["query_start"]: offsets["query_start"] + b + 1] = np.arange(b + 1, dtype=np.int32) * q
+            pad[offsets["seq_lens"]: offsets["seq_lens"] + b] = q if q > 1 else 0  # a decode pad sees no context
+            pad[offsets["logit_rows"]: offsets["logit_rows"] + rows] = np.arange(rows, dtype=np.int32)
+            if self._two_groups:
+                pad[offsets["slot_mapping_w"]: offsets["slot_mapping_w"] + rows] = -1
+            template = self._pad_templates[(b, q)] = pad[first:]
+        return template
 
     def _decode_views(self, b: int, q: int = 1):
         device_buf, _, offsets = self._static_buffers()

@@ -51,12 +51,12 @@ class PendingChunk:
 
     def result(self) -> ChunkResult:
         if self._result is None:
+            from lowering.backends.cuda import await_copy
+
             loop = self._loop
-            if loop._generation[self._buffer] != self._generation:
-                raise RuntimeError("ngram loop: a chunk was read after two later chunks were launched (at most two "
-                                   "chunks may be in flight)")
-            if self._event is not None:
-                self._event.synchronize()
+            await_copy(loop._generation, self._buffer, self._generation, self._event,
+                       "ngram loop: a chunk was read after two later chunks were launched (at most two chunks may "
+                       "be in flight)")
             n, s = self.num_iters, loop.num_seqs
             host = loop._host[self._buffer]
             tokens = host[0][:n].numpy().copy().reshape(n, s, loop.q_max)
@@ -182,12 +182,10 @@ class NgramLoop:
             return views
         views = program._decode_views(self.bucket, q)
         if self._q != q:
-            device_buf, host_bufs, offsets = program._static_buffers()
+            device_buf, _, offsets = program._static_buffers()
+            template = program._pad_template(offsets, self.bucket, q)
             first = offsets["token_ids"]
-            head = offsets["block_tables_w"] if program._two_groups else offsets["block_tables"]
-            host = np.zeros(offsets["block_tables"] + self.bucket * program.max_blocks_per_seq, np.int32)
-            program._fill_decode(host, offsets, self.bucket, None, q)
-            self._copy_in(device_buf[first:head], host[first:head])
+            self._copy_in(device_buf[first: first + template.size], template)
             self._q = q
         return views
 
