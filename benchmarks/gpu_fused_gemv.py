@@ -1,6 +1,7 @@
 """Decode GEMVs with the producer fused in (kernels_gpu.fused_gemv) vs what they replace, on one GPU, same run.
 
-For each projection of a Llama-3.2-1B-shaped (and a Llama-3-8B-shaped) layer at M = 1, 2, 4 activation rows:
+For each projection of a Llama-3.2-1B-shaped (and a Llama-3-8B-shaped, whole or one rank's share at tensor_parallel=2)
+layer at M = 1, 2, 4 activation rows:
   unfused  the CUDA backend's path before the fusion: the producer kernel (add_rms_norm / silu_and_mul, or nothing)
            then cuBLAS bf16 (F.linear); for the logits also the f32 cast
   cuBLAS   F.linear alone (the GEMV's peer: what the weight read costs cuBLAS)
@@ -36,6 +37,9 @@ MODELS = {  # name: {projection: (N, K, prologue)}
            "down": (2048, 8192, "silu"), "lm_head": (128256, 2048, "logits")},
     "8b": {"qkv": (6144, 4096, "add_norm"), "o_proj": (4096, 4096, "none"), "gate_up": (28672, 4096, "add_norm"),
            "down": (4096, 14336, "silu"), "lm_head": (128256, 4096, "logits")},
+    # one rank of Llama-3-8B at tensor_parallel=2 (column-parallel qkv / gate_up / logits, row-parallel o / down)
+    "8b-tp2": {"qkv": (3072, 4096, "add_norm"), "o_proj": (4096, 2048, "none"), "gate_up": (14336, 4096, "add_norm"),
+               "down": (4096, 7168, "silu"), "lm_head": (64128, 4096, "logits")},
 }
 MS = (1, 2, 4)
 SWEEP = {1: [(bn, bk, w, 3) for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for w in (4, 8)] + [(4, 2048, 8, 3)],

@@ -105,7 +105,7 @@ def time_decode(program, batch: int, context: int, steps: int, repeats: int, mod
     return statistics.median(times)
 
 
-def profile_decode(program, batch: int, context: int, steps: int = 20, top: int = 12) -> list[dict]:
+def profile_decode(program, batch: int, context: int, steps: int = 20, top: int = 16) -> list[dict]:
     """Device time per kernel name over `steps` async decode steps on rank 0 (torch profiler, CUPTI sees the kernels
     inside the CUDA graphs): where a step's time goes."""
     import torch
@@ -196,8 +196,9 @@ def main():
     ap.add_argument("--check", action="store_true", help="then compare greedy tokens across TP degrees")
     ap.add_argument("--check-dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--check-only", action="store_true", help="only the token check, no timing")
-    ap.add_argument("--all-reduce", nargs="+", default=["symm", "nccl"],
-                    help="all-reduce implementations to time for TP > 1 (symm: one-shot symmetric memory; nccl)")
+    ap.add_argument("--all-reduce", nargs="+", default=["auto", "symm"],
+                    help="all-reduce implementations to time for TP > 1 (auto: push kernels up to 512 KiB, then "
+                         "torch's one-shot, then NCCL; push; symm: torch symmetric memory's one-shot; nccl)")
     ap.add_argument("--modes", nargs="+", default=["async", "sync"], choices=["async", "sync"],
                     help="async: step t+1 launched before step t's tokens are back (the engine's default); sync")
     ap.add_argument("--profile", action="store_true", help="also print rank 0's kernel times per step")

@@ -12,6 +12,22 @@ NORM_NUM_WARPS = ((1024, 4), (4096, 8), (NORM_MAX_HIDDEN, 16))  # (max padded wi
 
 
 @triton.jit
+def rms_normalize(h, weight_ptr, cols, mask, hidden_size, eps, weight_offset, out_ty: tl.constexpr,
+                  HAS_OFFSET: tl.constexpr):
+    """A row h (f32[BLOCK_H], zeros past hidden_size) normalized: w * cast(h * rsqrt(mean(h^2) + eps)), or with
+    HAS_OFFSET (Gemma) cast(h * rsqrt(mean(h^2) + eps) * (weight_offset + w)); cast = to out_ty."""
+    variance = tl.sum(h * h, axis=0) / hidden_size
+    normed = h * (1.0 / tl.sqrt(variance + eps))  # f32[BLOCK_H]
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_OFFSET:  # Gemma: the whole product in fp32, rounded once
+        w = w + weight_offset
+    else:
+        # NOTE: HF Llama casts the normalized row to the input dtype *before* multiplying by the weight.
+        normed = normed.to(out_ty).to(tl.float32)
+    return (normed * w).to(out_ty)
+
+
+@triton.jit
 def add_rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     hidden_size, eps, weight_offset,
@@ -35,15 +51,7 @@ def add_rms_norm_kernel(
         summed = (h + r).to(residual_out_ptr.dtype.element_ty)
         tl.store(residual_out_ptr + row * stride_rot + cols, summed, mask=mask)
         h = summed.to(tl.float32)
-    variance = tl.sum(h * h, axis=0) / hidden_size
-    normed = h * (1.0 / tl.sqrt(variance + eps))  # f32[BLOCK_H]
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_OFFSET:  # Gemma: the whole product in fp32, rounded once
-        w = w + weight_offset
-    else:
-        # NOTE: HF Llama casts the normalized row to the input dtype *before* multiplying by the weight.
-        normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)
-    y = (normed * w).to(x_ptr.dtype.element_ty)
+    y = rms_normalize(h, weight_ptr, cols, mask, hidden_size, eps, weight_offset, x_ptr.dtype.element_ty, HAS_OFFSET)
     if FP8_OUT:
         v = y.to(tl.float32)
         scale = fp8_row_scale(tl.max(tl.abs(v), 0))

@@ -152,9 +152,11 @@ class CudaProgram:
                  tp_all_reduce: str = "auto", piecewise_graphs: bool | None = None):
         """tp_rank / tp_group: this process's rank and its torch.distributed group, for a graph sharded by
         shard_tensor_parallel (lowering/backends/cuda_tp.py starts the ranks; a plain build refuses such a graph).
-        tp_all_reduce: "nccl" (torch.distributed.all_reduce), "symm" (one-shot all-reduce through torch symmetric
-        memory: one kernel reading the peers' buffers over NVLink, for activations up to SYMM_ALL_REDUCE_BYTES,
-        NCCL above), "auto" (symm where torch has it on CUDA, else nccl).
+        tp_all_reduce: "nccl" (torch.distributed.all_reduce), "symm" (torch symmetric memory's one-shot all-reduce:
+        one kernel reading the peers' buffers over NVLink after a signal barrier, for activations up to
+        SYMM_ALL_REDUCE_BYTES, NCCL above), "push" (kernels_gpu.all_reduce: each rank stores its partial into the
+        peers' inboxes, where the data is its own flag; activations up to PUSH_ALL_REDUCE_BYTES, NCCL above), "auto"
+        (push, then symm, then NCCL by size, each where torch symmetric memory works on CUDA).
         piecewise_graphs: ragged steps replay piecewise CUDA graphs (lowering/backends/cuda_piecewise.py; default:
         where decode steps replay CUDA graphs); False runs them eagerly (less GPU memory held by graphs)."""
         import torch
@@ -180,10 +182,11 @@ class CudaProgram:
         self.graph = graph
         plan = tp_plan(graph)
         self.tp_size, self.tp_rank, self.tp_group = (1, 0, None) if plan is None else (plan[0], int(tp_rank), tp_group)
-        if tp_all_reduce not in ("auto", "nccl", "symm"):
-            raise ValueError(f"tp_all_reduce must be 'auto', 'nccl' or 'symm', got {tp_all_reduce!r}")
+        if tp_all_reduce not in ("auto", "nccl", "symm", "push"):
+            raise ValueError(f"tp_all_reduce must be 'auto', 'push', 'symm' or 'nccl', got {tp_all_reduce!r}")
         self.tp_all_reduce = tp_all_reduce
         self._symm: dict[str, Any] = {}
+        self._deferred_all_reduces: set[str] = set()  # all-reduce outputs whose reduction a norm closure may take
         # called with (inp, greedy, hidden) once a step is checked, before it runs (cuda_tp: rank 0 sends it on)
         self.on_step: Callable[..., None] | None = None
         if plan is not None and tp_group is None:
@@ -1041,7 +1044,12 @@ def _gemv_fusion(graph, node: Node, users, producers, position, program):
         summed = node.outputs[0]
         keep = gemv.op in ("linear", "qlinear") or bool([u for u in users.get(summed, []) if u is not norm]) \
             or summed in graph.outputs
-        fn = _norm_gemv_fn(norm, gemv, program, with_residual=True, keep_residual=keep, qw=qw)
+        defer = _deferrable_all_reduce(graph, node, producers, users, program) \
+            if gemv.op == "linear" and qw is None else None
+        if defer is not None:
+            program._deferred_all_reduces.add(node.inputs[defer[0]])
+        fn = _norm_gemv_fn(norm, gemv, program, with_residual=True, keep_residual=keep, qw=qw, defer=defer,
+                           num_all_reduces=sum(n.op == "all_reduce" for n in graph.nodes))
         ins = [node.inputs[0], node.inputs[1], norm.inputs[1]] + rest
         outs = [gemv.outputs[0]] + ([summed] if keep else [])
         return fn, ins, outs, f"add+rms_norm+{label(gemv)}", (norm, gemv)
@@ -1136,8 +1144,11 @@ def _act_fp8_fn(node: Node, graph, program, producers, qw) -> Fn:
     return run
 
 
-def _norm_gemv_fn(norm: Node, gemv: Node, program, *, with_residual: bool, keep_residual: bool, qw=None) -> Fn:
-    """qw: the QuantizedWeight of a qlinear / qlogits gemv (its bias / rows are the closure's last inputs)."""
+def _norm_gemv_fn(norm: Node, gemv: Node, program, *, with_residual: bool, keep_residual: bool, qw=None,
+                  defer: tuple[int, int, str] | None = None, num_all_reduces: int = 0) -> Fn:
+    """qw: the QuantizedWeight of a qlinear / qlogits gemv (its bias / rows are the closure's last inputs).
+    defer: (input, ordinal, dtype) of an all-reduce feeding the residual add whose reduction this closure may take over
+    (_defers)."""
     import torch.nn.functional as F
 
     from kernels_gpu.fused_gemv import norm_gemv
@@ -1147,6 +1158,9 @@ def _norm_gemv_fn(norm: Node, gemv: Node, program, *, with_residual: bool, keep_
     eps, offset = norm.attrs["eps"], norm.attrs.get("weight_offset")
     logits = gemv.op in ("logits", "qlogits")
     workspace = None if qw is None else Workspace(program.device)  # this call site's split-K scratch
+    push = None
+    if defer is not None:  # the all-reduce's lowering (earlier in the graph) made it
+        push = _one_shot_all_reduces(program, torch_dtype(defer[2]), num_all_reduces)[1]
 
     def run(ctx, *args):
         if with_residual:
@@ -1165,7 +1179,11 @@ def _norm_gemv_fn(norm: Node, gemv: Node, program, *, with_residual: bool, keep_
                                rows=rows, out_dtype=torch_dtype("float32") if logits else None,
                                keep_residual=keep_residual, round_to_act=logits)
         else:
-            normed, summed = add_rms_norm(x, residual, norm_w, eps, offset)
+            if push is not None and _defers(program, push, args[defer[0]]):
+                partial, other = (x, residual) if defer[0] == 0 else (residual, x)
+                normed, summed = push.add_rms_norm(partial, defer[1], other, norm_w, eps, offset)
+            else:
+                normed, summed = add_rms_norm(x, residual, norm_w, eps, offset)
             if logits:
                 picked = normed.index_select(0, rows)
                 y = (F.linear(picked, weight) if qw is None else _quantized_matmul(picked, qw)).float()
@@ -1787,6 +1805,62 @@ def _lower_embed_shard(node, graph, program, producers, users) -> Fn:
 
 
 SYMM_ALL_REDUCE_BYTES = 2 << 20  # one-shot all-reduces up to this size (decode and small prefill steps)
+# push all-reduces (kernels_gpu.all_reduce) up to this size: decode steps of up to 64 rows of a 4096-wide model. Each
+# all-reduce of the graph holds an inbox of tp x this on every rank (Llama-3-8B, TP=2: 65 x 1 MiB a GPU)
+PUSH_ALL_REDUCE_BYTES = 512 << 10
+
+
+class _PushAllReduce:
+    """kernels_gpu.all_reduce's one-kernel push all-reduce: one inbox per all-reduce node of the graph (its reuse
+    rule), all in one symmetric-memory buffer every rank maps; filled with the sentinel before the ranks meet."""
+
+    def __init__(self, program, dtype, num_nodes: int):
+        import torch
+        import torch.distributed as dist
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from kernels_gpu.all_reduce import int_view_dtype, sentinel
+
+        name = program.tp_group.group_name
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):
+            symm_mem.enable_symm_mem_for_group(name)
+        idt = int_view_dtype(dtype)
+        world, rank = program.tp_size, program.tp_rank
+        self.cap = PUSH_ALL_REDUCE_BYTES // dtype.itemsize  # elements of one rank's partial
+        per_node = world * self.cap
+        total = num_nodes * per_node
+        local = symm_mem.empty(total, dtype=idt, device=program.device)
+        handle = symm_mem.rendezvous(local, name)
+        local.fill_(sentinel(idt))
+        peers = [local if r == rank else handle.get_buffer(r, (total,), idt) for r in range(world)]
+        self.inboxes = [[p[k * per_node:(k + 1) * per_node] for p in peers] for k in range(num_nodes)]
+        self.err = torch.zeros(1, dtype=torch.int32, device=program.device)
+        self.rank, self._local, self._handle = rank, local, handle
+        torch.cuda.synchronize(program.device)
+        dist.barrier(group=program.tp_group)  # every inbox is empty before any rank pushes
+
+    def fits(self, x) -> bool:
+        return x.numel() <= self.cap and x.is_contiguous()
+
+    def __call__(self, x, node: int):
+        import torch
+
+        from kernels_gpu.all_reduce import push_all_reduce
+
+        return push_all_reduce(x, torch.empty_like(x), self.inboxes[node], self.rank, self.err)
+
+    def add_rms_norm(self, x, node: int, residual, weight, eps: float, weight_offset):
+        """The all-reduce of x fused with the residual add + RMSNorm it feeds: -> (normed, summed)."""
+        from kernels_gpu.all_reduce import push_all_reduce_add_rms_norm
+
+        return push_all_reduce_add_rms_norm(x, residual, weight, eps, self.inboxes[node], self.rank, self.err,
+                                            weight_offset=weight_offset)
+
+    def check(self) -> None:
+        """Raise if a push all-reduce on this rank gave up waiting for a peer (its results were garbage)."""
+        if int(self.err.item()):
+            raise RuntimeError("tensor parallelism: a push all-reduce gave up waiting for a peer rank (dead or out "
+                               "of step); the outputs since are garbage")
 
 
 class _SymmAllReduce:
@@ -1827,12 +1901,15 @@ class _SymmAllReduce:
 _SYMM_GROUPS: dict[str, Any] = {}
 
 
-def _symm_all_reduce(program, dtype):
-    """The program's _SymmAllReduce for activations of `dtype`, or None where NCCL does the all-reduces."""
-    if program.tp_all_reduce == "nccl" or program.device.type != "cuda":
-        if program.tp_all_reduce == "symm":
-            raise RuntimeError("tp_all_reduce='symm' needs CUDA devices")
-        return None
+def _one_shot_all_reduces(program, dtype, num_nodes: int):
+    """(symm, push) for activations of `dtype`: the program's _SymmAllReduce and _PushAllReduce, each None where it is
+    not used (tp_all_reduce, no CUDA, torch without symmetric memory, fewer than two all-reduces a step for push).
+    Every rank takes the same decision (they agree through the group) or they would wait in different collectives."""
+    mode = program.tp_all_reduce
+    if mode == "nccl" or program.device.type != "cuda":
+        if mode in ("symm", "push"):
+            raise RuntimeError(f"tp_all_reduce={mode!r} needs CUDA devices")
+        return None, None
     key = str(dtype)
     if key not in program._symm:
         import torch
@@ -1840,47 +1917,82 @@ def _symm_all_reduce(program, dtype):
 
         group = program.tp_group
         stale = _SYMM_GROUPS.get(group.group_name, group) is not group
-        # every rank must take the same path, or the ranks would wait in different collectives: first agree that no
-        # rank's symmetric memory set-up is stale, then that every rank set it up
+        # first agree that no rank's symmetric memory set-up is stale, then that every rank set each kind up
         fresh = torch.tensor([int(not stale)], dtype=torch.int32, device=program.device)
         dist.all_reduce(fresh, op=dist.ReduceOp.MIN, group=group)
-        symm, error = None, None
-        if not int(fresh.item()):
-            error = "this process already used symmetric memory under the same group name (an earlier tensor-" \
-                    "parallel program); torch keeps that per process"
-        else:
+        made: dict[str, Any] = {"symm": None, "push": None}
+        errors: dict[str, Any] = {}
+        wanted = [k for k in ("symm", "push") if mode in ("auto", k)]
+        if "push" in wanted and num_nodes < 2:  # the push kernel's inbox reuse rule needs two a step
+            wanted.remove("push")
+            errors["push"] = f"the graph has {num_nodes} all-reduce a step (push needs two)"
+        for kind in wanted:
+            if not int(fresh.item()):
+                errors[kind] = "this process already used symmetric memory under the same group name (an earlier " \
+                               "tensor-parallel program); torch keeps that per process"
+                continue
             try:
-                symm = _SymmAllReduce(program, dtype)
+                made[kind] = _SymmAllReduce(program, dtype) if kind == "symm" else \
+                    _PushAllReduce(program, dtype, num_nodes)
                 _SYMM_GROUPS[group.group_name] = group
             except Exception as e:  # noqa: BLE001 - older torch, no NVLink P2P: NCCL does it
-                error = e
-        ok = torch.tensor([int(symm is not None)], dtype=torch.int32, device=program.device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
-        if not int(ok.item()):
-            if program.tp_all_reduce == "symm":
-                raise RuntimeError(f"tp_all_reduce='symm': torch symmetric memory is unavailable on a rank "
-                                   f"({error or 'another rank failed'})")
-            if stale:
-                warnings.warn(f"tensor parallelism: NCCL does the all-reduces ({error})", stacklevel=2)
-            symm = None
-        program._symm[key] = symm
+                errors[kind] = e
+            ok = torch.tensor([int(made[kind] is not None)], dtype=torch.int32, device=program.device)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+            if not int(ok.item()):
+                if mode == kind:
+                    raise RuntimeError(f"tp_all_reduce={kind!r}: unavailable on a rank "
+                                       f"({errors.get(kind) or 'another rank failed'})")
+                if kind in errors and stale:
+                    warnings.warn(f"tensor parallelism: no {kind} all-reduce ({errors[kind]})", stacklevel=2)
+                made[kind] = None
+        if mode == "push" and made["push"] is None:
+            raise RuntimeError(f"tp_all_reduce='push': {errors.get('push')}")
+        program._symm[key] = (made["symm"], made["push"])
     return program._symm[key]
 
 
+def _defers(program, push, x) -> bool:
+    """Whether an all-reduce whose only reader is a residual add + RMSNorm + linear closure leaves the reduction to
+    that closure (kernels_gpu.all_reduce.push_all_reduce_add_rms_norm, one kernel for both): where the push kernel
+    takes x and the closure runs the unfused norm (more rows than the fused GEMVs take). Both closures decide by it."""
+    return push is not None and push.fits(x) and not (program.fused_gemv and x.shape[0] <= program.fused_gemv_rows)
+
+
+def _deferrable_all_reduce(graph, add: Node, producers, users, program) -> tuple[int, int, str] | None:
+    """(which of the add's inputs, the all-reduce's ordinal among the graph's all-reduces, its dtype) when an input
+    of this residual add is an all-reduce's output read by nothing else; else None."""
+    if program.tp_group is None:
+        return None
+    for i, name in enumerate(add.inputs):
+        src = producers.get(name)
+        if src is not None and src.op == "all_reduce" and _only_consumer(graph, name, users) is add:
+            order = [n for n in graph.nodes if n.op == "all_reduce"]
+            return i, next(j for j, n in enumerate(order) if n is src), graph.types[name].dtype
+    return None
+
+
 def _lower_all_reduce(node, graph, program, producers, users) -> Fn:
-    """The sum over the ranks of this rank's partial: a one-shot symmetric-memory kernel for small activations,
-    NCCL in place otherwise (both captured inside the decode CUDA graphs)."""
+    """The sum over the ranks of this rank's partial: for decode-sized activations one push kernel (kernels_gpu.
+    all_reduce), else a one-shot symmetric-memory kernel for small ones, else NCCL in place (all captured inside the
+    CUDA graphs)."""
     import torch.distributed as dist
 
     group = program.tp_group
-    symm = _symm_all_reduce(program, torch_dtype(graph.types[node.inputs[0]].dtype))
-    # rotating buffers: all-reduce k of the step takes k % 2, and the last takes 2 when their count is odd, so two
-    # consecutive all-reduces (also the last of a step and the first of the next) never share a buffer
     order = [n for n in graph.nodes if n.op == "all_reduce"]
     k = next(i for i, n in enumerate(order) if n is node)
+    symm, push = _one_shot_all_reduces(program, torch_dtype(graph.types[node.inputs[0]].dtype), len(order))
+    # torch's one-shot kernel: rotating buffers: all-reduce k of the step takes k % 2, and the last takes 2 when their
+    # count is odd, so two consecutive all-reduces (also the last of a step and the first of the next) never share one
     slot = 2 if (len(order) % 2 and k == len(order) - 1) else k % 2
 
+    out_name = node.outputs[0]
+
     def run(ctx, x):
+        if push is not None and push.fits(x):
+            if out_name in program._deferred_all_reduces and _defers(program, push, x):
+                return (x,)  # the partial: the add + RMSNorm closure reading it reduces it in its kernel
+            return (push(x, k),)
         nbytes = x.numel() * x.element_size()
         if symm is not None and nbytes <= SYMM_ALL_REDUCE_BYTES and nbytes % 16 == 0 and x.is_contiguous():
             return (symm(x, slot),)
