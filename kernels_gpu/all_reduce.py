@@ -26,76 +26,23 @@ import triton
 import triton.language as tl
 
 from kernels_gpu.fused_gemv import gdc_launch_dependents, gdc_wait, pdl_enabled
+from kernels_gpu.inbox import MAX_SPINS, int_view_dtype, poll_sum, push, sendable, sentinel, spin_limit
 from kernels_gpu.norms import rms_normalize
 
 MAX_RANKS = 8
 BLOCK = 1024  # elements a program pushes and polls (16 bytes a thread at 4 warps, bf16)
 NUM_WARPS = 4
-# polls of one region before a rank gives up: minutes (a peer may lag by a kernel compilation); a dead peer ends the
-# process first (cuda_tp's watchdog)
-MAX_SPINS = 1 << 30
-_INT_VIEW = {2: torch.int16, 4: torch.int32}
-_SENTINEL = {torch.int16: -(1 << 15), torch.int32: -(1 << 31)}  # the bits of -0.0
-
-
-def int_view_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The integer type an inbox of `dtype` activations is held and polled in."""
-    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"push all-reduce: activations must be bfloat16, float16 or float32, got {dtype}")
-    return _INT_VIEW[dtype.itemsize]
-
-
-def sentinel(int_dtype: torch.dtype) -> int:
-    """The integer value of an empty inbox element (-0.0's bits)."""
-    return _SENTINEL[int_dtype]
-
-
-@triton.jit
-def _peer(r: tl.constexpr, p0, p1, p2, p3, p4, p5, p6, p7):
-    if r == 0:
-        return p0
-    elif r == 1:
-        return p1
-    elif r == 2:
-        return p2
-    elif r == 3:
-        return p3
-    elif r == 4:
-        return p4
-    elif r == 5:
-        return p5
-    elif r == 6:
-        return p6
-    else:
-        return p7
 
 
 @triton.jit
 def _exchange(x_ptr, inbox_ptr, p0, p1, p2, p3, p4, p5, p6, p7, err_ptr, offs, mask, n, rank, max_spins,
-              WORLD: tl.constexpr, SENT: tl.constexpr, BLOCK: tl.constexpr, fdt: tl.constexpr):
+              WORLD: tl.constexpr, SENT: tl.constexpr, fdt: tl.constexpr):
     """Push this rank's partial at `offs` (elements of the n-element message) into region `rank` of every peer's
     inbox, wait for the peers' regions in this rank's inbox, empty them again; -> f32 sum in rank order."""
-    limit = tl.where(tl.load(err_ptr) != 0, 0, max_spins)  # a rank that gave up once does not wait again
-    bits = tl.load(x_ptr + offs, mask=mask, other=0)
-    bits = tl.where(bits == SENT, 0, bits)  # -0.0 -> +0.0: a value is never the sentinel
-    for r in tl.static_range(WORLD):
-        if r != rank:
-            tl.store(_peer(r, p0, p1, p2, p3, p4, p5, p6, p7) + rank * n + offs, bits, mask=mask)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for r in tl.static_range(WORLD):
-        wait = mask & (tl.full([BLOCK], r, tl.int32) != rank)
-        src = inbox_ptr + r * n + offs
-        v = tl.load(src, mask=wait, other=0, volatile=True)
-        spins = 0
-        while (tl.max(tl.where(v == SENT, 1, 0), axis=0) > 0) & (spins < limit):
-            v = tl.load(src, mask=wait, other=0, volatile=True)
-            spins += 1
-        if spins >= limit:
-            tl.store(err_ptr, 1)
-        v = tl.where(wait, v, bits)  # this rank's own partial in its place in the rank order
-        acc += v.to(fdt, bitcast=True).to(tl.float32)
-        tl.store(src, tl.full([BLOCK], SENT, v.dtype), mask=wait)  # empty again for the next step
-    return acc
+    limit = spin_limit(err_ptr, max_spins)
+    bits = sendable(tl.load(x_ptr + offs, mask=mask, other=0), SENT)
+    push(bits, offs, mask, n, rank, p0, p1, p2, p3, p4, p5, p6, p7, WORLD, False)
+    return poll_sum(inbox_ptr, offs, mask, n, rank, bits, err_ptr, limit, WORLD, SENT, fdt, True, True)
 
 
 @triton.jit
@@ -111,7 +58,7 @@ def push_all_reduce_kernel(x_ptr, out_ptr, inbox_ptr, p0, p1, p2, p3, p4, p5, p6
     mask = offs < n
     fdt: tl.constexpr = out_ptr.dtype.element_ty
     acc = _exchange(x_ptr, inbox_ptr, p0, p1, p2, p3, p4, p5, p6, p7, err_ptr, offs, mask, n, rank, max_spins,
-                    WORLD, SENT, BLOCK, fdt)
+                    WORLD, SENT, fdt)
     tl.store(out_ptr + offs, acc.to(fdt), mask=mask)
 
 
@@ -132,7 +79,7 @@ def push_all_reduce_norm_kernel(x_ptr, res_ptr, nw_ptr, sum_ptr, out_ptr, inbox_
     offs = row * hidden + cols
     fdt: tl.constexpr = out_ptr.dtype.element_ty
     acc = _exchange(x_ptr, inbox_ptr, p0, p1, p2, p3, p4, p5, p6, p7, err_ptr, offs, mask, n, rank, max_spins,
-                    WORLD, SENT, BLOCK_H, fdt)
+                    WORLD, SENT, fdt)
     h = acc.to(fdt).to(tl.float32)  # the all-reduce's output, as it would be stored
     if HAS_RESIDUAL:
         h = h + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)

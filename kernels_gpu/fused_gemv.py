@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels_gpu.activations import act_and_mul
+from kernels_gpu.inbox import Exchange, int_view_dtype, poll_sum, push, sendable, sentinel, spin_limit
 from kernels_gpu.triton_env import tile_target as _target
 
 try:  # programmatic dependent launch (Hopper): griddepcontrol in the kernel, launch_pdl at the launch
@@ -121,6 +122,31 @@ def _activation(x_ptr, r_ptr, nw_ptr, rout_ptr, x_off, r_off, o_off, offs_k, k_m
 
 
 @triton.jit
+def _gather_row(x_ptr, in_ptr, flags_ptr, err_ptr, pid, K, max_spins, slot, prev, WORLD: tl.constexpr,
+                SENT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[0:K] = the all-reduce read from this rank's inbox (inbox.poll_sum, emptied), written by program 0; every
+    program returns once it is there. Only program 0 polls the peers (the others would each read the whole inbox
+    from L2); it lowers the previous folded all-reduce's flag (whose readers all finished before this launch) and
+    raises this one's after a barrier, with release / acquire at GPU scope around it."""
+    if pid == 0:
+        tl.store(flags_ptr + prev, 0)
+        limit = spin_limit(err_ptr, max_spins)
+        kk = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + kk
+            m = offs < K
+            acc = poll_sum(in_ptr, offs, m, K, 0, 0, err_ptr, limit, WORLD, SENT, x_ptr.dtype.element_ty, False, True)
+            tl.store(x_ptr + offs, acc.to(x_ptr.dtype.element_ty), mask=m)
+        tl.debug_barrier()
+        tl.atomic_xchg(flags_ptr + slot, 1, sem="release", scope="gpu")
+    else:  # spin with plain L2 reads (thousands of programs on one word), then one acquire
+        ready = tl.load(flags_ptr + slot, volatile=True)
+        while ready == 0:
+            ready = tl.load(flags_ptr + slot, volatile=True)
+        tl.atomic_add(flags_ptr + slot, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
 def fused_gemv_kernel(
     y_ptr,  # [M, N] out (y dtype)
     x_ptr,  # [*, K] activations (rms_norm / none), or [*, 2K] gate | up rows (silu / gelu_tanh)
@@ -140,6 +166,14 @@ def fused_gemv_kernel(
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (see USE_PDL)
     PREFETCH: tl.constexpr = False,  # one row: the first weight tile is loaded before anything else (with PDL: waited)
     ROW_SPLIT: tl.constexpr = False,  # BLOCK_M == 1 over M rows: program pid takes row pid % M of N tile pid // M
+    # an all-reduce folded in (inbox.Exchange; one row). EX_PUSH: the output tile also goes to region ex_rank (N
+    # elements) of every rank's inbox e0... EX_GATHER: x (x_ptr, K elements) is first written by program 0 as the sum
+    # of the inbox ex_in, which it empties; program 0 then raises ex_flags[ex_slot] (after lowering
+    # ex_flags[ex_prev]) and the other programs wait for it
+    ex_in_ptr=None, ex_flags_ptr=None, e0=None, e1=None, e2=None, e3=None, e4=None, e5=None, e6=None, e7=None,
+    ex_err_ptr=None, ex_rank=0, ex_spins=0, ex_slot=0, ex_prev=0,
+    EX_GATHER: tl.constexpr = False, EX_PUSH: tl.constexpr = False, EX_WORLD: tl.constexpr = 1,
+    EX_SENT: tl.constexpr = 0,
 ):
     """One program per BLOCK_N weight rows, all M (<= BLOCK_M) activation rows, the whole of K (ROW_SPLIT: one
     program per BLOCK_N weight rows and activation row; the M programs of a tile run side by side and share its
@@ -171,6 +205,9 @@ def fused_gemv_kernel(
             w_first = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < K)[None, :], other=0.0)
         if PDL:
             gdc_wait()
+        if EX_GATHER:
+            _gather_row(x_ptr, ex_in_ptr, ex_flags_ptr, ex_err_ptr, pid, K, ex_spins, ex_slot, ex_prev, EX_WORLD,
+                        EX_SENT, BLOCK_K)
         row0 = 0
         o0 = 0  # the new residual's row (STORE_SUM)
         if ROW_SPLIT:
@@ -232,7 +269,11 @@ def fused_gemv_kernel(
     if ROUND_TO_ACT:
         acc = acc.to(act_ty).to(tl.float32)
     y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    out = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y, out, mask=m_mask[:, None] & n_mask[None, :])
+    if EX_PUSH:  # one row: the tile into region ex_rank of every rank's inbox
+        bits = sendable(out.to(e0.dtype.element_ty, bitcast=True), EX_SENT)
+        push(bits, offs_n[None, :], n_mask[None, :], N, ex_rank, e0, e1, e2, e3, e4, e5, e6, e7, EX_WORLD, True)
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -279,9 +320,40 @@ def _check_rows(x, rows, name: str) -> int:
     return m
 
 
-def _launch(y, x, weight, bias, rows, *, prologue: str, k: int, up_offset: int = 0, residual=None, norm_weight=None,
-            residual_out=None, eps: float = 0.0, weight_offset: float | None = None, round_to_act: bool = False):
+def _exchange_args(ex: Exchange | None, x, y, prologue: str) -> dict:
+    """The kernel arguments of an all-reduce folded into this launch (inbox.Exchange), checked."""
+    if ex is None:
+        return {}
     m, n = y.shape
+    _check(m == 1 and x.shape[0] == 1, f"an exchange (folded all-reduce) takes one-row steps, got {x.shape[0]} rows")
+    _check(1 <= ex.world <= 8 and 0 <= ex.rank < ex.world, f"exchange: {ex.world} ranks, rank {ex.rank}")
+    args = {"ex_err_ptr": ex.err, "ex_rank": ex.rank, "ex_spins": ex.max_spins, "EX_WORLD": ex.world}
+    if ex.gather is not None:
+        _check(prologue == "rms_norm", "exchange: only a norm prologue gathers its activation from an inbox")
+        idt = int_view_dtype(x.dtype)
+        _check(ex.gather.dtype == idt and ex.gather.numel() >= ex.world * x.shape[1],
+               f"exchange: the gather inbox must be {idt} of at least {ex.world * x.shape[1]} elements")
+        _check(ex.flags is not None and ex.flags.dtype == torch.int32 and 0 <= ex.prev < ex.flags.numel()
+               and 0 <= ex.slot < ex.flags.numel(), "exchange: gather needs int32 flags covering slot and prev")
+        _check(x.is_contiguous(), "exchange: gather writes x, which must be contiguous")
+        args.update(ex_in_ptr=ex.gather, ex_flags_ptr=ex.flags, ex_slot=ex.slot, ex_prev=ex.prev, EX_GATHER=True,
+                    EX_SENT=sentinel(idt))
+    if ex.push:
+        idt = int_view_dtype(y.dtype)
+        _check(len(ex.push) == ex.world, "exchange: push names every rank's inbox")
+        for box in ex.push:
+            _check(box.dtype == idt and box.numel() >= ex.world * n,
+                   f"exchange: push inboxes must be {idt} of at least {ex.world * n} elements")
+        peers = list(ex.push) + [ex.push[ex.rank]] * (8 - ex.world)
+        args.update({f"e{i}": p for i, p in enumerate(peers)}, EX_PUSH=True, EX_SENT=sentinel(idt))
+    return args
+
+
+def _launch(y, x, weight, bias, rows, *, prologue: str, k: int, up_offset: int = 0, residual=None, norm_weight=None,
+            residual_out=None, eps: float = 0.0, weight_offset: float | None = None, round_to_act: bool = False,
+            exchange: Exchange | None = None):
+    m, n = y.shape
+    ex_args = _exchange_args(exchange, x, y, prologue)
     if m == 0 or n == 0:
         return
     row_split = m > 1 and ROW_SPLIT
@@ -301,18 +373,18 @@ def _launch(y, x, weight, bias, rows, *, prologue: str, k: int, up_offset: int =
         PROLOGUE=PROLOGUES[prologue], HAS_RESIDUAL=has_res, HAS_OFFSET=weight_offset is not None,
         HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         STORE_SUM=store_sum, ROUND_TO_ACT=round_to_act, PDL=pdl, PREFETCH=prefetch and block_m == 1,
-        ROW_SPLIT=row_split, num_warps=warps, num_stages=stages, **extra,
+        ROW_SPLIT=row_split, num_warps=warps, num_stages=stages, **ex_args, **extra,
     )
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, rows: torch.Tensor | None = None,
-         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+         out_dtype: torch.dtype | None = None, exchange: Exchange | None = None) -> torch.Tensor:
     """x: [T, K]; weight: [N, K]; rows: i32[M] (which x rows, default all) -> [M, N] = x[rows] @ weight^T (+ bias),
-    in out_dtype (default x's)."""
+    in out_dtype (default x's). exchange (one row): also pushed to the inboxes of the all-reduce it feeds."""
     m = _check_rows(x, rows, "x")
     _check_weight(weight, bias, x.shape[1], x.device)
     y = torch.empty((m, weight.shape[0]), dtype=out_dtype or x.dtype, device=x.device)  # [M, N]
-    _launch(y, x, weight, bias, rows, prologue="none", k=x.shape[1])
+    _launch(y, x, weight, bias, rows, prologue="none", k=x.shape[1], exchange=exchange)
     return y
 
 
@@ -338,35 +410,37 @@ def norm_prologue_outputs(x, residual, norm_weight, rows, keep_residual: bool, c
 def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
               weight: torch.Tensor, bias: torch.Tensor | None = None, *, weight_offset: float | None = None,
               rows: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, keep_residual: bool = True,
-              round_to_act: bool = False):
+              round_to_act: bool = False, exchange: Exchange | None = None):
     """add_rms_norm then gemv in one launch. x, residual: [T, K]; norm_weight: [K]; weight: [N, K] ->
     (y [M, N] in out_dtype (default x's), new residual [T, K] in residual's dtype, or None without a residual or
     with keep_residual=False).
 
     rows (i32[M]) picks the x (and residual) rows that are normalized and multiplied; a kept new residual covers
     every row, so rows needs keep_residual=False. round_to_act: y is rounded to x's dtype first (the IR's logits
-    are computed in the activation dtype, then widened to float32)."""
+    are computed in the activation dtype, then widened to float32). exchange (one row): x is an all-reduce's output,
+    written here from the sum of its inbox before it is read (x's values on entry are not read)."""
     m = _check_rows(x, rows, "x")
     k = x.shape[1]
     residual_out = norm_prologue_outputs(x, residual, norm_weight, rows, keep_residual, _check)
     _check_weight(weight, bias, k, x.device)
     y = torch.empty((m, weight.shape[0]), dtype=out_dtype or x.dtype, device=x.device)  # [M, N]
     _launch(y, x, weight, bias, rows, prologue="rms_norm", k=k, residual=residual, norm_weight=norm_weight,
-            residual_out=residual_out, eps=eps, weight_offset=weight_offset, round_to_act=round_to_act)
+            residual_out=residual_out, eps=eps, weight_offset=weight_offset, round_to_act=round_to_act,
+            exchange=exchange)
     return y, residual_out
 
 
 def act_gemv(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-             act: str = "silu") -> torch.Tensor:
+             act: str = "silu", exchange: Exchange | None = None) -> torch.Tensor:
     """silu_and_mul (act="silu") or gelu_tanh_and_mul (act="gelu_tanh") then gemv in one launch.
-    gate_up: [M, 2F] (gate | up); weight: [N, F] -> [M, N] in gate_up's dtype."""
+    gate_up: [M, 2F] (gate | up); weight: [N, F] -> [M, N] in gate_up's dtype. exchange: as gemv's."""
     _check(act in ("silu", "gelu_tanh"), f"act must be 'silu' or 'gelu_tanh', got {act!r}")
     m = _check_rows(gate_up, None, "gate_up")
     _check(gate_up.shape[1] % 2 == 0, f"gate_up's last dim must be even (gate then up), got {gate_up.shape[1]}")
     f = gate_up.shape[1] // 2
     _check_weight(weight, bias, f, gate_up.device)
     y = torch.empty((m, weight.shape[0]), dtype=gate_up.dtype, device=gate_up.device)  # [M, N]
-    _launch(y, gate_up, weight, bias, None, prologue=act, k=f, up_offset=f)
+    _launch(y, gate_up, weight, bias, None, prologue=act, k=f, up_offset=f, exchange=exchange)
     return y
 
 

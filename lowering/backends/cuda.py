@@ -149,7 +149,7 @@ class CudaProgram:
                  gpu_memory_fraction: float | None = None, kv_cache_bytes: int | None = None,
                  max_num_batched_tokens: int = 8192, cuda_graphs: bool | None = None, pool_fill: float = 0.0,
                  num_blocks_w: int | None = None, tp_rank: int = 0, tp_group: Any = None,
-                 tp_all_reduce: str = "auto", piecewise_graphs: bool | None = None):
+                 tp_all_reduce: str = "auto", piecewise_graphs: bool | None = None, fold_all_reduces: bool = True):
         """tp_rank / tp_group: this process's rank and its torch.distributed group, for a graph sharded by
         shard_tensor_parallel (lowering/backends/cuda_tp.py starts the ranks; a plain build refuses such a graph).
         tp_all_reduce: "nccl" (torch.distributed.all_reduce), "symm" (torch symmetric memory's one-shot all-reduce:
@@ -157,6 +157,8 @@ class CudaProgram:
         SYMM_ALL_REDUCE_BYTES, NCCL above), "push" (kernels_gpu.all_reduce: each rank stores its partial into the
         peers' inboxes, where the data is its own flag; activations up to PUSH_ALL_REDUCE_BYTES, NCCL above), "auto"
         (push, then symm, then NCCL by size, each where torch symmetric memory works on CUDA).
+        fold_all_reduces: with push all-reduces, one-row steps fold the all-reduce after a row-parallel linear into
+        the fused GEMVs on either side of it (_fold_plan; off: ablations).
         piecewise_graphs: ragged steps replay piecewise CUDA graphs (lowering/backends/cuda_piecewise.py; default:
         where decode steps replay CUDA graphs); False runs them eagerly (less GPU memory held by graphs)."""
         import torch
@@ -187,6 +189,8 @@ class CudaProgram:
         self.tp_all_reduce = tp_all_reduce
         self._symm: dict[str, Any] = {}
         self._deferred_all_reduces: set[str] = set()  # all-reduce outputs whose reduction a norm closure may take
+        self._fold: dict = {}  # all-reduces folded into fused GEMVs at one-row steps (_fold_plan)
+        self.fold_all_reduces = bool(fold_all_reduces)
         # called with (inp, greedy, hidden) once a step is checked, before it runs (cuda_tp: rank 0 sends it on)
         self.on_step: Callable[..., None] | None = None
         if plan is not None and tp_group is None:
@@ -897,6 +901,7 @@ def _plan(graph: Graph, program: CudaProgram) -> list[tuple[Fn, list[str], list[
     position = {id(n): i for i, n in enumerate(graph.nodes)}
     plan: list[tuple[Fn, list[str], list[str], str]] = []
     skip: set[int] = set()
+    program._fold = _fold_plan(graph, program, producers, users)
     for i, node in enumerate(graph.nodes):
         if id(node) in skip:
             continue
@@ -1044,12 +1049,13 @@ def _gemv_fusion(graph, node: Node, users, producers, position, program):
         summed = node.outputs[0]
         keep = gemv.op in ("linear", "qlinear") or bool([u for u in users.get(summed, []) if u is not norm]) \
             or summed in graph.outputs
-        defer = _deferrable_all_reduce(graph, node, producers, users, program) \
-            if gemv.op == "linear" and qw is None else None
-        if defer is not None:
-            program._deferred_all_reduces.add(node.inputs[defer[0]])
-        fn = _norm_gemv_fn(norm, gemv, program, with_residual=True, keep_residual=keep, qw=qw, defer=defer,
-                           num_all_reduces=sum(n.op == "all_reduce" for n in graph.nodes))
+        reduce = _deferrable_all_reduce(graph, node, producers, users, program) if qw is None else None
+        may_defer = reduce is not None and gemv.op == "linear"
+        if may_defer:
+            program._deferred_all_reduces.add(node.inputs[reduce[0]])
+        fn = _norm_gemv_fn(norm, gemv, program, with_residual=True, keep_residual=keep, qw=qw, reduce=reduce,
+                           may_defer=may_defer, num_all_reduces=sum(n.op == "all_reduce" for n in graph.nodes),
+                           fold=None if reduce is None else program._fold.get("slot", {}).get(node.inputs[reduce[0]]))
         ins = [node.inputs[0], node.inputs[1], norm.inputs[1]] + rest
         outs = [gemv.outputs[0]] + ([summed] if keep else [])
         return fn, ins, outs, f"add+rms_norm+{label(gemv)}", (norm, gemv)
@@ -1058,7 +1064,7 @@ def _gemv_fusion(graph, node: Node, users, producers, position, program):
         return fn, [node.inputs[0], node.inputs[1]] + rest, [gemv.outputs[0]], f"rms_norm+{label(gemv)}", (gemv,)
     if gemv.op not in ("linear", "qlinear"):
         return None
-    fn = _act_gemv_fn(node, graph, program, producers, qw=qw)
+    fn = _act_gemv_fn(node, graph, program, producers, qw=qw, gemv=gemv)
     return fn, list(node.inputs) + rest, [gemv.outputs[0]], f"{node.op}+{label(gemv)}", (gemv,)
 
 
@@ -1145,10 +1151,12 @@ def _act_fp8_fn(node: Node, graph, program, producers, qw) -> Fn:
 
 
 def _norm_gemv_fn(norm: Node, gemv: Node, program, *, with_residual: bool, keep_residual: bool, qw=None,
-                  defer: tuple[int, int, str] | None = None, num_all_reduces: int = 0) -> Fn:
+                  reduce: tuple[int, int, str] | None = None, may_defer: bool = False, num_all_reduces: int = 0,
+                  fold: int | None = None) -> Fn:
     """qw: the QuantizedWeight of a qlinear / qlogits gemv (its bias / rows are the closure's last inputs).
-    defer: (input, ordinal, dtype) of an all-reduce feeding the residual add whose reduction this closure may take over
-    (_defers)."""
+    reduce: (input, ordinal, dtype) of an all-reduce feeding the residual add (read by nothing else); may_defer: its
+    reduction may be left to this closure's unfused norm (_defers); fold: its ring slot when it may be folded into
+    this closure's GEMV (_folded)."""
     import torch.nn.functional as F
 
     from kernels_gpu.fused_gemv import norm_gemv
@@ -1159,8 +1167,8 @@ def _norm_gemv_fn(norm: Node, gemv: Node, program, *, with_residual: bool, keep_
     logits = gemv.op in ("logits", "qlogits")
     workspace = None if qw is None else Workspace(program.device)  # this call site's split-K scratch
     push = None
-    if defer is not None:  # the all-reduce's lowering (earlier in the graph) made it
-        push = _one_shot_all_reduces(program, torch_dtype(defer[2]), num_all_reduces)[1]
+    if reduce is not None:  # the all-reduce's lowering (earlier in the graph) made it
+        push = _one_shot_all_reduces(program, torch_dtype(reduce[2]), num_all_reduces)[1]
 
     def run(ctx, *args):
         if with_residual:
@@ -1175,13 +1183,18 @@ def _norm_gemv_fn(norm: Node, gemv: Node, program, *, with_residual: bool, keep_
         m = rows.shape[0] if logits else x.shape[0]
         if program.fused_gemv and m <= program.fused_gemv_rows and (qw is None or m == 1):
             kernel = norm_gemv if qw is None else partial(norm_qgemv, workspace=workspace)
+            kw = {}
+            if fold is not None and _folded(program, push, fold, x.shape[0]):
+                if reduce[0] == 1:  # x: the all-reduce's (partial) tensor, overwritten with the sum; residual: the stream
+                    x, residual = residual, x
+                kw["exchange"] = push.exchange(reduce[1], fold, "gather")
             y, summed = kernel(x, residual, norm_w, eps, weight if qw is None else qw, bias, weight_offset=offset,
                                rows=rows, out_dtype=torch_dtype("float32") if logits else None,
-                               keep_residual=keep_residual, round_to_act=logits)
+                               keep_residual=keep_residual, round_to_act=logits, **kw)
         else:
-            if push is not None and _defers(program, push, args[defer[0]]):
-                partial, other = (x, residual) if defer[0] == 0 else (residual, x)
-                normed, summed = push.add_rms_norm(partial, defer[1], other, norm_w, eps, offset)
+            if may_defer and _defers(program, push, args[reduce[0]]):
+                part, other = (x, residual) if reduce[0] == 0 else (residual, x)
+                normed, summed = push.add_rms_norm(part, reduce[1], other, norm_w, eps, offset)
             else:
                 normed, summed = add_rms_norm(x, residual, norm_w, eps, offset)
             if logits:
@@ -1205,8 +1218,9 @@ def _split_halves(graph, node: Node, producers) -> int | None:
     return int(graph.types[gate].shape[1]) if fused else None
 
 
-def _act_gemv_fn(node: Node, graph, program, producers, qw=None) -> Fn:
-    """qw: the QuantizedWeight of a qlinear consumer (its bias, if any, is the closure's last input)."""
+def _act_gemv_fn(node: Node, graph, program, producers, qw=None, gemv: Node | None = None) -> Fn:
+    """qw: the QuantizedWeight of a qlinear consumer (its bias, if any, is the closure's last input). gemv: the linear
+    (a folded all-reduce's producer: _fold_plan)."""
     import torch.nn.functional as F
 
     from kernels_gpu.activations import gelu_tanh_and_mul, silu_and_mul
@@ -1216,6 +1230,7 @@ def _act_gemv_fn(node: Node, graph, program, producers, qw=None) -> Fn:
     gelu = node.op == "gelu_tanh_mul"
     width = _split_halves(graph, node, producers)
     workspace = None if qw is None else Workspace(program.device)
+    fold, push = (None, None) if gemv is None or qw is not None else _fold_push(gemv, graph, program)
 
     def run(ctx, g, u, *rest):
         weight, bias = (None, rest[0] if rest else None) if qw is not None else \
@@ -1224,7 +1239,8 @@ def _act_gemv_fn(node: Node, graph, program, producers, qw=None) -> Fn:
         act_name = "gelu_tanh" if gelu else "silu"
         if program.fused_gemv and g.shape[0] <= program.fused_gemv_rows:
             if qw is None:
-                return (act_gemv(base, weight, bias, act=act_name),)
+                ex = push.exchange(*fold, "push") if _folded(program, push, fold, g.shape[0]) else None
+                return (act_gemv(base, weight, bias, act=act_name, exchange=ex),)
             if g.shape[0] == 1:
                 return (act_qgemv(base, qw, bias, act=act_name, workspace=workspace),)
         act = gelu_tanh_and_mul(base) if gelu else silu_and_mul(base)
@@ -1494,6 +1510,17 @@ def _lower_head_rms_norm(node, graph, program, producers, users) -> Fn:
     return run
 
 
+def _fold_push(gemv: Node, graph, program):
+    """((all-reduce ordinal, ring slot), _PushAllReduce) of the folded all-reduce a linear feeds (_fold_plan), or
+    (None, None)."""
+    slot = program._fold.get("slot", {}).get(gemv.outputs[0])
+    if slot is None:
+        return None, None
+    dtype = torch_dtype(graph.types[gemv.outputs[0]].dtype)
+    push = _one_shot_all_reduces(program, dtype, sum(n.op == "all_reduce" for n in graph.nodes))[1]
+    return (program._fold["node"][gemv.outputs[0]], slot), push
+
+
 def _lower_linear(node, graph, program, producers, users) -> Fn:
     """cuBLAS, or kernels_gpu.fused_gemv.gemv for a step of at most program.fused_gemv_rows rows (1.09-1.18x cuBLAS
     on the H100's batch-1 o_proj shapes)."""
@@ -1501,9 +1528,12 @@ def _lower_linear(node, graph, program, producers, users) -> Fn:
 
     from kernels_gpu.fused_gemv import gemv
 
+    fold, push = _fold_push(node, graph, program)
+
     def run(ctx, x, weight, bias=None):
         if program.fused_gemv and x.shape[0] <= program.fused_gemv_rows and weight.dim() == 2:
-            return (gemv(x, weight, bias),)
+            ex = push.exchange(*fold, "push") if _folded(program, push, fold, x.shape[0]) else None
+            return (gemv(x, weight, bias, exchange=ex),)
         return (F.linear(x, weight, bias),)
 
     return run
@@ -1814,7 +1844,8 @@ class _PushAllReduce:
     """kernels_gpu.all_reduce's one-kernel push all-reduce: one inbox per all-reduce node of the graph (its reuse
     rule), all in one symmetric-memory buffer every rank maps; filled with the sentinel before the ranks meet."""
 
-    def __init__(self, program, dtype, num_nodes: int):
+    def __init__(self, program, dtype, num_nodes: int, fold_slots: int = 0):
+        """fold_slots: the all-reduces folded into fused GEMVs at one-row steps (_fold_plan): their flags."""
         import torch
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
@@ -1834,8 +1865,11 @@ class _PushAllReduce:
         local.fill_(sentinel(idt))
         peers = [local if r == rank else handle.get_buffer(r, (total,), idt) for r in range(world)]
         self.inboxes = [[p[k * per_node:(k + 1) * per_node] for p in peers] for k in range(num_nodes)]
+        self.flags = torch.zeros(max(fold_slots, 1), dtype=torch.int32, device=program.device)
+        self.fold_slots = fold_slots
+        self._exchanges: dict = {}
         self.err = torch.zeros(1, dtype=torch.int32, device=program.device)
-        self.rank, self._local, self._handle = rank, local, handle
+        self.rank, self.world, self._local, self._handle = rank, world, local, handle
         torch.cuda.synchronize(program.device)
         dist.barrier(group=program.tp_group)  # every inbox is empty before any rank pushes
 
@@ -1848,6 +1882,21 @@ class _PushAllReduce:
         from kernels_gpu.all_reduce import push_all_reduce
 
         return push_all_reduce(x, torch.empty_like(x), self.inboxes[node], self.rank, self.err)
+
+    def exchange(self, node: int, slot: int, role: str):
+        """The inbox.Exchange of all-reduce `node` (ring slot `slot` of the folded ones) for its producer GEMV
+        ("push": into every rank's inbox of it) or its consumer ("gather": this rank's inbox, raising flags[slot]
+        after lowering the flag of the slot before)."""
+        if (node, role) not in self._exchanges:
+            from kernels_gpu.inbox import Exchange
+
+            if role == "push":
+                ex = Exchange(rank=self.rank, world=self.world, err=self.err, push=tuple(self.inboxes[node]))
+            else:
+                ex = Exchange(rank=self.rank, world=self.world, err=self.err, gather=self.inboxes[node][self.rank],
+                              flags=self.flags, slot=slot, prev=(slot - 1) % self.fold_slots)
+            self._exchanges[(node, role)] = ex
+        return self._exchanges[(node, role)]
 
     def add_rms_norm(self, x, node: int, residual, weight, eps: float, weight_offset):
         """The all-reduce of x fused with the residual add + RMSNorm it feeds: -> (normed, summed)."""
@@ -1932,8 +1981,9 @@ def _one_shot_all_reduces(program, dtype, num_nodes: int):
                                "tensor-parallel program); torch keeps that per process"
                 continue
             try:
+                fold = program._fold if program._fold.get("dtype") == str(dtype) else {}
                 made[kind] = _SymmAllReduce(program, dtype) if kind == "symm" else \
-                    _PushAllReduce(program, dtype, num_nodes)
+                    _PushAllReduce(program, dtype, num_nodes, len(fold.get("ring", ())))
                 _SYMM_GROUPS[group.group_name] = group
             except Exception as e:  # noqa: BLE001 - older torch, no NVLink P2P: NCCL does it
                 errors[kind] = e
@@ -1950,6 +2000,50 @@ def _one_shot_all_reduces(program, dtype, num_nodes: int):
             raise RuntimeError(f"tp_all_reduce='push': {errors.get('push')}")
         program._symm[key] = (made["symm"], made["push"])
     return program._symm[key]
+
+
+def _fold_plan(graph: Graph, program, producers, users) -> dict:
+    """The all-reduces folded into the fused GEMVs on either side of them at one-row steps (kernels_gpu.inbox.
+    Exchange): a row-parallel dense linear (its input from attention or a SwiGLU) feeding only the all-reduce, whose
+    output feeds only a residual add + RMSNorm + dense linear / logits closure. -> {"ring": [all-reduce outputs],
+    "slot": {all-reduce output or producer output: ring slot}, "node": {the same: the all-reduce's ordinal among all},
+    "dtype"}, or {} (fewer than two, whose flags could not alternate; no tensor parallelism over CUDA with push
+    all-reduces). A consumer that is the logits is left out: a step may pick no logit rows and not launch it."""
+    if program.tp_group is None or program.device.type != "cuda" or program.tp_all_reduce not in ("auto", "push") \
+            or not getattr(program, "fold_all_reduces", True):
+        return {}
+    position = {id(n): i for i, n in enumerate(graph.nodes)}
+    ring, slot, ordinal = [], {}, {}
+    for k, node in enumerate(n for n in graph.nodes if n.op == "all_reduce"):
+        src = producers.get(node.inputs[0])
+        if src is None or src.op != "linear" or _only_consumer(graph, node.inputs[0], users) is not node:
+            continue
+        if _dense_gemv_consumer(graph, src.inputs[0], users) is not src:
+            continue
+        before = producers.get(src.inputs[0])
+        kind = None if before is None else _fused_producer(graph, before, users, producers, position)
+        if kind is not None and kind[0] not in ("silu_mul", "gelu_tanh_mul"):
+            continue  # a norm-fed producer: its closure is a norm GEMV's
+        add = _only_consumer(graph, node.outputs[0], users)
+        match = None if add is None or add.op != "add" else _fused_producer(graph, add, users, producers, position)
+        consumer = None if match is None or match[0] != "add+rms_norm" else \
+            _dense_gemv_consumer(graph, match[1].outputs[0], users)
+        if consumer is None or consumer.op != "linear":
+            continue
+        slot[node.outputs[0]] = slot[src.outputs[0]] = len(ring)
+        ordinal[node.outputs[0]] = ordinal[src.outputs[0]] = k
+        ring.append(node.outputs[0])
+    dtypes = {graph.types[o].dtype for o in ring}
+    if len(ring) < 2 or len(dtypes) != 1:
+        return {}
+    return {"ring": ring, "slot": slot, "node": ordinal, "dtype": str(torch_dtype(dtypes.pop()))}
+
+
+def _folded(program, push, slot, rows: int):
+    """The all-reduce of ring slot `slot` runs folded into the GEMVs around it in this step (one row, fused GEMVs,
+    push all-reduces): the producer, the all-reduce and the consumer closures decide by it alike."""
+    return slot is not None and push is not None and rows == 1 and program.fused_gemv and \
+        program.fused_gemv_rows >= 1
 
 
 def _defers(program, push, x) -> bool:
@@ -1987,8 +2081,11 @@ def _lower_all_reduce(node, graph, program, producers, users) -> Fn:
     slot = 2 if (len(order) % 2 and k == len(order) - 1) else k % 2
 
     out_name = node.outputs[0]
+    fold = program._fold.get("slot", {}).get(out_name)
 
     def run(ctx, x):
+        if _folded(program, push, fold, x.shape[0]):
+            return (x,)  # the producer GEMV pushed its tiles; the consumer GEMV sums the inbox
         if push is not None and push.fits(x):
             if out_name in program._deferred_all_reduces and _defers(program, push, x):
                 return (x,)  # the partial: the add + RMSNorm closure reading it reduces it in its kernel

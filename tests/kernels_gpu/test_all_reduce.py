@@ -109,6 +109,59 @@ def test_all_reduce_fused_with_add_rms_norm_is_the_two_kernels(ar, kernel_module
     assert bool((boxes[-1] == ar.sentinel(ar.int_view_dtype(dtype))).all())
 
 
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_all_reduce_folded_into_the_gemvs_around_it(ar, kernel_module, device, world, dtype):
+    """Row-parallel GEMVs (plain and SwiGLU) push their tiles into the inboxes of three all-reduces; the norm GEMVs
+    after them sum the inbox (program 0, raising a flag the other programs wait for) instead of reading their
+    activation: twice round, so every inbox and flag is used again after it was emptied / lowered."""
+    fg = kernel_module("fused_gemv")
+    inbox = kernel_module("inbox")
+    hidden, k_in, n_out, ring = 72, 40, 20, 3
+    g = torch.Generator().manual_seed(world)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
+
+    idt = ar.int_view_dtype(dtype)
+    sent = ar.sentinel(idt)
+    boxes = [[torch.full((world * hidden,), sent, dtype=idt, device=device) for _ in range(ring)]
+             for _ in range(world)]  # boxes[rank][all-reduce]
+    errs = [torch.zeros(1, dtype=torch.int32, device=device) for _ in range(world)]
+    flags = [torch.zeros(ring, dtype=torch.int32, device=device) for _ in range(world)]
+    w_c, nw = rnd(n_out, hidden, scale=hidden ** -0.5), 1 + 0.1 * rnd(hidden)
+    for step in range(2 * ring):
+        slot = step % ring
+        swiglu = step % 2 == 1
+        xs = [rnd(1, 2 * k_in if swiglu else k_in) for _ in range(world)]
+        ws = [rnd(hidden, k_in, scale=k_in ** -0.5) for _ in range(world)]
+        ys = []
+        for r in range(world):  # the producers, rank 0 first
+            ex = inbox.Exchange(rank=r, world=world, err=errs[r], push=tuple(boxes[q][slot] for q in range(world)))
+            ys.append(fg.act_gemv(xs[r], ws[r], exchange=ex) if swiglu else fg.gemv(xs[r], ws[r], exchange=ex))
+        reduced, _, _ = _run_ranks_in_turn(ar, [y.reshape(-1) for y in ys], device)
+        residual = rnd(1, hidden)
+        want, want_sum = fg.norm_gemv(reduced[0].view(1, hidden), residual, nw, 1e-5, w_c)
+        for r in range(world):  # the consumers
+            ex = inbox.Exchange(rank=r, world=world, err=errs[r], gather=boxes[r][slot], flags=flags[r], slot=slot,
+                                prev=(slot - 1) % ring)
+            got, got_sum = fg.norm_gemv(ys[r], residual, nw, 1e-5, w_c, exchange=ex)
+            assert torch.equal(ys[r], reduced[0].view(1, hidden)), (step, r)  # the partial's tensor: now the sum
+            assert torch.equal(got, want) and torch.equal(got_sum, want_sum), (step, r)
+            assert bool((boxes[r][slot] == sent).all()), (step, r)  # emptied by its reader
+            assert flags[r][slot].item() == 1 and flags[r][(slot - 1) % ring].item() == 0
+    assert [int(e.item()) for e in errs] == [0] * world
+    with pytest.raises(ValueError, match="one-row"):
+        fg.gemv(rnd(2, k_in), ws[0], exchange=inbox.Exchange(rank=0, world=world, err=errs[0],
+                                                               push=tuple(b[0] for b in boxes)))
+    with pytest.raises(ValueError, match="norm prologue"):
+        fg.gemv(rnd(1, hidden), w_c, exchange=inbox.Exchange(rank=0, world=world, err=errs[0], gather=boxes[0][0],
+                                                             flags=flags[0]))
+    with pytest.raises(ValueError, match="flags"):
+        fg.norm_gemv(rnd(1, hidden), None, nw, 1e-5, w_c,
+                     exchange=inbox.Exchange(rank=0, world=world, err=errs[0], gather=boxes[0][0]))
+
+
 def test_a_rank_gives_up_on_a_silent_peer_and_waits_no_more(ar, device):
     idt = ar.int_view_dtype(torch.bfloat16)
     x = torch.randn(300, device=device).to(torch.bfloat16)

@@ -95,6 +95,15 @@ def test_cuda_tp2_program_matches_tp1(tp_models):
             p2.step_sample(decode, **dict(sample, temperature=np.full(3, -1.0, np.float32)))
         ok = lay.step([(0, [6], 7), (1, [7], 27), (2, [8], 3)])
         assert np.array_equal(p2.step_greedy(ok), p1.step_greedy(ok))
+        for pos in (8, 9, 10):  # one-row steps: on GPUs the all-reduces fold into the GEMVs on either side
+            one_row = lay.step([(0, [12 + pos], pos)])
+            np.testing.assert_allclose(p2.step(one_row), p1.step(one_row), rtol=1e-4, atol=1e-4)
+            assert np.array_equal(p2.step_greedy(one_row), p1.step_greedy(one_row))
+        if HAS_GPU:  # 2 layers: the o and down projections' all-reduces fold (not the embedding's, nor the last)
+            assert len(p2.local._fold["ring"]) == 3 and p2.local._fold["dtype"] == "torch.float32"
+            for symm, push in p2.local._symm.values():
+                assert push is not None
+                push.check()
     finally:
         p2.close()
     p2.close()  # idempotent
@@ -125,6 +134,32 @@ def test_cuda_tp2_engine_tokens_equal_tp1(tp_models):
                 engine.program.close()
     assert tokens["tp2 async"] == tokens["tp1 sync"]
     assert tokens["tp1 sync"][3] != tokens["tp1 sync"][0]  # not vacuous: the streams differ
+
+
+def test_fold_plan_takes_the_row_parallel_all_reduces_between_fused_gemvs(tp_models):
+    """Which all-reduces a CUDA program folds into the GEMVs around them at one-row steps (planning only)."""
+    import types
+
+    from lowering.backends import cuda
+
+    graph = tp_models[1].graph
+    program = types.SimpleNamespace(tp_group=object(), device=torch.device("cuda"), tp_all_reduce="auto")
+    plan = cuda._fold_plan(graph, program, graph.producers(), graph.users())
+    reduces = [n for n in graph.nodes if n.op == "all_reduce"]
+    producers = graph.producers()
+    # every all-reduce but the embedding's (its producer is no GEMV) and the last (its consumer is the logits, which a
+    # step may not launch), in graph order, each with its producer's slot and its ordinal
+    assert plan["ring"] == [n.outputs[0] for n in reduces[1:-1]]
+    for slot, name in enumerate(plan["ring"]):
+        k, node = next((k, n) for k, n in enumerate(reduces) if n.outputs[0] == name)
+        assert producers[node.inputs[0]].op == "linear"
+        assert plan["slot"][name] == plan["slot"][node.inputs[0]] == slot
+        assert plan["node"][name] == plan["node"][node.inputs[0]] == k
+    assert plan["dtype"] == "torch.float32"
+    for other in (dict(tp_all_reduce="nccl"), dict(tp_all_reduce="symm"), dict(device=torch.device("cpu")),
+                  dict(tp_group=None)):
+        assert cuda._fold_plan(graph, types.SimpleNamespace(**{**vars(program), **other}), producers,
+                               graph.users()) == {}
 
 
 def test_step_channel_round_trip(tmp_path):
