@@ -2005,7 +2005,7 @@ def _one_shot_all_reduces(program, dtype, num_nodes: int):
 def _fold_plan(graph: Graph, program, producers, users) -> dict:
     """The all-reduces folded into the fused GEMVs on either side of them at one-row steps (kernels_gpu.inbox.
     Exchange): a row-parallel dense linear (its input from attention or a SwiGLU) feeding only the all-reduce, whose
-    output feeds only a residual add + RMSNorm + dense linear / logits closure. -> {"ring": [all-reduce outputs],
+    output feeds only a residual add + RMSNorm + dense linear closure. -> {"ring": [all-reduce outputs],
     "slot": {all-reduce output or producer output: ring slot}, "node": {the same: the all-reduce's ordinal among all},
     "dtype"}, or {} (fewer than two, whose flags could not alternate; no tensor parallelism over CUDA with push
     all-reduces). A consumer that is the logits is left out: a step may pick no logit rows and not launch it."""
