@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels_gpu.fused_gemv import gdc_launch_dependents, gdc_wait, pdl_enabled
 from kernels_gpu.triton_env import interpreting as _interpreting
 from kernels_gpu.triton_env import tile_target
 
@@ -87,6 +88,12 @@ GROUPED_DECODE = {
 }
 
 KV_FORMATS = {"bf16": 0, "fp8": 1, "nvfp4": 2}
+
+
+def _pdl(device) -> dict:
+    """Launch options and the PDL flag for programmatic dependent launch where it is on (fused_gemv.USE_PDL): the
+    decode kernel and the split reduce start while the kernel before them finishes."""
+    return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {}
 NVFP4_BLOCK = 16
 
 
@@ -311,7 +318,11 @@ def paged_attention_kernel(
     SCALE_ALIGN: tl.constexpr,  # every nvfp4 block-scale row starts at a multiple of this many elements
     EVEN_D: tl.constexpr = False,  # head_dim == BLOCK_D: no column masks
     WINDOW: tl.constexpr = False,  # sliding-window attention (`window` is read only then)
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels_gpu.fused_gemv.pdl_enabled)
 ):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()  # q and the pools are earlier kernels' output
     if GRID_ORDER == 0:
         pid_tile = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -485,7 +496,11 @@ def paged_attention_reduce_kernel(
     stride_ps, stride_pt, stride_ph,
     stride_ms, stride_mt,
     SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels_gpu.fused_gemv.pdl_enabled)
 ):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -589,6 +604,7 @@ def paged_decode_grouped_kernel(
     PAGE: tl.constexpr, KV_FORMAT: tl.constexpr, SPLIT_KV: tl.constexpr, DOT_F32: tl.constexpr,
     EVEN_D: tl.constexpr, KV_EVICT: tl.constexpr = "", KV_CACHE: tl.constexpr = "",
     WINDOW: tl.constexpr = False,  # sliding window: the token sees positions > seq_len - 1 - window
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels_gpu.fused_gemv.pdl_enabled)
 ):
     """Decode (one new token per sequence): one program = one sequence's split of the context for HG kv heads.
 
@@ -597,6 +613,9 @@ def paged_decode_grouped_kernel(
     each reading D-element pieces 1 / Hkv of a page apart. Rows: [HG, ROWS] = the GROUP q heads of each kv
     head, padded to ROWS (>= 16 for the tensor cores).
     """
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()  # q and the pools are earlier kernels' output
     hg = tl.program_id(0)
     split = tl.program_id(1)
     seq = tl.program_id(2)
@@ -868,7 +887,7 @@ def paged_attention(
         KV_FORMAT=KV_FORMATS[kv_format], SPLIT_KV=split_kv, DOT_F32=dot_f32,
         PAGE=page, GRID_ORDER=grid_order, NVFP4_ASM=not _interpreting() and q.device.type == "cuda",
         SCALE_ALIGN=scale_align, EVEN_D=head_dim == block_d, WINDOW=window is not None,
-        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **launch_opts,
+        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **launch_opts, **_pdl(q.device),
     )
     if split_kv:
         _reduce_splits(out, part_out, part_m, part_l, part_strides, ml_strides, num_splits, block_d)
@@ -894,7 +913,7 @@ def _reduce_splits(out, part_out, part_m, part_l, part_strides, ml_strides, num_
         out, part_out, part_m, part_l,
         num_splits, head_dim,
         *out.stride(), *part_strides, *ml_strides,
-        SPLITS_PAD=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        SPLITS_PAD=triton.next_power_of_2(num_splits), BLOCK_D=block_d, **_pdl(out.device),
     )
 
 
@@ -958,7 +977,7 @@ def _grouped_decode(q, k_cache, v_cache, query_start, seq_lens, block_tables, ti
         PAGE=block_size, KV_FORMAT=KV_FORMATS[kv_format], SPLIT_KV=split_kv,
         DOT_F32=_interpreting() or q.dtype == torch.float32, EVEN_D=head_dim == block_d,
         KV_EVICT=evict, KV_CACHE=cache, WINDOW=window is not None,
-        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **launch_opts,
+        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **launch_opts, **_pdl(q.device),
     )
     if split_kv:
         _reduce_splits(out, part_out, part_m, part_l, part_strides, ml_strides, num_splits, block_d)

@@ -9,7 +9,13 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels_gpu.fused_gemv import gdc_launch_dependents, gdc_wait, pdl_enabled
 from kernels_gpu.kv_write import validate_kv_write
+
+
+def _pdl(device) -> dict:
+    """Launch options and the PDL flag for programmatic dependent launch where it is on (fused_gemv.USE_PDL)."""
+    return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {}
 
 # Tuning data: heads rotated per loop step by one program (one program per token).
 ROPE_BLOCK_H = 8
@@ -58,6 +64,7 @@ def rope_kernel(
     stride_vt, stride_vh, stride_kpn, stride_kpb, stride_vpn, stride_vpb, stride_vph,
     HAS_LONG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
     WRITE_KV: tl.constexpr = False,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels_gpu.fused_gemv.pdl_enabled)
 ):
     """One program per token: angle = f32(position) * inv_freq (fp32, as HF), then rotate all q and k heads.
 
@@ -65,6 +72,9 @@ def rope_kernel(
     WRITE_KV: k_out_ptr is the paged K pool [N, block, Hk, D] (head stride stride_koh): the rotated k and the v row
     go to the token's slot in the K / V pools instead of a k output (kv_write's plain format, in the same launch).
     """
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()  # q / k / v are the previous kernel's output
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)  # i32[BLOCK_HALF]
     position = tl.load(positions_ptr + row)
@@ -157,7 +167,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_fr
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
         0, 0, 0, 0, 0, 0, 0,
         HAS_LONG=has_long, BLOCK_H=ROPE_BLOCK_H, BLOCK_HALF=triton.next_power_of_2(half_dim),
-        num_warps=ROPE_NUM_WARPS,
+        num_warps=ROPE_NUM_WARPS, **_pdl(q.device),
     )
     return q_out, k_out
 
@@ -192,7 +202,7 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
         v.stride(0), v.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         v_pool.stride(2),
         HAS_LONG=has_long, BLOCK_H=ROPE_BLOCK_H, BLOCK_HALF=triton.next_power_of_2(half_dim), WRITE_KV=True,
-        num_warps=ROPE_NUM_WARPS,
+        num_warps=ROPE_NUM_WARPS, **_pdl(q.device),
     )
     return q_out
 
