@@ -4,8 +4,8 @@ one-shot all-reduce vs NCCL, same processes, same run.
 What a tensor-parallel decode step does: a chain of dependent all-reduces of one activation row block (bf16, hidden
 4096: 8 KiB a row). Each case is a CUDA graph of `--chain` all-reduces back to back (every one reading the previous
 one's output; push: each with its own inbox, as the graph lowering gives them), replayed `--replays` times; the median
-replay over the chain is the time of one all-reduce, launch gaps included. Every variant's result is checked against
-the float32 rank-order sum (push: bit for bit).
+replay over the chain is the time of one all-reduce, launch gaps included. Every variant's result (one call before the
+graph) is checked against the float32 rank-order sum (push: bit for bit).
 
     PYTHONPATH=. python3 benchmarks/gpu_all_reduce.py [--sizes 8192 524288] [--world 2]
 
@@ -81,24 +81,21 @@ def _worker(rank, world, init_file, args, result_file):
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for k in range(2):  # warm-up (compiles, NCCL's first-use set-up) outside the graph; two
-                    y = fn(x0.clone(), k)  # inboxes: push never uses one inbox twice in a row
+                fn(x0.clone(), 0)  # warm-up (compiles, NCCL's first-use set-up) outside the graph
+                first = fn(x0.clone(), 1)  # the check (push: never one inbox twice in a row)
+                torch.cuda.synchronize()
+                want = ar.ref_all_reduce(parts)
+                ok = bool(torch.equal(first.cpu().view(idt), want.view(idt))) if variant == "push" else \
+                    bool(torch.allclose(first.float().cpu(), want.float(), atol=2e-2, rtol=2e-2))
                 torch.cuda.synchronize()
                 dist.barrier()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, stream=stream):
-                    x = x0.clone()
-                    first = fn(x, 0)
-                    y = first
-                    for k in range(1, chain):
+                    y = x0.clone()
+                    for k in range(chain):
                         y = fn(y, k)
             torch.cuda.synchronize()
             dist.barrier()
-            want = ar.ref_all_reduce(parts)
-            graph.replay()
-            torch.cuda.synchronize()
-            ok = bool(torch.equal(first.cpu().view(idt), want.view(idt))) if variant == "push" else \
-                bool(torch.allclose(first.float().cpu(), want.float(), atol=2e-2, rtol=2e-2))
             times = []
             for _ in range(args.replays):
                 dist.barrier()
