@@ -155,8 +155,9 @@ class CudaProgram:
         tp_all_reduce: "nccl" (torch.distributed.all_reduce), "symm" (torch symmetric memory's one-shot all-reduce:
         one kernel reading the peers' buffers over NVLink after a signal barrier, for activations up to
         SYMM_ALL_REDUCE_BYTES, NCCL above), "push" (kernels_gpu.all_reduce: each rank stores its partial into the
-        peers' inboxes, where the data is its own flag; activations up to PUSH_ALL_REDUCE_BYTES, NCCL above), "auto"
-        (push, then symm, then NCCL by size, each where torch symmetric memory works on CUDA).
+        peers' inboxes, where the data is its own flag; activations up to PUSH_ALL_REDUCE_BYTES, NCCL above; ranks on
+        the CPU, in the interpreter, map each other's inboxes from shared-memory files: tests), "auto" (push, then
+        symm, then NCCL by size, each where torch symmetric memory works on CUDA).
         fold_all_reduces: with push all-reduces, one-row steps fold the all-reduce after a row-parallel linear into
         the fused GEMVs on either side of it (_fold_plan; off: ablations).
         piecewise_graphs: ragged steps replay piecewise CUDA graphs (lowering/backends/cuda_piecewise.py; default:
@@ -1852,26 +1853,56 @@ class _PushAllReduce:
 
         from kernels_gpu.all_reduce import int_view_dtype, sentinel
 
-        name = program.tp_group.group_name
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):
-            symm_mem.enable_symm_mem_for_group(name)
         idt = int_view_dtype(dtype)
         world, rank = program.tp_size, program.tp_rank
         self.cap = PUSH_ALL_REDUCE_BYTES // dtype.itemsize  # elements of one rank's partial
         per_node = world * self.cap
         total = num_nodes * per_node
-        local = symm_mem.empty(total, dtype=idt, device=program.device)
-        handle = symm_mem.rendezvous(local, name)
-        local.fill_(sentinel(idt))
-        peers = [local if r == rank else handle.get_buffer(r, (total,), idt) for r in range(world)]
+        if program.device.type == "cpu":  # the interpreter's ranks (tests): shared-memory files every rank maps
+            local, peers, handle = self._shared_files(program, total, idt)
+        else:
+            name = program.tp_group.group_name
+            if hasattr(symm_mem, "enable_symm_mem_for_group"):
+                symm_mem.enable_symm_mem_for_group(name)
+            local = symm_mem.empty(total, dtype=idt, device=program.device)
+            handle = symm_mem.rendezvous(local, name)
+            local.fill_(sentinel(idt))
+            peers = [local if r == rank else handle.get_buffer(r, (total,), idt) for r in range(world)]
         self.inboxes = [[p[k * per_node:(k + 1) * per_node] for p in peers] for k in range(num_nodes)]
         self.flags = torch.zeros(max(fold_slots, 1), dtype=torch.int32, device=program.device)
         self.fold_slots = fold_slots
         self._exchanges: dict = {}
         self.err = torch.zeros(1, dtype=torch.int32, device=program.device)
         self.rank, self.world, self._local, self._handle = rank, world, local, handle
-        torch.cuda.synchronize(program.device)
+        if program.device.type == "cuda":
+            torch.cuda.synchronize(program.device)
         dist.barrier(group=program.tp_group)  # every inbox is empty before any rank pushes
+
+    @staticmethod
+    def _shared_files(program, total: int, idt):
+        """(local, every rank's buffer, None) for ranks on the CPU: one file per rank in a directory rank 0 names,
+        mapped shared by every rank, then unlinked (the mappings stay)."""
+        import shutil
+        import tempfile
+
+        import torch
+        import torch.distributed as dist
+
+        from kernels_gpu.all_reduce import sentinel
+
+        group, rank = program.tp_group, program.tp_rank
+        where = [tempfile.mkdtemp(prefix="llmc-push-") if rank == 0 else None]
+        dist.broadcast_object_list(where, src=dist.get_global_rank(group, 0), group=group)
+        paths = [os.path.join(where[0], f"rank{r}") for r in range(program.tp_size)]
+        local = torch.from_file(paths[rank], shared=True, size=total, dtype=idt)
+        local.fill_(sentinel(idt))
+        dist.barrier(group=group)
+        peers = [local if r == rank else torch.from_file(paths[r], shared=True, size=total, dtype=idt)
+                 for r in range(program.tp_size)]
+        dist.barrier(group=group)
+        if rank == 0:
+            shutil.rmtree(where[0], ignore_errors=True)
+        return local, peers, None
 
     def fits(self, x) -> bool:
         return x.numel() <= self.cap and x.is_contiguous()
@@ -1955,8 +1986,9 @@ def _one_shot_all_reduces(program, dtype, num_nodes: int):
     not used (tp_all_reduce, no CUDA, torch without symmetric memory, fewer than two all-reduces a step for push).
     Every rank takes the same decision (they agree through the group) or they would wait in different collectives."""
     mode = program.tp_all_reduce
-    if mode == "nccl" or program.device.type != "cuda":
-        if mode in ("symm", "push"):
+    cpu_push = program.device.type == "cpu" and mode == "push"  # the interpreter's ranks (tests)
+    if mode == "nccl" or (program.device.type != "cuda" and not cpu_push):
+        if mode == "symm":
             raise RuntimeError(f"tp_all_reduce={mode!r} needs CUDA devices")
         return None, None
     key = str(dtype)
@@ -1965,7 +1997,7 @@ def _one_shot_all_reduces(program, dtype, num_nodes: int):
         import torch.distributed as dist
 
         group = program.tp_group
-        stale = _SYMM_GROUPS.get(group.group_name, group) is not group
+        stale = not cpu_push and _SYMM_GROUPS.get(group.group_name, group) is not group
         # first agree that no rank's symmetric memory set-up is stale, then that every rank set each kind up
         fresh = torch.tensor([int(not stale)], dtype=torch.int32, device=program.device)
         dist.all_reduce(fresh, op=dist.ReduceOp.MIN, group=group)
@@ -1984,7 +2016,8 @@ def _one_shot_all_reduces(program, dtype, num_nodes: int):
                 fold = program._fold if program._fold.get("dtype") == str(dtype) else {}
                 made[kind] = _SymmAllReduce(program, dtype) if kind == "symm" else \
                     _PushAllReduce(program, dtype, num_nodes, len(fold.get("ring", ())))
-                _SYMM_GROUPS[group.group_name] = group
+                if not cpu_push:
+                    _SYMM_GROUPS[group.group_name] = group
             except Exception as e:  # noqa: BLE001 - older torch, no NVLink P2P: NCCL does it
                 errors[kind] = e
             ok = torch.tensor([int(made[kind] is not None)], dtype=torch.int32, device=program.device)
@@ -2009,8 +2042,9 @@ def _fold_plan(graph: Graph, program, producers, users) -> dict:
     "slot": {all-reduce output or producer output: ring slot}, "node": {the same: the all-reduce's ordinal among all},
     "dtype"}, or {} (fewer than two, whose flags could not alternate; no tensor parallelism over CUDA with push
     all-reduces). A consumer that is the logits is left out: a step may pick no logit rows and not launch it."""
-    if program.tp_group is None or program.device.type != "cuda" or program.tp_all_reduce not in ("auto", "push") \
-            or not getattr(program, "fold_all_reduces", True):
+    cpu_push = program.device.type == "cpu" and program.tp_all_reduce == "push"  # the interpreter's ranks (tests)
+    if program.tp_group is None or (program.device.type != "cuda" and not cpu_push) \
+            or program.tp_all_reduce not in ("auto", "push") or not getattr(program, "fold_all_reduces", True):
         return {}
     position = {id(n): i for i, n in enumerate(graph.nodes)}
     ring, slot, ordinal = [], {}, {}

@@ -111,6 +111,37 @@ def test_cuda_tp2_program_matches_tp1(tp_models):
         p2.step_greedy(ok)
 
 
+def test_cuda_tp2_push_all_reduces_match_tp1(tp_models):
+    """tp_all_reduce="push" (on a CPU: the ranks' inboxes in shared-memory files, the kernels in the interpreter):
+    ragged steps whose all-reduce is fused with the add + RMSNorm after it, and one-row steps whose all-reduces fold
+    into the GEMVs around them, give TP=1's logits and tokens; every inbox is empty again after each step."""
+    one, two = tp_models
+    kw = dict(num_blocks=32, max_model_len=128, max_num_seqs=4, **cuda_device())
+    p1 = build_program("cuda", one.graph, one.params, **kw)
+    p2 = build_program("cuda", two.graph, two.params, tp_all_reduce="push", **kw)
+    try:
+        lay = PagedLayout(32, 16, seed=4)
+        rng = np.random.default_rng(5)
+        prompts = [rng.integers(0, 101, n).tolist() for n in (6, 19, 2)]
+        steps = [lay.step([(i, p, 0) for i, p in enumerate(prompts)]),
+                 lay.step([(0, [7], 6), (1, [8], 19), (2, [9], 2)])]
+        steps += [lay.step([(1, [10 + i], 20 + i)]) for i in range(3)]  # one row: folded
+        for step in steps:
+            np.testing.assert_allclose(p2.step(step), p1.step(step), rtol=1e-4, atol=1e-4)
+            assert np.array_equal(p2.step_greedy(step), p1.step_greedy(step))
+        local = p2.local
+        assert len(local._fold["ring"]) == 3 and local._deferred_all_reduces
+        (symm, push), = local._symm.values()
+        assert symm is None and push is not None
+        push.check()
+        from kernels_gpu.all_reduce import int_view_dtype, sentinel
+
+        assert all(bool((box[local.tp_rank] == sentinel(int_view_dtype(torch.float32))).all())
+                   for box in push.inboxes)
+    finally:
+        p2.close()
+
+
 def test_cuda_tp2_engine_tokens_equal_tp1(tp_models):
     """Greedy and seeded sampled requests: TP=1 without async scheduling and TP=2 with it (the workers launch each
     step with the feed of tokens still on the GPUs) give the same tokens. (TP=2's synchronous steps:
