@@ -138,8 +138,8 @@ def build(graph, tp: int, fraction: float, max_num_seqs: int, max_model_len: int
     source = RandomParams(seed=0)
     kw = dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len, gpu_memory_fraction=fraction)
     if tp > 1:
-        kw["tp_all_reduce"] = "auto" if all_reduce == "nofold" else all_reduce
-        kw["fold_all_reduces"] = all_reduce != "nofold"
+        kw["tp_all_reduce"] = "auto" if all_reduce == "fold" else all_reduce
+        kw["fold_all_reduces"] = all_reduce == "fold"
     if tp == 1:
         import torch
 
@@ -198,9 +198,9 @@ def main():
     ap.add_argument("--check-dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--check-only", action="store_true", help="only the token check, no timing")
     ap.add_argument("--all-reduce", nargs="+", default=["auto", "symm"],
-                    help="all-reduce implementations to time for TP > 1 (auto: push kernels up to 512 KiB, folded "
-                         "into the fused GEMVs at batch 1, then torch's one-shot, then NCCL; nofold: auto without the "
-                         "folding; push; symm: torch symmetric memory's one-shot; nccl)")
+                    help="all-reduce implementations to time for TP > 1 (auto: push kernels up to 512 KiB, then "
+                         "torch's one-shot, then NCCL; fold: auto with batch-1 all-reduces folded into the fused "
+                         "GEMVs; push; symm: torch symmetric memory's one-shot; nccl)")
     ap.add_argument("--modes", nargs="+", default=["async", "sync"], choices=["async", "sync"],
                     help="async: step t+1 launched before step t's tokens are back (the engine's default); sync")
     ap.add_argument("--profile", action="store_true", help="also print rank 0's kernel times per step")

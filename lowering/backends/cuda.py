@@ -149,7 +149,7 @@ class CudaProgram:
                  gpu_memory_fraction: float | None = None, kv_cache_bytes: int | None = None,
                  max_num_batched_tokens: int = 8192, cuda_graphs: bool | None = None, pool_fill: float = 0.0,
                  num_blocks_w: int | None = None, tp_rank: int = 0, tp_group: Any = None,
-                 tp_all_reduce: str = "auto", piecewise_graphs: bool | None = None, fold_all_reduces: bool = True):
+                 tp_all_reduce: str = "auto", piecewise_graphs: bool | None = None, fold_all_reduces: bool = False):
         """tp_rank / tp_group: this process's rank and its torch.distributed group, for a graph sharded by
         shard_tensor_parallel (lowering/backends/cuda_tp.py starts the ranks; a plain build refuses such a graph).
         tp_all_reduce: "nccl" (torch.distributed.all_reduce), "symm" (torch symmetric memory's one-shot all-reduce:
@@ -159,7 +159,8 @@ class CudaProgram:
         the CPU, in the interpreter, map each other's inboxes from shared-memory files: tests), "auto" (push, then
         symm, then NCCL by size, each where torch symmetric memory works on CUDA).
         fold_all_reduces: with push all-reduces, one-row steps fold the all-reduce after a row-parallel linear into
-        the fused GEMVs on either side of it (_fold_plan; off: ablations).
+        the fused GEMVs on either side of it (_fold_plan). Off by default: on two H200s a TP=2 Llama-3-8B-shaped
+        batch-1 step took 2.890 ms folded against 2.600 ms with push all-reduce kernels (BENCHMARKS.md).
         piecewise_graphs: ragged steps replay piecewise CUDA graphs (lowering/backends/cuda_piecewise.py; default:
         where decode steps replay CUDA graphs); False runs them eagerly (less GPU memory held by graphs)."""
         import torch
@@ -2044,7 +2045,7 @@ def _fold_plan(graph: Graph, program, producers, users) -> dict:
     all-reduces). A consumer that is the logits is left out: a step may pick no logit rows and not launch it."""
     cpu_push = program.device.type == "cpu" and program.tp_all_reduce == "push"  # the interpreter's ranks (tests)
     if program.tp_group is None or (program.device.type != "cuda" and not cpu_push) \
-            or program.tp_all_reduce not in ("auto", "push") or not getattr(program, "fold_all_reduces", True):
+            or program.tp_all_reduce not in ("auto", "push") or not getattr(program, "fold_all_reduces", False):
         return {}
     position = {id(n): i for i, n in enumerate(graph.nodes)}
     ring, slot, ordinal = [], {}, {}

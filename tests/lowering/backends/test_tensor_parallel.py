@@ -99,8 +99,8 @@ def test_cuda_tp2_program_matches_tp1(tp_models):
             one_row = lay.step([(0, [12 + pos], pos)])
             np.testing.assert_allclose(p2.step(one_row), p1.step(one_row), rtol=1e-4, atol=1e-4)
             assert np.array_equal(p2.step_greedy(one_row), p1.step_greedy(one_row))
-        if HAS_GPU:  # 2 layers: the o and down projections' all-reduces fold (not the embedding's, nor the last)
-            assert len(p2.local._fold["ring"]) == 3 and p2.local._fold["dtype"] == "torch.float32"
+        if HAS_GPU:  # push all-reduce kernels (not folded by default)
+            assert p2.local._fold == {}
             for symm, push in p2.local._symm.values():
                 assert push is not None
                 push.check()
@@ -111,14 +111,20 @@ def test_cuda_tp2_program_matches_tp1(tp_models):
         p2.step_greedy(ok)
 
 
-def test_cuda_tp2_push_all_reduces_match_tp1(tp_models):
+@pytest.mark.parametrize("fold", [False, True])
+def test_cuda_tp2_push_all_reduces_match_tp1(tp_models, fold):
     """tp_all_reduce="push" (on a CPU: the ranks' inboxes in shared-memory files, the kernels in the interpreter):
-    ragged steps whose all-reduce is fused with the add + RMSNorm after it, and one-row steps whose all-reduces fold
-    into the GEMVs around them, give TP=1's logits and tokens; every inbox is empty again after each step."""
+    ragged steps whose all-reduce is fused with the add + RMSNorm after it, and one-row steps (fold: their
+    all-reduces folded into the GEMVs around them) give TP=1's logits and tokens; every inbox is empty again."""
+    from lowering.backends import cuda
+
+    if HAS_GPU and cuda._SYMM_GROUPS:  # NOTE: torch sets symmetric memory up once per group name and process
+        pytest.skip("an earlier tensor-parallel program in this process took the group's symmetric memory (the "
+                    "GPU run of test_cuda_tp2_program_matches_tp1 covers push all-reduces)")
     one, two = tp_models
     kw = dict(num_blocks=32, max_model_len=128, max_num_seqs=4, **cuda_device())
     p1 = build_program("cuda", one.graph, one.params, **kw)
-    p2 = build_program("cuda", two.graph, two.params, tp_all_reduce="push", **kw)
+    p2 = build_program("cuda", two.graph, two.params, tp_all_reduce="push", fold_all_reduces=fold, **kw)
     try:
         lay = PagedLayout(32, 16, seed=4)
         rng = np.random.default_rng(5)
@@ -130,7 +136,7 @@ def test_cuda_tp2_push_all_reduces_match_tp1(tp_models):
             np.testing.assert_allclose(p2.step(step), p1.step(step), rtol=1e-4, atol=1e-4)
             assert np.array_equal(p2.step_greedy(step), p1.step_greedy(step))
         local = p2.local
-        assert len(local._fold["ring"]) == 3 and local._deferred_all_reduces
+        assert len(local._fold.get("ring", ())) == (3 if fold else 0) and local._deferred_all_reduces
         (symm, push), = local._symm.values()
         assert symm is None and push is not None
         push.check()
@@ -174,7 +180,8 @@ def test_fold_plan_takes_the_row_parallel_all_reduces_between_fused_gemvs(tp_mod
     from lowering.backends import cuda
 
     graph = tp_models[1].graph
-    program = types.SimpleNamespace(tp_group=object(), device=torch.device("cuda"), tp_all_reduce="auto")
+    program = types.SimpleNamespace(tp_group=object(), device=torch.device("cuda"), tp_all_reduce="auto",
+                                    fold_all_reduces=True)
     plan = cuda._fold_plan(graph, program, graph.producers(), graph.users())
     reduces = [n for n in graph.nodes if n.op == "all_reduce"]
     producers = graph.producers()
@@ -188,7 +195,7 @@ def test_fold_plan_takes_the_row_parallel_all_reduces_between_fused_gemvs(tp_mod
         assert plan["node"][name] == plan["node"][node.inputs[0]] == k
     assert plan["dtype"] == "torch.float32"
     for other in (dict(tp_all_reduce="nccl"), dict(tp_all_reduce="symm"), dict(device=torch.device("cpu")),
-                  dict(tp_group=None)):
+                  dict(tp_group=None), dict(fold_all_reduces=False)):
         assert cuda._fold_plan(graph, types.SimpleNamespace(**{**vars(program), **other}), producers,
                                graph.users()) == {}
 
