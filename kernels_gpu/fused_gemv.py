@@ -93,6 +93,12 @@ def pdl_enabled(device) -> bool:
 
 _PDL_DEVICES: dict = {}
 
+
+def pdl_launch(device) -> dict:
+    """A launch's keyword arguments for programmatic dependent launch where it is on (pdl_enabled): the kernel's PDL
+    flag and launch_pdl; {} elsewhere."""
+    return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {}
+
 @triton.jit
 def _activation(x_ptr, r_ptr, nw_ptr, rout_ptr, x_off, r_off, o_off, offs_k, k_mask, mask, store_mask, up_offset,
                 weight_offset, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr,

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels_gpu.fused_gemv import gdc_launch_dependents, gdc_wait, pdl_enabled
+from kernels_gpu.fused_gemv import gdc_launch_dependents, gdc_wait, pdl_launch
 from kernels_gpu.triton_env import interpreting as _interpreting
 from kernels_gpu.triton_env import tile_target
 
@@ -99,7 +99,7 @@ PDL_MAX_SEQS = 8
 
 def _pdl(device, num_seqs: int = 1) -> dict:
     """Launch options and the PDL flag where programmatic dependent launch is on for a step of num_seqs."""
-    return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) and num_seqs <= PDL_MAX_SEQS else {}
+    return pdl_launch(device) if num_seqs <= PDL_MAX_SEQS else {}
 NVFP4_BLOCK = 16
 
 

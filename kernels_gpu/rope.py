@@ -9,13 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels_gpu.fused_gemv import gdc_launch_dependents, gdc_wait, pdl_enabled
+from kernels_gpu.fused_gemv import gdc_launch_dependents, gdc_wait, pdl_launch
 from kernels_gpu.kv_write import validate_kv_write
-
-
-def _pdl(device) -> dict:
-    """Launch options and the PDL flag for programmatic dependent launch where it is on (fused_gemv.USE_PDL)."""
-    return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {}
 
 # Tuning data: heads rotated per loop step by one program (one program per token).
 ROPE_BLOCK_H = 8
@@ -167,7 +162,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_fr
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
         0, 0, 0, 0, 0, 0, 0,
         HAS_LONG=has_long, BLOCK_H=ROPE_BLOCK_H, BLOCK_HALF=triton.next_power_of_2(half_dim),
-        num_warps=ROPE_NUM_WARPS, **_pdl(q.device),
+        num_warps=ROPE_NUM_WARPS, **pdl_launch(q.device),
     )
     return q_out, k_out
 
@@ -202,7 +197,7 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
         v.stride(0), v.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         v_pool.stride(2),
         HAS_LONG=has_long, BLOCK_H=ROPE_BLOCK_H, BLOCK_HALF=triton.next_power_of_2(half_dim), WRITE_KV=True,
-        num_warps=ROPE_NUM_WARPS, **_pdl(q.device),
+        num_warps=ROPE_NUM_WARPS, **pdl_launch(q.device),
     )
     return q_out
 
