@@ -1,7 +1,7 @@
 """Decode GEMVs with the producer fused in (kernels_gpu.fused_gemv) vs what they replace, on one GPU, same run.
 
-For each projection of a Llama-3.2-1B-shaped (and a Llama-3-8B-shaped, whole or one rank's share at tensor_parallel=2)
-layer at M = 1, 2, 4 activation rows:
+For each projection of a Llama-3.2-1B-shaped (and a Llama-3-8B-shaped, whole or one rank's share at tensor_parallel=2,
+and a SmolLM2-135M-shaped) layer at M = 1, 2, 4 activation rows (--ms; M > 1 as --multi-row runs them):
   unfused  the CUDA backend's path before the fusion: the producer kernel (add_rms_norm / silu_and_mul, or nothing)
            then cuBLAS bf16 (F.linear); for the logits also the f32 cast
   cuBLAS   F.linear alone (the GEMV's peer: what the weight read costs cuBLAS)
@@ -10,11 +10,12 @@ Each case is a CUDA graph of calls rotating between copies of the weight (togeth
 25 replays, per call (benchmarks/gpu_linear.py's method). Every fused output is checked against its float64 reference
 in the same run. Rates are TB/s of weight bytes.
 
-  --sweep   first times a grid of tiles (BLOCK_N, BLOCK_K, warps, stages) per prologue and M, and uses the best per
-            (M, shape) for the table (the JSON keeps the whole grid)
+  --sweep   first times a grid of tiles (BLOCK_N, BLOCK_K, warps, stages) per prologue and M, and shows the best per
+            (M, shape) beside the default (the JSON keeps the whole grid)
 
 Prints a table last; writes JSON to $OUT/gpu_fused_gemv.json (or ./bench_results/).
-    PYTHONPATH=. python3 benchmarks/gpu_fused_gemv.py [--sweep] [--models 1b 8b]
+    PYTHONPATH=. python3 benchmarks/gpu_fused_gemv.py [--sweep] [--models 1b 8b 8b-tp2 smollm2] [--ms 1 5 16]
+        [--multi-row dot|row_split|rows]
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ MODELS = {  # name: {projection: (N, K, prologue)}
            "down": (2048, 8192, "silu"), "lm_head": (128256, 2048, "logits")},
     "8b": {"qkv": (6144, 4096, "add_norm"), "o_proj": (4096, 4096, "none"), "gate_up": (28672, 4096, "add_norm"),
            "down": (4096, 14336, "silu"), "lm_head": (128256, 4096, "logits")},
+    "smollm2": {"qkv": (960, 576, "add_norm"), "o_proj": (576, 576, "none"), "gate_up": (3072, 576, "add_norm"),
+                "down": (576, 1536, "silu"), "lm_head": (49152, 576, "logits")},
     # one rank of Llama-3-8B at tensor_parallel=2 (column-parallel qkv / gate_up / logits, row-parallel o / down)
     "8b-tp2": {"qkv": (3072, 4096, "add_norm"), "o_proj": (4096, 2048, "none"), "gate_up": (14336, 4096, "add_norm"),
                "down": (4096, 7168, "silu"), "lm_head": (64128, 4096, "logits")},
@@ -44,7 +47,8 @@ MODELS = {  # name: {projection: (N, K, prologue)}
 MS = (1, 2, 4)
 SWEEP = {1: [(bn, bk, w, 3) for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for w in (4, 8)] + [(4, 2048, 8, 3)],
          2: [(bn, bk, w, 3) for bn in (4, 8) for bk in (256, 512) for w in (4, 8)],
-         4: [(bn, bk, w, 3) for bn in (4, 8) for bk in (128, 256) for w in (4, 8)]}
+         4: [(bn, bk, w, 3) for bn in (4, 8) for bk in (128, 256) for w in (4, 8)],
+         16: [(bn, bk, w, 3) for bn in (16, 32, 64) for bk in (128, 256) for w in (4, 8)]}
 EPS = 1e-5
 
 
@@ -89,9 +93,14 @@ def make_case(n, k, prologue, m, copies, gen):
     return fused, unfused, cublas, check
 
 
+def block_m(m):
+    """The tile table's BLOCK_M for m rows with the current fg.MULTI_ROW."""
+    return 16 if m > 1 and fg.MULTI_ROW == "dot" else (1 if m == 1 or fg.MULTI_ROW == "row_split" else fg._block_m(m))
+
+
 def with_tiles(m, tiles):
     """Force one tile config for BLOCK_M of m rows (the sweep)."""
-    fg.TILE_SIZES[("cuda", fg._block_m(m))] = [(1 << 62, *tiles)]
+    fg.TILE_SIZES[("cuda", block_m(m))] = [(1 << 62, *tiles)]
 
 
 def main():
@@ -99,11 +108,14 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--models", nargs="+", default=["1b", "8b"])
     ap.add_argument("--ms", type=int, nargs="+", default=list(MS))
+    ap.add_argument("--multi-row", choices=fg.MULTI_ROW_MODES, default=fg.MULTI_ROW,
+                    help="how the fused kernel runs M > 1 rows (kernels_gpu.fused_gemv.MULTI_ROW)")
     args = ap.parse_args()
+    fg.MULTI_ROW = args.multi_row
     gen = torch.Generator(device="cuda").manual_seed(0)
     defaults = {key: list(v) for key, v in fg.TILE_SIZES.items()}
     results = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "cases": [], "sweep": []}
+               "multi_row": args.multi_row, "cases": [], "sweep": []}
     rows = []
     for model in args.models:
         for name, (n, k, prologue) in MODELS[model].items():
@@ -111,7 +123,7 @@ def main():
             for m in args.ms:
                 fused, unfused, cublas, check = make_case(n, k, prologue, m, n_copies(wbytes, m), gen)
                 best = None
-                configs = SWEEP[m] if args.sweep else [None]
+                configs = SWEEP.get(block_m(m), SWEEP[1]) if args.sweep else [None]
                 for tiles in configs:
                     if tiles is not None:
                         with_tiles(m, tiles)

@@ -36,11 +36,11 @@ try:  # programmatic dependent launch (Hopper): griddepcontrol in the kernel, la
 except ImportError:  # pragma: no cover - older Triton
     gdc_launch_dependents = gdc_wait = None
 
-FUSED_MAX_M = 8  # activation rows one launch takes
+FUSED_MAX_M = 16  # activation rows one launch takes (MULTI_ROW "dot"; the CUDA-core paths take at most 8)
 # NOTE: on the H100 the fused GEMV beats the unfused norm / SwiGLU kernel + cuBLAS by 1.02-1.18x at M = 1 but loses
 # at M = 2 and 4 (0.52-0.97x with each shape's best tiles: every weight tile is multiplied by each row on the CUDA
-# cores), so the CUDA backend fuses only single-row steps (lowering/backends/cuda.py, FUSED_GEMV_ROWS); BENCHMARKS.md
-# has the sweep.
+# cores; the tensor-core tiles of MULTI_ROW "dot" lose too, see there), so the CUDA backend fuses only single-row steps
+# (lowering/backends/cuda.py, FUSED_GEMV_ROWS); BENCHMARKS.md has the sweeps.
 PROLOGUES = {"none": 0, "rms_norm": 1, "silu": 2, "gelu_tanh": 3}
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -55,15 +55,29 @@ TILE_SIZES = {
     ("cuda", 4): [(2048, 4, 256, 8, 3), (1 << 62, 8, 256, 4, 3)],
     ("cuda", 8): [(2048, 4, 128, 8, 3), (1 << 62, 8, 128, 4, 3)],  # (scaled from M = 4, not swept)
 }
+# BLOCK_M = 16: MULTI_ROW "dot", all rows in one tensor-core tile (rows past M are zeros).
+# NOTE: .device sweep on an H200 (2026-11-29, SmolLM2-135M shapes, M = 5, 20 tiles): within 0.4 us of each shape's best
+# except the down projection (8.9 us against 6.0 us with a split-K variant, which lost elsewhere and was dropped).
+TILE_SIZES[("cuda", 16)] = [(4096, 16, 128, 4, 3), (1 << 62, 64, 128, 4, 3)]
 for _bm in (1, 2, 4, 8):
     TILE_SIZES[("interpret", _bm)] = [(1 << 62, 8, 32, 4, 1)]
+TILE_SIZES[("interpret", 16)] = [(1 << 62, 16, 32, 4, 1)]
 
-# M > 1 rows: one program per (N tile, row), each running the one-row loop, the M programs of a tile side by side so
-# that its weights are read from memory once and from the caches after (True); or one program per N tile taking all
-# rows in [BLOCK_M, BLOCK_N, BLOCK_K] products (False).
+# How a launch runs M > 1 rows:
+#   "dot"        one program per BLOCK_N weight rows takes all rows as one [16, BLOCK_K] x [BLOCK_K, BLOCK_N]
+#                tensor-core product per K step (M <= 16; the activation tile is rounded to the weight dtype first)
+#   "row_split"  one program per (N tile, row), each running the one-row loop, the M programs of a tile side by side
+#                so that its weights are read from memory once and from the caches after (M <= 8)
+#   "rows"       one program per N tile taking all rows in [BLOCK_M, BLOCK_N, BLOCK_K] CUDA-core products (M <= 8)
 # NOTE: the all-rows programs ran a q = 5 verification step of SmolLM2 in 1.56 ms against 1.04 ms with the unfused
-# kernels and cuBLAS, and Llama-3.2-1B's in 3.87 ms against 1.19 ms (H200, 2026-11-29): BENCHMARKS.md.
-ROW_SPLIT = True
+# kernels and cuBLAS, and Llama-3.2-1B's in 3.87 ms against 1.19 ms (H200, 2026-11-29): BENCHMARKS.md. The tensor-core
+# tiles (same day, H200) run SmolLM2's M = 5 projections at 0.7-1.2x the unfused kernels + cuBLAS (down 9.5 us vs
+# 6.5, o_proj 2.9 vs 3.4) and at 2-3x their own one-row time for the same weight bytes: each program computes the
+# prologue for all 16 rows of every K step, so the kernel is bound by that work, not by the weight reads; a q = 5
+# step with them took 1,033 us against 936 us unfused, hence the CUDA backend's FUSED_GEMV_ROWS = 1.
+MULTI_ROW = "dot"
+MULTI_ROW_MODES = ("dot", "row_split", "rows")
+CUDA_CORE_MAX_M = 8
 
 # Programmatic dependent launch on sm_90+: each launch may start while the kernel before it in the stream (or CUDA
 # graph) finishes; its programs load their first weight tile, which no earlier kernel writes, then wait
@@ -100,19 +114,30 @@ def pdl_launch(device) -> dict:
     return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {}
 
 @triton.jit
-def _activation(x_ptr, r_ptr, nw_ptr, rout_ptr, x_off, r_off, o_off, offs_k, k_mask, mask, store_mask, up_offset,
-                weight_offset, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                STORE_SUM: tl.constexpr):
-    """The activation tile a (f32, the shape of the offsets: [BLOCK_K] or [BLOCK_M, BLOCK_K]) and, for rms_norm, h^2
-    of its elements. rms_norm returns a = h * w_norm: the caller scales the dot by 1 / rms after the loop."""
-    act_ty = x_ptr.dtype.element_ty
-    a = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)  # x, or the gate
+def _act_load(x_ptr, r_ptr, x_off, r_off, mask, up_offset, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """The activation's raw inputs at these offsets: (x or the gate, the residual or the up half; else x again)."""
+    a = tl.load(x_ptr + x_off, mask=mask, other=0.0)
+    b = a
+    if PROLOGUE == 1:
+        if HAS_RESIDUAL:
+            b = tl.load(r_ptr + r_off, mask=mask, other=0.0)
+    elif PROLOGUE >= 2:
+        b = tl.load(x_ptr + x_off + up_offset, mask=mask, other=0.0)
+    return a, b
+
+
+@triton.jit
+def _act_compute(a, b, nw_ptr, rout_ptr, act_ty: tl.constexpr, o_off, offs_k, k_mask, store_mask, weight_offset,
+                 PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                 STORE_SUM: tl.constexpr):
+    """_activation from _act_load's raw inputs."""
+    a = a.to(tl.float32)
     hsq = a
     if PROLOGUE == 1:
         h = a
         if HAS_RESIDUAL:
             # rounded to the stream's dtype before it is normalized, as HF's `residual + h` is
-            h = (h + tl.load(r_ptr + r_off, mask=mask, other=0.0).to(tl.float32)).to(rout_ptr.dtype.element_ty)
+            h = (h + b.to(tl.float32)).to(rout_ptr.dtype.element_ty)
             if STORE_SUM:
                 tl.store(rout_ptr + o_off, h, mask=store_mask)
             h = h.to(tl.float32)
@@ -122,9 +147,19 @@ def _activation(x_ptr, r_ptr, nw_ptr, rout_ptr, x_off, r_off, o_off, offs_k, k_m
             nw = nw + weight_offset
         a = h * nw
     elif PROLOGUE >= 2:
-        up = tl.load(x_ptr + x_off + up_offset, mask=mask, other=0.0).to(tl.float32)
-        a = act_and_mul(a, up, PROLOGUE == 3).to(act_ty).to(tl.float32)  # rounded where silu_and_mul stores it
+        a = act_and_mul(a, b.to(tl.float32), PROLOGUE == 3).to(act_ty).to(tl.float32)  # rounded as silu_and_mul's
     return a, hsq
+
+
+@triton.jit
+def _activation(x_ptr, r_ptr, nw_ptr, rout_ptr, x_off, r_off, o_off, offs_k, k_mask, mask, store_mask, up_offset,
+                weight_offset, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                STORE_SUM: tl.constexpr):
+    """The activation tile a (f32, the shape of the offsets: [BLOCK_K] or [BLOCK_M, BLOCK_K]) and, for rms_norm, h^2
+    of its elements. rms_norm returns a = h * w_norm: the caller scales the dot by 1 / rms after the loop."""
+    a, b = _act_load(x_ptr, r_ptr, x_off, r_off, mask, up_offset, PROLOGUE, HAS_RESIDUAL)
+    return _act_compute(a, b, nw_ptr, rout_ptr, x_ptr.dtype.element_ty, o_off, offs_k, k_mask, store_mask,
+                        weight_offset, PROLOGUE, HAS_RESIDUAL, HAS_OFFSET, STORE_SUM)
 
 
 @triton.jit
@@ -153,6 +188,15 @@ def _gather_row(x_ptr, in_ptr, flags_ptr, err_ptr, pid, K, max_spins, slot, prev
 
 
 @triton.jit
+def _dot_rows(acc, a, w, DOT_F32: tl.constexpr):
+    """acc [BM, BN] += a [BM, BK] (f32) @ w [BN, BK]^T on the tensor cores: a rounded to w's dtype (bf16 / f16), or
+    both in f32 (DOT_F32)."""
+    if DOT_F32:
+        return tl.dot(a, tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(a.to(w.dtype), tl.trans(w), acc)
+
+
+@triton.jit
 def fused_gemv_kernel(
     y_ptr,  # [M, N] out (y dtype)
     x_ptr,  # [*, K] activations (rms_norm / none), or [*, 2K] gate | up rows (silu / gelu_tanh)
@@ -172,6 +216,8 @@ def fused_gemv_kernel(
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (see USE_PDL)
     PREFETCH: tl.constexpr = False,  # one row: the first weight tile is loaded before anything else (with PDL: waited)
     ROW_SPLIT: tl.constexpr = False,  # BLOCK_M == 1 over M rows: program pid takes row pid % M of N tile pid // M
+    DOT: tl.constexpr = False,  # BLOCK_M >= 16: all rows in tensor-core products (MULTI_ROW "dot")
+    DOT_F32: tl.constexpr = False,  # DOT in f32 (f32 weights; the interpreter, whose bf16 dot is wrong)
     # an all-reduce folded in (inbox.Exchange; one row). EX_PUSH: the output tile also goes to region ex_rank (N
     # elements) of every rank's inbox e0... EX_GATHER: x (x_ptr, K elements) is first written by program 0 as the sum
     # of the inbox ex_in, which it empties; program 0 then raises ex_flags[ex_slot] (after lowering
@@ -242,6 +288,53 @@ def fused_gemv_kernel(
             sumsq1 += hsq
         acc = tl.sum(acc1, 1)[None, :]  # [1, BN]
         sumsq = tl.sum(sumsq1, 0)[None]  # [1]
+    elif DOT:
+        # The activation tile of the next K step is loaded before this step's is used (its L2 latency then overlaps
+        # the step), the weight tiles are pipelined by the compiler (num_stages).
+        if PREFETCH:  # as the one-row path's
+            w_first = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < K)[None, :], other=0.0)
+        if PDL:
+            gdc_wait()
+        if HAS_ROWS:
+            xrow = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        else:
+            xrow = offs_m.to(tl.int64)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        sumsq2 = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        x_row = (xrow * stride_xm)[:, None]  # [BM, 1]
+        r_row = (xrow * stride_rm)[:, None]
+        o_row = offs_m.to(tl.int64)[:, None] * stride_rom
+        row_stores = (offs_m < stores)[:, None]
+        f_mask = (kk < K)[None, :]
+        xa, xb = _act_load(x_ptr, r_ptr, x_row + kk[None, :], r_row + kk[None, :], m_mask[:, None] & f_mask,
+                           up_offset, PROLOGUE, HAS_RESIDUAL)
+        k_start = 0
+        if PREFETCH:
+            nk = BLOCK_K + kk
+            na, nb = _act_load(x_ptr, r_ptr, x_row + nk[None, :], r_row + nk[None, :],
+                               m_mask[:, None] & (nk < K)[None, :], up_offset, PROLOGUE, HAS_RESIDUAL)
+            a, hsq = _act_compute(xa, xb, nw_ptr, rout_ptr, act_ty, o_row + kk[None, :], kk[None, :], f_mask,
+                                  m_mask[:, None] & f_mask & row_stores, weight_offset, PROLOGUE, HAS_RESIDUAL,
+                                  HAS_OFFSET, STORE_SUM)
+            acc = _dot_rows(acc, a, w_first, DOT_F32)
+            sumsq2 += hsq
+            xa, xb = na, nb
+            k_start = BLOCK_K
+        for k0 in range(k_start, K, BLOCK_K):
+            offs_k = k0 + kk
+            k_mask = offs_k < K
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            nk = offs_k + BLOCK_K
+            na, nb = _act_load(x_ptr, r_ptr, x_row + nk[None, :], r_row + nk[None, :],
+                               m_mask[:, None] & (nk < K)[None, :], up_offset, PROLOGUE, HAS_RESIDUAL)
+            mask = m_mask[:, None] & k_mask[None, :]
+            a, hsq = _act_compute(xa, xb, nw_ptr, rout_ptr, act_ty, o_row + offs_k[None, :], offs_k[None, :],
+                                  k_mask[None, :], mask & row_stores, weight_offset, PROLOGUE, HAS_RESIDUAL,
+                                  HAS_OFFSET, STORE_SUM)
+            acc = _dot_rows(acc, a, w, DOT_F32)
+            sumsq2 += hsq
+            xa, xb = na, nb
+        sumsq = tl.sum(sumsq2, 1)  # [BM]
     else:
         if PDL:
             gdc_wait()
@@ -320,9 +413,23 @@ def activation_rows(x, rows, name: str, check) -> int:
     return x.shape[0] if rows is None else rows.shape[0]
 
 
+def _multi_row(m: int) -> str:
+    """How a launch of m rows runs: "one" (m <= 1) or the MULTI_ROW mode (checked)."""
+    if m <= 1:
+        return "one"
+    _check(MULTI_ROW in MULTI_ROW_MODES, f"MULTI_ROW must be one of {MULTI_ROW_MODES}, got {MULTI_ROW!r}")
+    return MULTI_ROW
+
+
+def max_rows() -> int:
+    """The most activation rows one launch takes with the current MULTI_ROW mode."""
+    return FUSED_MAX_M if MULTI_ROW == "dot" else CUDA_CORE_MAX_M
+
+
 def _check_rows(x, rows, name: str) -> int:
     m = activation_rows(x, rows, name, _check)
-    _check(m <= FUSED_MAX_M, f"{m} activation rows; the fused GEMV takes at most FUSED_MAX_M={FUSED_MAX_M}")
+    _check(m <= max_rows(), f"{m} activation rows; the fused GEMV takes at most {max_rows()} (FUSED_MAX_M="
+           f"{FUSED_MAX_M} with MULTI_ROW 'dot', {CUDA_CORE_MAX_M} otherwise)")
     return m
 
 
@@ -362,14 +469,17 @@ def _launch(y, x, weight, bias, rows, *, prologue: str, k: int, up_offset: int =
     ex_args = _exchange_args(exchange, x, y, prologue)
     if m == 0 or n == 0:
         return
-    row_split = m > 1 and ROW_SPLIT
-    block_m = 1 if row_split else _block_m(m)
+    mode = _multi_row(m)
+    row_split = mode == "row_split"
+    dot = mode == "dot"
+    block_m = 1 if row_split else (16 if dot else _block_m(m))
     block_n, block_k, warps, stages = _tiles(x.device, block_m, n)
+    n_tiles = triton.cdiv(n, block_n)
     has_res, store_sum = residual is not None, residual_out is not None
     pdl = pdl_enabled(x.device)
     extra = {"launch_pdl": True} if pdl else {}
     prefetch = pdl if PREFETCH_FIRST_TILE is None else PREFETCH_FIRST_TILE
-    fused_gemv_kernel[(triton.cdiv(n, block_n) * (m if row_split else 1),)](
+    fused_gemv_kernel[(n_tiles * (m if row_split else 1),)](
         y, x, residual if has_res else x, norm_weight if norm_weight is not None else x,
         residual_out if store_sum else (residual if has_res else x), weight, bias if bias is not None else weight,
         rows if rows is not None else y,
@@ -378,8 +488,10 @@ def _launch(y, x, weight, bias, rows, *, prologue: str, k: int, up_offset: int =
         weight.stride(0), y.stride(0),
         PROLOGUE=PROLOGUES[prologue], HAS_RESIDUAL=has_res, HAS_OFFSET=weight_offset is not None,
         HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        STORE_SUM=store_sum, ROUND_TO_ACT=round_to_act, PDL=pdl, PREFETCH=prefetch and block_m == 1,
-        ROW_SPLIT=row_split, num_warps=warps, num_stages=stages, **ex_args, **extra,
+        STORE_SUM=store_sum, ROUND_TO_ACT=round_to_act, PDL=pdl, PREFETCH=prefetch and (block_m == 1 or dot),
+        ROW_SPLIT=row_split, DOT=dot,
+        DOT_F32=dot and (_target(x.device) == "interpret" or weight.dtype == torch.float32),
+        num_warps=warps, num_stages=stages, **ex_args, **extra,
     )
 
 

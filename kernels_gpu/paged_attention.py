@@ -87,6 +87,16 @@ GROUPED_DECODE = {
        for b in (64, 128, 256) for f in ("bf16", "fp8")},
 }
 
+# Verification steps (up to GROUPED_MAX_Q new tokens per sequence, no sliding window) take the grouped kernel with
+# rows = new tokens x q heads per kv head (<= GROUPED_MAX_ROWS, HG lowered to keep HG x rows within it); off
+# (GROUPED_VERIFY = False): paged_attention_kernel, which tiles new tokens as the prefill does.
+# NOTE: H200, 2026-11-29, CUDA-graph replay of a batch-1 step at context 256: SmolLM2-135M-shaped q = 5 1,019-1,040 ->
+# 929-936 us, q = 9 1,024 -> 984 us; Llama-3.2-1B q = 5 1,166 -> 1,128 us, batch 4 x q 5 1,260 -> 1,227 us (q = 9 at
+# batch 4 lost: 1,246 -> 1,321 us, one program per sequence reading 36 rows padded to 64), hence rows <= 32.
+GROUPED_VERIFY = True
+GROUPED_MAX_Q = 16
+GROUPED_MAX_ROWS = 32
+
 KV_FORMATS = {"bf16": 0, "fp8": 1, "nvfp4": 2}
 
 
@@ -533,10 +543,13 @@ def _grouped_step(acc, m_i, l_i, q, qk_scale, start, kv_hi, kv_from, bt_row, kvh
                   k_cache_ptr, v_cache_ptr, stride_kn, stride_kb, stride_kh, stride_kd,
                   stride_vn, stride_vb, stride_vh, stride_vd, stride_btb,
                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DOT_F32: tl.constexpr, EVEN_D: tl.constexpr,
-                  MASKED: tl.constexpr, KV_EVICT: tl.constexpr, KV_CACHE: tl.constexpr, WINDOW: tl.constexpr):
+                  MASKED: tl.constexpr, KV_EVICT: tl.constexpr, KV_CACHE: tl.constexpr, WINDOW: tl.constexpr,
+                  row_hi=None, MULTI_Q: tl.constexpr = False):
     """One BLOCK_N step of paged_decode_grouped_kernel for its HG kv heads at once (3-D dots).
 
-    MASKED steps see positions kv_from (WINDOW; else 0) .. kv_hi - 1; nothing outside is loaded.
+    MASKED steps see positions kv_from (WINDOW; else 0) .. kv_hi - 1; nothing outside is loaded. MULTI_Q: the rows
+    are several new tokens of the sequence, row r sees positions below row_hi[r] (causal) in MASKED steps, and a row
+    may see no position of a step (or of a whole split).
     """
     if WINDOW:
         start = tl.multiple_of(start, BLOCK_N)  # the window's min/max bounds hide what every step start is
@@ -567,11 +580,17 @@ def _grouped_step(acc, m_i, l_i, q, qk_scale, start, kv_hi, kv_from, bt_row, kvh
         s = tl.dot(q, k.to(q.dtype))
     s = s * qk_scale[:, None, None]  # [HG, ROWS, BLOCK_N]
     if MASKED:
-        s = tl.where(n_valid[None, None, :], s, float("-inf"))
-    # every step has at least one visible position, so m_new is finite
+        if MULTI_Q:
+            s = tl.where(n_valid[None, None, :] & (offs_n[None, :] < row_hi[:, None])[None, :, :], s, float("-inf"))
+        else:
+            s = tl.where(n_valid[None, None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 2))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, :, None])
+    if MULTI_Q:  # a row that has seen nothing yet keeps m = -inf, l = 0, acc = 0
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:  # every step has at least one visible position, so m_new is finite
+        m_use = m_new
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, :, None])
     l_i = l_i * alpha + tl.sum(p, 2)
     if MASKED:
         v = tl.load(v_ptrs, mask=n_valid[None, :, None] & d_valid[None, None, :], other=0.0,
@@ -611,13 +630,16 @@ def paged_decode_grouped_kernel(
     EVEN_D: tl.constexpr, KV_EVICT: tl.constexpr = "", KV_CACHE: tl.constexpr = "",
     WINDOW: tl.constexpr = False,  # sliding window: the token sees positions > seq_len - 1 - window
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels_gpu.fused_gemv.pdl_enabled)
+    MULTI_Q: tl.constexpr = False,  # the rows hold up to ROWS // GROUP new tokens per sequence (no WINDOW)
 ):
-    """Decode (one new token per sequence): one program = one sequence's split of the context for HG kv heads.
+    """Decode: one program = one sequence's split of the context for HG kv heads.
 
     The pool is [N, block_size, Hkv, D], so the HG heads of a context position are one contiguous run of
     HG * D elements (a whole page when HG == Hkv): one program streams them together instead of HG programs
     each reading D-element pieces 1 / Hkv of a page apart. Rows: [HG, ROWS] = the GROUP q heads of each kv
-    head, padded to ROWS (>= 16 for the tensor cores).
+    head, padded to ROWS (>= 16 for the tensor cores). MULTI_Q (a verification step: each sequence's q_len
+    <= ROWS // GROUP new tokens are its last context positions): row r is q head r % GROUP of new token r // GROUP,
+    causal among the new tokens, so one program reads the context once for all of them.
     """
     if PDL:
         gdc_launch_dependents()
@@ -636,10 +658,20 @@ def paged_decode_grouped_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < head_dim
     kvh = hg * HG + offs_g  # i32[HG]
-    head = kvh[:, None] * GROUP + offs_r[None, :]  # [HG, ROWS]
-    row_valid = (offs_r < GROUP)[None, :] & (offs_g >= 0)[:, None]  # [HG, ROWS]
+    if not MULTI_Q:
+        head = kvh[:, None] * GROUP + offs_r[None, :]  # [HG, ROWS]
+        row_valid = (offs_r < GROUP)[None, :] & (offs_g >= 0)[:, None]  # [HG, ROWS]
+        row_tok = tok + offs_r * 0  # i64[ROWS]
+        row_hi = seq_len + offs_r * 0
+    else:
+        qi = offs_r // GROUP  # the new token of each row
+        head = kvh[:, None] * GROUP + (offs_r % GROUP)[None, :]
+        row_valid = (qi < q_len)[None, :] & (offs_g >= 0)[:, None]
+        row_tok = tok + qi
+        row_hi = seq_len - q_len + 1 + qi  # positions a row sees: below row_hi
+    trow = row_tok[None, :] * stride_qt  # [1, ROWS]
     q_mask = row_valid[:, :, None] & d_valid[None, None, :]
-    q = tl.load(q_ptr + tok * stride_qt + head[:, :, None] * stride_qh + offs_d[None, None, :] * stride_qd,
+    q = tl.load(q_ptr + trow[:, :, None] + head[:, :, None] * stride_qh + offs_d[None, None, :] * stride_qd,
                 mask=q_mask, other=0.0)  # [HG, ROWS, BLOCK_D]
     LOG2E: tl.constexpr = 1.4426950408889634
     if KV_FORMAT == 1:
@@ -673,7 +705,9 @@ def paged_decode_grouped_kernel(
     l_i = tl.zeros([HG, ROWS], dtype=tl.float32)
     acc = tl.zeros([HG, ROWS, BLOCK_D], dtype=tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bts
-    main_end = kv_lo + tl.maximum(kv_hi - kv_lo, 0) // BLOCK_N * BLOCK_N
+    # unmasked steps end before the first position some row must not see (MULTI_Q: the second new token)
+    all_see = tl.minimum(kv_hi, seq_len - q_len + 1) if MULTI_Q else kv_hi
+    main_end = kv_lo + tl.maximum(all_see - kv_lo, 0) // BLOCK_N * BLOCK_N
     if WINDOW:
         # The step holding kv_from (the first split's) and the context's last partial step take the masks; both
         # run after the unmasked ones (the online softmax takes steps in any order) in one loop of <= 2 steps, so
@@ -697,22 +731,25 @@ def paged_decode_grouped_kernel(
             acc, m_i, l_i = _grouped_step(acc, m_i, l_i, q, qk_scale, start, kv_hi, kv_from, bt_row, kvh, offs_d,
                                           d_valid, k_cache_ptr, v_cache_ptr, stride_kn, stride_kb, stride_kh,
                                           stride_kd, stride_vn, stride_vb, stride_vh, stride_vd, stride_btb,
-                                          BLOCK_N, PAGE, DOT_F32, EVEN_D, False, KV_EVICT, KV_CACHE, False)
+                                          BLOCK_N, PAGE, DOT_F32, EVEN_D, False, KV_EVICT, KV_CACHE, False,
+                                          row_hi, MULTI_Q)
         for start in range(main_end, kv_hi, BLOCK_N):
             acc, m_i, l_i = _grouped_step(acc, m_i, l_i, q, qk_scale, start, kv_hi, kv_from, bt_row, kvh, offs_d,
                                           d_valid, k_cache_ptr, v_cache_ptr, stride_kn, stride_kb, stride_kh,
                                           stride_kd, stride_vn, stride_vb, stride_vh, stride_vd, stride_btb,
-                                          BLOCK_N, PAGE, DOT_F32, EVEN_D, True, KV_EVICT, KV_CACHE, False)
+                                          BLOCK_N, PAGE, DOT_F32, EVEN_D, True, KV_EVICT, KV_CACHE, False,
+                                          row_hi, MULTI_Q)
     acc = acc * v_scale[:, None, None]
     if SPLIT_KV:
-        prow = split.to(tl.int64) * stride_ps + tok * stride_pt + head * stride_ph  # [HG, ROWS]
+        prow = split.to(tl.int64) * stride_ps + row_tok[None, :] * stride_pt + head * stride_ph  # [HG, ROWS]
         tl.store(part_out_ptr + prow[:, :, None] + offs_d[None, None, :], acc, mask=q_mask)
-        mrow = split.to(tl.int64) * stride_ms + tok * stride_mt + head
+        mrow = split.to(tl.int64) * stride_ms + row_tok[None, :] * stride_mt + head
         tl.store(part_m_ptr + mrow, m_i, mask=row_valid)
         tl.store(part_l_ptr + mrow, l_i, mask=row_valid)
     else:
         inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
-        o_ptrs = out_ptr + tok * stride_ot + head[:, :, None] * stride_oh + offs_d[None, None, :] * stride_od
+        o_ptrs = out_ptr + (row_tok[None, :] * stride_ot + head * stride_oh)[:, :, None] + \
+            offs_d[None, None, :] * stride_od
         tl.store(o_ptrs, (acc * inv_l[:, :, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
@@ -836,7 +873,9 @@ def paged_attention(
         max_q_len = int((query_start[1:] - query_start[:-1]).max().item())
     max_q_len = max(1, int(max_q_len))
 
-    grouped = _grouped_tiles(q, k_cache, max_q_len, kv_format)
+    grouped = None
+    if GROUPED_VERIFY or max_q_len == 1:
+        grouped = _grouped_tiles(q, k_cache, max_q_len, kv_format, window)
     if grouped is not None:
         return _grouped_decode(q, k_cache, v_cache, query_start, seq_lens, block_tables, grouped, scale=scale,
                                kv_format=kv_format, k_scale=k_scale, v_scale=v_scale, num_splits=num_splits,
@@ -924,11 +963,16 @@ def _reduce_splits(out, part_out, part_m, part_l, part_strides, ml_strides, num_
     )
 
 
-def _grouped_tiles(q, k_cache, max_q_len: int, kv_format: str):
-    """The GROUPED_DECODE tiles for this call (with HG fitted to Hkv), or None for paged_attention_kernel."""
-    if max_q_len != 1 or kv_format not in ("bf16", "fp8"):
+def _grouped_tiles(q, k_cache, max_q_len: int, kv_format: str, window=None):
+    """The GROUPED_DECODE tiles for this call (with HG fitted to Hkv), or None for paged_attention_kernel.
+    Steps of up to GROUPED_MAX_Q new tokens per sequence (verification) take the grouped kernel too, unwindowed,
+    while their rows (new tokens x q heads per kv head) fit GROUPED_MAX_ROWS."""
+    if kv_format not in ("bf16", "fp8"):
         return None
     _, block_size, num_kv_heads, head_dim = k_cache.shape
+    rows = max(16, triton.next_power_of_2(max_q_len * (q.shape[1] // num_kv_heads)))
+    if max_q_len > 1 and (window is not None or max_q_len > GROUPED_MAX_Q or rows > GROUPED_MAX_ROWS):
+        return None
     target = tile_target(q.device)
     if q.dtype == torch.float32 and target == "cuda":
         return None  # f32 queries (tests) keep the 2-D kernel
@@ -937,9 +981,9 @@ def _grouped_tiles(q, k_cache, max_q_len: int, kv_format: str):
     if tiles is None or block_size & (block_size - 1):
         return None
     hg = tiles["HG"]
-    while num_kv_heads % hg:
+    while num_kv_heads % hg or (hg > 1 and hg * rows > GROUPED_MAX_ROWS):
         hg //= 2
-    return {**tiles, "HG": hg}
+    return {**tiles, "HG": hg, "ROWS": rows, "MULTI_Q": max_q_len > 1}
 
 
 def grouped_heads(tiles: dict, num_seqs: int, num_kv_heads: int) -> int:
@@ -980,10 +1024,10 @@ def _grouped_decode(q, k_cache, v_cache, query_start, seq_lens, block_tables, ti
         float(scale), head_dim, num_splits, window or 0,
         *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(),
         *part_strides, *ml_strides,
-        GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), HG=hg, BLOCK_N=tiles["BLOCK_N"], BLOCK_D=block_d,
+        GROUP=group, ROWS=tiles["ROWS"], HG=hg, BLOCK_N=tiles["BLOCK_N"], BLOCK_D=block_d,
         PAGE=block_size, KV_FORMAT=KV_FORMATS[kv_format], SPLIT_KV=split_kv,
         DOT_F32=_interpreting() or q.dtype == torch.float32, EVEN_D=head_dim == block_d,
-        KV_EVICT=evict, KV_CACHE=cache, WINDOW=window is not None,
+        KV_EVICT=evict, KV_CACHE=cache, WINDOW=window is not None, MULTI_Q=tiles["MULTI_Q"],
         num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **launch_opts, **_pdl(q.device, num_seqs),
     )
     if split_kv:

@@ -44,7 +44,8 @@ MIN_CONTEXT_BUCKET = 256  # decode graphs are keyed by the step's longest contex
 # draft) with logits for all rows; q up to this many
 MAX_GRAPH_QUERY = 9
 # steps of at most this many rows run the decode GEMV fusions (kernels_gpu.fused_gemv; measured faster than the
-# unfused kernels + cuBLAS at one row only, see FUSED_MAX_M's note there)
+# unfused kernels + cuBLAS at one row only, also with tensor-core tiles for 2-16 rows: see FUSED_MAX_M's and
+# MULTI_ROW's notes there)
 FUSED_GEMV_ROWS = 1
 
 _TORCH_DTYPES: dict[str, Any] = {}

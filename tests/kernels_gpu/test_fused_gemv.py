@@ -5,9 +5,9 @@ import torch
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-5}  # relative (Frobenius) error
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-# (M, N, K): one to eight rows (a verification step's k + 1); N and K multiples of no tile (the interpreter's tiles are
-# 8 x 32)
-SHAPES = [(1, 37, 100), (2, 64, 96), (3, 13, 257), (4, 40, 64), (5, 24, 70), (8, 19, 33)]
+# (M, N, K): one to thirteen rows (a verification step's k + 1); N and K multiples of no tile (the interpreter's
+# tiles are 8 x 32, 16 x 32 for the tensor-core path)
+SHAPES = [(1, 37, 100), (2, 64, 96), (3, 13, 257), (4, 40, 64), (5, 24, 70), (8, 19, 33), (13, 21, 50)]
 
 
 def rel_err(out, ref):
@@ -143,6 +143,12 @@ def test_bad_input_is_refused_by_name(kernel_module, device):
     x, w, _ = make(1, 8, 32, torch.float32, device)
     with pytest.raises(ValueError, match="FUSED_MAX_M"):
         fg.gemv(torch.randn(fg.FUSED_MAX_M + 1, 32, device=device), w)
+    fg.MULTI_ROW, mode = "rowz", fg.MULTI_ROW
+    try:
+        with pytest.raises(ValueError, match="MULTI_ROW"):
+            fg.gemv(torch.randn(2, 32, device=device), w)
+    finally:
+        fg.MULTI_ROW = mode
     with pytest.raises(ValueError, match="K=32"):
         fg.gemv(x, torch.randn(8, 31, device=device))
     with pytest.raises(ValueError, match="keep_residual=False"):
@@ -181,13 +187,15 @@ def test_one_row_with_and_without_the_first_tile_prefetched(kernel_module, devic
     assert rel_err(fg.gemv(x, w, rows=rows), fg.ref_gemv(x, w, rows=rows)) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("m", [2, 3, 5, 8])
-@pytest.mark.parametrize("row_split", [True, False], ids=["row-split", "all-rows"])
-def test_multi_row_paths_match_reference(kernel_module, device, monkeypatch, m, row_split):
-    """Both ways of running M > 1 rows (one program per row, or all rows in one program) give the reference's
-    norm + GEMV with the new residual of every row, and SwiGLU + GEMV, for rows taken out of order."""
+@pytest.mark.parametrize("mode,m", [("dot", 2), ("dot", 5), ("dot", 9), ("dot", 16), ("row_split", 3),
+                                    ("row_split", 8), ("rows", 2), ("rows", 5)])
+def test_multi_row_paths_match_reference(kernel_module, device, monkeypatch, mode, m):
+    """Every way of running M > 1 rows (all rows in one tensor-core tile, one program per row, all rows on the CUDA
+    cores) gives the reference's norm + GEMV with the new residual of every row, and SwiGLU + GEMV, for rows taken
+    out of order; the tile path with and without its first weight tile prefetched (odd / even M)."""
     fg = kernel_module("fused_gemv")
-    monkeypatch.setattr(fg, "ROW_SPLIT", row_split)
+    monkeypatch.setattr(fg, "MULTI_ROW", mode)
+    monkeypatch.setattr(fg, "PREFETCH_FIRST_TILE", m % 2 == 1 or None)
     dtype = torch.float32
     x, w, b = make(m, 45, 70, dtype, device, seed=m, bias=True)
     gen = torch.Generator().manual_seed(m)
@@ -203,3 +211,4 @@ def test_multi_row_paths_match_reference(kernel_module, device, monkeypatch, m, 
     rows = torch.randperm(m + 3, generator=gen)[:m].to(torch.int32).to(device)
     want3 = xs.double()[rows.long()] @ w.double().T + b.double()
     assert rel_err(fg.gemv(xs, w, b, rows=rows), want3) < TOL[dtype]
+

@@ -222,6 +222,44 @@ def test_grouped_decode(pa, device, tolerances, monkeypatch, kv_format, block_si
     check_against_ref(pa, batch, tolerances, num_splits=num_splits, max_q_len=1)
 
 
+# Verification steps: every sequence's last token and a draft (q_len k + 1), one shorter, one idle, one whose whole
+# context is the new tokens
+VERIFY = [(5, 70), (5, 5), (3, 40), (0, 4), (5, 130), (2, 17), (5, 33)]
+
+
+@pytest.mark.parametrize("kv_format", ["bf16", "fp8"])
+@pytest.mark.parametrize("group, num_kv_heads, max_q_len", [(3, 3, 5), (4, 2, 8), (1, 4, 5)])
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "general"])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_verification_rows(pa, device, tolerances, monkeypatch, kv_format, group, num_kv_heads, max_q_len, grouped,
+                           num_splits):
+    """Several new tokens per sequence, causal among themselves: the grouped kernel's rows (new token x q head of
+    each kv head, whole splits that some rows see nothing of) and paged_attention_kernel agree with the reference."""
+    monkeypatch.setattr(pa, "GROUPED_VERIFY", grouped)
+    for target in ("cuda", "interpret"):  # grouped tiles for every format here (the GPU table lacks fp8 at D=64)
+        key = (target, 64, kv_format)
+        monkeypatch.setitem(pa.GROUPED_DECODE, key, pa.GROUPED_DECODE.get(key, {"HG": 2, "BLOCK_N": 32,
+                                                                                "num_warps": 4, "num_stages": 2}))
+    spec = [(min(a, max_q_len), c) for a, c in VERIFY]
+    batch = make_batch(spec, block_size=16, num_q_heads=group * num_kv_heads, num_kv_heads=num_kv_heads,
+                       head_dim=64, kv_format=kv_format, q_dtype=torch.bfloat16, device=device, seed=group)
+    tiles = pa._grouped_tiles(batch["q"], batch["k_cache"], max_q_len, kv_format)
+    assert tiles is not None and tiles["MULTI_Q"] and tiles["ROWS"] >= max_q_len * group
+    check_against_ref(pa, batch, tolerances, num_splits=num_splits, max_q_len=max_q_len)
+
+
+def test_grouped_verification_limits(pa, device):
+    """Windowed steps and rows past GROUPED_MAX_ROWS keep paged_attention_kernel; HG shrinks to fit the rows."""
+    q = torch.zeros(8, 16, 64, device=device, dtype=torch.bfloat16)
+    cache = torch.zeros(4, 16, 4, 64, device=device, dtype=torch.bfloat16)
+    assert pa._grouped_tiles(q, cache, 4, "bf16", window=8) is None
+    assert pa._grouped_tiles(q, cache, 4, "bf16")["ROWS"] == 16
+    assert pa._grouped_tiles(q, cache, pa.GROUPED_MAX_ROWS // 4 + 1, "bf16") is None
+    tiles = pa._grouped_tiles(q, cache, pa.GROUPED_MAX_ROWS // 4, "bf16")
+    assert tiles["ROWS"] == pa.GROUPED_MAX_ROWS and tiles["HG"] == 1 and tiles["MULTI_Q"]
+    assert not pa._grouped_tiles(q, cache, 1, "bf16")["MULTI_Q"]
+
+
 # Sliding window: decodes and prefill chunks whose cached prefixes span several windows, a verify-sized chunk, a
 # one-token context, an idle slot and a fresh prefill, all in one step.
 WINDOW_MIXED = [(5, 40), (1, 37), (3, 29), (1, 1), (0, 6), (9, 9), (2, 50)]
