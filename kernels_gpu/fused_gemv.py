@@ -188,6 +188,17 @@ def _gather_row(x_ptr, in_ptr, flags_ptr, err_ptr, pid, K, max_spins, slot, prev
 
 
 @triton.jit
+def _row_offsets(rows_ptr, offs_m, m_mask, stride_xm, stride_rm, stride_rom, HAS_ROWS: tl.constexpr):
+    """[BM, 1] offsets of the multi-row paths' rows: into x and the residual (through rows_ptr with HAS_ROWS), and
+    into the new residual (row m)."""
+    if HAS_ROWS:
+        xrow = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    else:
+        xrow = offs_m.to(tl.int64)
+    return (xrow * stride_xm)[:, None], (xrow * stride_rm)[:, None], offs_m.to(tl.int64)[:, None] * stride_rom
+
+
+@triton.jit
 def _dot_rows(acc, a, w, DOT_F32: tl.constexpr):
     """acc [BM, BN] += a [BM, BK] (f32) @ w [BN, BK]^T on the tensor cores: a rounded to w's dtype (bf16 / f16), or
     both in f32 (DOT_F32)."""
@@ -295,15 +306,9 @@ def fused_gemv_kernel(
             w_first = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < K)[None, :], other=0.0)
         if PDL:
             gdc_wait()
-        if HAS_ROWS:
-            xrow = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-        else:
-            xrow = offs_m.to(tl.int64)
+        x_row, r_row, o_row = _row_offsets(rows_ptr, offs_m, m_mask, stride_xm, stride_rm, stride_rom, HAS_ROWS)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         sumsq2 = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        x_row = (xrow * stride_xm)[:, None]  # [BM, 1]
-        r_row = (xrow * stride_rm)[:, None]
-        o_row = offs_m.to(tl.int64)[:, None] * stride_rom
         row_stores = (offs_m < stores)[:, None]
         f_mask = (kk < K)[None, :]
         xa, xb = _act_load(x_ptr, r_ptr, x_row + kk[None, :], r_row + kk[None, :], m_mask[:, None] & f_mask,
@@ -338,15 +343,9 @@ def fused_gemv_kernel(
     else:
         if PDL:
             gdc_wait()
-        if HAS_ROWS:
-            xrow = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-        else:
-            xrow = offs_m.to(tl.int64)
+        x_row, r_row, o_row = _row_offsets(rows_ptr, offs_m, m_mask, stride_xm, stride_rm, stride_rom, HAS_ROWS)
         acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
         sumsq2 = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        x_row = (xrow * stride_xm)[:, None]  # [BM, 1]
-        r_row = (xrow * stride_rm)[:, None]
-        o_row = offs_m.to(tl.int64)[:, None] * stride_rom
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + kk
             k_mask = offs_k < K
