@@ -193,6 +193,7 @@ class CudaProgram:
         self._symm: dict[str, Any] = {}
         self._deferred_all_reduces: set[str] = set()  # all-reduce outputs whose reduction a norm closure may take
         self._fold: dict = {}  # all-reduces folded into fused GEMVs at one-row steps (_fold_plan)
+        self._all_reduce_ordinal: dict[str, int] = {}  # an all-reduce's output: its index among the graph's (_plan)
         self.fold_all_reduces = bool(fold_all_reduces)
         # called with (inp, greedy, hidden) once a step is checked, before it runs (cuda_tp: rank 0 sends it on)
         self.on_step: Callable[..., None] | None = None
@@ -904,6 +905,8 @@ def _plan(graph: Graph, program: CudaProgram) -> list[tuple[Fn, list[str], list[
     position = {id(n): i for i, n in enumerate(graph.nodes)}
     plan: list[tuple[Fn, list[str], list[str], str]] = []
     skip: set[int] = set()
+    program._all_reduce_ordinal = {n.outputs[0]: k for k, n in enumerate(x for x in graph.nodes
+                                                                          if x.op == "all_reduce")}
     program._fold = _fold_plan(graph, program, producers, users)
     for i, node in enumerate(graph.nodes):
         if id(node) in skip:
@@ -1057,7 +1060,7 @@ def _gemv_fusion(graph, node: Node, users, producers, position, program):
         if may_defer:
             program._deferred_all_reduces.add(node.inputs[reduce[0]])
         fn = _norm_gemv_fn(norm, gemv, program, with_residual=True, keep_residual=keep, qw=qw, reduce=reduce,
-                           may_defer=may_defer, num_all_reduces=sum(n.op == "all_reduce" for n in graph.nodes),
+                           may_defer=may_defer, num_all_reduces=len(program._all_reduce_ordinal),
                            fold=None if reduce is None else program._fold.get("slot", {}).get(node.inputs[reduce[0]]))
         ins = [node.inputs[0], node.inputs[1], norm.inputs[1]] + rest
         outs = [gemv.outputs[0]] + ([summed] if keep else [])
@@ -1520,7 +1523,7 @@ def _fold_push(gemv: Node, graph, program):
     if slot is None:
         return None, None
     dtype = torch_dtype(graph.types[gemv.outputs[0]].dtype)
-    push = _one_shot_all_reduces(program, dtype, sum(n.op == "all_reduce" for n in graph.nodes))[1]
+    push = _one_shot_all_reduces(program, dtype, len(program._all_reduce_ordinal))[1]
     return (program._fold["node"][gemv.outputs[0]], slot), push
 
 
@@ -2097,8 +2100,7 @@ def _deferrable_all_reduce(graph, add: Node, producers, users, program) -> tuple
     for i, name in enumerate(add.inputs):
         src = producers.get(name)
         if src is not None and src.op == "all_reduce" and _only_consumer(graph, name, users) is add:
-            order = [n for n in graph.nodes if n.op == "all_reduce"]
-            return i, next(j for j, n in enumerate(order) if n is src), graph.types[name].dtype
+            return i, program._all_reduce_ordinal[name], graph.types[name].dtype
     return None
 
 
@@ -2109,12 +2111,12 @@ def _lower_all_reduce(node, graph, program, producers, users) -> Fn:
     import torch.distributed as dist
 
     group = program.tp_group
-    order = [n for n in graph.nodes if n.op == "all_reduce"]
-    k = next(i for i, n in enumerate(order) if n is node)
-    symm, push = _one_shot_all_reduces(program, torch_dtype(graph.types[node.inputs[0]].dtype), len(order))
+    count = len(program._all_reduce_ordinal)
+    k = program._all_reduce_ordinal[node.outputs[0]]
+    symm, push = _one_shot_all_reduces(program, torch_dtype(graph.types[node.inputs[0]].dtype), count)
     # torch's one-shot kernel: rotating buffers: all-reduce k of the step takes k % 2, and the last takes 2 when their
     # count is odd, so two consecutive all-reduces (also the last of a step and the first of the next) never share one
-    slot = 2 if (len(order) % 2 and k == len(order) - 1) else k % 2
+    slot = 2 if (count % 2 and k == count - 1) else k % 2
 
     out_name = node.outputs[0]
     fold = program._fold.get("slot", {}).get(out_name)
