@@ -48,6 +48,7 @@ MS = (1, 2, 4)
 SWEEP = {1: [(bn, bk, w, 3) for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for w in (4, 8)] + [(4, 2048, 8, 3)],
          2: [(bn, bk, w, 3) for bn in (4, 8) for bk in (256, 512) for w in (4, 8)],
          4: [(bn, bk, w, 3) for bn in (4, 8) for bk in (128, 256) for w in (4, 8)],
+         8: [(bn, bk, 8, 3) for bn, bk in ((2, 1024), (4, 512), (4, 1024), (8, 256))],
          16: [(bn, bk, w, 3) for bn in (16, 32, 64) for bk in (128, 256) for w in (4, 8)]}
 EPS = 1e-5
 
