@@ -661,17 +661,18 @@ def paged_decode_grouped_kernel(
     if not MULTI_Q:
         head = kvh[:, None] * GROUP + offs_r[None, :]  # [HG, ROWS]
         row_valid = (offs_r < GROUP)[None, :] & (offs_g >= 0)[:, None]  # [HG, ROWS]
-        row_tok = tok + offs_r * 0  # i64[ROWS]
-        row_hi = seq_len + offs_r * 0
+        tok2 = tok  # the token of every row (scalar)
+        tok3 = tok
+        row_hi = seq_len
     else:
         qi = offs_r // GROUP  # the new token of each row
         head = kvh[:, None] * GROUP + (offs_r % GROUP)[None, :]
         row_valid = (qi < q_len)[None, :] & (offs_g >= 0)[:, None]
-        row_tok = tok + qi
+        tok2 = (tok + qi)[None, :]  # [1, ROWS]
+        tok3 = tok2[:, :, None]  # [1, ROWS, 1]
         row_hi = seq_len - q_len + 1 + qi  # positions a row sees: below row_hi
-    trow = row_tok[None, :] * stride_qt  # [1, ROWS]
     q_mask = row_valid[:, :, None] & d_valid[None, None, :]
-    q = tl.load(q_ptr + trow[:, :, None] + head[:, :, None] * stride_qh + offs_d[None, None, :] * stride_qd,
+    q = tl.load(q_ptr + tok3 * stride_qt + head[:, :, None] * stride_qh + offs_d[None, None, :] * stride_qd,
                 mask=q_mask, other=0.0)  # [HG, ROWS, BLOCK_D]
     LOG2E: tl.constexpr = 1.4426950408889634
     if KV_FORMAT == 1:
@@ -741,15 +742,14 @@ def paged_decode_grouped_kernel(
                                           row_hi, MULTI_Q)
     acc = acc * v_scale[:, None, None]
     if SPLIT_KV:
-        prow = split.to(tl.int64) * stride_ps + row_tok[None, :] * stride_pt + head * stride_ph  # [HG, ROWS]
+        prow = split.to(tl.int64) * stride_ps + tok2 * stride_pt + head * stride_ph  # [HG, ROWS]
         tl.store(part_out_ptr + prow[:, :, None] + offs_d[None, None, :], acc, mask=q_mask)
-        mrow = split.to(tl.int64) * stride_ms + row_tok[None, :] * stride_mt + head
+        mrow = split.to(tl.int64) * stride_ms + tok2 * stride_mt + head
         tl.store(part_m_ptr + mrow, m_i, mask=row_valid)
         tl.store(part_l_ptr + mrow, l_i, mask=row_valid)
     else:
         inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
-        o_ptrs = out_ptr + (row_tok[None, :] * stride_ot + head * stride_oh)[:, :, None] + \
-            offs_d[None, None, :] * stride_od
+        o_ptrs = out_ptr + tok3 * stride_ot + head[:, :, None] * stride_oh + offs_d[None, None, :] * stride_od
         tl.store(o_ptrs, (acc * inv_l[:, :, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
