@@ -94,14 +94,9 @@ def make_case(n, k, prologue, m, copies, gen):
     return fused, unfused, cublas, check
 
 
-def block_m(m):
-    """The tile table's BLOCK_M for m rows with the current fg.MULTI_ROW."""
-    return 16 if m > 1 and fg.MULTI_ROW == "dot" else (1 if m == 1 or fg.MULTI_ROW == "row_split" else fg._block_m(m))
-
-
 def with_tiles(m, tiles):
     """Force one tile config for BLOCK_M of m rows (the sweep)."""
-    fg.TILE_SIZES[("cuda", block_m(m))] = [(1 << 62, *tiles)]
+    fg.TILE_SIZES[("cuda", fg._tile_block_m(m))] = [(1 << 62, *tiles)]
 
 
 def main():
@@ -124,7 +119,7 @@ def main():
             for m in args.ms:
                 fused, unfused, cublas, check = make_case(n, k, prologue, m, n_copies(wbytes, m), gen)
                 best = None
-                configs = SWEEP.get(block_m(m), SWEEP[1]) if args.sweep else [None]
+                configs = SWEEP.get(fg._tile_block_m(m), SWEEP[1]) if args.sweep else [None]
                 for tiles in configs:
                     if tiles is not None:
                         with_tiles(m, tiles)

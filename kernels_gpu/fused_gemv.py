@@ -420,6 +420,12 @@ def _multi_row(m: int) -> str:
     return MULTI_ROW
 
 
+def _tile_block_m(m: int) -> int:
+    """The tile table's BLOCK_M for a launch of m rows (with the current MULTI_ROW mode)."""
+    mode = _multi_row(m)
+    return 16 if mode == "dot" else (1 if mode in ("one", "row_split") else _block_m(m))
+
+
 def max_rows() -> int:
     """The most activation rows one launch takes with the current MULTI_ROW mode."""
     return FUSED_MAX_M if MULTI_ROW == "dot" else CUDA_CORE_MAX_M
@@ -471,14 +477,13 @@ def _launch(y, x, weight, bias, rows, *, prologue: str, k: int, up_offset: int =
     mode = _multi_row(m)
     row_split = mode == "row_split"
     dot = mode == "dot"
-    block_m = 1 if row_split else (16 if dot else _block_m(m))
+    block_m = _tile_block_m(m)
     block_n, block_k, warps, stages = _tiles(x.device, block_m, n)
-    n_tiles = triton.cdiv(n, block_n)
     has_res, store_sum = residual is not None, residual_out is not None
     pdl = pdl_enabled(x.device)
     extra = {"launch_pdl": True} if pdl else {}
     prefetch = pdl if PREFETCH_FIRST_TILE is None else PREFETCH_FIRST_TILE
-    fused_gemv_kernel[(n_tiles * (m if row_split else 1),)](
+    fused_gemv_kernel[(triton.cdiv(n, block_n) * (m if row_split else 1),)](
         y, x, residual if has_res else x, norm_weight if norm_weight is not None else x,
         residual_out if store_sum else (residual if has_res else x), weight, bias if bias is not None else weight,
         rows if rows is not None else y,

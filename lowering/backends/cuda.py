@@ -905,8 +905,7 @@ def _plan(graph: Graph, program: CudaProgram) -> list[tuple[Fn, list[str], list[
     position = {id(n): i for i, n in enumerate(graph.nodes)}
     plan: list[tuple[Fn, list[str], list[str], str]] = []
     skip: set[int] = set()
-    program._all_reduce_ordinal = {n.outputs[0]: k for k, n in enumerate(x for x in graph.nodes
-                                                                          if x.op == "all_reduce")}
+    program._all_reduce_ordinal = _all_reduce_ordinals(graph)
     program._fold = _fold_plan(graph, program, producers, users)
     for i, node in enumerate(graph.nodes):
         if id(node) in skip:
@@ -1991,7 +1990,7 @@ def _one_shot_all_reduces(program, dtype, num_nodes: int):
     not used (tp_all_reduce, no CUDA, torch without symmetric memory, fewer than two all-reduces a step for push).
     Every rank takes the same decision (they agree through the group) or they would wait in different collectives."""
     mode = program.tp_all_reduce
-    cpu_push = program.device.type == "cpu" and mode == "push"  # the interpreter's ranks (tests)
+    cpu_push = _cpu_push(program)
     if mode == "nccl" or (program.device.type != "cuda" and not cpu_push):
         if mode == "symm":
             raise RuntimeError(f"tp_all_reduce={mode!r} needs CUDA devices")
@@ -2040,6 +2039,16 @@ def _one_shot_all_reduces(program, dtype, num_nodes: int):
     return program._symm[key]
 
 
+def _all_reduce_ordinals(graph: Graph) -> dict[str, int]:
+    """{an all-reduce's output: its index among the graph's all-reduces, in execution order}."""
+    return {n.outputs[0]: k for k, n in enumerate(x for x in graph.nodes if x.op == "all_reduce")}
+
+
+def _cpu_push(program) -> bool:
+    """Push all-reduces between ranks on the CPU (the interpreter's ranks in tests, over shared-memory files)."""
+    return program.device.type == "cpu" and program.tp_all_reduce == "push"
+
+
 def _fold_plan(graph: Graph, program, producers, users) -> dict:
     """The all-reduces folded into the fused GEMVs on either side of them at one-row steps (kernels_gpu.inbox.
     Exchange): a row-parallel dense linear (its input from attention or a SwiGLU) feeding only the all-reduce, whose
@@ -2047,13 +2056,13 @@ def _fold_plan(graph: Graph, program, producers, users) -> dict:
     "slot": {all-reduce output or producer output: ring slot}, "node": {the same: the all-reduce's ordinal among all},
     "dtype"}, or {} (fewer than two, whose flags could not alternate; no tensor parallelism over CUDA with push
     all-reduces). A consumer that is the logits is left out: a step may pick no logit rows and not launch it."""
-    cpu_push = program.device.type == "cpu" and program.tp_all_reduce == "push"  # the interpreter's ranks (tests)
-    if program.tp_group is None or (program.device.type != "cuda" and not cpu_push) \
+    if program.tp_group is None or (program.device.type != "cuda" and not _cpu_push(program)) \
             or program.tp_all_reduce not in ("auto", "push") or not getattr(program, "fold_all_reduces", False):
         return {}
     position = {id(n): i for i, n in enumerate(graph.nodes)}
     ring, slot, ordinal = [], {}, {}
-    for k, node in enumerate(n for n in graph.nodes if n.op == "all_reduce"):
+    for name, k in _all_reduce_ordinals(graph).items():
+        node = producers[name]
         src = producers.get(node.inputs[0])
         if src is None or src.op != "linear" or _only_consumer(graph, node.inputs[0], users) is not node:
             continue
