@@ -95,8 +95,10 @@ def make_case(n, k, prologue, m, copies, gen):
 
 
 def with_tiles(m, tiles):
-    """Force one tile config for BLOCK_M of m rows (the sweep)."""
-    fg.TILE_SIZES[("cuda", fg._tile_block_m(m))] = [(1 << 62, *tiles)]
+    """Force one tile config for BLOCK_M of m rows, every prologue (the sweep)."""
+    block_m = fg._tile_block_m(m)
+    for key in [k for k in fg.TILE_SIZES if k[:2] == ("cuda", block_m)]:
+        fg.TILE_SIZES[key] = [(1 << 62, *tiles)]
 
 
 def main():
@@ -134,6 +136,7 @@ def main():
                                              "err": err})
                     if best is None or ms < best[0]:
                         best = (ms, tiles, err)
+                fg.TILE_SIZES.clear()
                 fg.TILE_SIZES.update({key: list(v) for key, v in defaults.items()})
                 default_ms = bench_graph(fused) if args.sweep else best[0]
                 t_unfused, t_cublas = bench_graph(unfused), bench_graph(cublas)

@@ -118,6 +118,9 @@ def main() -> None:
     ap.add_argument("--fused-gemv-rows", type=int, default=None,
                     help="CUDA: steps of at most this many rows run the fused norm / SwiGLU + GEMV kernels (the "
                          "program's default otherwise)")
+    ap.add_argument("--dot-gemv-rows", type=int, default=None,
+                    help="CUDA: steps of 2 to this many rows run their small-K linears through the tensor-core GEMV "
+                         "(0: cuBLAS; the program's default otherwise)")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench_results"), "spec_decode.json"))
     args = ap.parse_args()
 
@@ -143,8 +146,11 @@ def main() -> None:
     base = Engine(target, speculative=False, **engine_kw)
 
     def configure(engine):
-        if args.fused_gemv_rows is not None:
-            engine.program.fused_gemv_rows = args.fused_gemv_rows
+        if args.fused_gemv_rows is not None or args.dot_gemv_rows is not None:
+            if args.fused_gemv_rows is not None:
+                engine.program.fused_gemv_rows = args.fused_gemv_rows
+            if args.dot_gemv_rows is not None:
+                engine.program.dot_gemv_rows = args.dot_gemv_rows
             engine.program.drop_decode_graphs()
         return engine
 

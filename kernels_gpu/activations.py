@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from kernels_gpu.quant_linear import fp8_inv_scale, fp8_row_scale, fp8_scaled
-from kernels_gpu.triton_env import interpreting, tile_target
+from kernels_gpu.triton_env import gdc_launch_dependents, gdc_wait, interpreting, tile_target
 
 # Tuning data: columns of the output each program handles, and its warps.
 SILU_BLOCK_F = 1024
@@ -44,9 +44,13 @@ def silu_and_mul_kernel(
     num_features,
     stride_gt, stride_ot,
     GELU_TANH: tl.constexpr, BLOCK_F: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (fused_gemv.pdl_launch)
 ):
     """One program per (token, BLOCK_F output columns): out[t, f] = act(gate[t, f]) * up[t, f], act = SiLU,
     or GELU-tanh when GELU_TANH."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()  # gate_up is the previous kernel's output
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)  # i32[BLOCK_F]
     mask = cols < num_features
@@ -106,7 +110,9 @@ def _validate(gate_up, name):
         raise ValueError(f"{name}: gate_up's last dim must be contiguous")
 
 
-def _act_and_mul(gate_up: torch.Tensor, *, gelu_tanh: bool, name: str) -> torch.Tensor:
+def _act_and_mul(gate_up: torch.Tensor, *, gelu_tanh: bool, name: str, pdl: bool) -> torch.Tensor:
+    from kernels_gpu.fused_gemv import pdl_launch  # (fused_gemv imports this module)
+
     _validate(gate_up, name)
     num_tokens, num_features = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty((num_tokens, num_features), dtype=gate_up.dtype, device=gate_up.device)  # [T, F]
@@ -119,6 +125,7 @@ def _act_and_mul(gate_up: torch.Tensor, *, gelu_tanh: bool, name: str) -> torch.
         num_features,
         gate_up.stride(0), out.stride(0),
         GELU_TANH=gelu_tanh, BLOCK_F=block_f, num_warps=SILU_NUM_WARPS,
+        **(pdl_launch(gate_up.device) if pdl else {}),
     )
     return out
 
@@ -153,15 +160,17 @@ def gelu_tanh_and_mul_fp8(gate_up: torch.Tensor):
     return _act_and_mul_fp8(gate_up, gelu_tanh=True, name="gelu_tanh_and_mul_fp8")
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[T, 2F] (gate | up) -> [T, F] = silu(gate) * up, silu in fp32, output in gate_up's dtype."""
-    return _act_and_mul(gate_up, gelu_tanh=False, name="silu_and_mul")
+def silu_and_mul(gate_up: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
+    """[T, 2F] (gate | up) -> [T, F] = silu(gate) * up, silu in fp32, output in gate_up's dtype. pdl: launched with
+    programmatic dependent launch where it is on (fused_gemv.pdl_launch), for a consumer that loads its weights
+    before waiting on this kernel."""
+    return _act_and_mul(gate_up, gelu_tanh=False, name="silu_and_mul", pdl=pdl)
 
 
-def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def gelu_tanh_and_mul(gate_up: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
     """[T, 2F] (gate | up) -> [T, F] = gelu_tanh(gate) * up, GELU (tanh approximation) in fp32, output in
-    gate_up's dtype."""
-    return _act_and_mul(gate_up, gelu_tanh=True, name="gelu_tanh_and_mul")
+    gate_up's dtype. pdl: as silu_and_mul's."""
+    return _act_and_mul(gate_up, gelu_tanh=True, name="gelu_tanh_and_mul", pdl=pdl)
 
 
 def ref_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

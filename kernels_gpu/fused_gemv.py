@@ -29,12 +29,8 @@ import triton.language as tl
 
 from kernels_gpu.activations import act_and_mul
 from kernels_gpu.inbox import Exchange, int_view_dtype, poll_sum, push, sendable, sentinel, spin_limit
+from kernels_gpu.triton_env import gdc_launch_dependents, gdc_wait
 from kernels_gpu.triton_env import tile_target as _target
-
-try:  # programmatic dependent launch (Hopper): griddepcontrol in the kernel, launch_pdl at the launch
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - older Triton
-    gdc_launch_dependents = gdc_wait = None
 
 FUSED_MAX_M = 16  # activation rows one launch takes (MULTI_ROW "dot"; the CUDA-core paths take at most 8)
 # NOTE: on the H100 the fused GEMV beats the unfused norm / SwiGLU kernel + cuBLAS by 1.02-1.18x at M = 1 but loses
@@ -59,6 +55,13 @@ TILE_SIZES = {
 # NOTE: .device sweep on an H200 (2026-11-29, SmolLM2-135M shapes, M = 5, 20 tiles): within 0.4 us of each shape's best
 # except the down projection (8.9 us against 6.0 us with a split-K variant, which lost elsewhere and was dropped).
 TILE_SIZES[("cuda", 16)] = [(4096, 16, 128, 4, 3), (1 << 62, 64, 128, 4, 3)]
+# (target, BLOCK_M, prologue) tables are keyed by K instead of N: (max K, BLOCK_N, BLOCK_K, warps, stages).
+# NOTE: "none" at BLOCK_M = 16 (the GEMVs of verification steps after an unfused norm / SwiGLU kernel): .device sweep
+# on an H200 (2026-11-29, M = 5, 12 tiles, SmolLM2-135M and Llama-3.2-1B shapes): K <= 1024 in one step of 32 x 1024
+# (SmolLM2 qkv / o_proj 2.3 us, gate_up 3.6 us; cuBLAS 4.1 / 3.5 / 4.2), longer K in 32 x 256 steps (SmolLM2 down
+# 4.7 us, cuBLAS 5.1; Llama-3.2-1B's K = 2048 / 8192 projections 7.0-21.7 us, cuBLAS 6.3-19.0: the CUDA backend keeps
+# cuBLAS there, lowering/backends/cuda.py DOT_GEMV_MAX_K)
+TILE_SIZES[("cuda", 16, "none")] = [(1024, 32, 1024, 8, 1), (1 << 62, 32, 256, 4, 3)]
 for _bm in (1, 2, 4, 8):
     TILE_SIZES[("interpret", _bm)] = [(1 << 62, 8, 32, 4, 1)]
 TILE_SIZES[("interpret", 16)] = [(1 << 62, 16, 32, 4, 1)]
@@ -75,6 +78,12 @@ TILE_SIZES[("interpret", 16)] = [(1 << 62, 16, 32, 4, 1)]
 # 6.5, o_proj 2.9 vs 3.4) and at 2-3x their own one-row time for the same weight bytes: each program computes the
 # prologue for all 16 rows of every K step, so the kernel is bound by that work, not by the weight reads; a q = 5
 # step with them took 1,033 us against 936 us unfused, hence the CUDA backend's FUSED_GEMV_ROWS = 1.
+# Later the same day (H200): the CUDA-core modes with the one-row tiles (a row's K in one 1,024-wide step, so "rows"
+# gave each row its one-row result bit for bit) cost 2.3-3.1x their one-row time at M = 5 (SmolLM2 gate_up 9.1 vs
+# 2.5 us, Llama-3.2-1B logits 363 vs 119 us: multiply-add issue, not weight reads, bounds them; a q = 5 SmolLM2 step
+# 1,064-1,121 us against 938 us unfused); "dot" tiles of BLOCK_K >= 512 with a norm / SwiGLU prologue spill (13-2,400
+# us). What pays at 2-16 rows is "dot" without a prologue after the unfused producer (TILE_SIZES' "none" table), which
+# the CUDA backend runs for small-K linears of such steps (its DOT_GEMV_ROWS).
 MULTI_ROW = "dot"
 MULTI_ROW_MODES = ("dot", "row_split", "rows")
 CUDA_CORE_MAX_M = 8
@@ -112,6 +121,7 @@ def pdl_launch(device) -> dict:
     """A launch's keyword arguments for programmatic dependent launch where it is on (pdl_enabled): the kernel's PDL
     flag and launch_pdl; {} elsewhere."""
     return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {}
+
 
 @triton.jit
 def _act_load(x_ptr, r_ptr, x_off, r_off, mask, up_offset, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
@@ -385,8 +395,14 @@ def _block_m(m: int) -> int:
     return 1 if m <= 1 else (2 if m == 2 else (4 if m <= 4 else 8))
 
 
-def _tiles(device, block_m: int, n: int) -> tuple[int, int, int, int]:
-    return next(tiles[1:] for tiles in TILE_SIZES[(_target(device), block_m)] if n <= tiles[0])
+def _tiles(device, block_m: int, n: int, k: int, prologue: str | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps, stages): the (target, BLOCK_M, prologue) table by K where there is one, else the
+    (target, BLOCK_M) table by N."""
+    key = (_target(device), block_m)
+    table, size = TILE_SIZES.get((*key, prologue)), k
+    if table is None:
+        table, size = TILE_SIZES[key], n
+    return next(tiles[1:] for tiles in table if size <= tiles[0])
 
 
 def _check_weight(weight, bias, k: int, device):
@@ -478,7 +494,7 @@ def _launch(y, x, weight, bias, rows, *, prologue: str, k: int, up_offset: int =
     row_split = mode == "row_split"
     dot = mode == "dot"
     block_m = _tile_block_m(m)
-    block_n, block_k, warps, stages = _tiles(x.device, block_m, n)
+    block_n, block_k, warps, stages = _tiles(x.device, block_m, n, k, prologue)
     has_res, store_sum = residual is not None, residual_out is not None
     pdl = pdl_enabled(x.device)
     extra = {"launch_pdl": True} if pdl else {}

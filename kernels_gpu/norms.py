@@ -4,7 +4,8 @@ import triton
 import triton.language as tl
 
 from kernels_gpu.quant_linear import fp8_inv_scale, fp8_row_scale, fp8_scaled
-from kernels_gpu.triton_env import interpreting
+from kernels_gpu.fused_gemv import pdl_launch
+from kernels_gpu.triton_env import gdc_launch_dependents, gdc_wait, interpreting
 
 # Tuning data: a row is normalized by one program holding it whole; warps by padded row width.
 NORM_MAX_HIDDEN = 65536
@@ -35,12 +36,16 @@ def add_rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_H: tl.constexpr,
     scale_ptr=None,  # FP8_OUT: f32[T] row scales
     FP8_OUT: tl.constexpr = False, ROUND_F32: tl.constexpr = False,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (fused_gemv.pdl_launch)
 ):
     """One program per token row: h = x (+ residual, rounded to its dtype);
     out = w * cast(h * rsqrt(mean(h^2) + eps)), or with HAS_OFFSET (Gemma)
     out = cast(h * rsqrt(mean(h^2) + eps) * (weight_offset + w)), cast = to x's dtype.
     FP8_OUT (W8A8): that row, as x's dtype holds it, quantized per row to e4m3 (out) with its scale (scale_ptr),
     as quant_linear.quantize_activation_fp8 would quantize it."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()  # x / residual are the previous kernel's output
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)  # i32[BLOCK_H]
     mask = cols < hidden_size
@@ -90,15 +95,17 @@ def _validate(x, residual, weight):
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 weight_offset: float | None = None):
+                 weight_offset: float | None = None, *, pdl: bool = False):
     """x: [T, H]; residual: [T, H] or None; weight: [H] -> (normed [T, H] in x's dtype, new_residual or None).
 
     new_residual = x + residual (in residual's dtype); normed = weight * cast_x(h / rms(h)) with h the
     new residual (or x when residual is None); with weight_offset (Gemma's 1.0),
-    normed = cast_x(h / rms(h) * (weight_offset + weight)) in fp32. Nothing is updated in place.
+    normed = cast_x(h / rms(h) * (weight_offset + weight)) in fp32. Nothing is updated in place. pdl: launched with
+    programmatic dependent launch where it is on (fused_gemv.pdl_launch), for a consumer that loads its weights
+    before waiting on this kernel.
     """
     _validate(x, residual, weight)
-    out, _, residual_out = _launch(x, residual, weight, eps, weight_offset, fp8=False)
+    out, _, residual_out = _launch(x, residual, weight, eps, weight_offset, fp8=False, pdl=pdl)
     return out, residual_out
 
 
@@ -111,7 +118,7 @@ def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     return _launch(x, residual, weight, eps, weight_offset, fp8=True)
 
 
-def _launch(x, residual, weight, eps, weight_offset, *, fp8: bool):
+def _launch(x, residual, weight, eps, weight_offset, *, fp8: bool, pdl: bool = False):
     num_tokens, hidden = x.shape
     out = torch.empty((num_tokens, hidden), dtype=torch.float8_e4m3fn if fp8 else x.dtype, device=x.device)
     scale = torch.empty((num_tokens,), dtype=torch.float32, device=x.device) if fp8 else None
@@ -130,6 +137,7 @@ def _launch(x, residual, weight, eps, weight_offset, *, fp8: bool):
         residual_out.stride(0) if has_residual else 0,
         HAS_RESIDUAL=has_residual, HAS_OFFSET=weight_offset is not None, BLOCK_H=block_h,
         scale_ptr=scale, FP8_OUT=fp8, ROUND_F32=fp8 and interpreting(), num_warps=num_warps,
+        **(pdl_launch(x.device) if pdl else {}),
     )
     return out, scale, residual_out
 

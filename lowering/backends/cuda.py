@@ -47,6 +47,13 @@ MAX_GRAPH_QUERY = 9
 # unfused kernels + cuBLAS at one row only, also with tensor-core tiles for 2-16 rows: see FUSED_MAX_M's and
 # MULTI_ROW's notes there)
 FUSED_GEMV_ROWS = 1
+# Steps of 2 to DOT_GEMV_ROWS rows (verification steps) run their dense linears of K <= DOT_GEMV_MAX_K through
+# kernels_gpu.fused_gemv.gemv's tensor-core tiles (MULTI_ROW "dot", no prologue) after the unfused norm / SwiGLU
+# kernel (both launched with PDL there); larger steps and longer K take cuBLAS. NOTE: H200, 2026-11-29, 5 rows: the
+# norm + GEMV pairs of SmolLM2-135M (K = 576 / 1536) 3.4-5.8 us against 5.9-7.0 us with cuBLAS; Llama-3.2-1B's
+# K >= 2048 projections are 0.6-1.0x cuBLAS in these tiles (fused_gemv's TILE_SIZES note)
+DOT_GEMV_ROWS = 16
+DOT_GEMV_MAX_K = 1536
 
 _TORCH_DTYPES: dict[str, Any] = {}
 
@@ -224,6 +231,7 @@ class CudaProgram:
         # fused (tests switch it off, or raise the rows to cover the kernel's multi-row path)
         self.fused_gemv = True
         self.fused_gemv_rows = FUSED_GEMV_ROWS
+        self.dot_gemv_rows = DOT_GEMV_ROWS  # (0: cuBLAS above fused_gemv_rows, for ablations)
         self.fused_rope_kv_write = True  # "rope(q,k)+kv_write" in one launch (off: the two kernels, for ablations)
         # W8A8 linears fed by a norm / SwiGLU get fp8 activations from that kernel (off: the norm / SwiGLU stores
         # its bf16 row and quant_linear quantizes it in a kernel of its own, for ablations)
@@ -1170,6 +1178,7 @@ def _norm_gemv_fn(norm: Node, gemv: Node, program, *, with_residual: bool, keep_
 
     eps, offset = norm.attrs["eps"], norm.attrs.get("weight_offset")
     logits = gemv.op in ("logits", "qlogits")
+    dot, dense = _dense_fn(program)
     workspace = None if qw is None else Workspace(program.device)  # this call site's split-K scratch
     push = None
     if reduce is not None:  # the all-reduce's lowering (earlier in the graph) made it
@@ -1201,12 +1210,13 @@ def _norm_gemv_fn(norm: Node, gemv: Node, program, *, with_residual: bool, keep_
                 part, other = (x, residual) if reduce[0] == 0 else (residual, x)
                 normed, summed = push.add_rms_norm(part, reduce[1], other, norm_w, eps, offset)
             else:
-                normed, summed = add_rms_norm(x, residual, norm_w, eps, offset)
+                normed, summed = add_rms_norm(x, residual, norm_w, eps, offset,
+                                              pdl=qw is None and not logits and dot(*x.shape))
             if logits:
                 picked = normed.index_select(0, rows)
                 y = (F.linear(picked, weight) if qw is None else _quantized_matmul(picked, qw)).float()
             else:
-                y = F.linear(normed, weight, bias) if qw is None else _quantized_matmul(normed, qw, bias)
+                y = dense(normed, weight, bias) if qw is None else _quantized_matmul(normed, qw, bias)
         return (y, summed) if keep_residual else (y,)
 
     return run
@@ -1226,14 +1236,13 @@ def _split_halves(graph, node: Node, producers) -> int | None:
 def _act_gemv_fn(node: Node, graph, program, producers, qw=None, gemv: Node | None = None) -> Fn:
     """qw: the QuantizedWeight of a qlinear consumer (its bias, if any, is the closure's last input). gemv: the linear
     (a folded all-reduce's producer: _fold_plan)."""
-    import torch.nn.functional as F
-
     from kernels_gpu.activations import gelu_tanh_and_mul, silu_and_mul
     from kernels_gpu.fused_gemv import act_gemv
     from kernels_gpu.fused_qgemv import Workspace, act_qgemv
 
     gelu = node.op == "gelu_tanh_mul"
     width = _split_halves(graph, node, producers)
+    dot, dense = _dense_fn(program)
     workspace = None if qw is None else Workspace(program.device)
     fold, push = (None, None) if gemv is None or qw is not None else _fold_push(gemv, graph, program)
 
@@ -1248,8 +1257,9 @@ def _act_gemv_fn(node: Node, graph, program, producers, qw=None, gemv: Node | No
                 return (act_gemv(base, weight, bias, act=act_name, exchange=ex),)
             if g.shape[0] == 1:
                 return (act_qgemv(base, qw, bias, act=act_name, workspace=workspace),)
-        act = gelu_tanh_and_mul(base) if gelu else silu_and_mul(base)
-        return (F.linear(act, weight, bias) if qw is None else _quantized_matmul(act, qw, bias),)
+        pdl = qw is None and dot(g.shape[0], width)
+        act = gelu_tanh_and_mul(base, pdl=pdl) if gelu else silu_and_mul(base, pdl=pdl)
+        return (dense(act, weight, bias) if qw is None else _quantized_matmul(act, qw, bias),)
 
     return run
 
@@ -1526,12 +1536,31 @@ def _fold_push(gemv: Node, graph, program):
     return (program._fold["node"][gemv.outputs[0]], slot), push
 
 
-def _lower_linear(node, graph, program, producers, users) -> Fn:
-    """cuBLAS, or kernels_gpu.fused_gemv.gemv for a step of at most program.fused_gemv_rows rows (1.09-1.18x cuBLAS
-    on the H100's batch-1 o_proj shapes)."""
+def _dense_fn(program):
+    """(dot, dense): dot(m, k) says whether an activation of m rows and k columns takes kernels_gpu.fused_gemv.gemv's
+    tensor-core tiles (2 to program.dot_gemv_rows rows, k <= DOT_GEMV_MAX_K; its producer then launches with PDL);
+    dense(x, weight, bias=None) -> x @ weight^T (+ bias) through them, or cuBLAS."""
     import torch.nn.functional as F
 
+    from kernels_gpu.fused_gemv import gemv, max_rows
+
+    def dot(m: int, k: int) -> bool:
+        return program.fused_gemv and 1 < m <= min(program.dot_gemv_rows, max_rows()) and k <= DOT_GEMV_MAX_K
+
+    def dense(x, weight, bias=None):
+        if dot(*x.shape) and weight.dim() == 2 and x.stride(-1) == 1:
+            return gemv(x, weight, bias)
+        return F.linear(x, weight, bias)
+
+    return dot, dense
+
+
+def _lower_linear(node, graph, program, producers, users) -> Fn:
+    """kernels_gpu.fused_gemv.gemv for a step of at most program.fused_gemv_rows rows (1.09-1.18x cuBLAS on the
+    H100's batch-1 o_proj shapes), else _dense_fn's."""
     from kernels_gpu.fused_gemv import gemv
+
+    _, dense = _dense_fn(program)
 
     fold, push = _fold_push(node, graph, program)
 
@@ -1539,7 +1568,7 @@ def _lower_linear(node, graph, program, producers, users) -> Fn:
         if program.fused_gemv and x.shape[0] <= program.fused_gemv_rows and weight.dim() == 2:
             ex = push.exchange(*fold, "push") if _folded(program, push, fold, x.shape[0]) else None
             return (gemv(x, weight, bias, exchange=ex),)
-        return (F.linear(x, weight, bias),)
+        return (dense(x, weight, bias),)
 
     return run
 

@@ -184,6 +184,17 @@ def test_one_row_with_and_without_the_first_tile_prefetched(kernel_module, devic
     assert rel_err(fg.gemv(x, w, rows=rows), fg.ref_gemv(x, w, rows=rows)) < TOL[torch.float32]
 
 
+def test_prologue_tile_tables_are_keyed_by_k(kernel_module, monkeypatch):
+    """A (target, BLOCK_M, prologue) tile table is looked up by K; without one, (target, BLOCK_M)'s by N."""
+    fg = kernel_module("fused_gemv")
+    dev = torch.device("cpu")
+    key = (fg._target(dev), 16)
+    monkeypatch.setitem(fg.TILE_SIZES, (*key, "none"), [(64, 16, 64, 4, 1), (1 << 62, 16, 32, 4, 2)])
+    assert fg._tiles(dev, 16, 1 << 20, 64, "none") == (16, 64, 4, 1)
+    assert fg._tiles(dev, 16, 8, 65, "none") == (16, 32, 4, 2)
+    assert fg._tiles(dev, 16, 8, 1 << 20, "rms_norm") == fg.TILE_SIZES[key][0][1:]
+
+
 @pytest.mark.parametrize("mode,m", [("dot", 2), ("dot", 5), ("dot", 9), ("dot", 16), ("row_split", 3),
                                     ("row_split", 8), ("rows", 2), ("rows", 5)])
 def test_multi_row_paths_match_reference(kernel_module, device, monkeypatch, mode, m):

@@ -135,6 +135,34 @@ def test_fused_gemv_decode_equals_unfused_and_cpu_target(tiny_models, name):
     fused.fused_gemv_rows = 4
     for want, got in zip(run_decode_steps(cpu, 5, 24), run_decode_steps(fused, 5, 24)):
         assert np.isfinite(got).all() and relerr(got, want) < 1e-4
+def test_small_steps_take_the_tensor_core_gemv(tiny_models, monkeypatch):
+    """Steps of 2 to dot_gemv_rows rows (verification steps; here 3-row decodes and an 8-row ragged step) run their
+    dense linears through fused_gemv.gemv's tensor-core tiles after the unfused norm / SwiGLU kernels; the 25-row
+    prefill and dot_gemv_rows = 0 take cuBLAS. Logits equal the CPU target's either way."""
+    import kernels_gpu.fused_gemv as fg
+
+    rows, real = [], fg.gemv
+
+    def spy(x, *args, **kw):
+        rows.append(x.shape[0])
+        return real(x, *args, **kw)
+
+    monkeypatch.setattr(fg, "gemv", spy)  # the closures import it when the program is built
+    cpu_cm, cuda_cm = tiny_models["llama"]
+    dot = cuda_cm.make_program(num_blocks=24, device=DEVICE, pool_fill=float("nan"))
+    plain = cuda_cm.make_program(num_blocks=24, device=DEVICE, pool_fill=float("nan"))
+    plain.dot_gemv_rows = 0
+    want = run_decode_steps(cpu_cm.make_program(num_blocks=24), 3, 24)
+    got = run_decode_steps(dot, 3, 24)
+    taken = set(rows) - {1}  # (3 and 8 here; with CUDA graphs the padded 4 and 16)
+    assert taken and max(taken) <= dot.dot_gemv_rows
+    rows.clear()
+    ref = run_decode_steps(plain, 3, 24)
+    assert set(rows) <= {1}
+    for w, g, r in zip(want, got, ref):
+        assert np.isfinite(g).all() and relerr(g, w) < 1e-4 and relerr(g, r) < 1e-5
+
+
 def test_prefill_fast_path_equals_paged_kernel(tiny_models):
     cpu_cm, cuda_cm = tiny_models["llama"]
     fast = cuda_cm.make_program(num_blocks=48, device=DEVICE, pool_fill=float("nan"))
