@@ -65,6 +65,8 @@ TILE_SIZES[("cuda", 16, "none")] = [(1024, 32, 1024, 8, 1), (1 << 62, 32, 256, 4
 for _bm in (1, 2, 4, 8):
     TILE_SIZES[("interpret", _bm)] = [(1 << 62, 8, 32, 4, 1)]
 TILE_SIZES[("interpret", 16)] = [(1 << 62, 16, 32, 4, 1)]
+# (the CUDA program's small steps under the interpreter: few programs, each a few numpy dots)
+TILE_SIZES[("interpret", 16, "none")] = [(1 << 62, 64, 128, 4, 1)]
 
 # How a launch runs M > 1 rows:
 #   "dot"        one program per BLOCK_N weight rows takes all rows as one [16, BLOCK_K] x [BLOCK_K, BLOCK_N]

