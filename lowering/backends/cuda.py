@@ -1548,7 +1548,7 @@ def _dense_fn(program):
         return program.fused_gemv and 1 < m <= min(program.dot_gemv_rows, max_rows()) and k <= DOT_GEMV_MAX_K
 
     def dense(x, weight, bias=None):
-        if dot(*x.shape) and weight.dim() == 2 and x.stride(-1) == 1:
+        if dot(*x.shape) and weight.dim() == 2 and x.stride(-1) == 1 and weight.stride(-1) == 1:
             return gemv(x, weight, bias)
         return F.linear(x, weight, bias)
 
