@@ -2084,13 +2084,14 @@ def _fold_plan(graph: Graph, program, producers, users) -> dict:
     output feeds only a residual add + RMSNorm + dense linear closure. -> {"ring": [all-reduce outputs],
     "slot": {all-reduce output or producer output: ring slot}, "node": {the same: the all-reduce's ordinal among all},
     "dtype"}, or {} (fewer than two, whose flags could not alternate; no tensor parallelism over CUDA with push
-    all-reduces). A consumer that is the logits is left out: a step may pick no logit rows and not launch it."""
+    all-reduces). A consumer that is the logits is left out: a step may pick no logit rows and not launch it.
+    Reads program._all_reduce_ordinal (_plan sets it first)."""
     if program.tp_group is None or (program.device.type != "cuda" and not _cpu_push(program)) \
             or program.tp_all_reduce not in ("auto", "push") or not getattr(program, "fold_all_reduces", False):
         return {}
     position = {id(n): i for i, n in enumerate(graph.nodes)}
     ring, slot, ordinal = [], {}, {}
-    for name, k in _all_reduce_ordinals(graph).items():
+    for name, k in program._all_reduce_ordinal.items():
         node = producers[name]
         src = producers.get(node.inputs[0])
         if src is None or src.op != "linear" or _only_consumer(graph, node.inputs[0], users) is not node:

@@ -181,7 +181,7 @@ def test_fold_plan_takes_the_row_parallel_all_reduces_between_fused_gemvs(tp_mod
 
     graph = tp_models[1].graph
     program = types.SimpleNamespace(tp_group=object(), device=torch.device("cuda"), tp_all_reduce="auto",
-                                    fold_all_reduces=True)
+                                    fold_all_reduces=True, _all_reduce_ordinal=cuda._all_reduce_ordinals(graph))
     plan = cuda._fold_plan(graph, program, graph.producers(), graph.users())
     reduces = [n for n in graph.nodes if n.op == "all_reduce"]
     producers = graph.producers()
