@@ -111,8 +111,6 @@ def _validate(gate_up, name):
 
 
 def _act_and_mul(gate_up: torch.Tensor, *, gelu_tanh: bool, name: str, pdl: bool) -> torch.Tensor:
-    from kernels_gpu.fused_gemv import pdl_launch  # (fused_gemv imports this module)
-
     _validate(gate_up, name)
     num_tokens, num_features = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty((num_tokens, num_features), dtype=gate_up.dtype, device=gate_up.device)  # [T, F]
@@ -125,9 +123,15 @@ def _act_and_mul(gate_up: torch.Tensor, *, gelu_tanh: bool, name: str, pdl: bool
         num_features,
         gate_up.stride(0), out.stride(0),
         GELU_TANH=gelu_tanh, BLOCK_F=block_f, num_warps=SILU_NUM_WARPS,
-        **(pdl_launch(gate_up.device) if pdl else {}),
+        **(_pdl_launch(gate_up.device) if pdl else {}),
     )
     return out
+
+
+def _pdl_launch(device) -> dict:
+    from kernels_gpu.fused_gemv import pdl_launch  # (fused_gemv imports this module: imported when first used)
+
+    return pdl_launch(device)
 
 
 def _act_and_mul_fp8(gate_up: torch.Tensor, *, gelu_tanh: bool, name: str):

@@ -135,6 +135,8 @@ def test_fused_gemv_decode_equals_unfused_and_cpu_target(tiny_models, name):
     fused.fused_gemv_rows = 4
     for want, got in zip(run_decode_steps(cpu, 5, 24), run_decode_steps(fused, 5, 24)):
         assert np.isfinite(got).all() and relerr(got, want) < 1e-4
+
+
 def test_small_steps_take_the_tensor_core_gemv(tiny_models, monkeypatch):
     """Steps of 2 to dot_gemv_rows rows (verification steps; here 3-row decodes and an 8-row ragged step) run their
     dense linears through fused_gemv.gemv's tensor-core tiles after the unfused norm / SwiGLU kernels; the 25-row
