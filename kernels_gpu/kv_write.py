@@ -4,11 +4,15 @@ import triton
 import triton.language as tl
 
 from kernels_gpu import kv_formats
+from kernels_gpu.triton_env import tile_target
 
 # Tuning data: one program writes the K and V rows of one token for up to
 # KV_WRITE_ELEMENTS // padded head_dim kv heads (values, or 16-value groups * 16 for NVFP4).
 KV_WRITE_ELEMENTS = 1024
 KV_WRITE_NUM_WARPS = 4
+# With k_feedback (NVFP4 K coded one element after another), on a GPU: kv heads per program and warps.
+KV_WRITE_FEEDBACK_HEADS = 1
+KV_WRITE_FEEDBACK_NUM_WARPS = 1
 
 KV_FORMATS = {"bf16": 0, "fp8": 1, "nvfp4": 2}  # "bf16": stored as the cache's own dtype (bf16/fp16/fp32)
 _PLAIN_CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -136,20 +140,99 @@ def _write_rows_nvfp4(src, codes, block_scales, global_scale, head_ok, row_ok, n
 
 
 @triton.jit
+def _e2m1_value(code):
+    """i32 E2M1 nibble -> its f32 value (bit 3 the sign: code 8 gives -0.0, as formats.e2m1_decode)."""
+    m = code & 7
+    mag = tl.where(m < 4, m.to(tl.float32) * 0.5,
+                   tl.where(m < 6, (m - 2).to(tl.float32), tl.where(m == 6, 4.0, 6.0)))
+    return tl.where((code & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def _column(x, cols, j):
+    """Column j of x f32[BLOCK_H, N] (cols: i32[1, N]) -> f32[BLOCK_H, 1], bit for bit: an integer sum of the
+    selected element and zeros, so neither -0.0 nor the reduction order can change it."""
+    bits = tl.where(cols == j, x.to(tl.int32, bitcast=True), 0)
+    return tl.sum(bits, axis=1)[:, None].to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _write_k_nvfp4_feedback(src, codes, block_scales, global_scale, head_ok, row_ok, head_dim, center, factor,
+                            BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr, HAS_CENTER: tl.constexpr,
+                            SCALE_RULE: tl.constexpr):
+    """_write_rows_nvfp4 with score-aware rounding (error feedback), exactly
+    lowering.quant.formats.quantize_nvfp4_feedback: the D values x of a row are coded in order j = 0 .. D-1;
+    at the first element of each 16-block its scale is chosen from the block's current values (SCALE_RULE,
+    as _write_rows_nvfp4); x_j gets its E2M1 code, then r = (x_j - decoded_j) / U[j, j] and
+    x_k -= r * U[j, k] for every k > j (each a correctly rounded f32 operation when FP fusion is off).
+
+    src, codes, block_scales, center: [BLOCK_H, 1] row pointers (center: f32[D], HAS_CENTER only); factor:
+    [BLOCK_H, 1] pointers of each head's U f32[D, D] (row-major, upper triangular); global_scale: f32 scalar;
+    head_ok, row_ok: bool[BLOCK_H, 1] as in _write_rows_plain. The row is kept whole, x f32[BLOCK_H, 16 *
+    BLOCK_G]; a loop over the elements reads column j and U's row j, and gathers codes and block scales.
+    """
+    cols = tl.arange(0, BLOCK_G * 16)[None, :]  # i32[1, BLOCK_N]: element
+    pair_cols = tl.arange(0, BLOCK_G * 8)[None, :]  # i32[1, BLOCK_N / 2]: byte (elements 2p, 2p + 1)
+    group_cols = tl.arange(0, BLOCK_G)[None, :]  # i32[1, BLOCK_G]: 16-block
+    in_row = cols < head_dim
+    load_ok = in_row & head_ok  # bool[BLOCK_H, BLOCK_N]
+    x = tl.load(src + cols, mask=load_ok, other=0.0).to(tl.float32)  # f32[BLOCK_H, BLOCK_N]
+    if HAS_CENTER:
+        x = x - tl.load(center + cols, mask=load_ok, other=0.0)
+    gs = global_scale + tl.zeros([BLOCK_H, 1], tl.float32)  # f32[BLOCK_H, 1]
+    packed = tl.zeros([BLOCK_H, BLOCK_G * 8], tl.int32)  # i32[BLOCK_H, BLOCK_N / 2]: nibbles gathered
+    scales = tl.zeros([BLOCK_H, BLOCK_G], tl.float32)  # f32[BLOCK_H, BLOCK_G]: block scales on the e4m3 grid
+    # U[h, j, k > j] and the pivot U[h, j, j] of the element j being coded, loaded one element ahead so their
+    # latency hides behind the previous element's work.
+    u = tl.load(factor + cols, mask=load_ok & (cols > 0), other=0.0)  # f32[BLOCK_H, BLOCK_N]
+    pivot = tl.load(factor, mask=head_ok, other=1.0)  # f32[BLOCK_H, 1]
+    num_groups = head_dim // 16
+    for g in range(0, num_groups):
+        start = g * 16
+        xb = tl.where((cols >= start) & (cols < start + 16), x, 0.0)  # f32[BLOCK_H, BLOCK_N]: block g
+        amax = tl.max(tl.abs(xb), axis=1)[:, None]  # f32[BLOCK_H, 1]
+        block_scale = _round_to_e4m3(tl.math.div_rn(tl.math.div_rn(amax, 6.0 + tl.zeros_like(amax)), gs))
+        if SCALE_RULE == 1:
+            lo = xb[:, None, :]  # f32[BLOCK_H, 1, BLOCK_N]: the zeros outside the block add no error
+            hi = tl.zeros_like(lo)
+            scale4 = _round_to_e4m3(tl.math.div_rn(tl.math.div_rn(amax, 4.0 + tl.zeros_like(amax)), gs))
+            use4 = ((_nvfp4_scale_error(lo, hi, amax, scale4, gs) < _nvfp4_scale_error(lo, hi, amax, block_scale, gs))
+                    & (scale4 != 0.0))
+            block_scale = tl.where(use4, scale4, block_scale)
+        scales = tl.where(group_cols == g, block_scale, scales)
+        denom = block_scale * gs  # f32[BLOCK_H, 1]
+        for i in range(0, 16):
+            j = start + i
+            ahead = tl.minimum(j + 1, head_dim - 1)  # the next row (clamped: the last one is not used)
+            u_next = tl.load(factor + ahead * head_dim + cols, mask=load_ok & (cols > ahead), other=0.0)
+            pivot_next = tl.load(factor + ahead * (head_dim + 1), mask=head_ok, other=1.0)
+            xj = _column(x, cols, j)  # f32[BLOCK_H, 1]
+            code = _e2m1_code(xj, denom)  # i32[BLOCK_H, 1]
+            packed = packed | tl.where(pair_cols == j // 2, code << (4 * (j % 2)), 0)
+            r = tl.math.div_rn(xj - _e2m1_value(code) * denom, pivot)  # f32[BLOCK_H, 1]
+            x = tl.where(cols > j, x - r * u, x)
+            u = u_next
+            pivot = pivot_next
+    tl.store(codes + pair_cols, packed.to(tl.uint8), mask=(pair_cols < head_dim // 2) & row_ok)
+    tl.store(block_scales + group_cols, scales.to(tl.float8e4nv), mask=(group_cols < num_groups) & row_ok)
+
+
+@triton.jit
 def kv_write_kernel(
     k_ptr, v_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr,
-    k_scale_ptr, v_scale_ptr, k_block_scale_ptr, v_block_scale_ptr, k_center_ptr,
+    k_scale_ptr, v_scale_ptr, k_block_scale_ptr, v_block_scale_ptr, k_center_ptr, k_feedback_ptr,
     num_kv_heads, block_size, head_dim,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcn, stride_kcb, stride_kch, stride_vcn, stride_vcb, stride_vch,
     stride_ksn, stride_ksb, stride_ksh, stride_vsn, stride_vsb, stride_vsh,
     KV_FORMAT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_CENTER: tl.constexpr = False, SCALE_RULE: tl.constexpr = 0,
+    HAS_CENTER: tl.constexpr = False, SCALE_RULE: tl.constexpr = 0, HAS_FEEDBACK: tl.constexpr = False,
 ):
     """One program per (token, BLOCK_H kv heads): write K[t, h] and V[t, h] to slot slot_mapping[t] (skip if < 0).
 
     KV_FORMAT 0: plain copy/cast; 1: FP8 with per-head scale; 2: NVFP4 with per-layer global scale
-    (BLOCK_D then counts 16-value groups).
+    (BLOCK_D then counts 16-value groups); HAS_FEEDBACK: K with score-aware rounding by the factors
+    k_feedback f32[Hkv, D, D] (_write_k_nvfp4_feedback).
     """
     token = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # i32[BLOCK_H]
@@ -178,8 +261,13 @@ def kv_write_kernel(
         k_bs = k_block_scale_ptr + block * stride_ksn + offset * stride_ksb + rows * stride_ksh
         v_bs = v_block_scale_ptr + block * stride_vsn + offset * stride_vsb + rows * stride_vsh
         k_center = k_center_ptr + rows * head_dim  # f32[Hkv, D] contiguous (HAS_CENTER only)
-        _write_rows_nvfp4(k_src[:, :, None], k_dst[:, :, None], k_bs, tl.load(k_scale_ptr), head_ok, row_ok,
-                          num_groups, k_center[:, :, None], BLOCK_D, HAS_CENTER, SCALE_RULE)
+        if HAS_FEEDBACK:
+            k_factor = k_feedback_ptr + rows * head_dim * head_dim  # f32[Hkv, D, D] contiguous
+            _write_k_nvfp4_feedback(k_src, k_dst, k_bs, tl.load(k_scale_ptr), head_ok, row_ok, head_dim, k_center,
+                                    k_factor, BLOCK_H, BLOCK_D, HAS_CENTER, SCALE_RULE)
+        else:
+            _write_rows_nvfp4(k_src[:, :, None], k_dst[:, :, None], k_bs, tl.load(k_scale_ptr), head_ok, row_ok,
+                              num_groups, k_center[:, :, None], BLOCK_D, HAS_CENTER, SCALE_RULE)
         _write_rows_nvfp4(v_src[:, :, None], v_dst[:, :, None], v_bs, tl.load(v_scale_ptr), head_ok, row_ok,
                           num_groups, k_center[:, :, None], BLOCK_D, False, SCALE_RULE)
 
@@ -243,7 +331,8 @@ def validate_kv_write(k, v, slot_mapping, k_cache, v_cache, kv_format="bf16", k_
 
 
 def kv_write(k, v, slot_mapping, k_cache, v_cache, *, kv_format="bf16", k_scale=None, v_scale=None,
-             k_block_scale=None, v_block_scale=None, check_slots=True, k_center=None, scale_rule="amax"):
+             k_block_scale=None, v_block_scale=None, check_slots=True, k_center=None, scale_rule="amax",
+             k_feedback=None):
     """Write k, v [T, Hkv, D] into k_cache, v_cache [N, block_size, Hkv, D'] at slot_mapping i32[T] (-1: skip).
 
     kv_format "bf16": caches in their own float dtype (D' = D), values cast.
@@ -251,7 +340,9 @@ def kv_write(k, v, slot_mapping, k_cache, v_cache, *, kv_format="bf16", k_scale=
               "nvfp4": uint8 caches (D' = D/2), k_scale/v_scale f32 scalar global scales, k_block_scale /
                       v_block_scale float8_e4m3fn[N, block_size, Hkv, D/16] written alongside; optional
                       k_center f32[Hkv, D] subtracted from K first; scale_rule "amax" | "mse46": how block
-                      scales are chosen (kv_formats.quantize_nvfp4).
+                      scales are chosen (kv_formats.quantize_nvfp4); optional k_feedback f32[Hkv, D, D]
+                      (upper triangular, lowering.quant.formats.feedback_factor): K rounded score-aware
+                      (error feedback, lowering.quant.formats.quantize_nvfp4_feedback), V as without it.
     Updates the caches (and block scales) in place; returns nothing. Slots not named are untouched.
     """
     validate_kv_write(k, v, slot_mapping, k_cache, v_cache, kv_format, k_scale, v_scale, k_block_scale,
@@ -263,6 +354,12 @@ def kv_write(k, v, slot_mapping, k_cache, v_cache, *, kv_format="bf16", k_scale=
         _check(k_center.shape == k.shape[1:] and k_center.dtype == torch.float32 and k_center.is_contiguous()
                and k_center.device == k.device, f"k_center must be a contiguous f32{list(k.shape[1:])} on "
                f"{k.device}, got {k_center.dtype}{list(k_center.shape)}")
+    if k_feedback is not None:
+        _check(kv_format == "nvfp4", f"k_feedback is an nvfp4 option, got kv_format={kv_format!r}")
+        want = (*k.shape[1:], k.shape[2])
+        _check(k_feedback.shape == want and k_feedback.dtype == torch.float32 and k_feedback.is_contiguous()
+               and k_feedback.device == k.device, f"k_feedback must be a contiguous f32{list(want)} on {k.device}, "
+               f"got {k_feedback.dtype}{list(k_feedback.shape)} on {k_feedback.device}")
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0 or num_kv_heads == 0 or head_dim == 0:
         return
@@ -282,23 +379,34 @@ def kv_write(k, v, slot_mapping, k_cache, v_cache, *, kv_format="bf16", k_scale=
             k_scale, v_scale = k_cache, v_cache
     padded_dim = block_d * _NVFP4_GROUP if kv_format == "nvfp4" else block_d
     block_h = min(triton.next_power_of_2(num_kv_heads), max(1, KV_WRITE_ELEMENTS // padded_dim))
+    # NOTE: no FMA contraction with feedback, so x - r * u rounds twice as in quantize_nvfp4_feedback (the
+    # interpreter ignores the option); without it the launch (and compiled kernel) stays as before.
+    feedback = {} if k_feedback is None else dict(HAS_FEEDBACK=True, enable_fp_fusion=False)
+    num_warps = KV_WRITE_NUM_WARPS
+    if k_feedback is not None and tile_target(k.device) == "cuda":
+        # NOTE: the element loop is a chain of dependent steps: on a GPU it runs fastest on small tiles, with more
+        # programs sharing the work (H200, one token of 8 kv heads, D = 128: ~45 us as 8 programs of 1 warp, ~95 us
+        # as one of 4 warps); the interpreter keeps the larger tiles (fewer programs, fewer numpy calls).
+        block_h, num_warps = min(block_h, KV_WRITE_FEEDBACK_HEADS), KV_WRITE_FEEDBACK_NUM_WARPS
     kv_write_kernel[(num_tokens, triton.cdiv(num_kv_heads, block_h))](
         k, v, slot_mapping, k_cache, v_cache,
         k_scale, v_scale, k_bs, v_bs, k_center if k_center is not None else k_scale,
+        k_feedback if k_feedback is not None else k_scale,
         num_kv_heads, block_size, head_dim,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         k_bs.stride(0), k_bs.stride(1), k_bs.stride(2),
         v_bs.stride(0), v_bs.stride(1), v_bs.stride(2),
-        KV_FORMAT=KV_FORMATS[kv_format], BLOCK_H=block_h, BLOCK_D=block_d, num_warps=KV_WRITE_NUM_WARPS,
-        HAS_CENTER=k_center is not None, SCALE_RULE=kv_formats.SCALE_RULES.index(scale_rule),
+        KV_FORMAT=KV_FORMATS[kv_format], BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
+        HAS_CENTER=k_center is not None, SCALE_RULE=kv_formats.SCALE_RULES.index(scale_rule), **feedback,
     )
 
 
 def ref_kv_write(k, v, slot_mapping, k_cache, v_cache, *, kv_format="bf16", k_scale=None, v_scale=None,
-                 k_block_scale=None, v_block_scale=None, k_center=None, scale_rule="amax"):
-    """Plain-torch kv_write (same arguments, same in-place effect) built on kernels_gpu.kv_formats."""
+                 k_block_scale=None, v_block_scale=None, k_center=None, scale_rule="amax", k_feedback=None):
+    """Plain-torch kv_write (same arguments, same in-place effect) built on kernels_gpu.kv_formats; K with
+    k_feedback by numpy's lowering.quant.formats.quantize_nvfp4_feedback (on the host)."""
     keep = slot_mapping >= 0  # bool[T]
     slots = slot_mapping[keep].long()
     block_size = k_cache.shape[1]
@@ -313,10 +421,25 @@ def ref_kv_write(k, v, slot_mapping, k_cache, v_cache, *, kv_format="bf16", k_sc
     elif kv_format == "nvfp4":
         if k_center is not None:
             k = k.float() - k_center.float()
-        for src, cache, scales, global_scale in ((k, k_cache, k_block_scale, k_scale),
-                                                 (v, v_cache, v_block_scale, v_scale)):
-            packed, block_scale = kv_formats.quantize_nvfp4(src, global_scale.reshape(()), scale_rule)
+        for src, cache, scales, global_scale, factor in ((k, k_cache, k_block_scale, k_scale, k_feedback),
+                                                         (v, v_cache, v_block_scale, v_scale, None)):
+            if factor is not None:
+                packed, block_scale = _ref_nvfp4_feedback(src, global_scale, factor, scale_rule)
+            else:
+                packed, block_scale = kv_formats.quantize_nvfp4(src, global_scale.reshape(()), scale_rule)
             cache[blocks, offsets] = packed
             scales[blocks, offsets] = block_scale
     else:
         raise ValueError(f"ref_kv_write: unknown kv_format {kv_format!r}")
+
+
+def _ref_nvfp4_feedback(x, global_scale, factor, scale_rule):
+    """x [T, Hkv, D] -> (packed u8[T, Hkv, D/2], block_scale float8_e4m3fn[T, Hkv, D/16]) on x's device, by
+    lowering.quant.formats.quantize_nvfp4_feedback."""
+    from lowering.quant import formats
+
+    parts = formats.quantize_nvfp4_feedback(x.detach().float().cpu().numpy(), float(global_scale.reshape(())),
+                                            factor.detach().float().cpu().numpy(), scale_rule)
+    packed = torch.from_numpy(parts["q"]).to(x.device)
+    block_scale = torch.from_numpy(parts["block_scale"].view("uint8")).view(torch.float8_e4m3fn).to(x.device)
+    return packed, block_scale

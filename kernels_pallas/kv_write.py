@@ -180,12 +180,14 @@ def kv_write(k, v, slot_mapping, k_pool, v_pool, *scales, kv_format=None, interp
 
 
 def kv_write_nvfp4(k, v, slot_mapping, k_pool, v_pool, k_block_scale, v_block_scale, k_scale, v_scale,
-                   k_center=None, *, scale_rule="amax", interpret=None, rows_per_step=None):
+                   k_center=None, k_feedback=None, *, scale_rule="amax", interpret=None, rows_per_step=None):
     """k, v: [T, Hkv*Dh]; pools u8[N, Bs, Hkv, Dh/2]; block scales e4m3[N, Bs, Hkv, Dh/16]; k_scale, v_scale:
-    f32[]; k_center: optional f32[Hkv, Dh] subtracted from K before quantizing; scale_rule: how block scales
+    f32[]; k_center: optional f32[Hkv, Dh] subtracted from K before quantizing; k_feedback: optional
+    f32[Hkv, Dh, Dh], score-aware rounding of K (formats.quantize_nvfp4_feedback); scale_rule: how block scales
     are chosen (formats.NVFP4_SCALE_RULES) -> (k_pool, v_pool, k_block_scale, v_block_scale).
     Same inputs and attributes as lowering.ops.ref_kv_write_nvfp4; the encode is its own kv_rows_to_store."""
-    extra = {} if k_center is None and scale_rule == "amax" else {"scale_rule": scale_rule, "k_center": k_center}
+    extra = {} if k_center is None and k_feedback is None and scale_rule == "amax" else {
+        "scale_rule": scale_rule, "k_center": k_center, "k_feedback": k_feedback}
     pairs = ops.kv_rows_to_store(k, v, (k_pool, v_pool, k_block_scale, v_block_scale), (k_scale, v_scale),
                                  "nvfp4", **extra)
     return scatter_rows(slot_mapping, pairs, rows_per_step=rows_per_step, interpret=interpret)

@@ -44,7 +44,8 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int | None = 
                   kv_cache_dtype: str | None = None, fuse_projections: bool = True,
                   max_model_len: int | None = None, tokenizer: Any = None, config: ModelConfig | None = None,
                   weights: Any = None, kv_cache: str | None = None, kv_rotation: bool = False,
-                  quant_method: str = "auto", max_ppl_increase: float | None = 0.01, calibration: Any = None,
+                  kv_rounding: str = "nearest", quant_method: str = "auto", max_ppl_increase: float | None = 0.01,
+                  calibration: Any = None,
                   calibration_windows: int = 8, calibration_window: int = 128, speculative: Any = None,
                   kv_policy: Any = None, share_kv_layers: Any = None, num_layers: int | None = None,
                   tensor_parallel: int = 1, verbose: bool = False, progress: bool = True, dump_ir: str | None = None) -> CompiledModel:
@@ -59,7 +60,10 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int | None = 
     multiplies them with a native kernel: the same weight values in 5 / 8.5 bits instead of 32.
     Quantization (lowering/quant): `weights` "int8" | "fp8" (W8A8) | "int4" | "nvfp4", or {glob: format}
     over linear names (later patterns win; "lm_head" is the logits weight; None keeps the model dtype);
-    `kv_cache` "fp8" | "nvfp4"; `kv_rotation` Hadamard-rotates K/V head dims first; `quant_method` "auto"
+    `kv_cache` "fp8" | "nvfp4"; `kv_rotation` Hadamard-rotates K/V head dims first; `kv_rounding` (nvfp4 K)
+    "nearest" codes each value on its own, "score" rounds each key to minimize the calibration queries' score
+    error (GPTQ-style error feedback: about half the divergence from the unquantized model, at a slower,
+    element-by-element KV write); `quant_method` "auto"
     (GPTQ for int4/nvfp4/fp8, RTN for int8) | "rtn" | "gptq". The accuracy guard keeps the most sensitive units
     in the model dtype until perplexity on `calibration` (None: llmc's bundled text; a str, path or token
     windows) rises by at most `max_ppl_increase` (relative; None turns the guard off). The plan and the
@@ -110,7 +114,8 @@ def compile_model(source: Any, *, target: str = "cpu", block_size: int | None = 
             block_size = recommended_page_size()
     options = CompileOptions(target=target, block_size=block_size, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                              fuse_projections=fuse_projections, max_model_len=max_model_len, weights=weights,
-                             kv_cache=kv_cache, kv_rotation=kv_rotation, quant_method=quant_method,
+                             kv_cache=kv_cache, kv_rotation=kv_rotation, kv_rounding=kv_rounding,
+                             quant_method=quant_method,
                              max_ppl_increase=max_ppl_increase,
                              speculative=speculative.to_json() if speculative is not None else None,
                              kv_policy=_policy_json(kv_policy),

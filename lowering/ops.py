@@ -452,21 +452,25 @@ def _logits_shape(ts, attrs):
     return [((rows_shape[0], w_shape[0]), "float32")]
 
 
-def kv_rows_to_store(k, v, pools, scales, kv_format, *, scale_rule="amax", k_center=None):
+def kv_rows_to_store(k, v, pools, scales, kv_format, *, scale_rule="amax", k_center=None, k_feedback=None):
     """What a kv_write stores: [(rows, pool)] for each pool it writes, the rows [T, Hkv, D'] already in the
     pool's encoding. k, v: [T, Hkv*Dh]. pools: (k_pool, v_pool), plus (k_block_scale, v_block_scale) for nvfp4.
     scales: () plain; (k_scale, v_scale) f32[Hkv] for fp8 (stored = e4m3(sat(x / scale[head]))); f32[]
     per-layer global scales for nvfp4 (each 16 values of one head share a block scale computed on write, by
     `scale_rule`: formats.nvfp4_block_scales). nvfp4 only: k_center f32[Hkv, Dh] (optional) is subtracted
     from every key before it is quantized (attention is unchanged: q.(k - c) shifts all of a query's scores
-    by the same q.c, which softmax ignores)."""
+    by the same q.c, which softmax ignores); k_feedback f32[Hkv, Dh, Dh] (optional) rounds K score-aware
+    (formats.quantize_nvfp4_feedback: GPTQ's error feedback with the calibration queries' second moment)."""
     heads, stored = pools[0].shape[2:]
     if kv_format == "nvfp4":
         kh = k.reshape(-1, heads, 2 * stored)
         if k_center is not None:
             kh = kh.astype(jnp.float32) - k_center.astype(jnp.float32)
-        (kq, kb), (vq, vb) = (formats.jnp_quantize_nvfp4(x, s, scale_rule)
-                              for x, s in zip((kh, v.reshape(-1, heads, 2 * stored)), scales))
+        if k_feedback is not None:
+            kq, kb = formats.jnp_quantize_nvfp4_feedback(kh, scales[0], k_feedback, scale_rule)
+        else:
+            kq, kb = formats.jnp_quantize_nvfp4(kh, scales[0], scale_rule)
+        vq, vb = formats.jnp_quantize_nvfp4(v.reshape(-1, heads, 2 * stored), scales[1], scale_rule)
         return [(kq, pools[0]), (vq, pools[1]), (kb, pools[2]), (vb, pools[3])]
     kh, vh = k.reshape(-1, heads, stored), v.reshape(-1, heads, stored)
     if kv_format == "fp8":
@@ -493,14 +497,15 @@ def _kv_write_shape(ts, attrs):
 
 
 def ref_kv_write_nvfp4(k, v, slot_mapping, k_pool, v_pool, k_block_scale, v_block_scale, k_scale, v_scale,
-                       k_center=None, *, scale_rule="amax"):
+                       k_center=None, k_feedback=None, *, scale_rule="amax"):
     # k, v: [T, Hkv*Dh]; pools u8[N, Bs, Hkv, Dh/2]; block scales e4m3[N, Bs, Hkv, Dh/16]; k_scale, v_scale: f32[]
     # per-layer global scales; k_center (optional): f32[Hkv, Dh] subtracted from K before quantizing;
+    # k_feedback (optional, with k_center): f32[Hkv, Dh, Dh] score-aware rounding of K (kv_rows_to_store);
     # scale_rule: how block scales are chosen ("amax" | "mse46")  ->  (k_pool, v_pool, k_block_scale,
     # v_block_scale) updated
     return _scatter_rows(slot_mapping, kv_rows_to_store(k, v, (k_pool, v_pool, k_block_scale, v_block_scale),
                                                          (k_scale, v_scale), "nvfp4", scale_rule=scale_rule,
-                                                         k_center=k_center))
+                                                         k_center=k_center, k_feedback=k_feedback))
 
 
 def _kv_write_nvfp4_shape(ts, attrs):

@@ -32,6 +32,7 @@ class CompileOptions:
     weights: Any = None
     kv_cache: str | None = None
     kv_rotation: bool = False
+    kv_rounding: str = "nearest"  # nvfp4 K: "nearest" | "score" (error feedback, formats.quantize_nvfp4_feedback)
     quant_method: str = "auto"
     max_ppl_increase: float | None = 0.01
     # speculative decoding (lowering/passes/insert_speculation.py): Speculative.to_json(), or None
@@ -116,7 +117,8 @@ class CompileOptions:
 
         weights = None if self.weights == GGUF_WEIGHTS else self.weights  # kept as loaded, not quantized
         return QuantOptions(weights=weights, kv_cache=self.kv_cache, kv_rotation=self.kv_rotation,
-                            method=self.quant_method, max_ppl_increase=self.max_ppl_increase, **extra)
+                            kv_rounding=self.kv_rounding, method=self.quant_method,
+                            max_ppl_increase=self.max_ppl_increase, **extra)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

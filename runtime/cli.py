@@ -184,6 +184,9 @@ def add_compile_arguments(p: argparse.ArgumentParser) -> None:
                         "gguf keeps a GGUF file's Q4_1/Q8_0 blocks as stored (cpu and tpu targets)")
     q.add_argument("--kv-cache", default=None, metavar="FMT", help="KV cache format: fp8 or nvfp4")
     q.add_argument("--kv-rotation", action="store_true", help="Hadamard-rotate K/V head dims before quantizing them")
+    q.add_argument("--kv-rounding", default="nearest", choices=["nearest", "score"],
+                   help="nvfp4 K codes: nearest (default) or score (minimize the calibration queries' score error; "
+                        "a slower KV write)")
     q.add_argument("--quant-method", default="auto", choices=["auto", "rtn", "gptq"],
                    help="auto: GPTQ for int4/nvfp4, round-to-nearest otherwise")
     q.add_argument("--max-ppl-increase", default=0.01, type=_budget, metavar="X",
@@ -245,7 +248,8 @@ def compile_kwargs(args: argparse.Namespace) -> dict:
     if args.calibration is not None and not os.path.isfile(args.calibration):
         raise ValueError(f"--calibration {args.calibration!r} is not a file")
     return dict(target=args.target, block_size=args.block_size, dtype=args.dtype, weights=args.weights,
-                kv_cache=args.kv_cache, kv_rotation=args.kv_rotation, quant_method=args.quant_method,
+                kv_cache=args.kv_cache, kv_rotation=args.kv_rotation,
+                kv_rounding=getattr(args, "kv_rounding", "nearest"), quant_method=args.quant_method,
                 max_ppl_increase=args.max_ppl_increase, tensor_parallel=getattr(args, "tp", 1),
                 **({} if getattr(args, "share_kv_layers", None) is None else {"share_kv_layers": args.share_kv_layers}),
                 **({} if getattr(args, "kv_policy", None) is None else {"kv_policy": args.kv_policy}),
@@ -275,7 +279,9 @@ def load_or_compile(args: argparse.Namespace):
     from runtime import load_if_artifact
 
     quantization = [flag for flag, value in (("--weights", args.weights), ("--kv-cache", args.kv_cache),
-                                             ("--kv-rotation", args.kv_rotation)) if value]
+                                             ("--kv-rotation", args.kv_rotation),
+                                             ("--kv-rounding", getattr(args, "kv_rounding", "nearest") != "nearest"))
+                    if value]
     model = load_if_artifact(args.source, set_options=quantization, tensor_parallel=getattr(args, "tp", 1))
     if model is not None:
         return model

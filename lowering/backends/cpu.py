@@ -242,7 +242,7 @@ def cpu_impls(max_q_len: int) -> dict:
         if nvfp4:
             return write_rows_in_place(slots, ops.kv_rows_to_store(
                 k, v, args[3:7], args[7:9], "nvfp4", scale_rule=node.attrs.get("scale_rule", "amax"),
-                k_center=args[9] if len(args) > 9 else None))
+                k_center=args[9] if len(args) > 9 else None, k_feedback=args[10] if len(args) > 10 else None))
         return write_rows_in_place(slots, ops.kv_rows_to_store(k, v, args[3:5], args[5:], node.attrs.get("kv_format")))
 
     def kv_merge(node: Node, args, env):  # the reference's merged rows, written in place like kv_write's

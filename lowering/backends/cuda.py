@@ -1680,11 +1680,12 @@ def _lower_kv_write_nvfp4(node, graph, program, producers, users) -> Fn:
 
     scale_rule = node.attrs.get("scale_rule", "amax")
 
-    def run(ctx, k, v, slots, k_pool, v_pool, k_block_scale, v_block_scale, k_scale, v_scale, k_center=None):
+    def run(ctx, k, v, slots, k_pool, v_pool, k_block_scale, v_block_scale, k_scale, v_scale, k_center=None,
+            k_feedback=None):
         t = k.shape[0]
         kv_write(k.view(t, heads, dim), v.view(t, heads, dim), slots, k_pool, v_pool, kv_format="nvfp4",
                  k_scale=k_scale, v_scale=v_scale, k_block_scale=k_block_scale, v_block_scale=v_block_scale,
-                 check_slots=False, k_center=k_center, scale_rule=scale_rule)
+                 check_slots=False, k_center=k_center, scale_rule=scale_rule, k_feedback=k_feedback)
         return k_pool, v_pool, k_block_scale, v_block_scale
 
     return run

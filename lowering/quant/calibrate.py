@@ -67,6 +67,7 @@ class QuantFlags:
     kv_scale: np.ndarray  # f32[num layers, 2, Hkv]: fp8 scale per KV head (K, V)
     kv_global: np.ndarray  # f32[num layers, 2]: nvfp4 global scale (K, V)
     kv_center: np.ndarray  # f32[num layers, Hkv, Dh]: nvfp4 K center (subtracted before quantizing K)
+    kv_feedback: np.ndarray  # f32[num layers, Hkv, Dh, Dh]: nvfp4 K rounding factor (identity: nearest)
 
 
 class GraphRunner:
@@ -146,8 +147,13 @@ class GraphRunner:
                 fp8 = formats.jnp_round_fp8(xh / scale) * scale
                 gs = flags.kv_global[layer, which]
                 if dim % 16 == 0:  # as kv_write_nvfp4 stores it (K centered: attention ignores the shift)
-                    xc = xh - flags.kv_center[layer] if which == 0 else xh
-                    nv = formats.jnp_dequantize_nvfp4(*formats.jnp_quantize_nvfp4(xc, gs, formats.KV_NVFP4_SCALE_RULE), gs)
+                    rule = formats.KV_NVFP4_SCALE_RULE
+                    if which == 0:
+                        xc = xh - flags.kv_center[layer]
+                        parts = formats.jnp_quantize_nvfp4_feedback(xc, gs, flags.kv_feedback[layer], rule)
+                    else:
+                        parts = formats.jnp_quantize_nvfp4(xh, gs, rule)
+                    nv = formats.jnp_dequantize_nvfp4(*parts, gs)
                 else:
                     nv = xh
                 fmt = flags.kv_format[layer]
@@ -226,7 +232,8 @@ class GraphRunner:
         heads, dim = self.graph.types[pool].shape[2:4] if pool is not None else (1, 1)
         return QuantFlags(np.zeros(len(self.linear_nodes), np.float32), np.zeros(layers, np.int32),
                           np.ones((layers, 2, heads), np.float32), np.ones((layers, 2), np.float32),
-                          np.zeros((layers, heads, dim), np.float32))
+                          np.zeros((layers, heads, dim), np.float32),
+                          np.broadcast_to(np.eye(dim, dtype=np.float32), (layers, heads, dim, dim)).copy())
 
     @property
     def num_tokens(self) -> int:

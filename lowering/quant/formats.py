@@ -54,6 +54,7 @@ NVFP4_SCALE_RULES = ("amax", "mse46")
 E2M1_ALT_MAX = 4.0
 _SCALE_ERROR_ONE = float(2 ** 20)  # fixed-point unit of nvfp4_scale_error
 KV_NVFP4_SCALE_RULE = "mse46"  # the rule quantize_model gives nvfp4 KV caches (kv_write_nvfp4 attribute)
+KV_FEEDBACK_DAMP = 0.01  # feedback_factor's damping, a share of the second moment's mean diagonal
 F32_TINY = float(np.finfo(np.float32).tiny)
 # Rounding thresholds between consecutive E2M1 magnitudes: (midpoint, does a tie round up?). A tie goes to
 # the even code, i.e. up exactly when the upper neighbour's code (2, 4, 6) is even.
@@ -280,6 +281,58 @@ def quantize_nvfp4(x: np.ndarray, global_scale=None, scale_rule: str = "amax") -
     return {"q": pack_nibbles(codes), "block_scale": bs, "global_scale": np.asarray(gs, np.float32).reshape(())}
 
 
+def feedback_factor(second_moment: np.ndarray, damp: float = KV_FEEDBACK_DAMP) -> np.ndarray:
+    """f32[..., D, D]: the upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 for each second moment
+    H = E[q q^T] [..., D, D] of the queries that will read a head's keys (quantize_nvfp4_feedback's `factor`).
+    A head with no calibration data (H = 0) gets the identity (plain nearest rounding)."""
+    h = np.asarray(second_moment, np.float64)
+    d = h.shape[-1]
+    if h.shape[-2:] != (d, d):
+        raise FormatError(f"feedback_factor needs square second moments, got {h.shape}")
+    flat = h.reshape(-1, d, d)
+    out = np.empty_like(flat)
+    for i, m in enumerate(flat):
+        m = (m + m.T) / 2
+        level = float(np.mean(np.diag(m)))
+        if not np.isfinite(level) or level <= 0:
+            out[i] = np.eye(d)
+            continue
+        inv = np.linalg.inv(m + damp * level * np.eye(d))
+        out[i] = np.linalg.cholesky((inv + inv.T) / 2).T  # upper: inv = U^T U
+    return out.reshape(h.shape).astype(np.float32)
+
+
+def quantize_nvfp4_feedback(x: np.ndarray, global_scale, factor: np.ndarray,
+                            scale_rule: str = "amax") -> dict[str, np.ndarray]:
+    """Score-aware NVFP4 rounding of head vectors (GPTQ's error feedback on each vector): x f32[..., H, D]
+    (D % 16 == 0), factor f32[H, D, D] upper triangular (feedback_factor) -> the parts of quantize_nvfp4.
+
+    Elements are coded in order j = 0 .. D-1. At the first element of each 16-block the block scale is chosen
+    (by `scale_rule`, nvfp4_block_scales) from the block's current values; element j gets the nearest E2M1
+    code of x_j / (block_scale * global_scale) (nvfp4_codes); then r = (x_j - decoded_j) / U[h, j, j] and
+    x_k -= r * U[h, j, k] for every k > j (each a correctly rounded f32 operation). With U from
+    H = E[q q^T] this greedily minimizes the expected squared score error E[(q . e)^2] instead of |e|^2 (the
+    quantization error moves into directions the queries hardly read); with U = I it is quantize_nvfp4."""
+    x = np.array(x, np.float32)  # a copy: updated in place
+    u = np.asarray(factor, np.float32)
+    heads, d = x.shape[-2:]
+    if d % NVFP4_BLOCK or u.shape != (heads, d, d):
+        raise FormatError(f"quantize_nvfp4_feedback needs x [..., H, D] with D % {NVFP4_BLOCK} == 0 and a "
+                          f"factor [H, D, D]; got x {x.shape} and factor {u.shape}")
+    gs = np.float32(global_scale)
+    codes = np.zeros(x.shape, np.uint8)
+    scales = np.zeros((*x.shape[:-1], d // NVFP4_BLOCK), FP8)
+    for b in range(d // NVFP4_BLOCK):
+        bs = nvfp4_block_scales(x[..., b * NVFP4_BLOCK:(b + 1) * NVFP4_BLOCK], gs, scale_rule)
+        scales[..., b] = bs
+        den = bs.astype(np.float32) * gs
+        for j in range(b * NVFP4_BLOCK, (b + 1) * NVFP4_BLOCK):
+            codes[..., j] = nvfp4_codes(x[..., j], bs, gs)
+            r = (x[..., j] - e2m1_decode(codes[..., j]) * den) / u[:, j, j]
+            x[..., j + 1:] -= r[..., None] * u[:, j, j + 1:]
+    return {"q": pack_nibbles(codes), "block_scale": scales, "global_scale": np.asarray(gs, np.float32).reshape(())}
+
+
 def dequantize_nvfp4(parts: dict[str, np.ndarray]) -> np.ndarray:
     vals = e2m1_decode(unpack_nibbles(parts["q"]))
     d = vals.shape[-1]
@@ -399,6 +452,17 @@ def jnp_nvfp4_scale_error(xb, amax, bs32, gs):
     return jnp.where(ok, jnp.sum(e, axis=-1, dtype=jnp.int32), jnp.int32(0))
 
 
+def _jnp_block_scales(xb, gs, scale_rule: str):
+    """jnp nvfp4_block_scales as f32 values: xb f32[..., 16] -> f32[...]."""
+    amax = jnp.max(jnp.abs(xb), axis=-1)
+    bs32 = jnp_round_fp8(amax / E2M1_MAX / gs)
+    if scale_rule == "mse46":
+        s4 = jnp_round_fp8(amax / E2M1_ALT_MAX / gs)
+        use4 = (jnp_nvfp4_scale_error(xb, amax, s4, gs) < jnp_nvfp4_scale_error(xb, amax, bs32, gs)) & (s4 != 0)
+        bs32 = jnp.where(use4, s4, bs32)
+    return bs32
+
+
 def jnp_quantize_nvfp4(x, global_scale, scale_rule: str = "amax"):
     """x [..., D] -> (packed u8[..., D/2], block_scale e4m3[..., D/16]) with the given f32 global scale
     (block scales by `scale_rule`, see nvfp4_block_scales)."""
@@ -406,17 +470,48 @@ def jnp_quantize_nvfp4(x, global_scale, scale_rule: str = "amax"):
     d = x.shape[-1]
     xb = x.astype(jnp.float32).reshape(*x.shape[:-1], d // NVFP4_BLOCK, NVFP4_BLOCK)
     gs = jnp.asarray(global_scale, jnp.float32)
-    amax = jnp.max(jnp.abs(xb), axis=-1)
-    bs32 = jnp_round_fp8(amax / E2M1_MAX / gs)
-    if scale_rule == "mse46":
-        s4 = jnp_round_fp8(amax / E2M1_ALT_MAX / gs)
-        use4 = (jnp_nvfp4_scale_error(xb, amax, s4, gs) < jnp_nvfp4_scale_error(xb, amax, bs32, gs)) & (s4 != 0)
-        bs32 = jnp.where(use4, s4, bs32)
+    bs32 = _jnp_block_scales(xb, gs, scale_rule)
     bs = bs32.astype(jnp.float8_e4m3fn)
     denom = (bs32 * gs)[..., None]
     ok = denom != 0
     codes = jnp.where(ok, jnp_e2m1_encode(xb / jnp.where(ok, denom, 1.0)), jnp.uint8(0)).astype(jnp.uint8)
     return jnp_pack_nibbles(codes.reshape(x.shape)), bs
+
+
+def jnp_quantize_nvfp4_feedback(x, global_scale, factor, scale_rule: str = "amax"):
+    """quantize_nvfp4_feedback inside a traced graph: x [..., H, D], factor f32[H, D, D] -> (packed u8[..., D/2],
+    block_scale e4m3[..., D/16]). One loop over the 16 elements of each block (the blocks unrolled)."""
+    import jax
+
+    check_scale_rule(scale_rule)
+    d = x.shape[-1]
+    gs = jnp.asarray(global_scale, jnp.float32)
+    u = factor.astype(jnp.float32)
+    xf = x.astype(jnp.float32)
+    codes = jnp.zeros(x.shape, jnp.uint8)
+    scales = []
+    for b in range(d // NVFP4_BLOCK):
+        bs32 = _jnp_block_scales(xf[..., b * NVFP4_BLOCK:(b + 1) * NVFP4_BLOCK], gs, scale_rule)
+        scales.append(bs32)
+        den = bs32 * gs
+        ok = den != 0
+        safe = jnp.where(ok, den, jnp.float32(1.0))
+
+        def step(j, carry, den=den, ok=ok, safe=safe):
+            xf, codes = carry
+            xj = jax.lax.dynamic_index_in_dim(xf, j, axis=-1, keepdims=False)
+            c = jnp.where(ok, jnp_e2m1_encode(xj / safe), jnp.uint8(0)).astype(jnp.uint8)
+            row = jax.lax.dynamic_index_in_dim(u, j, axis=1, keepdims=False)  # [H, D]: U[h, j, :]
+            pivot = jax.lax.dynamic_index_in_dim(row, j, axis=-1, keepdims=False)  # [H]
+            r = (xj - jnp_e2m1_decode(c) * den) / pivot
+            later = jnp.arange(d) > j  # only the elements still to be coded move
+            xf = jnp.where(later, xf - r[..., None] * row, xf)
+            codes = jax.lax.dynamic_update_index_in_dim(codes, c[..., None], j, axis=-1)
+            return xf, codes
+
+        xf, codes = jax.lax.fori_loop(b * NVFP4_BLOCK, (b + 1) * NVFP4_BLOCK, step, (xf, codes))
+    bs = jnp.stack(scales, axis=-1).astype(jnp.float8_e4m3fn)
+    return jnp_pack_nibbles(codes), bs
 
 
 def jnp_dequantize_nvfp4(packed, block_scale, global_scale):

@@ -29,7 +29,8 @@ class GuardResult:
     evaluations: int
 
 
-def run_guard(runner, graph, params, units, quantized, layers, kv_scales, options, log, kv_centers=None) -> GuardResult:
+def run_guard(runner, graph, params, units, quantized, layers, kv_scales, options, log, kv_centers=None,
+              kv_feedback=None) -> GuardResult:
     budget = float(options.max_ppl_increase)
     # A weight that something else also reads (a tied embedding read by embed and logits) gets a private
     # copy for its quantized unit, so that replacing it does not change the other reader.
@@ -63,6 +64,8 @@ def run_guard(runner, graph, params, units, quantized, layers, kv_scales, option
                 base_flags.kv_global[i] = [float(k_s), float(v_s)]
                 if kv_centers and lay.layer in kv_centers:
                     base_flags.kv_center[i] = kv_centers[lay.layer]
+                if kv_feedback and lay.layer in kv_feedback:
+                    base_flags.kv_feedback[i] = kv_feedback[lay.layer]
     layer_pos = {f"kv.{lay.layer}": i for i, lay in enumerate(layers)}
     evaluations = 0
 
@@ -126,6 +129,7 @@ class QuantReport:
     methods: dict[str, str]  # unit -> "rtn" | "gptq" (quantized units)
     kv: dict[str, str]  # "kv.<layer>" -> format
     kv_rotation: bool
+    kv_rounding: str  # nvfp4 K: "score" | "nearest" (QuantOptions.kv_rounding; "nearest" for other formats)
     requested: dict[str, Any]
     calibration: dict[str, Any]
     budget: float | None
@@ -152,6 +156,7 @@ class QuantReport:
             weights=weights,
             methods={n: methods[n] for n in final_weights},
             kv=kv, kv_rotation=bool(options.kv_rotation),
+            kv_rounding=options.kv_rounding if "nvfp4" in kv.values() else "nearest",
             requested={"weights": options.weights, "kv_cache": options.kv_cache, "method": options.method},
             calibration={"source": calib_source, "tokens": int(calib_tokens),
                          "windows": options.calibration_windows, "window": options.calibration_window,
@@ -188,6 +193,7 @@ class QuantReport:
             f"   ({wb['before'] / 2**20:.1f} MiB -> {wb['after'] / 2**20:.1f} MiB)",
             f"  kv cache  {', '.join(f'{n} x {f}' for f, n in sorted(kv_counts.items())) or 'none'}"
             f"{' (hadamard-rotated)' if self.kv_rotation else ''}"
+            f"{' (score-aware K rounding)' if self.kv_rounding == 'score' else ''}"
             f"   ({kb['before']:.0f} -> {kb['after']:.0f} bytes per token)",
         ]
         if self.base_ppl is not None:

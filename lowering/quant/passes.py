@@ -283,11 +283,14 @@ def apply_weight_quantization(graph: Graph, params: dict, quantized: Mapping[str
 def apply_kv_quantization(graph: Graph, params: dict, plan: Mapping[int, str],
                           scales: Mapping[int, tuple[np.ndarray, np.ndarray]],
                           centers: Mapping[int, np.ndarray] | None = None,
-                          scale_rule: str = "amax") -> tuple[Graph, dict]:
+                          scale_rule: str = "amax", feedback: Mapping[int, np.ndarray] | None = None
+                          ) -> tuple[Graph, dict]:
     """plan: layer -> "fp8" | "nvfp4"; scales: layer -> (k, v) scales (fp8: f32[Hkv]; nvfp4: f32[] global).
     nvfp4 only: centers: layer -> f32[Hkv, Dh] subtracted from K before it is quantized (param
     kv.<layer>.k_center, kv_write_nvfp4's 10th input); scale_rule: how block scales are chosen on write
-    (formats.nvfp4_block_scales; kv_write_nvfp4's attribute)."""
+    (formats.nvfp4_block_scales; kv_write_nvfp4's attribute); feedback: layer -> f32[Hkv, Dh, Dh] factors of
+    score-aware K rounding (formats.feedback_factor; param kv.<layer>.k_feedback, kv_write_nvfp4's 11th input,
+    after a center: zeros when none was given)."""
     formats.check_scale_rule(scale_rule)
     graph = graph.copy()
     params = dict(params)
@@ -326,12 +329,21 @@ def apply_kv_quantization(graph: Graph, params: dict, plan: Mapping[int, str],
         k_bs, v_bs = f"kv.{lay.layer}.k_block_scale", f"kv.{lay.layer}.v_block_scale"
         new_kbs, new_vbs = graph.add_state(k_bs, bs_t, "kbscale"), graph.add_state(v_bs, bs_t, "vbscale")
         center = []
-        if centers is not None and lay.layer in centers:
+        has_feedback = feedback is not None and lay.layer in feedback
+        if (centers is not None and lay.layer in centers) or has_feedback:
             name = f"kv.{lay.layer}.k_center"
             graph.params.append(name)
             graph.types[name] = TensorType((h, d), "float32")
-            params[name] = np.asarray(centers[lay.layer], np.float32).reshape(h, d)
+            given = centers.get(lay.layer) if centers is not None else None
+            params[name] = (np.asarray(given, np.float32).reshape(h, d) if given is not None
+                            else np.zeros((h, d), np.float32))
             center = [name]
+        if has_feedback:
+            name = f"kv.{lay.layer}.k_feedback"
+            graph.params.append(name)
+            graph.types[name] = TensorType((h, d, d), "float32")
+            params[name] = np.asarray(feedback[lay.layer], np.float32).reshape(h, d, d)
+            center.append(name)
         graph.nodes[lay.kv_write] = Node("kv_write_nvfp4", kvw.inputs[:5] + [k_bs, v_bs] + scale_names + center,
                                          [new_k, new_v, new_kbs, new_vbs],
                                          {"scale_rule": scale_rule} if scale_rule != "amax" else {})
@@ -343,6 +355,12 @@ def apply_kv_quantization(graph: Graph, params: dict, plan: Mapping[int, str],
 
 # ------------------------------------------------------------------------------------------ quantize_model
 
+# How nvfp4 K is rounded on write: "score" quantizes each key with GPTQ's error feedback against the second
+# moment of the calibration queries that read it (formats.quantize_nvfp4_feedback: the expected squared score
+# error, not the key's own error, is minimized); "nearest" codes each value on its own.
+KV_ROUNDINGS = ("nearest", "score")
+
+
 @dataclasses.dataclass
 class QuantOptions:
     """What compile_model(weights=..., kv_cache=...) asked for."""
@@ -350,6 +368,7 @@ class QuantOptions:
     weights: Any = None  # format name | {pattern: format} | None
     kv_cache: str | None = None  # "fp8" | "nvfp4" | None
     kv_rotation: bool = False
+    kv_rounding: str = "nearest"  # nvfp4 K codes: "nearest" | "score" (formats.quantize_nvfp4_feedback)
     method: str = "auto"  # "auto" (GPTQ for int4/nvfp4/fp8, RTN for int8) | "rtn" | "gptq"
     max_ppl_increase: float | None = 0.01  # None: no accuracy guard
     calibration: Any = None  # None (bundled text) | text | path | token id sequences
@@ -364,6 +383,8 @@ class QuantOptions:
                                                       and self.max_ppl_increase >= 0):
             raise QuantError(f"max_ppl_increase must be a number >= 0 or None, got {self.max_ppl_increase!r}")
         normalize_format(self.kv_cache, what="kv_cache", allowed=formats.KV_FORMATS)
+        if self.kv_rounding not in KV_ROUNDINGS:
+            raise QuantError(f"kv_rounding must be one of {', '.join(KV_ROUNDINGS)}, got {self.kv_rounding!r}")
         if isinstance(self.weights, str) or self.weights is None:
             normalize_format(self.weights, what="weight", allowed=formats.WEIGHT_FORMATS)
         for name in ("calibration_windows", "calibration_window", "guard_windows"):
@@ -427,6 +448,7 @@ def quantize_model(graph: Graph, params: Mapping[str, Any], options: QuantOption
     kv_scales: dict[int, tuple] = {}
     kv_amax: dict[int, tuple] = {}
     kv_centers: dict[int, np.ndarray] = {}  # nvfp4: layer -> f32[Hkv, Dh] mean key
+    kv_feedback: dict[int, np.ndarray] = {}  # nvfp4, kv_rounding "score": layer -> f32[Hkv, Dh, Dh]
     if layers and runner is not None:
         names = []
         for lay in layers:
@@ -449,6 +471,8 @@ def quantize_model(graph: Graph, params: Mapping[str, Any], options: QuantOption
                 kv_centers[lay.layer] = center
                 k_amax = np.maximum(k_st[1] - center, center - k_st[2]).max()
                 kv_scales[lay.layer] = (formats.nvfp4_global_scale(k_amax), kv_scales[lay.layer][1])
+        if kv_fmt == "nvfp4" and options.kv_rounding == "score":
+            kv_feedback = query_feedback(graph, runner, layers)
 
     # weights: RTN or GPTQ per unit
     quantized: dict[str, tuple[str, dict]] = {}
@@ -474,7 +498,8 @@ def quantize_model(graph: Graph, params: Mapping[str, Any], options: QuantOption
 
     # accuracy guard: decide which units stay in higher precision
     kv_plan = {lay.layer: lay.format for lay in layers}
-    guard = run_guard(runner, graph, params, units, quantized, layers, kv_scales, options, log, kv_centers) \
+    guard = run_guard(runner, graph, params, units, quantized, layers, kv_scales, options, log, kv_centers,
+                      kv_feedback) \
         if options.max_ppl_increase is not None and runner is not None and (active_units or kv_fmt != UNQUANTIZED) \
         else None
     kept = set(guard.kept) if guard else set()
@@ -483,7 +508,7 @@ def quantize_model(graph: Graph, params: Mapping[str, Any], options: QuantOption
 
     new_graph, new_params = apply_weight_quantization(graph, params, final_weights)
     new_graph, new_params = apply_kv_quantization(new_graph, new_params, kv_plan, kv_scales, kv_centers,
-                                                  formats.KV_NVFP4_SCALE_RULE)
+                                                  formats.KV_NVFP4_SCALE_RULE, kv_feedback)
 
     measured = None
     if runner is not None:  # the real quantized graph on the guard's windows
@@ -494,6 +519,27 @@ def quantize_model(graph: Graph, params: Mapping[str, Any], options: QuantOption
                                graph, params, new_graph, new_params, calib_source,
                                sum(w.size for w in windows) if windows else 0, time.perf_counter() - start)
     return new_graph, new_params, report
+
+
+def query_feedback(graph: Graph, runner, layers) -> dict[int, np.ndarray]:
+    """layer -> f32[Hkv, Dh, Dh]: formats.feedback_factor of the second moment E[q q^T] of the queries each KV
+    head's keys meet (its GQA group's q heads, as the attention reads them: after RoPE and any rotation) over
+    the calibration windows."""
+    import jax.numpy as jnp
+
+    names, shape = [], {}
+    for lay in layers:
+        q = graph.nodes[lay.attention].inputs[0]
+        names.append(q)
+        shape[q] = (lay.num_kv_heads, lay.head_dim)
+
+    def moment(name, x):
+        hkv, d = shape[name]
+        xh = x.reshape(x.shape[0], hkv, -1, d)  # [T, Hkv, group, Dh]
+        return jnp.einsum("tkgd,tkge->kde", xh, xh)
+
+    stats = runner.collect(names, moment)
+    return {lay.layer: formats.feedback_factor(stats[q]) for lay, q in zip(layers, names)}
 
 
 def _channel_sum_max_min(x, heads: int):

@@ -1,9 +1,11 @@
 """kv_write against ref_kv_write for bf16/fp32, FP8 and NVFP4 caches: written slots match, all others stay NaN."""
+import numpy as np
 import pytest
 import torch
 
 from kernels_gpu import kv_formats
 from kernels_gpu.kv_write import kv_write, ref_kv_write
+from lowering.quant import formats
 
 # Plain caches: (input dtype, cache dtype) -> tolerance of the stored values against the reference cast.
 # NOTE: exact on a GPU; the interpreter rounds fp32 -> bf16/fp16 stores inexactly (one ulp).
@@ -243,3 +245,111 @@ def test_kv_write_nvfp4_centered_mse46_matches_reference_exactly(device, in_dtyp
     with pytest.raises(ValueError, match="k_center"):
         kv_write(k, v, slots, got[0], got[1], k_block_scale=got[2], v_block_scale=got[3],
                  k_center=center.double(), **kw)
+
+
+def _nvfp4_caches(num_blocks, block_size, num_kv_heads, head_dim, device):
+    """[k codes, v codes, k block scales, v block scales], every byte NAN_BYTE (never written by a slot)."""
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim // 2)
+    scale_shape = (num_blocks, block_size, num_kv_heads, head_dim // 16)
+    caches = [torch.full(cache_shape, NAN_BYTE, dtype=torch.uint8, device=device) for _ in range(2)]
+    return caches + [torch.full(scale_shape, float("nan"), device=device).to(torch.float8_e4m3fn) for _ in range(2)]
+
+
+def _anisotropic_factor(num_kv_heads, head_dim, seed):
+    """(second moments H f64[Hkv, D, D] = A^T A / n, feedback factors U f32[Hkv, D, D]): A's columns have scales
+    spanning 30x, in a random order per head."""
+    rng = np.random.default_rng(seed)
+    n = 2 * head_dim
+    moments = []
+    for _ in range(num_kv_heads):
+        a = rng.standard_normal((n, head_dim)) * rng.permutation(np.geomspace(1.0, 30.0, head_dim))
+        moments.append(a.T @ a / n)
+    moments = np.stack(moments)
+    return moments, torch.from_numpy(formats.feedback_factor(moments))
+
+
+def _score_error(codes, block_scales, gs, rows, moments):
+    """sum over rows and heads of e^T H e, e = dequantized - rows f32[T', Hkv, D] (float64)."""
+    e = (kv_formats.dequantize_nvfp4(codes, block_scales, gs) - rows).double().cpu().numpy()
+    return float(np.einsum("thi,hij,thj->", e, moments, e))
+
+
+def test_kv_write_nvfp4_identity_feedback_is_plain_nvfp4(device):
+    """U = I moves no error: the feedback kernel writes exactly the plain nvfp4 bytes (centered, "mse46")."""
+    num_tokens, num_kv_heads, head_dim, block_size, num_blocks = 4, 3, 32, 3, 3
+    k, v = _inputs(num_tokens, num_kv_heads, head_dim, torch.float32, device, seed=5)
+    center = (torch.randn(num_kv_heads, head_dim, generator=torch.Generator().manual_seed(8)) * 2).to(device)
+    slots = torch.tensor([7, -1, 0, 4], dtype=torch.int32, device=device)
+    kw = dict(kv_format="nvfp4", k_scale=kv_formats.nvfp4_global_scale(k - center),
+              v_scale=kv_formats.nvfp4_global_scale(v), k_center=center, scale_rule="mse46")
+    eye = torch.eye(head_dim, device=device).expand(num_kv_heads, head_dim, head_dim).contiguous()
+    got = _nvfp4_caches(num_blocks, block_size, num_kv_heads, head_dim, device)
+    plain = [t.clone() for t in got]
+    kv_write(k, v, slots, got[0], got[1], k_block_scale=got[2], v_block_scale=got[3], k_feedback=eye, **kw)
+    kv_write(k, v, slots, plain[0], plain[1], k_block_scale=plain[2], v_block_scale=plain[3], **kw)
+    for a, b in zip(got, plain):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("head_dim, scale_rule, in_dtype, num_tokens", [
+    (64, "amax", torch.bfloat16, 4), (64, "mse46", torch.float32, 4), (128, "mse46", torch.bfloat16, 3)])
+def test_kv_write_nvfp4_feedback_matches_reference(device, head_dim, scale_rule, in_dtype, num_tokens):
+    """Score-aware K rounding against lowering.quant.formats.quantize_nvfp4_feedback (anisotropic factors,
+    centered K, 3 kv heads, ragged slots): on the interpreter the same bytes; on a GPU nearly all, and the same
+    score error e^T H e. It is well below plain rounding's; V is written as without feedback."""
+    num_kv_heads, block_size, num_blocks = 3, 5, 2
+    k, v = _inputs(num_tokens, num_kv_heads, head_dim, in_dtype, device, seed=head_dim + 3)
+    center = (torch.randn(num_kv_heads, head_dim, generator=torch.Generator().manual_seed(9)) * 2).to(device)
+    k = (k.float() + center).to(in_dtype)
+    moments, factor = _anisotropic_factor(num_kv_heads, head_dim, seed=head_dim)
+    factor = factor.to(device)
+    slots = torch.tensor([6, -1, 0, 9][:num_tokens], dtype=torch.int32, device=device)
+    k_gs = kv_formats.nvfp4_global_scale(k.float() - center)
+    kw = dict(kv_format="nvfp4", k_scale=k_gs, v_scale=kv_formats.nvfp4_global_scale(v), k_center=center,
+              scale_rule=scale_rule)
+    got = _nvfp4_caches(num_blocks, block_size, num_kv_heads, head_dim, device)
+    want, plain = [t.clone() for t in got], [t.clone() for t in got]
+    kv_write(k, v, slots, got[0], got[1], k_block_scale=got[2], v_block_scale=got[3], k_feedback=factor, **kw)
+    ref_kv_write(k, v, slots, want[0], want[1], k_block_scale=want[2], v_block_scale=want[3], k_feedback=factor,
+                 **kw)
+    ref_kv_write(k, v, slots, plain[0], plain[1], k_block_scale=plain[2], v_block_scale=plain[3], **kw)
+    written = _written_mask(slots, num_blocks, block_size, device)
+    for a in got:
+        _assert_untouched(a, written, nan_byte=NAN_BYTE)
+    for i in (1, 3):  # V: codes, block scales
+        assert torch.equal(got[i][written].view(torch.uint8), plain[i][written].view(torch.uint8))
+    got_codes, got_bs = got[0][written], got[2][written].view(torch.uint8)
+    want_codes, want_bs = want[0][written], want[2][written].view(torch.uint8)
+    same_codes = (got_codes == want_codes).float().mean().item()
+    same_bs = (got_bs == want_bs).float().mean().item()
+    order = torch.argsort(slots[slots >= 0].long())
+    rows = (k.float() - center)[slots >= 0][order]  # f32[T', Hkv, D] in cache-row order
+    err_got, err_want, err_plain = (_score_error(c[0][written], c[2][written], k_gs, rows, moments)
+                                    for c in (got, want, plain))
+    if device == "cpu":  # the interpreter: numpy's f32 arithmetic, step for step
+        assert same_bs == 1.0 and same_codes >= 0.999, (same_bs, same_codes)
+    else:  # the kernel may round an f32 division or product differently in rare codes, then diverge
+        assert same_bs >= 0.99 and same_codes >= 0.99, (same_bs, same_codes)
+    assert abs(err_got - err_want) <= 0.02 * err_want
+    assert err_want < 0.85 * err_plain, (err_want, err_plain)
+
+
+def test_kv_write_rejects_bad_feedback(device):
+    num_kv_heads, head_dim = 2, 64
+    k = torch.randn(4, num_kv_heads, head_dim, device=device)
+    slots = torch.tensor([0, 1, 2, 3], dtype=torch.int32, device=device)
+    caches = _nvfp4_caches(2, 4, num_kv_heads, head_dim, device)
+    gs = torch.tensor(0.01, device=device)
+    kw = dict(kv_format="nvfp4", k_scale=gs, v_scale=gs, k_block_scale=caches[2], v_block_scale=caches[3])
+    eye = torch.eye(head_dim, device=device).expand(num_kv_heads, head_dim, head_dim).contiguous()
+    for bad in (eye[:, :, :32].contiguous(), eye[:1].contiguous(), eye.double(), eye.transpose(1, 2)):
+        with pytest.raises(ValueError, match="k_feedback"):
+            kv_write(k, k, slots, caches[0], caches[1], k_feedback=bad, **kw)
+    fp8 = torch.zeros(2, 4, num_kv_heads, head_dim, device=device).to(torch.float8_e4m3fn)
+    scale = torch.ones(num_kv_heads, device=device)
+    with pytest.raises(ValueError, match="k_feedback"):
+        kv_write(k, k, slots, fp8, fp8.clone(), kv_format="fp8", k_scale=scale, v_scale=scale, k_feedback=eye)
+    with pytest.raises(ValueError, match="k_feedback"):
+        kv_write(k, k, slots, torch.zeros(2, 4, num_kv_heads, head_dim, device=device),
+                 torch.zeros(2, 4, num_kv_heads, head_dim, device=device), k_feedback=eye)
+    assert (caches[0] == NAN_BYTE).all()

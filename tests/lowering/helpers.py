@@ -91,9 +91,10 @@ def run_steps(program, layout_seed, block_size, num_blocks=48):
     return out
 
 
-def quantize_ir(cm, weights=None, kv=None, rotation=False):
+def quantize_ir(cm, weights=None, kv=None, rotation=False, feedback=False):
     """(graph, params) of a compiled model rewritten by the quantization passes' building blocks (RTN weights,
-    fixed KV scales: no calibration). kv: a format for every layer or {layer: format}."""
+    fixed KV scales: no calibration). kv: a format for every layer or {layer: format}. feedback: nvfp4 layers
+    round K score-aware (random K centers and anisotropic query second moments, "mse46" block scales)."""
     from lowering.quant import formats, passes
 
     graph, params = cm.graph, {k: np.asarray(v) for k, v in cm.params.items()}
@@ -112,7 +113,18 @@ def quantize_ir(cm, weights=None, kv=None, rotation=False):
             amax = np.linspace(2.0, 4.0, lay.num_kv_heads, dtype=np.float32)
             scales[lay.layer] = ((formats.fp8_scale(amax),) * 2 if plan[lay.layer] == "fp8"
                                  else (formats.nvfp4_global_scale(4.0),) * 2)
-        graph, params = passes.apply_kv_quantization(graph, params, plan, scales)
+        extra = {}
+        if feedback:
+            rng = np.random.default_rng(7)
+            nv = [lay for lay in layers if plan[lay.layer] == "nvfp4"]
+            centers = {lay.layer: rng.normal(0, 0.1, (lay.num_kv_heads, lay.head_dim)) for lay in nv}
+            moments = {}
+            for lay in nv:
+                a = rng.standard_normal((lay.num_kv_heads, 256, lay.head_dim)) * np.geomspace(3, 0.1, lay.head_dim)
+                moments[lay.layer] = np.einsum("hnd,hne->hde", a, a) / 256
+            extra = dict(centers=centers, scale_rule=formats.KV_NVFP4_SCALE_RULE,
+                         feedback={k: formats.feedback_factor(m) for k, m in moments.items()})
+        graph, params = passes.apply_kv_quantization(graph, params, plan, scales, **extra)
     return graph, params
 
 

@@ -66,8 +66,8 @@ def test_generate_compiles_a_source_without_manifest(monkeypatch, capsys, tmp_pa
     assert calls == [("toy", {"target": "cpu", "block_size": 8, "dtype": None, "verbose": False, **NO_QUANT})]
 
 
-NO_QUANT = {"weights": None, "kv_cache": None, "kv_rotation": False, "quant_method": "auto", "max_ppl_increase": 0.01,
-            "calibration": None, "tensor_parallel": 1}
+NO_QUANT = {"weights": None, "kv_cache": None, "kv_rotation": False, "kv_rounding": "nearest", "quant_method": "auto",
+            "max_ppl_increase": 0.01, "calibration": None, "tensor_parallel": 1}
 
 
 def test_compile_calls_compile_model_and_exports(monkeypatch, capsys, tmp_path):
@@ -93,9 +93,10 @@ def test_compile_calls_compile_model_and_exports(monkeypatch, capsys, tmp_path):
     calib.write_text("some calibration text")
     calls.clear()
     assert cli.main(["compile", "smollm2-135m", "-o", out, "--quiet", "--weights", "int4", "--kv-cache", "fp8",
-                     "--kv-rotation", "--quant-method", "gptq", "--max-ppl-increase", "off",
+                     "--kv-rotation", "--kv-rounding", "score", "--quant-method", "gptq", "--max-ppl-increase", "off",
                      "--calibration", str(calib)]) == 0
     assert calls[0][1] | {} == {**expected, "dtype": None, "weights": "int4", "kv_cache": "fp8", "kv_rotation": True,
+                                "kv_rounding": "score",
                                 "quant_method": "gptq", "max_ppl_increase": None,
                                 "calibration": "some calibration text"}
     with pytest.raises(SystemExit) as exc:

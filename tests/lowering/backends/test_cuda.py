@@ -252,6 +252,7 @@ QUANT_CASES = {  # id: (weights, kv, rotation)
     "w-int4+kv-fp8": ("int4", "fp8", False),
     "w-nvfp4+kv-nvfp4-rot": ("nvfp4", "nvfp4", True),
     "kv-mixed-rot": (None, {0: "nvfp4", 1: "fp8"}, True),
+    "kv-nvfp4-rot-score": (None, "nvfp4", True, True),  # score-aware K rounding (k_feedback)
 }
 
 
@@ -260,8 +261,9 @@ def test_quantized_ir_program_matches_cpu_program(quant_model_hd32, case, fast_q
     quant_model = quant_model_hd32
     from lowering.backends import build_program
 
-    weights, kv, rotation = QUANT_CASES[case]
-    graph, params = quantize_ir(quant_model, weights, kv, rotation)
+    weights, kv, rotation, *feedback = QUANT_CASES[case]
+    graph, params = quantize_ir(quant_model, weights, kv, rotation, feedback=bool(feedback))
+    assert any(name.endswith("k_feedback") for name in params) == bool(feedback)
     ops_used = set(graph.ops_count())
     assert ("qlinear" in ops_used and "qlogits" in ops_used) == bool(weights)
     assert ("rotate_heads" in ops_used) == rotation

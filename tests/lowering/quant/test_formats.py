@@ -260,3 +260,55 @@ def test_nvfp4_mse46_lowers_error_and_matches_jnp_and_torch():
     packed, tbs = kv_formats.quantize_nvfp4(torch.from_numpy(x), torch.tensor(float(gs)), "mse46")
     np.testing.assert_array_equal(packed.numpy(), ref["q"])
     np.testing.assert_array_equal(tbs.view(torch.uint8).numpy(), ref["block_scale"].view(np.uint8))
+
+
+def _anisotropic_second_moment(rng, heads, dim, n=400):
+    # queries whose energy sits in a few directions, seen in a rotated (Hadamard) basis as the KV pass sees them
+    a = (rng.standard_normal((heads, n, dim)) * np.geomspace(4.0, 0.1, dim)) @ formats.hadamard(dim)
+    return np.einsum("hnd,hne->hde", a, a) / n
+
+
+def test_feedback_factor_inverts_the_damped_second_moment():
+    rng = np.random.default_rng(3)
+    h = _anisotropic_second_moment(rng, 2, 32)
+    u = formats.feedback_factor(h, damp=0.01)
+    assert u.shape == (2, 32, 32) and u.dtype == np.float32
+    assert np.allclose(np.tril(u, -1), 0)  # upper triangular
+    for i in range(2):
+        want = np.linalg.inv(h[i] + 0.01 * np.mean(np.diag(h[i])) * np.eye(32))
+        np.testing.assert_allclose(u[i].T.astype(np.float64) @ u[i], want, rtol=2e-3, atol=1e-6 * np.abs(want).max())
+    zero = formats.feedback_factor(np.zeros((1, 16, 16)))  # a head no calibration token reached: nearest rounding
+    np.testing.assert_array_equal(zero[0], np.eye(16, dtype=np.float32))
+    with pytest.raises(formats.FormatError, match="square"):
+        formats.feedback_factor(np.zeros((2, 16, 8)))
+
+
+@pytest.mark.parametrize("rule", formats.NVFP4_SCALE_RULES)
+def test_nvfp4_feedback_rounding(rule):
+    rng = np.random.default_rng(4)
+    heads, dim = 3, 64
+    h = _anisotropic_second_moment(rng, heads, dim)
+    x = (rng.standard_normal((40, heads, dim)) * rng.uniform(0.1, 3.0, (40, heads, 1))).astype(np.float32)
+    x[3, 1] = 0.0  # an all-zero head vector stores zeros
+    gs = formats.nvfp4_global_scale(np.abs(x).max())
+    plain = formats.quantize_nvfp4(x, gs, rule)
+    # the identity factor is nearest rounding, byte for byte
+    eye = formats.quantize_nvfp4_feedback(x, gs, np.broadcast_to(np.eye(dim, dtype=np.float32), (heads, dim, dim)),
+                                          rule)
+    np.testing.assert_array_equal(eye["q"], plain["q"])
+    np.testing.assert_array_equal(eye["block_scale"].view(np.uint8), plain["block_scale"].view(np.uint8))
+    u = formats.feedback_factor(h)
+    fb = formats.quantize_nvfp4_feedback(x, gs, u, rule)
+    assert (formats.dequantize_nvfp4(fb)[3, 1] == 0).all()
+
+    def score_error(parts):  # E[(q . e)^2] under the second moment the factor came from
+        e = (formats.dequantize_nvfp4(parts) - x).astype(np.float64)
+        return np.einsum("thd,hde,the->", e, h, e)
+
+    assert score_error(fb) < 0.8 * score_error(plain)
+    # the jitted version computes the same bytes
+    q, bs = formats.jnp_quantize_nvfp4_feedback(jnp.asarray(x), gs, jnp.asarray(u), rule)
+    np.testing.assert_array_equal(np.asarray(q), fb["q"])
+    np.testing.assert_array_equal(np.asarray(bs).view(np.uint8), fb["block_scale"].view(np.uint8))
+    with pytest.raises(formats.FormatError, match="factor"):
+        formats.quantize_nvfp4_feedback(x, gs, u[:2], rule)

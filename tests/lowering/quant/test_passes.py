@@ -365,3 +365,27 @@ def test_weight_quantization_leaves_moe_experts_in_the_model_dtype():
                                                for p in ("o_proj", "q_proj+k_proj+v_proj")]
     step = PagedLayout(16, cm.block_size, seed=3).step([(0, list(range(1, 30)), 0), (1, [50, 51], 0)])
     assert np.isfinite(cm.make_program(num_blocks=16, max_num_seqs=4).step(step)).all()
+
+
+def test_nvfp4_keys_are_rounded_for_the_calibration_queries(model):
+    score = compile_model(model, kv_cache="nvfp4", kv_rotation=True, kv_rounding="score", max_ppl_increase=0.5,
+                          **QUIET)
+    nearest = compile_model(model, kv_cache="nvfp4", kv_rotation=True, max_ppl_increase=None, **QUIET)
+    d = CFG.head_dim
+    for layer in range(CFG.num_layers):
+        u = score.params[f"kv.{layer}.k_feedback"]
+        assert u.shape == (CFG.num_kv_heads, d, d) and np.allclose(np.tril(u, -1), 0)
+        assert (np.diagonal(u, 0, 1, 2) > 0).all()
+        node = next(n for n in score.graph.nodes if n.op == "kv_write_nvfp4" and f"kv.{layer}.k_feedback" in n.inputs)
+        assert node.inputs[9:] == [f"kv.{layer}.k_center", f"kv.{layer}.k_feedback"]
+    assert not any(name.endswith("k_feedback") for name in nearest.params)
+    assert score.quant_report.kv_rounding == "score" and nearest.quant_report.kv_rounding == "nearest"
+    assert "score-aware K rounding" in score.quant_report.format()
+    # the guard's fake quantization rounds keys exactly as the compiled kv_write_nvfp4 does
+    r = score.quant_report
+    assert r.measured_increase == pytest.approx(r.full_plan_increase, rel=1e-4, abs=1e-6)
+    ref = run_steps(score)
+    got = run_steps(score, float("nan"))  # NaN-filled unused pages
+    assert np.isfinite(got).all() and np.array_equal(got, ref)
+    with pytest.raises(OptionsError, match="kv_rounding"):
+        compile_model(model, kv_cache="nvfp4", kv_rounding="stochastic", **QUIET)
