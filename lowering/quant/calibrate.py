@@ -109,7 +109,7 @@ class GraphRunner:
         return {s: jnp.zeros(tuple(eval_dim(d, env) for d in self.graph.types[s].shape), self.graph.types[s].dtype)
                 for s in self.graph.state}
 
-    def _impls(self, max_q_len: int, flags: QuantFlags | None):
+    def _impls(self, max_q_len: int, flags: QuantFlags | None, feedback: bool = False):
         from lowering.backends.cpu import cpu_impls
 
         impls = dict(cpu_impls(max_q_len))
@@ -148,9 +148,11 @@ class GraphRunner:
                 gs = flags.kv_global[layer, which]
                 if dim % 16 == 0:  # as kv_write_nvfp4 stores it (K centered: attention ignores the shift)
                     rule = formats.KV_NVFP4_SCALE_RULE
-                    if which == 0:
+                    if which == 0 and feedback:  # some layer rounds K score-aware (identity elsewhere)
                         xc = xh - flags.kv_center[layer]
                         parts = formats.jnp_quantize_nvfp4_feedback(xc, gs, flags.kv_feedback[layer], rule)
+                    elif which == 0:
+                        parts = formats.jnp_quantize_nvfp4(xh - flags.kv_center[layer], gs, rule)
                     else:
                         parts = formats.jnp_quantize_nvfp4(xh, gs, rule)
                     nv = formats.jnp_dequantize_nvfp4(*parts, gs)
@@ -204,21 +206,23 @@ class GraphRunner:
         if self._loss_fn is None:
             graph = self.graph
 
-            def run(params, state, inputs, targets, valid, flag_arrays, max_q_len):
+            def run(params, state, inputs, targets, valid, flag_arrays, max_q_len, feedback):
                 flags = QuantFlags(*flag_arrays)
-                outs, _ = interpret(graph, inputs, params, state, impls=self._impls(max_q_len, flags))
+                outs, _ = interpret(graph, inputs, params, state, impls=self._impls(max_q_len, flags, feedback))
                 logp = jax.nn.log_softmax(outs[0].astype(jnp.float32), axis=-1)
                 nll = -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
                 return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
 
-            self._loss_fn = jax.jit(run, static_argnums=(6,))
+            self._loss_fn = jax.jit(run, static_argnums=(6, 7))
+        # the sequential score-aware K rounding only where a layer has a factor other than the identity
+        feedback = bool((flags.kv_feedback != np.eye(flags.kv_feedback.shape[-1], dtype=np.float32)).any())
         total, count = 0.0, 0
         for batch in self.batches:
             inputs, num_blocks, max_q = self._step_inputs(batch, all_rows=True)
             targets = np.concatenate([np.append(w[1:], 0) for w in batch]).astype(np.int32)
             valid = np.concatenate([np.arange(w.size) < w.size - 1 for w in batch])
             jflags = tuple(jnp.asarray(getattr(flags, f.name)) for f in dataclasses.fields(QuantFlags))
-            s, c = self._loss_fn(merged, self._state(num_blocks), inputs, targets, valid, jflags, max_q)
+            s, c = self._loss_fn(merged, self._state(num_blocks), inputs, targets, valid, jflags, max_q, feedback)
             total += float(s)
             count += int(c)
         return total / max(count, 1)
