@@ -4,6 +4,7 @@ import triton
 import triton.language as tl
 
 from kernels_gpu import kv_formats
+from kernels_gpu.paged_attention import _e2m1_to_f32
 from kernels_gpu.triton_env import tile_target
 
 # Tuning data: one program writes the K and V rows of one token for up to
@@ -140,15 +141,6 @@ def _write_rows_nvfp4(src, codes, block_scales, global_scale, head_ok, row_ok, n
 
 
 @triton.jit
-def _e2m1_value(code):
-    """i32 E2M1 nibble -> its f32 value (bit 3 the sign: code 8 gives -0.0, as formats.e2m1_decode)."""
-    m = code & 7
-    mag = tl.where(m < 4, m.to(tl.float32) * 0.5,
-                   tl.where(m < 6, (m - 2).to(tl.float32), tl.where(m == 6, 4.0, 6.0)))
-    return tl.where((code & 8) != 0, -mag, mag)
-
-
-@triton.jit
 def _column(x, cols, j):
     """Column j of x f32[BLOCK_H, N] (cols: i32[1, N]) -> f32[BLOCK_H, 1], bit for bit: an integer sum of the
     selected element and zeros, so neither -0.0 nor the reduction order can change it."""
@@ -209,7 +201,7 @@ def _write_k_nvfp4_feedback(src, codes, block_scales, global_scale, head_ok, row
             xj = _column(x, cols, j)  # f32[BLOCK_H, 1]
             code = _e2m1_code(xj, denom)  # i32[BLOCK_H, 1]
             packed = packed | tl.where(pair_cols == j // 2, code << (4 * (j % 2)), 0)
-            r = tl.math.div_rn(xj - _e2m1_value(code) * denom, pivot)  # f32[BLOCK_H, 1]
+            r = tl.math.div_rn(xj - _e2m1_to_f32(code) * denom, pivot)  # f32[BLOCK_H, 1]
             x = tl.where(cols > j, x - r * u, x)
             u = u_next
             pivot = pivot_next
@@ -350,16 +342,14 @@ def kv_write(k, v, slot_mapping, k_cache, v_cache, *, kv_format="bf16", k_scale=
     _check(scale_rule in kv_formats.SCALE_RULES, f"unknown scale_rule {scale_rule!r}")
     _check((k_center is None and scale_rule == "amax") or kv_format == "nvfp4",
            "k_center and scale_rule are nvfp4 options")
-    if k_center is not None:
-        _check(k_center.shape == k.shape[1:] and k_center.dtype == torch.float32 and k_center.is_contiguous()
-               and k_center.device == k.device, f"k_center must be a contiguous f32{list(k.shape[1:])} on "
-               f"{k.device}, got {k_center.dtype}{list(k_center.shape)}")
     if k_feedback is not None:
         _check(kv_format == "nvfp4", f"k_feedback is an nvfp4 option, got kv_format={kv_format!r}")
-        want = (*k.shape[1:], k.shape[2])
-        _check(k_feedback.shape == want and k_feedback.dtype == torch.float32 and k_feedback.is_contiguous()
-               and k_feedback.device == k.device, f"k_feedback must be a contiguous f32{list(want)} on {k.device}, "
-               f"got {k_feedback.dtype}{list(k_feedback.shape)} on {k_feedback.device}")
+    wants = {"k_center": tuple(k.shape[1:]), "k_feedback": (*k.shape[1:], k.shape[2])}
+    for (name, want), t in zip(wants.items(), (k_center, k_feedback)):
+        if t is not None:
+            _check(tuple(t.shape) == want and t.dtype == torch.float32 and t.is_contiguous() and t.device == k.device,
+                   f"{name} must be a contiguous f32{list(want)} on {k.device}, got {t.dtype}{list(t.shape)} on "
+                   f"{t.device}")
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0 or num_kv_heads == 0 or head_dim == 0:
         return

@@ -148,13 +148,11 @@ class GraphRunner:
                 gs = flags.kv_global[layer, which]
                 if dim % 16 == 0:  # as kv_write_nvfp4 stores it (K centered: attention ignores the shift)
                     rule = formats.KV_NVFP4_SCALE_RULE
+                    xc = xh - flags.kv_center[layer] if which == 0 else xh
                     if which == 0 and feedback:  # some layer rounds K score-aware (identity elsewhere)
-                        xc = xh - flags.kv_center[layer]
                         parts = formats.jnp_quantize_nvfp4_feedback(xc, gs, flags.kv_feedback[layer], rule)
-                    elif which == 0:
-                        parts = formats.jnp_quantize_nvfp4(xh - flags.kv_center[layer], gs, rule)
                     else:
-                        parts = formats.jnp_quantize_nvfp4(xh, gs, rule)
+                        parts = formats.jnp_quantize_nvfp4(xc, gs, rule)
                     nv = formats.jnp_dequantize_nvfp4(*parts, gs)
                 else:
                     nv = xh
